@@ -1,0 +1,9 @@
+"""ecgcl-jax: contrastive pretraining of 12-lead ECG encoders in JAX/Flax."""
+
+__version__ = "0.1.0"
+
+LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+"""Standard 12-lead order used everywhere in the project (never alphabetical)."""
+
+SAMPLE_RATE = 500  # Hz
+NUM_SAMPLES = 5000  # 10 s at 500 Hz
