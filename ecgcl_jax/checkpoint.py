@@ -1,0 +1,115 @@
+"""Checkpoints (orbax) and the exported encoder.
+
+Training checkpoints: ``WORKDIR/checkpoints/<step>/`` written by an orbax ``CheckpointManager``
+(asynchronous, the newest ``keep`` kept). Restoring walks from the newest step down and skips, with one
+line each, checkpoints that do not restore (truncated, overwritten, half written).
+
+Exported encoder: ``WORKDIR/encoder/`` = ``variables.msgpack`` (encoder params + BatchNorm statistics) and
+``encoder.json`` (model config, preprocessing that produced its inputs, pretraining patients/records).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from ecgcl_jax.errors import UserError
+
+
+def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, wait: bool = False) -> None:
+  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  if wait:
+    manager.wait_until_finished()
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   log: Callable[[str], None] = print) -> tuple[int, Any] | None:
+  """(step, state) of the newest checkpoint that restores, or None when there is none at all.
+
+  Raises UserError when checkpoints exist but none restores.
+  """
+  manager.reload()
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  for step in steps:
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      _check_finite_tree(state)
+      return step, state
+    except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+      msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+      log(f"checkpoint {manager.directory}/{step} does not restore ({type(e).__name__}: {msg}); trying an older one")
+  raise UserError(f"{manager.directory}: no checkpoint restores (tried steps {steps}); "
+                  "remove it or pass --config.restart_if_unrestorable=True to start from scratch")
+
+
+def _check_finite_tree(tree) -> None:
+  for leaf in jax.tree.leaves(tree):
+    if hasattr(leaf, "dtype") and np.issubdtype(leaf.dtype, np.floating):
+      if not bool(np.all(np.isfinite(np.asarray(jax.device_get(leaf), np.float32)))):
+        raise ValueError("non-finite values in checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------- export
+@dataclasses.dataclass
+class ExportedEncoder:
+  model_config: ml_collections.ConfigDict
+  variables: dict            # {'params': ..., 'batch_stats': ...} of models.build_encoder(model_config)
+  preprocessing: dict        # sample_rate, num_samples, leads, max_amp, domain, mode, input_length, in_leads
+  pretrain_patients: list
+  pretrain_records: list
+  extra: dict
+
+
+def export_encoder(directory: str, model_config, variables: dict, preprocessing: dict,
+                   pretrain_patients, pretrain_records, extra: dict | None = None) -> None:
+  os.makedirs(directory, exist_ok=True)
+  host_vars = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), variables)
+  _atomic_write(os.path.join(directory, "variables.msgpack"), serialization.msgpack_serialize(host_vars))
+  meta = {"model_config": json.loads(model_config.to_json()), "preprocessing": preprocessing,
+          "pretrain_patients": list(pretrain_patients), "pretrain_records": list(pretrain_records),
+          "extra": extra or {}}
+  _atomic_write(os.path.join(directory, "encoder.json"), json.dumps(meta, indent=1).encode())
+
+
+def load_encoder(directory: str) -> ExportedEncoder:
+  """Load an encoder exported by ``run_pretrain.py`` (``WORKDIR/encoder``)."""
+  meta_path = os.path.join(directory, "encoder.json")
+  var_path = os.path.join(directory, "variables.msgpack")
+  for p in (meta_path, var_path):
+    if not os.path.exists(p):
+      raise UserError(f"{p}: missing; expected an encoder exported by run_pretrain.py")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    with open(var_path, "rb") as f:
+      variables = serialization.msgpack_restore(f.read())
+  except Exception as e:  # noqa: BLE001
+    raise UserError(f"{directory}: cannot read the exported encoder ({type(e).__name__}: {e})") from None
+  return ExportedEncoder(model_config=ml_collections.ConfigDict(meta["model_config"]), variables=variables,
+                         preprocessing=meta["preprocessing"], pretrain_patients=meta["pretrain_patients"],
+                         pretrain_records=meta["pretrain_records"], extra=meta.get("extra", {}))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

@@ -1,0 +1,24 @@
+"""Shared entry-point plumbing: distributed start-up and one-line user errors (no tracebacks)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from ecgcl_jax.errors import UserError
+
+
+def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool = False,
+              coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> int:
+  """Run ``fn`` and map outcomes to exit codes: 0 done or preempted, 2 user error."""
+  try:
+    if distributed or coordinator:
+      from ecgcl_jax import parallel  # noqa: PLC0415
+      parallel.initialize_distributed(coordinator, num_processes, process_id)
+    fn()
+  except UserError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted before the first step; nothing to save", file=sys.stderr)
+    return 130
+  return 0

@@ -1,0 +1,172 @@
+"""From a prepared dataset to global device batches.
+
+* The normaliser (SPEC): one global scale ``max_amp`` = the largest sample value (mV) over the training
+  records and all leads, then each lead's own mean is removed. It is fitted on the records the run trains
+  on, never on validation/test rows, and applied inside the jitted step.
+* The batch order is a pure function of (seed, step): epoch ``e`` uses a fresh permutation drawn from
+  ``(seed, e)``; a batch never straddles two epochs, so no ECG appears twice in one batch (it would be its
+  own negative). A resumed run therefore sees exactly the batches an uninterrupted run sees.
+* Batches are int16 counts plus a per-record scale (mV per count), 2 bytes a sample on the wire. Either
+  the whole pool lives on the device (``resident``) and the step gathers rows by index, or a host thread
+  gathers rows from the memory-mapped file and prefetches sharded device arrays (``streamed``).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ecgcl_jax import parallel
+
+# Keep whole datasets on the device up to this many bytes of int16 when data.resident == "auto".
+RESIDENT_AUTO_LIMIT = 4 << 30
+
+
+def fit_max_amp(dataset, indices: np.ndarray | None = None, chunk: int = 512) -> float:
+  """Largest sample value (mV) over ``dataset`` rows ``indices`` and all leads (the SPEC's ``max_amp``)."""
+  idx = np.arange(len(dataset)) if indices is None else np.sort(np.asarray(indices))
+  best = -np.inf
+  for s in range(0, len(idx), chunk):
+    rows = idx[s:s + chunk]
+    raw = np.asarray(dataset.raw[rows], dtype=np.float32)
+    scales = np.asarray(dataset.scales[rows], dtype=np.float32)
+    best = max(best, float((raw * scales[:, None, None]).max()))
+  if not np.isfinite(best) or best <= 0:
+    raise ValueError(f"cannot fit max_amp: largest sample value is {best}")
+  return best
+
+
+def normalize(x, max_amp: float):
+  """x: (..., length, leads) mV -> x / max_amp minus each lead's mean over time (numpy or jax arrays)."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  x = x / max_amp
+  return x - xp.mean(x, axis=-2, keepdims=True)
+
+
+def effective_batch_size(requested: int, pool_size: int, num_devices: int) -> tuple[int, str]:
+  """The global batch actually used, and a one-line note when it had to shrink (empty otherwise)."""
+  if pool_size >= requested:
+    return requested, ""
+  b = (pool_size // num_devices) * num_devices
+  if b <= 1:
+    raise ValueError(f"dataset has {pool_size} records: too few for a contrastive batch on {num_devices} devices")
+  return b, (f"dataset holds {pool_size} records, fewer than batch_size={requested}: "
+             f"using a global batch of {b} (an ECG never appears twice in one batch)")
+
+
+class BatchOrder:
+  """Rows of the pool for every step: a pure function of (seed, step)."""
+
+  def __init__(self, pool_size: int, batch_size: int, seed: int):
+    if batch_size > pool_size:
+      raise ValueError("batch larger than the pool")
+    self.pool_size, self.batch_size, self.seed = pool_size, batch_size, seed
+    self.steps_per_epoch = pool_size // batch_size
+    self._cache: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._cache:
+      if len(self._cache) > 4:
+        self._cache.clear()
+      rng = np.random.default_rng([self.seed, epoch, 0x5EC6])
+      self._cache[epoch] = rng.permutation(self.pool_size)
+    return self._cache[epoch]
+
+  def __call__(self, step: int) -> np.ndarray:
+    """(batch_size,) int64 positions in the pool for ``step``."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    return self._perm(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+class BatchSource:
+  """Global device batches for each step: ``{'raw', 'scale', 'ids'}`` or ``{'rows', 'scale', 'ids'}``.
+
+  raw: (B, L, C) int16 counts, sharded over ``data``; scale: (B,) float32 mV per count;
+  ids: (B,) int32 patient codes (records without a patient id get a code of their own);
+  rows: (B,) int32 rows of the device-resident pool (``resident`` mode; the step gathers them).
+  """
+
+  def __init__(self, dataset, pool: np.ndarray, order: BatchOrder, mesh, resident: bool, prefetch: int = 2):
+    self.dataset, self.pool, self.order, self.mesh = dataset, np.asarray(pool), order, mesh
+    self.resident, self.prefetch = resident, max(1, prefetch)
+    self.batch = order.batch_size
+    self.slice = parallel.process_slice(mesh, self.batch)
+    self.pool_ids = patient_codes(dataset.patient_ids)[self.pool]
+    self.pool_scales = np.asarray(dataset.scales, np.float32)[self.pool]
+    self.device_pool = None
+    if resident:
+      self.device_pool = parallel.replicate_from_host(mesh, np.asarray(dataset.raw[np.sort(self.pool)]))
+      # positions in the sorted pool copy
+      self._sorted_pos = np.argsort(np.argsort(self.pool))
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch of ``step`` (numpy)."""
+    pos = self.order(step)[self.slice]
+    out = {"scale": self.pool_scales[pos], "ids": self.pool_ids[pos].astype(np.int32)}
+    if self.resident:
+      out["rows"] = self._sorted_pos[pos].astype(np.int32)
+    else:
+      rows = self.pool[pos]
+      srt = np.argsort(rows)  # read the memmap in file order, then restore batch order
+      raw = np.empty((len(rows),) + tuple(self.dataset.raw.shape[1:]), np.int16)
+      raw[srt] = self.dataset.raw[rows[srt]]
+      out["raw"] = raw
+    return out
+
+  def device_batch(self, step: int) -> dict[str, jax.Array]:
+    host = self.host_batch(step)
+    return {k: parallel.global_batch_array(self.mesh, v, self.batch) for k, v in host.items()}
+
+  def iterate(self, start: int, stop: int) -> Iterator[tuple[int, dict]]:
+    """(step, device batch) for steps [start, stop), assembled ``prefetch`` steps ahead in a thread."""
+    q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+    stop_flag = threading.Event()
+
+    def work():
+      try:
+        for s in range(start, stop):
+          if stop_flag.is_set():
+            return
+          q.put((s, self.device_batch(s)))
+        q.put(None)
+      except BaseException as e:  # surfaced in the consumer
+        q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+      while True:
+        item = q.get()
+        if item is None:
+          return
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      stop_flag.set()
+      while not q.empty():
+        q.get_nowait()
+
+
+def patient_codes(patient_ids) -> np.ndarray:
+  """(N,) int64 codes: equal for equal non-empty patient ids; every record without an id is its own patient."""
+  pids = np.asarray(patient_ids).astype(str)
+  n = len(pids)
+  _, inv = np.unique(pids, return_inverse=True)
+  codes = inv.astype(np.int64)
+  missing = pids == ""
+  codes[missing] = n + np.arange(n)[missing]
+  return codes
+
+
+def choose_resident(setting: str, dataset, pool: np.ndarray) -> bool:
+  if setting == "yes":
+    return True
+  if setting == "no":
+    return False
+  nbytes = len(pool) * int(np.prod(dataset.raw.shape[1:])) * 2
+  return nbytes <= RESIDENT_AUTO_LIMIT

@@ -1,0 +1,69 @@
+"""Devices, mesh and shardings: the one place that knows how many devices and hosts there are.
+
+Data parallelism is `jax.jit` over a 1-D device mesh with axis ``data``: the global batch is sharded along
+its first axis, parameters and optimizer state are replicated. The step is written for the *global* batch,
+so NT-Xent negatives, BatchNorm statistics and the gradient mean all span every device and host
+(XLA inserts the collectives); 1 device and 8 devices compute the same numbers.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+  """Start `jax.distributed` for multi-host runs.
+
+  With no arguments JAX auto-detects the cluster (TPU pods, SLURM, Open MPI); on plain GPU machines pass the
+  coordinator ``host:port``, the number of processes and this process's id.
+  """
+  kwargs = {}
+  if coordinator_address:
+    kwargs["coordinator_address"] = coordinator_address
+  if num_processes > 0:
+    kwargs["num_processes"] = num_processes
+  if process_id >= 0:
+    kwargs["process_id"] = process_id
+  jax.distributed.initialize(**kwargs)
+
+
+def make_mesh() -> Mesh:
+  """1-D mesh over all global devices, ordered by process so each host owns a contiguous batch slice."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over ``data``."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def process_slice(mesh: Mesh, global_batch: int) -> slice:
+  """The rows of every global batch that this process reads and feeds (contiguous)."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  return slice(min(starts), max(stops))
+
+
+def global_batch_array(mesh: Mesh, local: np.ndarray, global_batch: int) -> jax.Array:
+  """Assemble this process's rows ``local`` into the global batch-sharded array."""
+  shape = (global_batch,) + tuple(local.shape[1:])
+  return jax.make_array_from_process_local_data(batch_sharding(mesh), local, shape)
+
+
+def replicate_from_host(mesh: Mesh, value: np.ndarray) -> jax.Array:
+  """Place an array (identical on every process) on every device."""
+  sharding = replicated(mesh)
+  return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0

@@ -1,0 +1,496 @@
+"""Contrastive pretraining: state, the jitted step, and the host loop with checkpoints and resume.
+
+Data flow of one step (all inside one ``jax.jit``, state donated)::
+
+    int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
+      ── views (augment, keyed by fold_in(fold_in(key, step), example)) ──▶ V views
+      ── encoder + projector, one forward per view (BatchNorm statistics per view, global batch) ──▶ z
+      ── NT-Xent / CLOCS loss (float32) ──▶ grad ──▶ L2 + Adam ──▶ new state
+
+Contrast modes (``config.mode``):
+  simclr  two augmented views of the whole 10 s ECG (aug1, aug2); loss nt_xent(z1, z2).
+  cmsc    CLOCS temporal: halves h1, h2 (2500 samples each), both augmentations on both halves;
+          loss clocs_cmsc(h1v1, h1v2, h2v1, h2v2).
+  cmlc    CLOCS leads: each lead of ``clocs_leads`` is a single-lead input (aug1 applied); every pair of
+          leads of one ECG is a positive pair; loss = mean over lead pairs of nt_xent.
+  cmsmlc  both: views = halves × leads (aug1 on the first half, aug2 on the second); mean over view pairs.
+``patient_positives`` passes patient codes as ``ids`` so that every view of every ECG of the same patient in
+the global batch is a positive.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import ecgcl_jax
+from ecgcl_jax import augment, checkpoint, input_pipeline, losses, models, parallel
+from ecgcl_jax.errors import UserError
+
+MODES = ("simclr", "cmsc", "cmlc", "cmsmlc")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Fields that may change between a run and its resume.
+RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
+                     "restart_if_unrestorable", "debug_nan_at_step", "data.resident", "data.prefetch")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # () int32, optimizer steps done
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  nonfinite: jax.Array       # () int32, steps whose loss or gradient was not finite (their update skipped)
+  first_nonfinite: jax.Array  # () int32, the first such step (0-based), -1 when none
+
+
+# --------------------------------------------------------------------------------------------- config
+def parse_augmentation(spec: str, field: str) -> tuple[str, Any]:
+  """'time_warp:4,0.2' -> ('time_warp', (4, 0.2)); 'dropout' -> ('dropout', default)."""
+  name, _, arg = str(spec).partition(":")
+  name = name.strip()
+  if not arg:
+    return name, None
+  try:
+    vals = tuple(float(v) for v in arg.split(","))
+  except ValueError:
+    raise UserError(f"config.{field}: cannot parse parameter {arg!r} of {spec!r}") from None
+  if name in ("permute", "permutation"):
+    return name, int(vals[0])
+  if name in ("time_warp", "time-wraping"):
+    if len(vals) != 2:
+      raise UserError(f"config.{field}: time_warp takes two parameters m,w (got {arg!r})")
+    return name, (int(vals[0]), vals[1])
+  return name, vals[0] if len(vals) == 1 else vals
+
+
+def input_geometry(config) -> tuple[int, int, int]:
+  """(length seen by the augmentations, encoder input length, encoder input leads) for the mode."""
+  length = ecgcl_jax.NUM_SAMPLES // (2 if config.mode in ("cmsc", "cmsmlc") else 1)
+  in_leads = 1 if config.mode in ("cmlc", "cmsmlc") else len(ecgcl_jax.LEADS)
+  enc_len = length // 2 if config.data.domain == "frequency" else length
+  return length, enc_len, in_leads
+
+
+def validate_config(config, num_devices: int) -> None:
+  """Every check that can be made before compiling; raises UserError naming the field."""
+  if config.mode not in MODES:
+    raise UserError(f"config.mode: unknown contrast mode {config.mode!r}; choose one of {', '.join(MODES)}")
+  if config.dtype not in DTYPES:
+    raise UserError(f"config.dtype: {config.dtype!r} is not one of {', '.join(DTYPES)}")
+  if config.data.domain not in ("time", "frequency"):
+    raise UserError(f"config.data.domain: {config.data.domain!r} is not 'time' or 'frequency'")
+  if config.data.resident not in ("auto", "yes", "no"):
+    raise UserError(f"config.data.resident: {config.data.resident!r} is not auto, yes or no")
+  if config.on_nonfinite not in ("stop", "skip"):
+    raise UserError(f"config.on_nonfinite: {config.on_nonfinite!r} is not 'stop' or 'skip'")
+  for field in ("num_steps", "log_every", "checkpoint_every"):
+    if int(config[field]) <= 0:
+      raise UserError(f"config.{field}: must be a positive integer (got {config[field]})")
+  if config.batch_size <= 0:
+    raise UserError(f"config.batch_size: must be positive (got {config.batch_size})")
+  if config.batch_size % num_devices:
+    raise UserError(f"config.batch_size: {config.batch_size} is not divisible by the {num_devices} devices")
+  if config.temperature <= 0:
+    raise UserError(f"config.temperature: must be positive (got {config.temperature})")
+  bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]
+  if bad or (config.mode in ("cmlc", "cmsmlc") and len(config.clocs_leads) < 2):
+    raise UserError(f"config.clocs_leads: need >= 2 of {', '.join(ecgcl_jax.LEADS)} (got {list(config.clocs_leads)})")
+  models.validate_model_config(config.model)
+  length, _, _ = input_geometry(config)
+  for field in ("view1", "view2"):
+    name, param = parse_augmentation(config.augment[field], f"augment.{field}")
+    try:
+      augment.validate(name, param, length)
+    except UserError as e:
+      raise UserError(f"config.augment.{field}: {e}") from None
+  if config.data.path and not os.path.exists(config.data.path):
+    raise UserError(f"config.data.path: {config.data.path} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------- step
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """torch.optim.Adam(lr, weight_decay): L2 added to the gradient, then Adam."""
+  return optax.chain(optax.add_decayed_weights(optim.weight_decay),
+                     optax.adam(optim.learning_rate, b1=optim.b1, b2=optim.b2, eps=optim.eps))
+
+
+def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
+  """x: (B, 5000, 12) normalised -> list of V encoder inputs (B, L', C'); see the module docstring."""
+  aug1 = parse_augmentation(config.augment.view1, "augment.view1")
+  aug2 = parse_augmentation(config.augment.view2, "augment.view2")
+  shared = bool(config.augment.permute_shared_leads)
+  gidx = jnp.arange(x.shape[0], dtype=jnp.int32)  # position in the *global* batch
+
+  def pair(k, xs, a1, a2):
+    return augment.two_views(k, xs, gidx, a1, a2, permute_shared_leads=shared)
+
+  half = x.shape[1] // 2
+  if config.mode == "simclr":
+    views = list(pair(key, x, aug1, aug2))
+  elif config.mode == "cmsc":
+    h1v1, h1v2 = pair(jax.random.fold_in(key, 1), x[:, :half], aug1, aug2)
+    h2v1, h2v2 = pair(jax.random.fold_in(key, 2), x[:, half:2 * half], aug1, aug2)
+    views = [h1v1, h1v2, h2v1, h2v2]
+  else:
+    lead_idx = [ecgcl_jax.LEADS.index(l) for l in config.clocs_leads]
+    segments = [(x, aug1)] if config.mode == "cmlc" else [(x[:, :half], aug1), (x[:, half:2 * half], aug2)]
+    views = []
+    for s, (seg, a) in enumerate(segments):
+      for j in lead_idx:
+        v, _ = pair(jax.random.fold_in(key, 100 * (s + 1) + j), seg[:, :, j:j + 1], a, ("none", None))
+        views.append(v)
+  if config.data.domain == "frequency":
+    views = [jax.vmap(augment.fft_magnitude)(v) for v in views]
+  return views
+
+
+def contrastive_loss(config, zs: list[jax.Array], ids) -> jax.Array:
+  t = config.temperature
+  if config.mode == "simclr":
+    return losses.nt_xent(zs[0], zs[1], t, ids)
+  if config.mode == "cmsc":
+    return losses.clocs_cmsc(*zs, temperature=t, ids=ids)
+  return losses.multi_view_nt_xent(jnp.stack(zs), t, ids, reduction="mean")
+
+
+def make_pretrain_step(config, model, tx, max_amp: float):
+  """Returns ``step(state, batch, key) -> (state, metrics)`` (pure; jit it with the state donated).
+
+  batch: {'raw': (B, L, C) int16} or {'rows': (B,) int32, 'pool': (N, L, C) int16 resident pool},
+  plus 'scale': (B,) float32 mV per count and 'ids': (B,) int32 patient codes.
+  """
+  dtype = DTYPES[config.dtype]
+  use_ids = bool(config.patient_positives)
+  nan_at = int(config.debug_nan_at_step)
+
+  def step(state: TrainState, batch: dict, key: jax.Array):
+    k = jax.random.fold_in(key, state.step)
+    k_aug, k_drop = jax.random.split(k)
+    raw = jnp.take(batch["pool"], batch["rows"], axis=0) if "rows" in batch else batch["raw"]
+    x = raw.astype(jnp.float32) * batch["scale"][:, None, None]
+    x = input_pipeline.normalize(x, max_amp)
+    views = make_views(config, k_aug, x)
+    ids = batch["ids"] if use_ids else None
+
+    def loss_fn(params):
+      bs = state.batch_stats
+      zs = []
+      for i, v in enumerate(views):
+        (_, z), upd = model.apply({"params": params, "batch_stats": bs}, v.astype(dtype), train=True,
+                                  rngs={"dropout": jax.random.fold_in(k_drop, i)}, mutable=["batch_stats"])
+        bs = upd["batch_stats"]
+        zs.append(z.astype(jnp.float32))
+      return contrastive_loss(config, zs, ids), bs
+
+    (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if nan_at >= 0:  # test hook for the divergence guard
+      poison = jnp.where(state.step == nan_at, jnp.nan, 1.0)
+      loss = loss * poison
+      grads = jax.tree.map(lambda g: g * poison, grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        batch_stats=keep(new_bs, state.batch_stats),
+        opt_state=keep(new_opt, state.opt_state),
+        nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+        first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
+    return new_state, {"loss": loss, "finite": finite}
+
+  return step
+
+
+def init_state(config, model, tx, key: jax.Array) -> TrainState:
+  _, enc_len, in_leads = input_geometry(config)
+  variables = model.init({"params": key, "dropout": key}, jnp.zeros((2, enc_len, in_leads), jnp.float32),
+                         train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), nonfinite=jnp.zeros((), jnp.int32),
+                    first_nonfinite=jnp.full((), -1, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------- loop
+class _Preemption:
+  """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class WorkdirLock:
+  """One writer per workdir: an flock on WORKDIR/.lock, released by the OS when the process dies."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.fd = None
+
+  def __enter__(self):
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      try:
+        holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+      except OSError:
+        holder = "?"
+      os.close(self.fd)
+      raise UserError(f"{os.path.dirname(self.path)}: in use by another live run ({holder or 'unknown pid'}); "
+                      "wait for it or choose another --workdir") from None
+    os.ftruncate(self.fd, 0)
+    os.pwrite(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+    return self
+
+  def __exit__(self, *exc):
+    fcntl.flock(self.fd, fcntl.LOCK_UN)
+    os.close(self.fd)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def check_resume_config(saved: dict, current: dict, path: str) -> None:
+  a, b = _flat(saved), _flat(current)
+  changed = sorted(k for k in set(a) | set(b)
+                   if k not in RESUMABLE_CHANGES and json.dumps(a.get(k)) != json.dumps(b.get(k)))
+  if changed:
+    detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+    raise UserError(f"{path}: this workdir was started with another config; changed fields: {detail} "
+                    "(use a new --workdir, or change only num_steps/logging/checkpoint cadence)")
+
+
+def _fmt_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  s = int(seconds)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=None) -> dict:
+  """Pretrain (or resume) in ``workdir``; see the module docstring. Returns a summary dict."""
+  from ecgcl_jax import data as data_lib  # noqa: PLC0415 - keeps `import ecgcl_jax.pretrain` light
+
+  main = parallel.is_main_process()
+  log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+  mesh = parallel.make_mesh()
+  validate_config(config, mesh.size)
+
+  ds = dataset if dataset is not None else data_lib.open_dataset(config.data.path)
+  if config.data.label and hasattr(ds, "with_label"):
+    ds = ds.with_label(config.data.label)
+  pool = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
+  if len(pool) == 0:
+    raise UserError("pretraining pool is empty")
+  batch, note = input_pipeline.effective_batch_size(config.batch_size, len(pool), mesh.size)
+  if note:
+    log(note)
+
+  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir), _Preemption() as preempt:
+    return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt)
+
+
+def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> dict:
+  cfg_path = os.path.join(workdir, "config.json")
+  run_path = os.path.join(workdir, "run.json")
+  current_cfg = json.loads(config.to_json())
+  pool_records = [str(r) for r in np.asarray(ds.records)[pool]]
+  if os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      check_resume_config(json.load(f), current_cfg, cfg_path)
+  elif main:
+    with open(cfg_path, "w") as f:
+      json.dump(current_cfg, f, indent=1)
+
+  if os.path.exists(run_path):
+    with open(run_path) as f:
+      run_info = json.load(f)
+    if run_info.get("pool_records") != pool_records:
+      raise UserError(f"{run_path}: this workdir was started on another dataset or pool; use a new --workdir")
+    max_amp = float(run_info["max_amp"])
+  else:
+    max_amp = input_pipeline.fit_max_amp(ds, pool)
+    run_info = {"max_amp": max_amp, "batch_size": batch, "pool_records": pool_records,
+                "data_path": config.data.path, "version": ecgcl_jax.__version__}
+    if main:
+      with open(run_path, "w") as f:
+        json.dump(run_info, f)
+
+  model = models.build_encoder(config.model, dtype=DTYPES[config.dtype])
+  tx = make_optimizer(config.optim)
+  root = jax.random.PRNGKey(config.seed)
+  init_key, step_key = jax.random.split(root)
+  repl = parallel.replicated(mesh)
+  state = jax.jit(lambda k: init_state(config, model, tx, k), out_shardings=repl)(init_key)
+
+  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  try:
+    restored = checkpoint.restore_latest(manager, state, log=log)
+  except UserError:
+    if not config.restart_if_unrestorable:
+      raise
+    log(f"{workdir}/checkpoints: no checkpoint restores; starting from scratch as asked")
+    restored = None
+  start = 0
+  if restored is not None:
+    start, state = restored
+    log(f"resuming from {workdir}/checkpoints/{start} (step {start} of {config.num_steps})")
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if main:
+    _truncate_metrics(metrics_path, start)
+
+  resident = input_pipeline.choose_resident(config.data.resident, ds, pool)
+  order = input_pipeline.BatchOrder(len(pool), batch, config.seed)
+  source = input_pipeline.BatchSource(ds, pool, order, mesh, resident, config.data.prefetch)
+  step_fn = jax.jit(make_pretrain_step(config, model, tx, max_amp), donate_argnums=(0,),
+                    out_shardings=(repl, repl))
+
+  num_steps = int(config.num_steps)
+  status = "done"
+  pending: list = []
+  t_last, n_last = time.perf_counter(), start
+  t0, steps_timed = None, 0
+  last_loss = float("nan")
+  step = start
+  with open(metrics_path, "a") if main else _NullFile() as mfile:
+    for step, b in source.iterate(start, num_steps):
+      if resident:
+        b["pool"] = source.device_pool
+      state, m = step_fn(state, b, step_key)
+      pending.append(m["loss"])
+      done = step + 1
+      last = done == num_steps
+      if done % config.log_every == 0 or last:
+        ls = np.asarray(jax.device_get(pending), np.float64)
+        pending = []
+        now = time.perf_counter()
+        ecg_s = (done - n_last) * batch / max(now - t_last, 1e-9)
+        if t0 is None:  # the first interval includes compilation; ETA uses later ones
+          t0, steps_timed = now, done
+        rate = (done - steps_timed) / (now - t0) if done > steps_timed else float("nan")
+        eta = (num_steps - done) / rate if rate and rate == rate and rate > 0 else float("nan")
+        t_last, n_last = now, done
+        nonfinite = int(jax.device_get(state.nonfinite))
+        last_loss = float(ls[-1])
+        rec = {"step": done, "loss": last_loss, "loss_mean": float(np.mean(ls)), "ecg_per_s": round(ecg_s, 2),
+               "batch_size": batch, "nonfinite_steps": nonfinite, "time": round(time.time(), 3)}
+        mfile.write(json.dumps(rec) + "\n")
+        mfile.flush()
+        log(f"step {done}/{num_steps}  loss {last_loss:.4f}  {ecg_s:,.1f} ECG/s  ETA {_fmt_eta(eta)}"
+            + (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else ""))
+        if nonfinite and config.on_nonfinite == "stop":
+          bad = int(jax.device_get(state.first_nonfinite))
+          manager.wait_until_finished()
+          kept = manager.latest_step()
+          raise UserError(f"non-finite loss or gradient at step {bad + 1}; stopped. Last good checkpoint: "
+                          f"{workdir}/checkpoints/{kept} (lower optim.learning_rate, or set on_nonfinite=skip)")
+      if done % config.checkpoint_every == 0 or last:
+        if config.on_nonfinite == "stop" and int(jax.device_get(state.nonfinite)):
+          continue  # caught at the log line above; never checkpoint a state that saw a bad step
+        checkpoint.save(manager, done, state)
+      if preempt.requested:
+        if manager.latest_step() != done:
+          checkpoint.save(manager, done, state)
+        manager.wait_until_finished()
+        log(f"interrupted: checkpoint written at step {done} in {workdir}/checkpoints/{done}; "
+            "run the same command to resume")
+        status = "preempted"
+        break
+  manager.wait_until_finished()
+  manager.close()
+
+  result = {"status": status, "steps": int(jax.device_get(state.step)), "final_loss": last_loss,
+            "batch_size": batch, "max_amp": max_amp, "workdir": workdir}
+  if status == "done":
+    result["encoder_dir"] = export(config, workdir, state, ds, pool, max_amp) if main else ""
+    log(f"done: {result['steps']} steps, final loss {last_loss:.4f}; encoder exported to {workdir}/encoder")
+  return result
+
+
+def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) -> str:
+  length, enc_len, in_leads = input_geometry(config)
+  pids = np.asarray(ds.patient_ids).astype(str)[pool]
+  recs = np.asarray(ds.records).astype(str)[pool]
+  patients = sorted({p if p else f"record:{r}" for p, r in zip(pids, recs)})
+  prep = {"sample_rate": ecgcl_jax.SAMPLE_RATE, "num_samples": ecgcl_jax.NUM_SAMPLES,
+          "leads": list(ecgcl_jax.LEADS), "max_amp": max_amp, "domain": config.data.domain,
+          "mode": config.mode, "input_length": enc_len, "in_leads": in_leads,
+          "clocs_leads": list(config.clocs_leads), "normalisation": "x / max_amp - per-lead mean"}
+  out = os.path.join(workdir, "encoder")
+  checkpoint.export_encoder(out, config.model, {"params": state.params, "batch_stats": state.batch_stats},
+                            prep, patients, list(recs),
+                            extra={"steps": int(jax.device_get(state.step)), "data_path": config.data.path,
+                                   "version": ecgcl_jax.__version__})
+  return out
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """On resume, drop metric lines past the restored step (they will be logged again, identically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  keep = []
+  for l in lines:
+    try:
+      if json.loads(l)["step"] <= step:
+        keep.append(l)
+    except (ValueError, KeyError):
+      pass
+  with open(path, "w") as f:
+    f.writelines(keep)
+
+
+class _NullFile:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+  def write(self, s):
+    pass
+
+  def flush(self):
+    pass

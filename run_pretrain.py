@@ -1,0 +1,33 @@
+"""Contrastive pretraining of an ECG encoder.
+
+  python run_pretrain.py --config configs/cnn_attn_lstm.py --workdir runs/demo [--config.batch_size=64 ...]
+
+Multi-host: add --distributed (TPU pods / SLURM auto-detect) or
+--coordinator=HOST:PORT --num_processes=N --process_id=I on every process.
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, checkpoints/, encoder/.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
+_COORD = flags.DEFINE_string("coordinator", "", "Coordinator HOST:PORT for multi-process runs.")
+_NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
+_PID = flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
+
+
+def main(argv):
+  del argv
+  from ecgcl_jax import cli  # noqa: PLC0415
+
+  return cli.run_entry(
+      "run_pretrain.py", lambda: __import__("ecgcl_jax.pretrain", fromlist=["run"]).run(_CONFIG.value, _WORKDIR.value),
+      _WORKDIR.value, _DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  sys.exit(app.run(main))
