@@ -30,9 +30,10 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   jax.distributed.initialize(**kwargs)
 
 
-def make_mesh() -> Mesh:
-  """1-D mesh over all global devices, ordered by process so each host owns a contiguous batch slice."""
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """1-D mesh over all global devices (or the first ``num_devices``), ordered by process so that each
+  host owns a contiguous slice of the batch."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))[:num_devices]
   return Mesh(np.array(devices), (DATA_AXIS,))
 
 

@@ -307,13 +307,17 @@ def _fmt_eta(seconds: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=None) -> dict:
-  """Pretrain (or resume) in ``workdir``; see the module docstring. Returns a summary dict."""
+def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=None, mesh=None) -> dict:
+  """Pretrain (or resume) in ``workdir``; see the module docstring. Returns a summary dict.
+
+  dataset: an opened dataset (default: ``open_dataset(config.data.path)``); indices: rows to pretrain on
+  (default: all); mesh: device mesh (default: every device of every process).
+  """
   from ecgcl_jax import data as data_lib  # noqa: PLC0415 - keeps `import ecgcl_jax.pretrain` light
 
   main = parallel.is_main_process()
   log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
-  mesh = parallel.make_mesh()
+  mesh = mesh if mesh is not None else parallel.make_mesh()
   validate_config(config, mesh.size)
 
   ds = dataset if dataset is not None else data_lib.open_dataset(config.data.path)

@@ -1,0 +1,142 @@
+"""Pretraining loop: CLI runs per encoder, exact resume, 1 vs 8 devices, bad configs, batch order."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+PY = sys.executable
+
+
+def small_config(encoder="cnn", **over):
+  from configs import base
+  c = base.get_config()
+  c.model.encoder = encoder
+  c.model.emb_dim = 32
+  c.model.proj_dim = 16
+  c.batch_size = 8
+  c.num_steps = 6
+  c.log_every = 1
+  c.checkpoint_every = 3
+  c.optim.learning_rate = 1e-3
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def run_cli(args, timeout=600, **kw):
+  return subprocess.run([PY, os.path.join(ROOT, "run_pretrain.py"), *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, **kw)
+
+
+def test_batch_order_is_pure_and_never_repeats_in_a_batch():
+  from ecgcl_jax.input_pipeline import BatchOrder
+  a, b = BatchOrder(52, 8, seed=3), BatchOrder(52, 8, seed=3)
+  for step in [0, 5, 6, 7, 40, 13]:  # out of order: a pure function of (seed, step)
+    np.testing.assert_array_equal(a(step), b(step))
+    assert len(set(a(step).tolist())) == 8
+  # within an epoch the 6 batches are disjoint
+  seen = np.concatenate([a(s) for s in range(6)])
+  assert len(set(seen.tolist())) == 48
+  assert not np.array_equal(a(0), a(6))  # fresh permutation next epoch
+
+
+def test_effective_batch_size_shrinks_with_note():
+  from ecgcl_jax.input_pipeline import effective_batch_size
+  assert effective_batch_size(8, 52, 8) == (8, "")
+  b, note = effective_batch_size(128, 52, 8)
+  assert b == 48 and "52 records" in note
+
+
+def test_normalize_matches_numpy():
+  from ecgcl_jax.input_pipeline import normalize
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 100, 12)) + 2.0
+  y = normalize(x, 4.0)
+  ref = x / 4.0 - (x / 4.0).mean(axis=1, keepdims=True)
+  np.testing.assert_allclose(y, ref, rtol=1e-12)
+  np.testing.assert_allclose(y.mean(axis=1), 0, atol=1e-12)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  from ecgcl_jax import pretrain
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  pretrain.run(small_config(num_steps=12), full)
+  r = pretrain.run(small_config(num_steps=6), part)
+  assert r["steps"] == 6
+  r = pretrain.run(small_config(num_steps=12), part)  # resume on the same workdir
+  assert r["steps"] == 12
+  a, b = read_metrics(full), read_metrics(part)
+  assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 13))
+  np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], atol=1e-5, rtol=0)
+  assert all(np.isfinite(m["loss"]) and m["ecg_per_s"] > 0 for m in a)
+  # loss goes down on the embedded data with a large learning rate
+  assert np.mean([m["loss"] for m in a[-3:]]) < np.mean([m["loss"] for m in a[:3]])
+  from ecgcl_jax import checkpoint
+  enc = checkpoint.load_encoder(os.path.join(full, "encoder"))
+  assert enc.preprocessing["input_length"] == 5000 and enc.preprocessing["max_amp"] > 0
+  assert "params" in enc.variables and "batch_stats" in enc.variables
+
+
+@pytest.mark.parametrize("mode", ["simclr", "cmsc"])
+def test_one_device_equals_eight(tmp_path, mode):
+  import jax
+  from ecgcl_jax import parallel, pretrain
+  assert jax.device_count() == 8
+  losses = {}
+  for n in (1, 8):
+    wd = str(tmp_path / f"d{n}")
+    cfg = small_config("cnn", num_steps=4, mode=mode, patient_positives=(mode == "cmsc"))
+    pretrain.run(cfg, wd, mesh=parallel.make_mesh(n))
+    losses[n] = np.array([m["loss"] for m in read_metrics(wd)])
+  np.testing.assert_allclose(losses[8][0], losses[1][0], rtol=1e-4)
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["cmlc", "cmsmlc"])
+def test_clocs_lead_modes_run(tmp_path, mode):
+  from ecgcl_jax import pretrain
+  r = pretrain.run(small_config("cnn", num_steps=2, mode=mode, **{"data.domain": "time"}), str(tmp_path / mode))
+  assert r["steps"] == 2 and np.isfinite(r["final_loss"])
+
+
+def test_cli_attn_lstm_writes_metrics_and_checkpoints(tmp_path):
+  wd = str(tmp_path / "demo")
+  p = run_cli(["--config", "configs/cnn_attn_lstm.py", "--workdir", wd, "--config.num_steps=6",
+               "--config.batch_size=8", "--config.log_every=2", "--config.checkpoint_every=3"])
+  assert p.returncode == 0, p.stderr[-3000:]
+  m = read_metrics(wd)
+  assert [x["step"] for x in m] == [2, 4, 6]
+  assert all(np.isfinite(x["loss"]) and x["ecg_per_s"] > 0 for x in m)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints")))[-1] == "6"
+  assert "ETA" in p.stdout and "step 6/6" in p.stdout
+  assert os.path.exists(os.path.join(wd, "encoder", "encoder.json"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.augment.view1=shuffle_leads", "augment.view1"),
+    ("--config.augment.view2=permute:7", "augment.view2"),
+    ("--config.batch_size=0", "batch_size"),
+    ("--config.batch_size=12", "batch_size"),
+    ("--config.data.path=/nonexistent/ecgs", "/nonexistent/ecgs"),
+    ("--config.mode=cmxx", "mode"),
+])
+def test_bad_config_is_one_line_error(tmp_path, override, needle):
+  p = run_cli(["--config", "configs/cnn.py", "--workdir", str(tmp_path / "w"), override])
+  assert p.returncode != 0
+  assert "Traceback" not in p.stderr
+  lines = [l for l in p.stderr.splitlines() if l.strip() and "error" in l.lower()]
+  assert lines and needle in lines[-1], p.stderr[-2000:]
