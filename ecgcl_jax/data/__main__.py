@@ -1,0 +1,85 @@
+"""Command line: `python -m ecgcl_jax.data prepare SRC [SRC ...] --out DIR [options]` and `... info DIR`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ecgcl_jax import LEADS
+from ecgcl_jax.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ecgcl_jax.data", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("prepare", help="read ECG files into a prepared dataset folder",
+                       description="Walk each SRC (file or folder, recursively) and write a prepared dataset "
+                                   "(10 s at 500 Hz, 12 standard leads, mV) to --out.")
+    q.add_argument("sources", nargs="+", metavar="SRC")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--labels", metavar="TABLE.csv", help="label table: a 'record' column and label columns")
+    q.add_argument("--label-column", metavar="NAME",
+                   help="column that becomes the binary label (default: the table's only label column; "
+                        "without a table 'normal')")
+    q.add_argument("--length", choices=("crop", "windows"), default="crop",
+                   help="longer records: keep the first 10 s (crop) or cut consecutive 10 s windows")
+    q.add_argument("--short", choices=("pad", "drop"), default="pad",
+                   help="records shorter than 10 s: zero-pad (true length kept) or drop")
+    q.add_argument("--min-seconds", type=float, default=1.0, help="drop records shorter than this (default 1)")
+    q.add_argument("--missing-leads", choices=("drop", "zero"), default="drop",
+                   help="a record lacking a standard lead: drop it, or zero-fill the lead")
+    q.add_argument("--max-denominator", type=int, default=1000,
+                   help="resampling ratio 500/fs approximated as up/down with down <= this (default 1000)")
+    q.add_argument("--keep-duplicates", action="store_true",
+                   help="keep PTB-XL 100 Hz NNNNN_lr records that have a 500 Hz NNNNN_hr twin")
+    q.add_argument("--compress", action="store_true",
+                   help="store signals compressed (signals.npz, loaded whole) instead of memory-mapped")
+    q.add_argument("--array-fs", type=float, default=500.0, help=".npy/.npz/.parquet sampling rate (Hz)")
+    q.add_argument("--array-units", default="mV", help=".npy/.npz/.parquet unit (mV, uV, V)")
+    q.add_argument("--array-leads", default=",".join(LEADS), help="lead order of .npy/.npz arrays")
+    q.add_argument("--array-layout", choices=("auto", "NLC", "NCL"), default="auto",
+                   help=".npy/.npz axis order: (N, length, leads) or (N, leads, length)")
+    q.add_argument("--parquet-lead-prefix", default="full_lead_")
+    q.add_argument("--parquet-patient-column", default="patient_id")
+    q.add_argument("--parquet-label-column", default="label")
+    q.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    q.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
+    i = sub.add_parser("info", help="print a prepared dataset's summary")
+    i.add_argument("path", nargs="?", default="", help="dataset folder (default: the embedded set)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            from ecgcl_jax.data.prepare import PrepareOptions, prepare
+
+            opts = PrepareOptions(
+                length=args.length, short=args.short, missing_leads=args.missing_leads,
+                min_seconds=args.min_seconds, max_denominator=args.max_denominator,
+                dedupe=not args.keep_duplicates, labels=args.labels, label_column=args.label_column,
+                compress=args.compress, array_fs=args.array_fs, array_units=args.array_units,
+                array_leads=tuple(s.strip() for s in args.array_leads.split(",") if s.strip()),
+                array_layout=args.array_layout, parquet_lead_prefix=args.parquet_lead_prefix,
+                parquet_patient_column=args.parquet_patient_column,
+                parquet_label_column=args.parquet_label_column)
+            prepare(args.sources, args.out, opts, workers=args.workers or None, force=args.force)
+        else:
+            from ecgcl_jax.data.dataset import open_dataset
+            from ecgcl_jax.data.prepare import format_summary
+
+            ds = open_dataset(args.path)
+            print(repr(ds))
+            if "summary" in ds.manifest:
+                print(format_summary(ds.manifest["summary"], ds.path))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,550 @@
+"""`prepare`: walk sources, standardise every record in a process pool, write a prepared dataset.
+
+Work is cut into fixed chunks of inputs; each finished chunk is written to DIR/.partial/ so an interrupted run
+continues where it stopped. The manifest's `identity` (sources and their file listing, every option, the label
+table's hash, the package version) decides whether a re-run is a no-op, a continuation or a fresh build.
+"""
+from __future__ import annotations
+
+import ast
+import concurrent.futures as cf
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+import ecgcl_jax
+from ecgcl_jax import LEADS, NUM_SAMPLES
+from ecgcl_jax.data import arrays
+from ecgcl_jax.data.dataset import FORMAT, FORMAT_VERSION
+from ecgcl_jax.data.header_meta import parse_binary, parse_comments, ptbxl_rate_tag, source_id
+from ecgcl_jax.data.labels import apply_label_table, load_label_table, patient_conflicts
+from ecgcl_jax.data.leads import normalise_lead
+from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
+from ecgcl_jax.data.wfdb_io import SkipRecord, read_wfdb
+from ecgcl_jax.errors import UserError
+
+OUTPUT_FILES = ("manifest.json", "signals.npy", "signals.npz", "scales.npy", "meta.csv", "skipped.csv")
+PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Every option of `prepare` that shapes the output (recorded in the manifest; see README_data)."""
+
+    length: str = "crop"  # crop | windows
+    short: str = "pad"  # pad | drop
+    missing_leads: str = "drop"  # drop | zero
+    min_seconds: float = 1.0
+    max_denominator: int = 1000
+    dedupe: bool = True  # PTB-XL NNNNN_lr with a NNNNN_hr twin in the same SRC: keep only the 500 Hz one
+    labels: str | None = None  # label table CSV
+    label_column: str | None = None  # None: the table's only label column, else 'normal'
+    compress: bool = False  # signals.npz (compressed, loaded whole) instead of signals.npy (memory-mapped)
+    array_fs: float = 500.0  # .npy/.npz/.parquet: sampling rate, unit and lead order of the arrays
+    array_units: str = "mV"
+    array_leads: tuple = tuple(LEADS)
+    array_layout: str = "auto"  # auto | NLC | NCL
+    parquet_lead_prefix: str = "full_lead_"
+    parquet_patient_column: str = "patient_id"
+    parquet_label_column: str = "label"
+
+    def process(self) -> ProcessOptions:
+        return ProcessOptions(self.length, self.short, self.missing_leads, self.min_seconds, self.max_denominator)
+
+    def validate(self) -> None:
+        choices = {"length": ("crop", "windows"), "short": ("pad", "drop"), "missing_leads": ("drop", "zero"),
+                   "array_layout": ("auto", "NLC", "NCL")}
+        for k, allowed in choices.items():
+            if getattr(self, k) not in allowed:
+                raise UserError(f"--{k.replace('_', '-')}: '{getattr(self, k)}' is not one of {', '.join(allowed)}")
+        if not (self.array_fs > 0):
+            raise UserError(f"--array-fs: must be > 0, got {self.array_fs}")
+        if self.min_seconds < 0 or self.min_seconds > NUM_SAMPLES / ecgcl_jax.SAMPLE_RATE:
+            raise UserError(f"--min-seconds: must be in [0, 10], got {self.min_seconds}")
+        bad = [l for l in self.array_leads if normalise_lead(l) is None]
+        if bad:
+            raise UserError(f"--array-leads: unknown lead names {', '.join(bad)}")
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+@dataclass
+class Inputs:
+    items: list = field(default_factory=list)  # (kind, src_index, path, row)
+    duplicates: list = field(default_factory=list)  # (path, reason)
+    ptbxl_csvs: list = field(default_factory=list)
+    listing_hash: str = ""
+    n_files: int = 0
+
+
+def discover(sources: list[str], dedupe: bool) -> Inputs:
+    """Walk sources (files or folders, recursively, sorted) and list the inputs to read."""
+    inp = Inputs()
+    h = hashlib.sha1()
+    for si, src in enumerate(sources):
+        if os.path.isfile(src):
+            files = [src]
+        elif os.path.isdir(src):
+            files = []
+            for root, dirs, names in os.walk(src):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(os.path.join(root, n) for n in sorted(names))
+        else:
+            raise UserError(f"{src}: no such file or folder")
+        heas = {}
+        for f in files:
+            try:
+                size = os.path.getsize(f)
+            except OSError:
+                size = -1
+            h.update(f"{si}\0{os.path.relpath(f, src)}\0{size}\n".encode())
+            inp.n_files += 1
+            low = f.lower()
+            if low.endswith(".hea"):
+                heas[f] = (si, f)
+            elif low.endswith(".npy"):
+                try:
+                    n = arrays.npy_rows(f)
+                except SkipRecord as e:
+                    inp.items.append(("bad", si, f, str(e)))
+                    continue
+                inp.items.extend(("npy", si, f, r) for r in range(n))
+            elif low.endswith(".npz"):
+                inp.items.append(("npz", si, f, None))
+            elif low.endswith(".parquet"):
+                arrays.require_pyarrow(f)
+                inp.items.append(("parquet", si, f, None))
+            elif os.path.basename(low) == "ptbxl_database.csv":
+                inp.ptbxl_csvs.append(f)
+            elif low.endswith(".mat") and not os.path.exists(f[:-4] + ".hea"):
+                inp.items.append(("bad", si, f, "'.mat' file without its '.hea' header"))
+        twins = set()
+        if dedupe:
+            by = {}
+            for f in heas:
+                tag = ptbxl_rate_tag(os.path.basename(f)[:-4])
+                if tag:
+                    by.setdefault(tag[0], {})[tag[1]] = f
+            for num, d in by.items():
+                if "hr" in d and "lr" in d:
+                    twins.add(d["lr"])
+                    inp.duplicates.append((d["lr"], f"duplicate: 100 Hz copy of {d['hr']} (500 Hz kept)"))
+        inp.items.extend(("wfdb", si, f, None) for f in heas if f not in twins)
+    order = {k: i for i, k in enumerate(("wfdb", "npy", "npz", "parquet", "bad"))}
+    inp.items.sort(key=lambda t: (t[1], t[2], order[t[0]], -1 if t[3] is None or isinstance(t[3], str) else t[3]))
+    inp.listing_hash = h.hexdigest()
+    return inp
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def _relpath(path: str, src: str) -> str:
+    rel = os.path.basename(path) if os.path.isfile(src) else os.path.relpath(path, src)
+    return os.path.splitext(rel.replace(os.sep, "/"))[0]
+
+
+def _records_of(item, sources, opts: PrepareOptions, popts: ProcessOptions):
+    """Yield (record path, relpath, name, RawSignal | SkipRecord, extra meta) for one input item."""
+    kind, si, path, row = item
+    src = sources[si]
+    rel = _relpath(path, src)
+    if kind == "bad":
+        yield path, rel, os.path.splitext(os.path.basename(path))[0], SkipRecord(row), {}
+        return
+    if kind == "wfdb":
+        name = os.path.basename(path)[:-4]
+        try:
+            sig = read_wfdb(path, seconds_needed(popts))
+        except SkipRecord as e:
+            yield path, rel, name, e, {}
+            return
+        meta = parse_comments(sig.comments)
+        meta["format"] = "cinc_mat" if os.path.exists(path[:-4] + ".mat") else "wfdb"
+        yield path, rel, name, sig, meta
+        return
+    if kind == "parquet":
+        gen = arrays.iter_parquet_records(path, opts.array_fs, opts.array_units, opts.parquet_lead_prefix,
+                                          opts.parquet_patient_column, opts.parquet_label_column)
+    else:
+        gen = arrays.iter_array_records(path, None if row is None else [row], opts.array_fs, opts.array_units,
+                                        list(opts.array_leads), opts.array_layout)
+    for r, sig, meta in gen:
+        rec = path if r is None else f"{path}#{r}"
+        name = meta.pop("name", os.path.splitext(os.path.basename(path))[0])
+        meta["format"] = kind
+        yield rec, rel if r is None else f"{rel}#{r}", name, sig, meta
+
+
+def _process_chunk(job) -> dict:
+    """Worker: process one chunk of inputs and write DIR/.partial/chunk_XXXXX.{npy,json}. Never raises on data."""
+    idx, items, sources, opts_d, partial = job
+    opts = PrepareOptions(**opts_d)
+    popts = opts.process()
+    counts, scales, metas, skips = [], [], [], []
+    for item in items:
+        for rec, rel, name, sig, extra in _records_of(item, sources, opts, popts):
+            try:
+                if isinstance(sig, SkipRecord):
+                    raise sig
+                rows, info = to_rows(sig, popts)
+            except SkipRecord as e:
+                skips.append((rec, str(e)))
+                continue
+            except Exception as e:  # a reader bug must not lose the other records
+                skips.append((rec, f"unexpected error ({type(e).__name__}: {str(e)[:100]})"))
+                continue
+            for q, scale, win in rows:
+                m = {"record": rec, "name": name, "relpath": rel, "source": sources[item[1]],
+                     "source_id": source_id(name), **info, **win, **extra}
+                counts.append(q)
+                scales.append(scale)
+                metas.append(m)
+    arr = np.stack(counts) if counts else np.zeros((0, NUM_SAMPLES, len(LEADS)), np.int16)
+    base = os.path.join(partial, f"chunk_{idx:05d}")
+    np.save(base + ".tmp.npy", arr)
+    os.replace(base + ".tmp.npy", base + ".npy")
+    with open(base + ".tmp.json", "w") as f:
+        json.dump({"inputs": len(items), "scales": scales, "meta": metas, "skips": skips}, f, default=_json_default)
+    os.replace(base + ".tmp.json", base + ".json")  # the .json marks the chunk as done
+    return {"chunk": idx, "inputs": len(items), "rows": len(metas), "skips": skips}
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))
+
+
+# ----------------------------------------------------------------------------------------------- progress
+class Progress:
+    """One progress line on stderr: records done, records/s, ETA (rewritten in place on a terminal)."""
+
+    def __init__(self, total: int, stream=None, every: float = 0.5):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = every if self.tty else 10.0
+        self.last = -1e9
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta_s = "--" if not math.isfinite(eta) else f"{int(eta // 60)}:{int(eta % 60):02d}"
+        return f"prepare: {self.done}/{self.total} records  {rate:.0f} records/s  ETA {eta_s}"
+
+    def update(self, n: int, force: bool = False) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if force or now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            if self.tty:
+                self.stream.write("\r\033[K" + self.line())
+            else:
+                self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def message(self, text: str) -> None:
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+def _versions() -> dict:
+    import scipy
+    import wfdb
+
+    return {"ecgcl_jax": ecgcl_jax.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "wfdb": wfdb.__version__, "pandas": pd.__version__, "python": sys.version.split()[0]}
+
+
+def _identity(sources, inputs: Inputs, opts: PrepareOptions, table_sha: str | None, chunk: int) -> str:
+    d = {"format_version": FORMAT_VERSION, "version": ecgcl_jax.__version__, "sources": sources,
+         "listing": inputs.listing_hash, "options": asdict(opts), "labels_sha1": table_sha, "chunk": chunk}
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+    os.replace(path + ".tmp", path)
+
+
+def _clear(out: str) -> None:
+    for n in OUTPUT_FILES:
+        p = os.path.join(out, n)
+        if os.path.exists(p):
+            os.remove(p)
+    shutil.rmtree(os.path.join(out, PARTIAL), ignore_errors=True)
+
+
+def _chunk_size(n: int) -> int:
+    return int(min(256, max(4, math.ceil(n / 64))))
+
+
+# ----------------------------------------------------------------------------------------------- metadata joins
+def _apply_ptbxl(meta: pd.DataFrame, csvs: list[str]) -> pd.DataFrame:
+    """Patient id, scp_codes, strat_fold, age, sex, ecg_id and `normal` (NORM at likelihood 100) from PTB-XL's
+    ptbxl_database.csv for records in the folder holding it."""
+    for csv in csvs:
+        try:
+            db = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        except Exception as e:
+            raise UserError(f"{csv}: cannot read ({type(e).__name__})") from None
+        if "ecg_id" not in db.columns:
+            continue
+        root = os.path.dirname(os.path.abspath(csv)) + os.sep
+        db = db.set_index(db["ecg_id"].map(lambda v: str(int(float(v))) if v.strip() else ""))
+        for col in ("patient_id", "scp_codes", "strat_fold", "ecg_id", "age", "sex", "normal"):
+            if col not in meta.columns:
+                meta[col] = "" if col != "normal" else np.nan
+        for i in range(len(meta)):
+            sid = meta.at[i, "source_id"]
+            if not sid or sid not in db.index or not os.path.abspath(meta.at[i, "record"]).startswith(root):
+                continue
+            r = db.loc[sid]
+            pid = str(r.get("patient_id", "")).strip()
+            if pid:
+                meta.at[i, "patient_id"] = pid[:-2] if pid.endswith(".0") else pid
+            meta.at[i, "ecg_id"] = sid
+            for c in ("scp_codes", "strat_fold"):
+                if c in r:
+                    meta.at[i, c] = str(r[c])
+            try:
+                meta.at[i, "age"] = float(r.get("age", "nan"))
+            except ValueError:
+                pass
+            if str(r.get("sex", "")).strip() in ("0", "1"):
+                meta.at[i, "sex"] = "M" if str(r["sex"]).strip() == "0" else "F"
+            try:
+                codes = ast.literal_eval(str(r.get("scp_codes", "")))
+                meta.at[i, "normal"] = 1.0 if float(codes.get("NORM", 0)) == 100.0 else 0.0
+            except (ValueError, SyntaxError, AttributeError):
+                pass
+    return meta
+
+
+def _reason_kind(reason: str) -> str:
+    r = reason.lower()
+    for key, kind in (("duplicate:", "duplicate (lower-rate copy)"), ("truncated", "truncated signal file"),
+                      ("signal file", "missing signal file"), ("header", "bad header"),
+                      ("nan", "NaN samples"), ("missing leads", "missing/unknown leads"),
+                      ("lead names", "wrong lead count"), ("duplicate leads", "duplicate leads"),
+                      ("zero-length", "zero-length"), ("too short", "too short"),
+                      ("shorter than 10 s", "shorter than 10 s"), (".mat", "unreadable .mat"),
+                      ("unit", "unknown unit"), ("unreadable", "unreadable file")):
+        if key in r:
+            return kind
+    return "other"
+
+
+# ----------------------------------------------------------------------------------------------- main entry
+def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, workers: int | None = None,
+            force: bool = False, stream=None) -> dict:
+    """Prepare `sources` into dataset folder `out`; returns the summary dict. Raises UserError on bad usage or
+    when no record could be prepared; bad records are skipped and reported."""
+    opts = opts or PrepareOptions()
+    opts.validate()
+    stream = stream or sys.stderr
+    t0 = time.perf_counter()
+    sources = [str(s) for s in sources]
+    if not sources:
+        raise UserError("prepare: give at least one SRC")
+    table = load_label_table(opts.labels, opts.label_column) if opts.labels else None
+    inputs = discover(sources, opts.dedupe)
+    n_items = len(inputs.items)
+    chunk = _chunk_size(n_items)
+    ident = _identity([os.path.abspath(s) for s in sources], inputs, opts, table.sha1 if table else None, chunk)
+    os.makedirs(out, exist_ok=True)
+    man_path = os.path.join(out, "manifest.json")
+    old = None
+    if os.path.isfile(man_path):
+        try:
+            with open(man_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+    if old and not force and old.get("identity") == ident and old.get("status") == "complete":
+        stream.write(f"prepare: {out} is up to date ({old.get('summary', {}).get('rows', '?')} rows); nothing to "
+                     "do (--force rebuilds)\n")
+        return dict(old.get("summary", {}), up_to_date=True)
+    resume = bool(old and not force and old.get("identity") == ident and old.get("status") == "in_progress")
+    if not resume:
+        _clear(out)
+    partial = os.path.join(out, PARTIAL)
+    os.makedirs(partial, exist_ok=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "in_progress", "identity": ident,
+                "sources": sources,
+                "source_files": inputs.n_files, "options": asdict(opts),
+                "label_table": {"path": table.path, "sha1": table.sha1} if table else None,
+                "versions": _versions(), "chunk_size": chunk,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest["options"]["array_leads"] = list(opts.array_leads)
+    _write_json(man_path, manifest)
+
+    chunks = [inputs.items[i:i + chunk] for i in range(0, n_items, chunk)]
+    done = {i for i in range(len(chunks)) if os.path.isfile(os.path.join(partial, f"chunk_{i:05d}.json"))}
+    prog = Progress(n_items, stream)
+    if inputs.duplicates:
+        prog.message(f"prepare: {len(inputs.duplicates)} PTB-XL 100 Hz records have a 500 Hz twin in the same "
+                     "SRC; the 500 Hz ones are used (--keep-duplicates keeps both; list in skipped.csv)")
+    if done:
+        prog.message(f"prepare: continuing an interrupted run: {len(done)} of {len(chunks)} chunks already done")
+        prog.done = sum(len(chunks[i]) for i in done)
+    todo = [i for i in range(len(chunks)) if i not in done]
+    opts_d = asdict(opts)
+    jobs = [(i, chunks[i], sources, opts_d, partial) for i in todo]
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(int(workers or 1), len(jobs) or 1))
+
+    def report(res):
+        for rec, reason in res["skips"]:
+            prog.message(f"skip {rec}: {reason}")
+        prog.update(res["inputs"])
+
+    if workers == 1 or len(jobs) <= 1:
+        for j in jobs:
+            report(_process_chunk(j))
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() and "jax" not in sys.modules
+                             else "spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futs = [pool.submit(_process_chunk, j) for j in jobs]
+            try:
+                for fut in cf.as_completed(futs):
+                    report(fut.result())
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+    prog.close()
+    summary = _assemble(out, chunks, inputs, opts, table, manifest, stream)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["records_per_s"] = round(n_items / max(summary["seconds"], 1e-9), 1)
+    manifest["summary"] = summary
+    manifest["status"] = "complete"
+    _write_json(man_path, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+    stream.write(format_summary(summary, out) + "\n")
+    return summary
+
+
+def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, table, manifest, stream) -> dict:
+    partial = os.path.join(out, PARTIAL)
+    metas, scales, skips, sizes = [], [], [], []
+    for i in range(len(chunks)):
+        with open(os.path.join(partial, f"chunk_{i:05d}.json")) as f:
+            c = json.load(f)
+        metas.extend(c["meta"])
+        scales.extend(c["scales"])
+        skips.extend(c["skips"])
+        sizes.append(len(c["meta"]))
+    skips = [(p, r) for p, r in inputs.duplicates] + [tuple(s) for s in skips]
+    pd.DataFrame(skips, columns=["record", "reason"]).to_csv(os.path.join(out, "skipped.csv"), index=False)
+    n = len(metas)
+    if n == 0:
+        manifest["status"] = "empty"
+        _write_json(os.path.join(out, "manifest.json"), manifest)
+        raise UserError(f"{out}: no record could be prepared ({len(skips)} inputs skipped, see "
+                        f"{os.path.join(out, 'skipped.csv')})")
+    meta = pd.DataFrame(metas)
+    for col, default in (("patient_id", ""), ("age", np.nan), ("sex", ""), ("dx", ""), ("labels", ""),
+                         ("normal", np.nan)):
+        if col not in meta.columns:
+            meta[col] = default
+    meta["patient_id"] = meta["patient_id"].fillna("").astype(str)
+    meta = _apply_ptbxl(meta, inputs.ptbxl_csvs)
+    label_stats = None
+    if table is not None:
+        meta, label_stats = apply_label_table(table, meta)
+        column = table.label_column
+    else:
+        column = opts.label_column or next((c for c in ("normal", "label") if c in meta.columns and
+                                            pd.to_numeric(meta[c], errors="coerce").notna().any()), "normal")
+        if column not in meta.columns:
+            raise UserError(f"--label-column: no column '{column}' in the prepared records "
+                            f"(columns: {', '.join(meta.columns)})")
+    vals = [parse_binary(v) for v in meta[column].tolist()]
+    bad = [i for i, v in enumerate(vals) if v is None]
+    if bad:
+        raise UserError(f"--label-column {column}: record {meta.at[bad[0], 'record']}: value "
+                        f"'{meta.at[bad[0], column]}' is not 0/1, true/false, yes/no or empty")
+    meta["label"] = np.array(vals, np.float32)
+    manifest["options"]["label_column"] = column
+    front = ["record", "name", "patient_id", "label", "window", "valid_length", "fs_original",
+             "n_samples_original", "age", "sex"]
+    meta = meta[front + [c for c in meta.columns if c not in front]]
+    # signals
+    if opts.compress:
+        raw = np.concatenate([np.load(os.path.join(partial, f"chunk_{i:05d}.npy")) for i in range(len(chunks))])
+        np.savez_compressed(os.path.join(out, "signals.npz"), raw=raw, scales=np.asarray(scales, np.float32))
+    else:
+        mm = np.lib.format.open_memmap(os.path.join(out, "signals.tmp.npy"), mode="w+", dtype=np.int16,
+                                       shape=(n, NUM_SAMPLES, len(LEADS)))
+        pos = 0
+        for i in range(len(chunks)):
+            a = np.load(os.path.join(partial, f"chunk_{i:05d}.npy"))
+            mm[pos:pos + len(a)] = a
+            pos += len(a)
+        mm.flush()
+        del mm
+        os.replace(os.path.join(out, "signals.tmp.npy"), os.path.join(out, "signals.npy"))
+        np.save(os.path.join(out, "scales.npy"), np.asarray(scales, np.float32))
+    meta.to_csv(os.path.join(out, "meta.csv"), index=False)
+    # summary
+    labels = meta["label"].to_numpy(np.float64)
+    pids = meta["patient_id"].astype(str)
+    conflicts = patient_conflicts(pids.tolist(), labels.tolist())
+    kinds = Counter(_reason_kind(r) for _, r in skips[len(inputs.duplicates):])
+    summary = {
+        "rows": n, "records": int(meta["record"].nunique()), "inputs": sum(len(c) for c in chunks),
+        "skipped": len(skips) - len(inputs.duplicates), "skipped_by_reason": dict(sorted(kinds.items())),
+        "duplicates": len(inputs.duplicates),
+        "patients": int(pids[pids != ""].nunique()), "rows_without_patient_id": int((pids == "").sum()),
+        "label_column": column,
+        "labels": {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
+                   "unknown": int(np.isnan(labels).sum())},
+        "rates_hz": {f"{k:g}": int(v) for k, v in sorted(Counter(meta.drop_duplicates("record")["fs_original"])
+                                                         .items())},
+        "padded_rows": int((meta["valid_length"] < NUM_SAMPLES).sum()),
+        "patients_with_conflicting_labels": len(conflicts), "conflict_examples": conflicts[:5],
+    }
+    if label_stats:
+        summary["label_table"] = label_stats
+    return summary
+
+
+def format_summary(s: dict, out: str) -> str:
+    lab = s["labels"]
+    lines = [f"prepared {s['rows']} rows from {s['records']} records into {out} "
+             f"({s.get('seconds', 0):.1f} s, {s.get('records_per_s', 0):.0f} records/s); skipped {s['skipped']}"
+             + (": " + ", ".join(f"{k} {v}" for k, v in s["skipped_by_reason"].items()) if s["skipped"] else "")
+             + (f"; {s['duplicates']} lower-rate duplicates left out" if s.get("duplicates") else ""),
+             f"patients: {s['patients']} ({s['rows_without_patient_id']} rows without patient id); rates seen: "
+             + ", ".join(f"{k} Hz x{v}" for k, v in s["rates_hz"].items()),
+             f"label '{s['label_column']}': {lab['positive']} positive, {lab['negative']} negative, "
+             f"{lab['unknown']} unknown; patients with conflicting labels: {s['patients_with_conflicting_labels']}"
+             + (f" (e.g. {', '.join(s['conflict_examples'])})" if s["conflict_examples"] else "")]
+    t = s.get("label_table")
+    if t:
+        lines.append(f"label table {t['table']}: {t['records_matched']} records matched, {t['records_unmatched']} "
+                     f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
+                     "nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"]
+                                  else ""))
+    return "\n".join(lines)
