@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "prepare":
-            from ecgcl_jax.data.prepare import PrepareOptions, prepare
+            from ecgcl_jax.data.build import PrepareOptions, prepare
 
             opts = PrepareOptions(
                 length=args.length, short=args.short, missing_leads=args.missing_leads,
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             prepare(args.sources, args.out, opts, workers=args.workers or None, force=args.force)
         else:
             from ecgcl_jax.data.dataset import open_dataset
-            from ecgcl_jax.data.prepare import format_summary
+            from ecgcl_jax.data.build import format_summary
 
             ds = open_dataset(args.path)
             print(repr(ds))

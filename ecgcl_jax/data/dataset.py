@@ -115,9 +115,16 @@ def _label_array(meta: pd.DataFrame, column: str, path: str) -> np.ndarray:
     return binary_column(vals.tolist(), f"{os.path.join(path, 'meta.csv')}: column '{column}'")
 
 
+STRING_COLUMNS = ("record", "name", "relpath", "source", "source_id", "patient_id", "ecg_id", "sex", "dx",
+                  "labels", "scp_codes", "leads_original", "missing_leads", "resample", "reader", "format")
+
+
 def read_meta(path: str) -> pd.DataFrame:
+    """meta.csv -> DataFrame: ids stay strings; known numeric columns and 0/1 columns become floats/ints."""
     meta = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for c in NUMERIC_COLUMNS:
+    binary = [c for c in meta.columns if c not in STRING_COLUMNS and c not in NUMERIC_COLUMNS
+              and meta[c].isin(["", "0", "1", "0.0", "1.0"]).all() and (meta[c] != "").any()]
+    for c in list(NUMERIC_COLUMNS) + binary:
         if c in meta.columns:
             meta[c] = pd.to_numeric(meta[c].replace("", np.nan), errors="coerce")
             if c in INT_COLUMNS and not meta[c].isna().any():

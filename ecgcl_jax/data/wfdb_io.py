@@ -94,7 +94,7 @@ def parse_header(path: str) -> Header:
         if not s:
             continue
         if s.startswith("#"):
-            comments.append(s.lstrip("#").strip())
+            comments.append(s.lstrip("# \t"))
             continue
         if "#" in s:  # trailing comment on a specification line
             s, c = s.split("#", 1)

@@ -80,7 +80,8 @@ class PrepareOptions:
 @dataclass
 class Inputs:
     items: list = field(default_factory=list)  # (kind, src_index, path, row)
-    duplicates: list = field(default_factory=list)  # (path, reason)
+    duplicates: list = field(default_factory=list)  # (100 Hz twin left out, reason)
+    twins: dict = field(default_factory=dict)  # PTB-XL 500 Hz header -> (src index, its 100 Hz twin's header)
     ptbxl_csvs: list = field(default_factory=list)
     listing_hash: str = ""
     n_files: int = 0
@@ -137,7 +138,7 @@ def discover(sources: list[str], dedupe: bool) -> Inputs:
             for num, d in by.items():
                 if "hr" in d and "lr" in d:
                     twins.add(d["lr"])
-                    inp.duplicates.append((d["lr"], f"duplicate: 100 Hz copy of {d['hr']} (500 Hz kept)"))
+                    inp.twins[d["hr"]] = (si, d["lr"])
         inp.items.extend(("wfdb", si, f, None) for f in heas if f not in twins)
     order = {k: i for i, k in enumerate(("wfdb", "npy", "npz", "parquet", "bad"))}
     inp.items.sort(key=lambda t: (t[1], t[2], order[t[0]], -1 if t[3] is None or isinstance(t[3], str) else t[3]))
@@ -400,8 +401,8 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     chunks = [inputs.items[i:i + chunk] for i in range(0, n_items, chunk)]
     done = {i for i in range(len(chunks)) if os.path.isfile(os.path.join(partial, f"chunk_{i:05d}.json"))}
     prog = Progress(n_items, stream)
-    if inputs.duplicates:
-        prog.message(f"prepare: {len(inputs.duplicates)} PTB-XL 100 Hz records have a 500 Hz twin in the same "
+    if inputs.twins:
+        prog.message(f"prepare: {len(inputs.twins)} PTB-XL 100 Hz records have a 500 Hz twin in the same "
                      "SRC; the 500 Hz ones are used (--keep-duplicates keeps both; list in skipped.csv)")
     if done:
         prog.message(f"prepare: continuing an interrupted run: {len(done)} of {len(chunks)} chunks already done")
@@ -433,6 +434,21 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
                 for f in futs:
                     f.cancel()
                 raise
+    # A 100 Hz twin stands in for a 500 Hz record that could not be read, so no good ECG is lost.
+    failed = set()
+    for i in range(len(chunks)):
+        with open(os.path.join(partial, f"chunk_{i:05d}.json")) as f:
+            failed.update(r for r, _ in json.load(f)["skips"])
+    rescue = [("wfdb", si, lr, None) for hr, (si, lr) in sorted(inputs.twins.items()) if hr in failed]
+    if rescue:
+        prog.total += len(rescue)
+        prog.message(f"prepare: reading {len(rescue)} 100 Hz twins of 500 Hz records that were skipped")
+        if not os.path.isfile(os.path.join(partial, f"chunk_{len(chunks):05d}.json")):
+            report(_process_chunk((len(chunks), rescue, sources, opts_d, partial)))
+        chunks.append(rescue)
+    used = {lr for _, _, lr, _ in rescue}
+    inputs.duplicates = [(lr, f"duplicate: 100 Hz copy of {hr} (500 Hz kept)")
+                         for hr, (_, lr) in sorted(inputs.twins.items()) if lr not in used]
     prog.close()
     summary = _assemble(out, chunks, inputs, opts, table, manifest, stream)
     summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -1,0 +1,382 @@
+"""prepare: generated WFDB records of many shapes, corrupt inputs, manifest behaviour, array sources."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_fixtures import STD_LEADS, UPPER_LEADS, copy_record, ecg_like, read_reference, write_record
+from ecgcl_jax import LEADS
+from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
+from ecgcl_jax.errors import UserError
+
+SAMPLE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample"))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _sines(fs, seconds, n_leads, seed):
+    """Band-limited test signal and its analytic form: (x (n, c), f(t) -> (len(t), c))."""
+    rng = np.random.default_rng(seed)
+    freqs = rng.uniform(0.5, 20.0, (3, n_leads))
+    amps = rng.uniform(0.2, 0.6, (3, n_leads))
+    phases = rng.uniform(0, 2 * np.pi, (3, n_leads))
+
+    def f(t):
+        t = np.asarray(t)[:, None]
+        return sum(amps[k] * np.sin(2 * np.pi * freqs[k] * t + phases[k]) for k in range(3))
+
+    return f(np.arange(int(round(seconds * fs))) / fs), f
+
+
+def _prep(src, out, **kw):
+    workers = kw.pop("workers", 1)
+    return prepare([str(s) for s in (src if isinstance(src, list) else [src])], str(out), PrepareOptions(**kw),
+                   workers=workers, stream=open(os.devnull, "w"))
+
+
+# ------------------------------------------------------------------------------------------ shapes in the wild
+def test_rates_lengths_lead_names_and_patient_ids(tmp_path):
+    src = tmp_path / "src"
+    cases = {  # name: (fs, seconds, leads, fmt, comments, expected patient id)
+        "r400": (400, 7.0, UPPER_LEADS, "16", ["Age: 51", "Sex: Male", "patient_id: 1234"], "1234"),
+        "r1000": (1000, 115.0, [l.lower() for l in STD_LEADS] + ["vx", "vy", "vz"], "16",
+                  ["age: 60", "sex: female"], ""),
+        "r257": (257, 30.0, UPPER_LEADS, "212", ["Patient: P-7"], "P-7"),
+        "r250": (250, 10.0, STD_LEADS, "24", ["#Patient ID: 55.0"], "55"),
+        "r500": (500, 12.0, STD_LEADS[::-1], "16", ["<subject_id>: s9", "Chagas label: True"], "s9"),
+        "r100": (100, 6.0, UPPER_LEADS, "16", ["PID = abc"], "abc"),
+    }
+    truth = {}
+    for i, (name, (fs, sec, leads, fmt, com, _)) in enumerate(cases.items()):
+        x, f = _sines(fs, sec, len(leads), seed=i)
+        write_record(str(src / "sub" / name), name, fs=fs, seconds=sec, leads=leads, fmt=fmt, comments=com,
+                     signal=x)
+        truth[name] = (f, leads)
+    # annotation and other files lying beside the records are ignored
+    (src / "sub" / "r400" / "r400.atr").write_bytes(b"\x00\x01garbage")
+    (src / "sub" / "r400" / "r400.i").write_text("not a record")
+    summary = _prep(src, tmp_path / "out")
+    ds = open_dataset(str(tmp_path / "out"))
+    assert summary["skipped"] == 0 and len(ds) == len(cases)
+    assert ds.signals.shape == (len(cases), 5000, 12) and isinstance(ds.raw, np.memmap)
+    assert np.isfinite(np.asarray(ds.signals)).all()
+    for i, name in enumerate(ds.names):
+        fs, sec, leads, _, _, pid = cases[name]
+        assert ds.patient_ids[i] == pid
+        f, leads = truth[name]
+        order = [[l.lower() for l in leads].index(s.lower()) for s in LEADS]
+        n_valid = min(5000, int(round(sec * 500)))
+        assert ds.meta["valid_length"].iloc[i] == n_valid
+        assert ds.meta["fs_original"].iloc[i] == fs
+        # compare against the analytic signal sampled at 500 Hz, away from the record's edges
+        t = np.arange(n_valid) / 500.0
+        ref = f(t)[:, order]
+        got = ds.signals[i][:n_valid]
+        inner = slice(50, n_valid - 50 if sec * 500 <= 5000 + 50 else n_valid)
+        tol = 0.02 if fs >= 100 else 0.05
+        np.testing.assert_allclose(got[inner], ref[inner], atol=tol, err_msg=name)
+        assert np.all(ds.signals[i][n_valid:] == 0)  # zero padding after the true length
+    assert ds.meta.set_index("name").loc["r500", "chagas"] == 1.0
+    assert ds.meta.set_index("name").loc["r400", "age"] == 51
+
+
+def test_500hz_record_is_stored_as_wfdb_reads_it(tmp_path):
+    hea = write_record(str(tmp_path / "src"), "rec", fs=500, seconds=10, leads=UPPER_LEADS, seed=3)
+    ref, names, _ = read_reference(hea)
+    _prep(tmp_path / "src", tmp_path / "out")
+    ds = open_dataset(str(tmp_path / "out"))
+    assert ds.scales[0] > 0
+    err = np.abs(ds.signals[0].astype(np.float64) - ref)
+    assert err.max() <= ds.scales[0] / 2 + 1e-6 * np.abs(ref).max()
+
+
+def test_length_policies(tmp_path):
+    src = tmp_path / "src"
+    hea = write_record(str(src), "long", fs=500, seconds=25, seed=1)
+    write_record(str(src), "short", fs=500, seconds=4, seed=2)
+    write_record(str(src), "tiny", fs=500, seconds=0.5, seed=3)
+    ref, _, _ = read_reference(hea)
+    s = _prep(src, tmp_path / "win", length="windows")
+    ds = open_dataset(str(tmp_path / "win"))
+    m = ds.meta
+    assert list(m.loc[m.name == "long", "window"]) == [0, 1]  # 25 s -> two full 10 s windows
+    i1 = int(np.flatnonzero((m.name == "long") & (m.window == 1))[0])
+    assert np.abs(ds.signals[i1] - ref[5000:10000]).max() <= ds.scales[i1] / 2 + 1e-5
+    assert s["skipped_by_reason"] == {"too short": 1}  # 0.5 s < --min-seconds 1
+    _prep(src, tmp_path / "drop", short="drop")
+    ds = open_dataset(str(tmp_path / "drop"))
+    assert list(ds.names) == ["long"]
+    skipped = pd.read_csv(tmp_path / "drop" / "skipped.csv")
+    assert sorted(os.path.basename(r) for r in skipped.record) == ["short.hea", "tiny.hea"]
+
+
+def test_missing_lead_dropped_or_zero_filled(tmp_path):
+    src = tmp_path / "src"
+    leads = [l for l in STD_LEADS if l != "V4"]
+    hea = write_record(str(src), "no_v4", fs=500, seconds=10, leads=leads, seed=4)
+    ref, _, _ = read_reference(hea)
+    with pytest.raises(UserError, match="no record could be prepared"):
+        _prep(src, tmp_path / "drop")
+    rep = pd.read_csv(tmp_path / "drop" / "skipped.csv")
+    assert "missing leads V4" in rep.reason[0]
+    _prep(src, tmp_path / "zero", missing_leads="zero")
+    ds = open_dataset(str(tmp_path / "zero"))
+    v4 = LEADS.index("V4")
+    assert np.all(ds.signals[0][:, v4] == 0)
+    other = [LEADS.index(l) for l in leads]
+    np.testing.assert_allclose(ds.signals[0][:, other], ref, atol=float(ds.scales[0]))
+    assert ds.meta["missing_leads"].iloc[0] == "V4"
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _corrupt_set(tmp_path):
+    """Good generated records plus every kind of broken input; returns (src, expected bad -> reason word)."""
+    src = tmp_path / "src"
+    good = [write_record(str(src / "good"), f"g{i}", fs=500, seconds=10, seed=10 + i) for i in range(4)]
+    bad = {}
+    h = copy_record(good[0], str(src / "bad" / "trunc"))  # truncated .dat
+    dat = h[:-4] + ".dat"
+    with open(dat, "r+b") as f:
+        f.truncate(os.path.getsize(dat) // 2)
+    bad[h] = "truncated"
+    h = copy_record(good[1], str(src / "bad" / "garbage"))  # garbage header
+    with open(h, "wb") as f:
+        f.write(os.urandom(200))
+    bad[h] = "header"
+    h = copy_record(good[1], str(src / "bad" / "empty"))  # empty header
+    open(h, "w").close()
+    bad[h] = "empty header"
+    h = copy_record(good[2], str(src / "bad" / "nodat"))  # missing signal file
+    os.remove(h[:-4] + ".dat")
+    bad[h] = "missing"
+    x = ecg_like(5000, 12, 500, 0)
+    x[100:110, 3] = np.nan
+    bad[write_record(str(src / "bad" / "nan"), "nan", signal=x)] = "NaN"
+    bad[write_record(str(src / "bad" / "eleven"), "eleven", leads=STD_LEADS[:11])] = "missing leads V6"
+    bad[write_record(str(src / "bad" / "unknown"), "unknown", leads=[f"X{i}" for i in range(12)])] = "unknown lead"
+    h = write_record(str(src / "bad" / "zero"), "zero")  # zero-length: header says 0 samples, empty file
+    with open(h) as f:
+        lines = f.read().splitlines()
+    first = lines[0].split()
+    first[3] = "0"
+    with open(h, "w") as f:
+        f.write("\n".join([" ".join(first)] + lines[1:]) + "\n")
+    open(h[:-4] + ".dat", "w").close()
+    bad[h] = "zero-length"
+    h = copy_record(good[3], str(src / "bad" / "lines"))  # header declares 12 signals but lists 10
+    with open(h) as f:
+        lines = f.read().splitlines()
+    with open(h, "w") as f:
+        f.write("\n".join(lines[:11]) + "\n")
+    bad[h] = "lists 10"
+    return src, good, bad
+
+
+def test_bad_inputs_are_reported_and_good_ones_kept(tmp_path, capsys):
+    src, good, bad = _corrupt_set(tmp_path)
+    s = prepare([str(src)], str(tmp_path / "out"), PrepareOptions(), workers=2)
+    err = capsys.readouterr().err
+    ds = open_dataset(str(tmp_path / "out"))
+    assert sorted(ds.names) == ["g0", "g1", "g2", "g3"]
+    for h in good:  # the good ones are intact
+        ref, _, _ = read_reference(h)
+        i = list(ds.names).index(os.path.basename(h)[:-4])
+        assert np.abs(ds.signals[i] - ref).max() <= ds.scales[i] / 2 + 1e-5
+    rep = pd.read_csv(tmp_path / "out" / "skipped.csv", keep_default_na=False)
+    assert len(rep) == len(bad) == s["skipped"]
+    got = dict(zip(rep.record, rep.reason))
+    for h, word in bad.items():
+        assert word.lower() in got[h].lower(), (h, got[h])
+        assert f"skip {h}: " in err  # one console line per skipped input
+    assert "Traceback" not in err
+    assert sum(s["skipped_by_reason"].values()) == len(bad)
+    assert "records/s" in err and "ETA" in err
+
+
+def test_cli_exit_codes_and_one_line_errors(tmp_path):
+    src, good, bad = _corrupt_set(tmp_path)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert sum(l.startswith("skip ") for l in r.stderr.splitlines()) == len(bad)
+    # nothing preparable -> non-zero exit with a one-line error
+    only_bad = tmp_path / "only_bad"
+    shutil.copytree(src / "bad", only_bad)
+    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(only_bad), "--out",
+                        str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o3")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such file or folder"
+
+
+def test_corrupt_copies_of_the_shipped_sample(tmp_path):
+    """Copies of real records broken four ways (truncated .dat, garbage header, missing signal file, unreadable
+    .mat): each reported, every other record kept."""
+    src = tmp_path / "sample"
+    shutil.copytree(SAMPLE, src)
+    hr = src / "sara-es__PhysionetChallenge2024" / "tiny_testset" / "hr_gt"
+    cinc = src / "DeepPSP__torch_ecg" / "sample-data" / "cinc2021"
+    with open(hr / "00841_hr.dat", "r+b") as f:
+        f.truncate(1000)
+    (hr / "01612_hr.hea").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    os.remove(hr / "02132_hr.dat")
+    (cinc / "HR06003.mat").write_bytes(os.urandom(os.path.getsize(cinc / "HR06003.mat")))
+    (cinc / "HR06004.mat").write_bytes(b"MATLAB 5.0 MAT-file" + os.urandom(64))
+    s = _prep(src, tmp_path / "out", dedupe=False)
+    rep = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    names = {os.path.basename(r)[:-4]: why for r, why in zip(rep.record, rep.reason)}
+    assert set(names) == {"00841_hr", "01612_hr", "02132_hr", "HR06003", "HR06004"}
+    assert "truncated" in names["00841_hr"] and "header" in names["01612_hr"]
+    assert "missing" in names["02132_hr"] and ".mat" in names["HR06003"] and ".mat" in names["HR06004"]
+    assert s["rows"] == 82 - 5
+    # with de-duplication, the 100 Hz twins of the three broken 500 Hz records stand in for them
+    s = _prep(src, tmp_path / "dedup")
+    ds = open_dataset(str(tmp_path / "dedup"))
+    assert len(ds) == 52 - 2  # two CinC records have no twin
+    assert {"00841_lr", "01612_lr", "02132_lr"} <= set(ds.names)
+    i = list(ds.names).index("00841_lr")
+    assert ds.meta["fs_original"].iloc[i] == 100
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def test_rerun_is_noop_changed_options_rebuild(tmp_path, capsys):
+    src = tmp_path / "src"
+    for i in range(3):
+        write_record(str(src), f"r{i}", fs=250, seconds=12, seed=i)
+    out = tmp_path / "out"
+    _prep(src, out)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["options"]["length"] == "crop"
+    assert man["versions"]["ecgcl_jax"] and man["sources"] == [str(src)]
+    mtime = os.path.getmtime(out / "signals.npy")
+    s = prepare([str(src)], str(out), PrepareOptions(), workers=1)
+    assert s.get("up_to_date") and "up to date" in capsys.readouterr().err
+    assert os.path.getmtime(out / "signals.npy") == mtime
+    _prep(src, out, length="windows", short="drop")  # changed options -> fresh dataset
+    man2 = json.loads((out / "manifest.json").read_text())
+    assert man2["identity"] != man["identity"] and man2["options"]["short"] == "drop"
+    assert len(open_dataset(str(out))) == 3  # 12 s -> one window each
+    write_record(str(src), "r_new", fs=250, seconds=12, seed=9)  # new source file -> rebuilt, not a no-op
+    s = _prep(src, out, length="windows", short="drop")
+    assert not s.get("up_to_date") and len(open_dataset(str(out))) == 4
+
+
+def test_interrupted_run_continues(tmp_path, monkeypatch):
+    import ecgcl_jax.data.build as P
+
+    src = tmp_path / "src"
+    for i in range(10):
+        write_record(str(src), f"r{i:02d}", fs=500, seconds=10, seed=i)
+    out = tmp_path / "out"
+    real = P._process_chunk
+    calls = []
+
+    def dying(job):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(P, "_process_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _prep(src, out)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
+    with pytest.raises(UserError, match="did not finish"):
+        open_dataset(str(out))
+    done_before = list(calls)
+    calls.clear()
+    monkeypatch.setattr(P, "_process_chunk", lambda job: (calls.append(job[0]), real(job))[1])
+    _prep(src, out)
+    assert not set(calls) & set(done_before) and calls  # only the missing chunks ran
+    ds = open_dataset(str(out))
+    assert list(ds.names) == [f"r{i:02d}" for i in range(10)]
+    # identical to an uninterrupted run
+    _prep(src, tmp_path / "ref")
+    np.testing.assert_array_equal(np.asarray(open_dataset(str(tmp_path / "ref")).raw), np.asarray(ds.raw))
+
+
+# ------------------------------------------------------------------------------------------ other formats
+def test_npy_npz_with_csv(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.5, (3, 2500, 12))  # 250 Hz, 10 s, (N, length, leads), uV below
+    np.save(src / "batch.npy", a * 1000.0)
+    pd.DataFrame({"record": ["a", "b", "c"], "patient_id": ["p1", "p1", "p2"], "label": ["1", "0", ""]}).to_csv(
+        src / "batch.csv", index=False)
+    b = rng.normal(0, 0.5, (2, 12, 5000))  # 500 Hz, (N, leads, length)
+    np.savez(src / "more.npz", signals=b * 1000.0)
+    _prep(src, tmp_path / "out", array_fs=250, array_units="uV", label_column="label")
+    ds = open_dataset(str(tmp_path / "out"))
+    # .npz is read at the same --array-fs: 5000 samples at 250 Hz = 20 s -> first 10 s
+    assert list(ds.names) == ["a", "b", "c", "more_0", "more_1"]
+    assert list(ds.patient_ids[:3]) == ["p1", "p1", "p2"]
+    np.testing.assert_array_equal(ds.labels[:3], [1.0, 0.0, np.nan])
+    assert np.isnan(ds.labels[3:]).all()
+    from scipy.signal import resample_poly
+
+    ref = resample_poly(a[0], 2, 1, axis=0, padtype="line")
+    np.testing.assert_allclose(ds.signals[0], ref, atol=float(ds.scales[0]))
+    ref = resample_poly(b[1].T, 2, 1, axis=0, padtype="line")[:5000]
+    np.testing.assert_allclose(ds.signals[4], ref, atol=float(ds.scales[4]))
+
+
+def test_parquet_without_pyarrow_is_one_line_error(tmp_path, monkeypatch):
+    import ecgcl_jax.data.arrays as A
+
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setattr(A, "have_pyarrow", lambda: False)
+    with pytest.raises(UserError) as e:
+        _prep(tmp_path, tmp_path / "out")
+    msg = str(e.value)
+    assert "\n" not in msg and "x.parquet" in msg and "pip install 'ecgcl-jax[parquet]'" in msg
+
+
+def test_parquet_reference_schema(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 0.3, (3, 5000, 12))
+    cols = {f"full_lead_{l}": [list(x[i, :, j]) for i in range(3)] for j, l in enumerate(LEADS)}
+    cols.update(patient_id=["a", "b", "c"], label=[1, 0, 1])
+    pq.write_table(pa.table(cols), tmp_path / "ref.parquet")
+    _prep(tmp_path, tmp_path / "out", label_column="label")
+    ds = open_dataset(str(tmp_path / "out"))
+    assert list(ds.patient_ids) == ["a", "b", "c"] and list(ds.labels) == [1.0, 0.0, 1.0]
+    np.testing.assert_allclose(ds.signals[2], x[2], atol=float(ds.scales[2]))
+
+
+def test_ptbxl_layout_with_database_csv(tmp_path):
+    """records100/records500 layout: 500 Hz preferred; patient, scp_codes and NORM-100 label from the csv."""
+    src = tmp_path / "ptbxl"
+    for ecg_id, norm in ((1, 100.0), (2, 80.0)):
+        write_record(str(src / "records500" / "00000"), f"{ecg_id:05d}_hr", fs=500, seed=ecg_id)
+        write_record(str(src / "records100" / "00000"), f"{ecg_id:05d}_lr", fs=100, seed=ecg_id)
+    pd.DataFrame({"ecg_id": [1, 2], "patient_id": [15709.0, 13243.0], "age": [56, 19], "sex": [1, 0],
+                  "scp_codes": ["{'NORM': 100.0, 'SR': 0.0}", "{'NORM': 80.0, 'SBRAD': 0.0}"],
+                  "strat_fold": [3, 2], "filename_lr": ["records100/00000/00001_lr", "records100/00000/00002_lr"],
+                  "filename_hr": ["records500/00000/00001_hr", "records500/00000/00002_hr"]}
+                 ).to_csv(src / "ptbxl_database.csv", index=False)
+    s = _prep(src, tmp_path / "out")
+    ds = open_dataset(str(tmp_path / "out"))
+    assert list(ds.names) == ["00001_hr", "00002_hr"] and s["duplicates"] == 2
+    assert list(ds.patient_ids) == ["15709", "13243"]
+    assert list(ds.labels) == [1.0, 0.0]  # NORM at likelihood 100 only
+    assert list(ds.meta["sex"]) == ["F", "M"] and list(ds.meta["strat_fold"].astype(int)) == [3, 2]
+    assert "NORM" in ds.meta["scp_codes"].iloc[0]
+
+
+def test_open_dataset_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        open_dataset(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        open_dataset(str(tmp_path))
