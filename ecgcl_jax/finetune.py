@@ -1,0 +1,423 @@
+"""Fine-tuning a classifier on top of an encoder, per-epoch validation, best-epoch selection, prediction.
+
+Data flow of one step (jitted once per architecture, state donated)::
+
+    int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
+      ── views (CLOCS: halves and/or single leads; |FFT| in the frequency domain) ──▶ (B, [V,] L', C')
+      ── models.Classifier (encoder ─▶ [aggregate over views] ─▶ Dense(emb) ─▶ ReLU ─▶ dropout ─▶ Dense(1))
+      ── BCE on logits ──▶ grad ──▶ L2 (added to the gradient) + Adam ──▶ new state
+
+Two modes:
+  finetune      the whole classifier is trained end to end (the reference protocol).
+  linear_probe  the encoder is frozen in eval mode (running BatchNorm statistics, no dropout); its embeddings
+                of every record are computed once (`embed_rows`) and only a Dense(1) head (after the view
+                aggregation) is trained on them: the same function as a frozen-encoder classifier, much cheaper.
+
+Every epoch visits every training record (the last batch is filled up with records from the start of that
+epoch's permutation, so all batches have one shape). `predict` never drops a record: the last batch is padded
+and the padding masked out. The epoch with the best validation AUROC is kept (ties: the earliest) and scored
+once on test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ecgcl_jax
+from ecgcl_jax import augment, input_pipeline, losses, metrics, models
+from ecgcl_jax.errors import UserError
+
+MODES = ("finetune", "linear_probe")
+CLOCS_MODES = ("cmsc", "cmlc", "cmsmlc")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """How a normalised ECG becomes classifier input; must match the encoder's pretraining.
+
+    mode: simclr | cmsc | cmlc | cmsmlc; domain: time | frequency; clocs_leads: leads of cmlc/cmsmlc.
+    """
+
+    mode: str = "simclr"
+    domain: str = "time"
+    clocs_leads: tuple = ("II", "V2", "aVL", "aVR")
+
+    @property
+    def num_views(self) -> int:
+        halves = 2 if self.mode in ("cmsc", "cmsmlc") else 1
+        leads = len(self.clocs_leads) if self.mode in ("cmlc", "cmsmlc") else 1
+        return halves * leads
+
+    @property
+    def multi_view(self) -> bool:
+        return self.mode in CLOCS_MODES
+
+    @classmethod
+    def from_pretrain_config(cls, config) -> "InputSpec":
+        return cls(mode=str(config.mode), domain=str(config.data.domain), clocs_leads=tuple(config.clocs_leads))
+
+    @classmethod
+    def from_preprocessing(cls, prep: dict) -> "InputSpec":
+        """From an exported encoder's `preprocessing` dict."""
+        return cls(mode=str(prep.get("mode", "simclr")), domain=str(prep.get("domain", "time")),
+                   clocs_leads=tuple(prep.get("clocs_leads", ("II", "V2", "aVL", "aVR"))))
+
+
+def make_views(x: jax.Array, spec: InputSpec) -> jax.Array:
+    """x: (B, 5000, 12) normalised -> (B, L', C') for simclr, else (B, V, L', C').
+
+    Views are ordered as in pretraining: halves (first, second), and within each half the `clocs_leads`.
+    """
+    half = x.shape[1] // 2
+    if spec.mode == "simclr":
+        views = [x]
+    else:
+        segments = [x] if spec.mode == "cmlc" else [x[:, :half], x[:, half:2 * half]]
+        if spec.mode == "cmsc":
+            views = segments
+        else:
+            idx = [ecgcl_jax.LEADS.index(l) for l in spec.clocs_leads]
+            views = [seg[:, :, j:j + 1] for seg in segments for j in idx]
+    if spec.domain == "frequency":
+        views = [augment.fft_magnitude(v) for v in views]
+    return views[0] if not spec.multi_view else jnp.stack(views, axis=1)
+
+
+def preprocess(raw: jax.Array, scale: jax.Array, max_amp: float, spec: InputSpec) -> jax.Array:
+    """raw: (B, L, C) int16 counts, scale: (B,) mV per count -> classifier input (see `make_views`)."""
+    x = raw.astype(jnp.float32) * scale[:, None, None].astype(jnp.float32)
+    return make_views(input_pipeline.normalize(x, max_amp), spec)
+
+
+def gather(dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(raw (n, L, C) int16, scale (n,) float32) of dataset rows, read in file order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    srt = np.argsort(rows, kind="stable")
+    raw = np.empty((len(rows),) + tuple(dataset.raw.shape[1:]), np.int16)
+    raw[srt] = np.asarray(dataset.raw[rows[srt]])
+    scale = np.asarray(dataset.scales, np.float32)[rows]
+    return raw, scale
+
+
+def padded_batches(n: int, batch_size: int):
+    """Yields (positions (batch_size,) int64, mask (batch_size,) bool) covering 0..n-1 once, in order;
+    the last batch is padded with position n-1 and masked."""
+    for start in range(0, n, batch_size):
+        pos = np.arange(start, min(start + batch_size, n))
+        mask = np.ones(batch_size, bool)
+        if len(pos) < batch_size:
+            mask[len(pos):] = False
+            pos = np.concatenate([pos, np.full(batch_size - len(pos), n - 1)])
+        yield pos, mask
+
+
+def epoch_batches(n: int, batch_size: int, rng: np.random.Generator):
+    """One epoch of training positions: a permutation in batches of `batch_size`; the last batch is filled
+    up with the first positions of the same permutation (every record seen, one batch shape)."""
+    perm = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        pos = perm[start:start + batch_size]
+        if len(pos) < batch_size:
+            pos = np.concatenate([pos, perm[:batch_size - len(pos)]])
+        yield pos
+
+
+# ------------------------------------------------------------------------------------------------- state
+@flax.struct.dataclass
+class FinetuneState:
+    step: jax.Array   # () int32
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def make_optimizer(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+    """torch.optim.Adam(lr, weight_decay): L2 added to the gradient, then Adam."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+def new_state(variables: dict, tx: optax.GradientTransformation) -> FinetuneState:
+    """A fresh optimizer state over copies of `variables` (the step donates its state; the caller's
+    variables, e.g. a pretrained encoder used again by another method, stay valid)."""
+    params = _snapshot(variables["params"])
+    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
+                         batch_stats=_snapshot(variables.get("batch_stats", {})), opt_state=tx.init(params))
+
+
+def classifier_variables(model: models.Classifier, spec: InputSpec, key: jax.Array,
+                         encoder_variables: dict | None = None, input_length: int = ecgcl_jax.NUM_SAMPLES,
+                         leads: int = len(ecgcl_jax.LEADS)) -> dict:
+    """Initial classifier variables; with `encoder_variables` ({'params', 'batch_stats'} of the encoder
+    module) the classifier's 'encoder' subtrees are the pretrained encoder's, the head is fresh."""
+    dummy = make_views(jnp.zeros((2, input_length, leads), jnp.float32), spec)
+    variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, dummy, train=False))(key)
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    if encoder_variables is not None:
+        variables = models.plug_encoder(variables, encoder_variables)
+    return variables
+
+
+def make_finetune_step(model, tx: optax.GradientTransformation, to_input: Callable) -> Callable:
+    """Returns jitted `finetune_step(state, batch, key) -> (state, {'loss'})` (state donated).
+
+    model: a flax module called as model.apply(vars, x, train) -> logits (B,); batch: dict with 'y' (B,) 0/1
+    float32 and whatever `to_input(batch) -> x` reads. Dropout keys: fold_in(key, state.step).
+    """
+
+    def step(state: FinetuneState, batch: dict, key: jax.Array):
+        k = jax.random.fold_in(key, state.step)
+        x = to_input(batch)
+
+        def loss_fn(params):
+            logits, upd = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                      rngs={"dropout": k}, mutable=["batch_stats"])
+            return losses.bce_with_logits(logits, batch["y"]), upd.get("batch_stats", state.batch_stats)
+
+        (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return (FinetuneState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=new_bs, opt_state=opt_state), {"loss": loss})
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_predict(model, to_input: Callable) -> Callable:
+    """Returns jitted `predict_logits(params, batch_stats, batch) -> logits (B,)` in eval mode."""
+
+    def fn(params, batch_stats, batch):
+        return model.apply({"params": params, "batch_stats": batch_stats}, to_input(batch), train=False)
+
+    return jax.jit(fn)
+
+
+# ----------------------------------------------------------------------------------------- data sources
+class RawSource:
+    """Rows of a dataset as classifier batches {'raw', 'scale', 'max_amp', 'y'}; labels float32 0/1.
+
+    max_amp: the normaliser's global scale (mV), fitted on the training split; it travels with the batch so
+    that one compiled step serves every repeat.
+    """
+
+    # Splits up to this many int16 bytes are read into memory once; larger ones are read per batch.
+    IN_MEMORY_LIMIT = 2 << 30
+
+    def __init__(self, dataset, rows: np.ndarray, max_amp: float):
+        self.dataset = dataset
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = np.asarray(dataset.labels, np.float32)[self.rows]
+        if np.isnan(self.labels).any():
+            raise ValueError("RawSource: rows with unknown labels")
+        self.max_amp = np.float32(max_amp)
+        self.in_memory = len(self.rows) * int(np.prod(dataset.raw.shape[1:])) * 2 <= self.IN_MEMORY_LIMIT
+        self.raw, self.scale = gather(dataset, self.rows) if self.in_memory else (None, None)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def arrays(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(raw (b, L, C) int16, scale (b,) float32) of positions `pos` in this source."""
+        if self.in_memory:
+            return self.raw[pos], self.scale[pos]
+        return gather(self.dataset, self.rows[pos])
+
+    def batch(self, pos: np.ndarray) -> dict:
+        raw, scale = self.arrays(pos)
+        return {"raw": raw, "scale": scale, "max_amp": self.max_amp, "y": self.labels[pos]}
+
+
+class FeatureSource:
+    """Precomputed embeddings as batches {'x': (B, V, E), 'y'} for the linear probe."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray):
+        self.x = np.asarray(features, np.float32)
+        self.labels = np.asarray(labels, np.float32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, pos: np.ndarray) -> dict:
+        return {"x": self.x[pos], "y": self.labels[pos]}
+
+
+# -------------------------------------------------------------------------------------------- a trainer
+@dataclasses.dataclass
+class Trainer:
+    """One architecture's jitted step and predict; reused across repeats and methods (compiled once)."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    step: Callable
+    predict_logits: Callable
+    batch_size: int
+
+    @classmethod
+    def create(cls, model, to_input: Callable, learning_rate: float, weight_decay: float, batch_size: int):
+        tx = make_optimizer(learning_rate, weight_decay)
+        return cls(model, tx, make_finetune_step(model, tx, to_input), make_predict(model, to_input), batch_size)
+
+    def predict(self, state: FinetuneState, source) -> np.ndarray:
+        """(n,) float64 probabilities for every record of `source` (padded last batch, masked)."""
+        b = min(self.batch_size, len(source))
+        out = []
+        for pos, mask in padded_batches(len(source), b):
+            logits = self.predict_logits(state.params, state.batch_stats, source.batch(pos))
+            out.append(np.asarray(jax.device_get(logits), np.float64)[mask])
+        logits = np.concatenate(out)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def train_epoch(self, state: FinetuneState, source, key: jax.Array, rng: np.random.Generator):
+        """One epoch over `source`; returns (state, mean training loss)."""
+        b = min(self.batch_size, len(source))
+        loss_sum, n = None, 0
+        for pos in epoch_batches(len(source), b, rng):
+            state, m = self.step(state, source.batch(pos), key)
+            loss_sum = m["loss"] if loss_sum is None else loss_sum + m["loss"]
+            n += 1
+        return state, float(jax.device_get(loss_sum)) / max(n, 1)
+
+
+def _aggregate(spec: InputSpec, ft_config) -> str | None:
+    if not spec.multi_view:
+        return None
+    agg = str(ft_config.aggregate)
+    if agg not in models.AGGREGATES:
+        raise UserError(f"config.finetune.aggregate: {agg!r} is not one of {', '.join(models.AGGREGATES)}")
+    return agg
+
+
+def classifier_trainer(model_cfg, spec: InputSpec, ft_config, linear: bool = False) -> Trainer:
+    """End-to-end classifier trainer on raw batches (RawSource). Cached: one compile per architecture."""
+    return _classifier_trainer(models.encoder_config(model_cfg), spec, float(ft_config.head_dropout),
+                               _aggregate(spec, ft_config), float(ft_config.learning_rate),
+                               float(ft_config.weight_decay), int(ft_config.batch_size), bool(linear))
+
+
+@functools.lru_cache(maxsize=16)
+def _classifier_trainer(enc_cfg, spec, head_dropout, aggregate, lr, wd, batch_size, linear) -> Trainer:
+    model = models.Classifier(enc_cfg, head_dropout=head_dropout, aggregate=aggregate, num_views=spec.num_views,
+                              linear_probe=linear)
+    to_input = lambda b: preprocess(b["raw"], b["scale"], b["max_amp"], spec)
+    return Trainer.create(model, to_input, lr, wd, batch_size)
+
+
+def probe_trainer(emb_dim: int, spec: InputSpec, ft_config) -> Trainer:
+    """Linear-probe trainer on precomputed embeddings (B, V, E) (FeatureSource): view aggregation + Dense(1)."""
+    return _probe_trainer(int(emb_dim), _aggregate(spec, ft_config), float(ft_config.learning_rate),
+                          float(ft_config.weight_decay), int(ft_config.batch_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _probe_trainer(emb_dim, aggregate, lr, wd, batch_size) -> Trainer:
+    head = models.ClassifierHead(emb_dim, 0.0, aggregate, linear=True)
+    return Trainer.create(head, lambda b: b["x"], lr, wd, batch_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _embed_fn(enc_cfg, spec: InputSpec) -> Callable:
+    encoder = models.build_encoder(enc_cfg)
+
+    def fn(variables, raw, scale, max_amp):
+        x = preprocess(raw, scale, max_amp, spec)
+        if not spec.multi_view:
+            x = x[:, None]
+        b, v = x.shape[:2]
+        e, _ = encoder.apply(variables, x.reshape((b * v,) + x.shape[2:]), train=False)
+        return e.astype(jnp.float32).reshape(b, v, -1)
+
+    return jax.jit(fn)
+
+
+def embed_rows(model_cfg, spec: InputSpec, variables: dict, dataset, rows: np.ndarray, max_amp: float,
+               batch_size: int = 64) -> np.ndarray:
+    """Embeddings (n, V, E) float32 of dataset `rows` by the encoder `models.build_encoder(model_cfg)` with
+    `variables` ({'params', 'batch_stats'}) in eval mode; inputs normalised with `max_amp` (mV) and cut into
+    views per `spec`. Padded last batch, masked: no record dropped."""
+    fn = _embed_fn(models.encoder_config(model_cfg), spec)
+    rows = np.asarray(rows, dtype=np.int64)
+    n = len(rows)
+    b = min(batch_size, n)
+    out = []
+    for pos, mask in padded_batches(n, b):
+        raw, scale = gather(dataset, rows[pos])
+        e = fn(variables, raw, scale, np.float32(max_amp))
+        out.append(np.asarray(jax.device_get(e))[mask])
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------ the epoch loop
+def better(score: float, best: float | None) -> bool:
+    """Strictly better validation AUROC (NaN never wins; the first finite one beats None)."""
+    if score != score:  # NaN
+        return best is None
+    return best is None or best != best or score > best
+
+
+def select_best_epoch(val_aurocs: Sequence[float]) -> int:
+    """1-based epoch with the highest validation AUROC; ties -> the earliest; NaN never wins unless all are."""
+    best, best_epoch = None, 1
+    for e, s in enumerate(val_aurocs, start=1):
+        if better(float(s), best):
+            best, best_epoch = float(s), e
+    return best_epoch
+
+
+def _snapshot(tree):
+    return jax.tree.map(lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a, tree)
+
+
+def fit_and_select(state, num_epochs: int, train_epoch: Callable, predict: Callable,
+                   val_labels: np.ndarray, test_labels: np.ndarray, snapshot: Callable = _snapshot) -> dict:
+    """Trains `num_epochs`, scores validation after each, keeps the best-AUROC epoch, scores test once.
+
+    train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs.
+    Returns {'best_epoch', 'history': [{'epoch', 'train_loss', 'val_loss', 'val': scores}], 'val': best val
+    scores, 'test': test scores, 'test_probs'}.
+    """
+    if num_epochs < 1:
+        raise UserError(f"config.finetune.num_epochs: must be >= 1 (got {num_epochs})")
+    history, best_state, best_auroc, best_epoch = [], None, None, 0
+    for epoch in range(1, num_epochs + 1):
+        state, train_loss = train_epoch(state, epoch)
+        probs = predict(state, "val")
+        scores = metrics.binary_scores(val_labels, probs)
+        history.append({"epoch": epoch, "train_loss": float(train_loss), "val_loss": _bce(val_labels, probs),
+                        "val": scores})
+        if better(scores["auroc"], best_auroc):
+            best_auroc, best_epoch, best_state = scores["auroc"], epoch, snapshot(state)
+    assert best_epoch == select_best_epoch([h["val"]["auroc"] for h in history])
+    test_probs = predict(best_state, "test")
+    return {"best_epoch": best_epoch, "history": history, "val": history[best_epoch - 1]["val"],
+            "test": metrics.binary_scores(test_labels, test_probs), "test_probs": test_probs}
+
+
+def _bce(labels, probs) -> float:
+    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1 - 1e-12)
+    y = np.asarray(labels, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def run_finetune(trainer: Trainer, variables: dict, train, val, test, num_epochs: int, key: jax.Array,
+                 seed: int) -> dict:
+    """Fine-tunes from `variables` on source `train` (RawSource or FeatureSource); see `fit_and_select`.
+
+    key: dropout key (folded with the step inside the step); seed: the batch order of epoch e is
+    numpy default_rng([seed, e]).
+    """
+    state = new_state(variables, trainer.tx)
+    sources = {"val": val, "test": test}
+
+    def train_epoch(st, epoch):
+        return trainer.train_epoch(st, train, key, np.random.default_rng([int(seed), int(epoch)]))
+
+    def predict(st, name):
+        return trainer.predict(st, sources[name])
+
+    return fit_and_select(state, num_epochs, train_epoch, predict, val.labels, test.labels)

@@ -1,0 +1,173 @@
+"""Fine-tuning: views, padded prediction, the optimizer step against a hand-derived update, linear-probe
+equivalence, plugging a pretrained encoder, and best-epoch selection with a fake model."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import ecgcl_jax
+from ecgcl_jax import finetune, models
+
+TINY = dict(encoder="cnn", emb_dim=8, proj_dim=4, kernel_size=15, dropout=0.1, channels=(4, 4, 4, 4, 4),
+            lstm_layers=1, attention_dim=0, transformer_layers=1, transformer_heads=2, transformer_d_model=8)
+
+
+def ft_config(**kw):
+    c = ml_collections.ConfigDict(dict(num_epochs=2, batch_size=8, learning_rate=1e-3, weight_decay=1e-4,
+                                       head_dropout=0.3, aggregate="concat"))
+    c.update(kw)
+    return c
+
+
+class FakeDataset:
+    """Minimal stand-in for ecgcl_jax.data.Dataset: raw int16 counts, per-record scales, labels."""
+
+    def __init__(self, n=21, seed=0):
+        rng = np.random.default_rng(seed)
+        self.labels = (np.arange(n) % 3 == 0).astype(np.float32)
+        t = np.arange(ecgcl_jax.NUM_SAMPLES) / ecgcl_jax.SAMPLE_RATE
+        x = rng.normal(0, 0.1, (n, ecgcl_jax.NUM_SAMPLES, 12))
+        x += (0.2 + 0.8 * self.labels[:, None, None]) * np.sin(2 * np.pi * 1.2 * t)[None, :, None]
+        self.scales = np.full(n, 0.005, np.float32)
+        self.raw = np.round(x / 0.005).astype(np.int16)
+        self.patient_ids = np.array([f"p{i}" for i in range(n)])
+        self.records = np.array([f"r{i}" for i in range(n)])
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_views_by_mode():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5000, 12)), jnp.float32)
+    leads = ("II", "V2", "aVL", "aVR")
+    idx = [ecgcl_jax.LEADS.index(l) for l in leads]
+    np.testing.assert_array_equal(finetune.make_views(x, finetune.InputSpec("simclr")), x)
+    v = finetune.make_views(x, finetune.InputSpec("cmsc"))
+    assert v.shape == (3, 2, 2500, 12)
+    np.testing.assert_array_equal(v[:, 1], x[:, 2500:])
+    v = finetune.make_views(x, finetune.InputSpec("cmlc", clocs_leads=leads))
+    assert v.shape == (3, 4, 5000, 1)
+    np.testing.assert_array_equal(v[:, 2, :, 0], x[:, :, idx[2]])
+    v = finetune.make_views(x, finetune.InputSpec("cmsmlc", clocs_leads=leads))
+    assert v.shape == (3, 8, 2500, 1)
+    np.testing.assert_array_equal(v[:, 5, :, 0], x[:, 2500:, idx[1]])  # second half, second lead
+    v = finetune.make_views(x, finetune.InputSpec("cmsc", domain="frequency"))
+    assert v.shape == (3, 2, 1250, 12)
+    want = np.abs(np.fft.rfft(np.asarray(x[:, :2500], np.float64), axis=1))[:, :1250]
+    np.testing.assert_allclose(v[:, 0], want, rtol=1e-4, atol=1e-3)
+    assert finetune.InputSpec("cmsmlc", clocs_leads=leads).num_views == 8
+
+
+def test_batches_cover_every_record():
+    seen = []
+    for pos, mask in finetune.padded_batches(11, 4):
+        assert len(pos) == 4 and len(mask) == 4
+        seen += list(pos[mask])
+    assert seen == list(range(11))
+    for n, b in ((11, 4), (8, 4), (3, 3)):
+        batches = list(finetune.epoch_batches(n, b, np.random.default_rng(0)))
+        assert all(len(p) == b for p in batches) and len(batches) == -(-n // b)
+        assert set(np.concatenate(batches)) == set(range(n))
+
+
+def _features(n=13, v=1, e=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, v, e)).astype(np.float32)
+    y = (rng.uniform(size=n) < 0.5).astype(np.float32)
+    return x, y
+
+
+def test_step_is_l2_plus_adam_and_predict_pads():
+    """One step of the linear head vs a float64 hand derivation: g = X^T(sigmoid(Xw+b) - y)/B + wd*w, and the
+    first Adam update is -lr * g / (|g| + eps)."""
+    lr, wd = 1e-2, 0.1
+    x, y = _features(n=8)
+    tr = finetune.probe_trainer(5, finetune.InputSpec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8))
+    variables = tr.model.init(jax.random.key(0), jnp.asarray(x), train=False)
+    w0 = np.asarray(variables["params"]["out"]["kernel"], np.float64)[:, 0]
+    b0 = float(variables["params"]["out"]["bias"][0])
+    state = finetune.new_state(variables, tr.tx)
+    state, m = tr.step(state, {"x": x, "y": y}, jax.random.key(1))
+    X = x[:, 0].astype(np.float64)
+    z = X @ w0 + b0
+    p = 1 / (1 + np.exp(-z))
+    loss = np.mean(np.logaddexp(0, z) - y * z)
+    gw = X.T @ (p - y) / 8 + wd * w0
+    gb = np.mean(p - y) + wd * b0
+    assert float(m["loss"]) == pytest.approx(loss, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(state.params["out"]["kernel"])[:, 0], w0 - lr * gw / (np.abs(gw) + 1e-8),
+                               rtol=1e-4, atol=1e-6)
+    assert float(state.params["out"]["bias"][0]) == pytest.approx(b0 - lr * gb / (abs(gb) + 1e-8), rel=1e-4)
+    # predict over 13 records with batch 8: 13 probabilities, equal to a float64 forward of all at once
+    x13, y13 = _features(n=13, seed=1)
+    probs = tr.predict(state, finetune.FeatureSource(x13, y13))
+    w1 = np.asarray(state.params["out"]["kernel"], np.float64)[:, 0]
+    b1 = float(state.params["out"]["bias"][0])
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-(x13[:, 0].astype(np.float64) @ w1 + b1))), rtol=1e-5)
+
+
+def test_plug_encoder_and_linear_probe_equivalence():
+    ds = FakeDataset(n=10)
+    spec = finetune.InputSpec("cmsc")
+    max_amp = 2.0
+    enc = models.build_encoder(TINY)
+    enc_vars = enc.init({"params": jax.random.key(3), "dropout": jax.random.key(3)},
+                        jnp.zeros((2, 2500, 12)), train=False)
+    enc_vars = jax.tree.map(lambda a: a + 0.01, dict(enc_vars))  # distinguishable from a fresh init
+    cfg = ft_config(aggregate="mean")
+    # end-to-end classifier with the encoder plugged in
+    tr = finetune.classifier_trainer(TINY, spec, cfg, linear=True)
+    cv = finetune.classifier_variables(tr.model, spec, jax.random.key(4), enc_vars)
+    for col in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, cv[col]["encoder"], enc_vars[col])
+    src = finetune.RawSource(ds, np.arange(10), max_amp)
+    direct = tr.predict(finetune.new_state(cv, tr.tx), src)
+    # linear probe on precomputed embeddings with the same head params
+    emb = finetune.embed_rows(TINY, spec, enc_vars, ds, np.arange(10), max_amp, batch_size=4)
+    assert emb.shape == (10, 2, 8)
+    probe = finetune.probe_trainer(8, spec, cfg)
+    head_vars = {"params": cv["params"]["head"]}
+    via_probe = probe.predict(finetune.new_state(head_vars, probe.tx), finetune.FeatureSource(emb, src.labels))
+    np.testing.assert_allclose(via_probe, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_best_epoch_selection_with_fake_model():
+    val_y = np.array([0, 0, 1, 1])
+    # validation AUROC per epoch: 0.5, 1.0, 0.75, 1.0 (tie -> earliest, epoch 2)
+    val_probs = {1: [0.5, 0.5, 0.5, 0.5], 2: [0.1, 0.2, 0.8, 0.9], 3: [0.1, 0.4, 0.35, 0.8], 4: [0.1, 0.2, 0.3, 0.4]}
+    calls = []
+
+    def train_epoch(state, epoch):
+        return {"epoch": epoch}, 1.0 / epoch
+
+    def predict(state, name):
+        calls.append((name, state["epoch"]))
+        if name == "val":
+            return np.array(val_probs[state["epoch"]])
+        return np.array([0.3, 0.6]) if state["epoch"] == 2 else np.array([0.6, 0.3])
+
+    out = finetune.fit_and_select({"epoch": 0}, 4, train_epoch, predict, val_y, np.array([0, 1]),
+                                  snapshot=dict)
+    assert out["best_epoch"] == 2
+    assert [c for c in calls if c[0] == "test"] == [("test", 2)]  # test scored once, with epoch 2's state
+    assert out["test"]["auroc"] == 1.0
+    assert [h["val"]["auroc"] for h in out["history"]] == [0.5, 1.0, 0.75, 1.0]
+    assert out["val"]["auroc"] == 1.0
+    assert finetune.select_best_epoch([float("nan"), 0.6, 0.7, 0.7]) == 3
+    assert finetune.select_best_epoch([float("nan")] * 3) == 1
+
+
+def test_run_finetune_reproducible_and_keeps_best_params():
+    ds = FakeDataset(n=24)
+    spec = finetune.InputSpec()
+    cfg = ft_config(num_epochs=3, batch_size=8, learning_rate=3e-3)
+    tr = finetune.classifier_trainer(TINY, spec, cfg)
+    train, val, test = (finetune.RawSource(ds, r, 3.0) for r in (np.arange(0, 12), np.arange(12, 18), np.arange(18, 24)))
+    v0 = finetune.classifier_variables(tr.model, spec, jax.random.key(0))
+    a = finetune.run_finetune(tr, v0, train, val, test, 3, jax.random.key(1), seed=5)
+    b = finetune.run_finetune(tr, v0, train, val, test, 3, jax.random.key(1), seed=5)
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+    np.testing.assert_array_equal(a["test_probs"], b["test_probs"])
+    assert len(a["history"]) == 3 and len(a["test_probs"]) == 6
+    assert a["val"] == a["history"][a["best_epoch"] - 1]["val"]
