@@ -1,0 +1,134 @@
+"""Issue 9: a user label table attached to the shipped PTB-XL sample."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
+from ecgcl_jax.data.labels import parse_binary
+from ecgcl_jax.errors import UserError
+
+SAMPLE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample"))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+HR = "sara-es__PhysionetChallenge2024/tiny_testset/hr_gt"
+
+# record key -> (how it should match, lvh, other, patient_id)
+ROWS = [
+    ("00841_hr", "HR/00841_hr", "1", "no", ""),  # by name
+    (f"{HR}/01612_hr", "HR/01612_hr", "0", "yes", ""),  # by path relative to SRC (without extension)
+    (f"./{HR}/02132_hr.hea", "HR/02132_hr", "TRUE", "", ""),  # same, with ./ and extension
+    ("6001", "HR06001", "Yes", "1", ""),  # by PTB-XL ecg_id (CinC copy HR06001)
+    ("00002", "HR00002", "false", "0", ""),  # ecg_id with leading zeros
+    ("3403", "03403_hr", "", "1", ""),  # ecg_id of a PTB-XL 500 Hz record; empty = unknown
+    ("hr_gt/04482_hr", "04482_hr", "1", "", "PX"),  # trailing part of the path; patient id from the table
+    ("06381_hr", "06381_hr", "0", "", "PX"),  # same patient, other label -> conflict
+    ("7189", "07189_hr", "0", "", ""),  # id row ...
+    ("07189_hr", "07189_hr", "1", "", ""),  # ... and name row for the same record: the name wins
+    ("no_such_record", None, "1", "", ""),
+    ("99999", None, "0", "", ""),
+]
+
+
+def _table(path, rows=ROWS, extra=None):
+    df = pd.DataFrame({"record": [r[0] for r in rows], "lvh": [r[2] for r in rows],
+                       "other": [r[3] for r in rows], "patient_id": [r[4] for r in rows]})
+    if extra:
+        df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    d = tmp_path_factory.mktemp("labels")
+    table = _table(d / "labels.csv")
+    s = prepare([SAMPLE], str(d / "out"), PrepareOptions(labels=table, label_column="lvh"), workers=1,
+                stream=open(os.devnull, "w"))
+    return open_dataset(str(d / "out")), s
+
+
+def test_matching_by_name_path_and_ecg_id(labelled):
+    ds, s = labelled
+    assert len(ds) == 52  # every record kept, labelled or not
+    by = dict(zip(ds.names, ds.labels))
+    expected = {"00841_hr": 1, "01612_hr": 0, "02132_hr": 1, "HR06001": 1, "HR00002": 0, "04482_hr": 1,
+                "06381_hr": 0, "07189_hr": 1}
+    for name, y in expected.items():
+        assert by[name] == y, name
+    assert np.isnan(by["03403_hr"])  # matched, empty value -> unknown
+    assert np.isnan(by["HR06002"])  # no row -> unknown, still kept for pretraining
+    assert int(np.isfinite(ds.labels).sum()) == len(expected)
+    t = s["label_table"]
+    assert t["records_matched"] == 9 and t["table_rows"] == len(ROWS)
+    assert t["table_rows_unmatched"] == 2 and set(t["unmatched_examples"]) == {"no_such_record", "99999"}
+    assert s["labels"] == {"positive": 5, "negative": 3, "unknown": 52 - 8}
+
+
+def test_patient_ids_and_conflicts(labelled):
+    ds, s = labelled
+    pid = dict(zip(ds.names, ds.patient_ids))
+    assert pid["04482_hr"] == pid["06381_hr"] == "PX"
+    assert pid["HR00001"] == "" and pid["00841_hr"] == ""  # headers carry none, the table gives none
+    assert s["patients_with_conflicting_labels"] == 1 and s["conflict_examples"] == ["PX"]
+
+
+def test_switch_label_column(labelled):
+    ds, _ = labelled
+    other = ds.with_label("other")
+    by = dict(zip(other.names, other.labels))
+    assert by["00841_hr"] == 0 and by["01612_hr"] == 1 and by["HR06001"] == 1 and by["HR00002"] == 0
+    assert np.isnan(by["02132_hr"])
+    assert other.signals is not None and other.raw is ds.raw  # same data, other labels
+    assert "other" in ds.label_columns() and "lvh" in ds.label_columns()
+    with pytest.raises(UserError, match="no label column 'nope'"):
+        ds.with_label("nope")
+    # the header-derived label is still there under its own name
+    assert set(np.unique(ds.with_label("normal").labels[np.isfinite(ds.with_label("normal").labels)])) <= {0, 1}
+
+
+@pytest.mark.parametrize("bad", ["maybe", "2", "0.5", "ja"])
+def test_bad_value_is_one_line_error(tmp_path, bad):
+    table = _table(tmp_path / "t.csv", ROWS[:3] + [("6001", None, bad, "", "")])
+    with pytest.raises(UserError) as e:
+        prepare([SAMPLE], str(tmp_path / "out"), PrepareOptions(labels=table, label_column="lvh"), workers=1)
+    msg = str(e.value)
+    assert "\n" not in msg and table in msg and "row 4" in msg and f"'{bad}'" in msg
+    assert not os.path.exists(tmp_path / "out")  # checked before any work
+
+
+def test_table_errors(tmp_path):
+    t = _table(tmp_path / "t.csv")
+    with pytest.raises(UserError, match="no label column 'x'"):
+        prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=t, label_column="x"))
+    with pytest.raises(UserError, match="--label-column"):  # two candidate columns: must choose
+        prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=t))
+    pd.DataFrame({"id": ["a"], "y": ["1"]}).to_csv(tmp_path / "norec.csv", index=False)
+    with pytest.raises(UserError, match="no 'record' column"):
+        prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=str(tmp_path / "norec.csv")))
+    pd.DataFrame({"record": ["a", "a"], "y": ["1", "0"]}).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(UserError, match="more than one row"):
+        prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=str(tmp_path / "dup.csv")))
+
+
+def test_accepted_values():
+    for v, y in [("1", 1), ("0", 0), ("true", 1), ("FALSE", 0), ("Yes", 1), ("no", 0), (" ", None)]:
+        got = parse_binary(v)
+        assert (np.isnan(got) if y is None else got == y), v
+    assert parse_binary("maybe") is None
+
+
+def test_cli_with_label_table(tmp_path):
+    table = _table(tmp_path / "labels.csv")
+    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", SAMPLE, "--out", str(tmp_path / "o"),
+                        "--labels", table, "--label-column", "lvh"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "9 records matched" in r.stderr and "2 of 12 table rows matched nothing" in r.stderr
+    assert "no_such_record" in r.stderr and "conflicting labels: 1" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", SAMPLE, "--out", str(tmp_path / "o"),
+                        "--labels", table, "--label-column", "lvh"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert r.returncode == 0 and "up to date" in r.stderr
