@@ -1,0 +1,462 @@
+"""Encoders, projector and classifier: lengths, parameter counts by hand, float64 NumPy forwards, modes, dtypes."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ecgcl_jax import models
+from ecgcl_jax.errors import UserError
+
+CH = (32, 32, 64, 64, 64)
+KEYS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+
+
+def cfg(encoder, **kw):
+  return models.EncoderConfig(encoder=encoder, **kw)
+
+
+def shapes_of(module, x, train=False):
+  """Variables' shapes without running anything (jax.eval_shape)."""
+  return jax.eval_shape(lambda: module.init(KEYS, x, train=train))
+
+
+def n(tree):
+  return models.count_params(tree)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sequence lengths
+# ------------------------------------------------------------------------------------------------------------------
+def test_trunk_lengths_by_hand():
+  # conv: (n + 2*7 - 15)//2 + 1; pool: (n - 15)//2 + 1
+  assert models.trunk_lengths(5000) == [2500, 1250, 618, 309, 148, 74, 37]
+  assert models.trunk_lengths(2500) == [1250, 625, 306, 153, 70, 35, 18]
+
+
+@pytest.mark.parametrize("length,want", [(5000, [2500, 1250, 618, 309, 148, 74, 37]),
+                                         (2500, [1250, 625, 306, 153, 70, 35, 18])])
+def test_trunk_lengths_in_the_module(length, want):
+  trunk = models.ConvTrunk(CH, 15, 0.3)
+  x = jnp.zeros((2, length, 12))
+
+  def run():
+    v = trunk.init(KEYS, x, train=False)
+    return trunk.apply(v, x, train=False, capture_intermediates=lambda m, _: isinstance(m, (models.ConvBNAct,
+                                                                                              models.AvgPool)))
+  out, state = jax.eval_shape(run)
+  inter = state["intermediates"]
+  got = {name: inter[name]["__call__"][0].shape for name in inter}
+  order = ["layer_0", "layer_1", "pool_1", "layer_2", "pool_2", "layer_3", "layer_4"]
+  assert [got[k][1] for k in order] == want
+  assert [got[k][2] for k in order] == [32, 32, 32, 64, 64, 64, 64]
+  assert out.shape == (2, want[-1], 64)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parameter counts against a hand computation
+# ------------------------------------------------------------------------------------------------------------------
+def hand_counts(encoder, emb, proj=128, leads=12, length=5000, k=15, att=0, d_model=64, layers=1):
+  """(params, batch_stats) computed from the architecture description (the head count changes nothing)."""
+  chans = (leads,) + CH
+  conv = sum(k * ci * co for ci, co in zip(chans[:-1], chans[1:]))  # no conv bias
+  bn = sum(2 * c for c in CH)  # scale + bias
+  stats = sum(2 * c for c in CH)  # mean + var
+  dense = lambda i, o: i * o + o  # noqa: E731
+  projector = dense(emb, emb) + dense(emb, proj)
+  steps = {5000: 37, 2500: 18}[length]
+  if encoder == "cnn":
+    return conv + bn + dense(steps * 64, emb) + projector, stats
+  if encoder == "cnn_transformer":
+    d = d_model
+    inp = dense(64, d) if d != 64 else 0
+    layer = 4 * dense(d, d) + 2 * 2 * d + dense(d, d) + dense(d, d)  # q,k,v,out; 2 LayerNorms; ff (width d)
+    return conv + bn + inp + layers * layer + dense(d, emb) + projector, stats
+  h = emb // 2
+  # flax LSTM cell: input kernels without bias, hidden kernels with one bias per gate: 4*h*(in + h + 1)
+  lstm = 2 * 4 * h * (64 + h + 1) + (layers - 1) * 2 * 4 * h * (emb + h + 1)
+  total = conv + bn + lstm + dense(emb, emb) + projector
+  if encoder == "cnn_attn_lstm":
+    a = att or emb
+    total += dense(2 * emb, a) + a  # W [q; o_t] + b, v without bias
+  if encoder == "res_cnn_lstm":
+    total += sum(2 * (k * c * c + 2 * c) for c in CH)  # two stride-1 convs + BN per block
+    stats += sum(2 * 2 * c for c in CH)
+  return total, stats
+
+
+def test_cnn_count_matches_the_torch_reference():
+  # bench/torch_reference.py --check: 880,384 parameters (BN running stats are buffers, not parameters there)
+  v = shapes_of(models.build_encoder(cfg("cnn")), jnp.zeros((2, 5000, 12)))
+  assert n(v["params"]) == 880_384
+
+
+@pytest.mark.parametrize("encoder", models.ENCODERS)
+@pytest.mark.parametrize("emb,proj,length,extra", [
+    (256, 128, 5000, {}),
+    (64, 32, 5000, {}),
+    (64, 16, 2500, dict(lstm_layers=2, attention_dim=24, transformer_layers=2, transformer_d_model=48,
+                        transformer_heads=4)),
+])
+def test_param_counts(encoder, emb, proj, length, extra):
+  model_cfg = cfg(encoder, emb_dim=emb, proj_dim=proj, **extra)
+  v = shapes_of(models.build_encoder(model_cfg), jnp.zeros((2, length, 12)))
+  want_p, want_s = hand_counts(encoder, emb, proj, length=length, att=extra.get("attention_dim", 0),
+                               d_model=extra.get("transformer_d_model", 64),
+                               layers=extra.get("lstm_layers" if "lstm" in encoder else "transformer_layers", 1))
+  assert n(v["params"]) == want_p
+  assert n(v["batch_stats"]) == want_s
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Float64 NumPy forwards (eval mode) of tiny encoders
+# ------------------------------------------------------------------------------------------------------------------
+def np_conv(x, kern, stride, pad):
+  b, length, _ = x.shape
+  k = kern.shape[0]
+  xp = np.pad(x, ((0, 0), pad, (0, 0)))
+  out_len = (length + pad[0] + pad[1] - k) // stride + 1
+  return np.stack([np.einsum("bjc,jcd->bd", xp[:, t * stride:t * stride + k], kern) for t in range(out_len)], 1)
+
+
+def np_leaky(x):
+  return np.where(x > 0, x, 0.1 * x)
+
+
+def np_block(x, p, s, stride, k, act=True):
+  pad = (k // 2, k // 2) if stride > 1 else ((k - 1) // 2, k - 1 - (k - 1) // 2)
+  y = np_conv(x, p["conv"]["kernel"], stride, pad)
+  y = (y - s["bn"]["mean"]) / np.sqrt(s["bn"]["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+  return np_leaky(y) if act else y
+
+
+def np_pool(x, w, stride):
+  out_len = (x.shape[1] - w) // stride + 1
+  return np.stack([x[:, t * stride:t * stride + w].mean(1) for t in range(out_len)], 1)
+
+
+def np_trunk(x, p, s, k, nconv, residual=False):
+  for i in range(nconv):
+    x = np_block(x, p[f"layer_{i}"], s[f"layer_{i}"], 2, k)
+    if residual:
+      r = p[f"res_{i}"], s[f"res_{i}"]
+      y = np_block(x, r[0]["a"], r[1]["a"], 1, k)
+      y = np_block(y, r[0]["b"], r[1]["b"], 1, k, act=False)
+      x = np_leaky(x + y)
+    if i in (1, 2):
+      x = np_pool(x, k, 2)
+  return x
+
+
+def np_dense(x, p):
+  return x @ p["kernel"] + (p["bias"] if "bias" in p else 0.0)
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_lstm(x, p, reverse):
+  b, t_len, _ = x.shape
+  hid = p["hi"]["kernel"].shape[0]
+  h, c = np.zeros((b, hid)), np.zeros((b, hid))
+  out = np.zeros((b, t_len, hid))
+  for t in (range(t_len - 1, -1, -1) if reverse else range(t_len)):
+    z = {g: x[:, t] @ p["i" + g]["kernel"] + h @ p["h" + g]["kernel"] + p["h" + g]["bias"] for g in "ifgo"}
+    c = sigmoid(z["f"]) * c + sigmoid(z["i"]) * np.tanh(z["g"])
+    h = sigmoid(z["o"]) * np.tanh(c)
+    out[:, t] = h
+  return out
+
+
+def np_softmax(z, axis=-1):
+  z = z - z.max(axis, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis, keepdims=True)
+
+
+def np_layernorm(x, p):
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def np_transformer_layer(x, p, heads):
+  a = p["attention"]
+  q, k, v = (np.einsum("btd,dhk->bthk", x, a[n]["kernel"]) + a[n]["bias"] for n in ("query", "key", "value"))
+  w = np_softmax(np.einsum("bthk,bshk->bhts", q, k) / math.sqrt(q.shape[-1]))
+  att = np.einsum("bthk,hkd->btd", np.einsum("bhts,bshk->bthk", w, v), a["out"]["kernel"]) + a["out"]["bias"]
+  x = np_layernorm(x + att, p["norm_1"])
+  f = np_dense(np.maximum(np_dense(x, p["ff_1"]), 0), p["ff_2"])
+  return np_layernorm(x + f, p["norm_2"])
+
+
+def np_encoder(c, x, p, s):
+  """Float64 NumPy forward of an encoder in eval mode -> (embedding, projection, attention weights or None)."""
+  trunk = np_trunk(x, p["trunk"], s["trunk"], c.kernel_size, len(c.channels), c.encoder == "res_cnn_lstm")
+  w = None
+  if c.encoder == "cnn":
+    h = trunk.reshape(trunk.shape[0], -1)
+  elif c.encoder == "cnn_transformer":
+    y = np_dense(trunk, p["input_proj"]) if "input_proj" in p else trunk
+    for i in range(c.transformer_layers):
+      y = np_transformer_layer(y, p[f"layer_{i}"], c.transformer_heads)
+    h = y.mean(1)
+  else:
+    o = trunk
+    for i in range(c.lstm_layers):
+      lp = p["lstm"][f"layer_{i}"]
+      o = np.concatenate([np_lstm(o, lp["forward"], False), np_lstm(o, lp["backward"], True)], -1)
+    if c.encoder == "cnn_attn_lstm":
+      q = o[:, -1]
+      energy = np.tanh(np.stack([np_dense(np.concatenate([q, o[:, t]], -1), p["attention"]["W"])
+                                 for t in range(o.shape[1])], 1))
+      w = np_softmax(np_dense(energy, p["attention"]["v"])[..., 0])
+      h = np.einsum("bt,btd->bd", w, o)
+    else:
+      h = o[:, -1]
+  emb = np_leaky(np_dense(h, p["head"]["dense"]))
+  z = np_dense(np.maximum(np_dense(emb, p["projector"]["dense_0"]), 0), p["projector"]["dense_1"])
+  return emb, z, w
+
+
+def randomize_bn(variables, seed=0):
+  """Non-trivial BatchNorm scale/bias/mean/var so the eval-mode normalisation is really checked."""
+  rng = np.random.default_rng(seed)
+
+  def fix(path, a):
+    name = jax.tree_util.keystr(path)
+    if "bn" not in name:
+      return a
+    if "'var'" in name or "'scale'" in name:
+      return jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype)
+    return jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
+  return jax.tree_util.tree_map_with_path(fix, variables)
+
+
+TINY = dict(channels=(4, 5, 6, 6, 7), kernel_size=5, dropout=0.2)
+
+
+@pytest.mark.parametrize("c", [
+    cfg("cnn", emb_dim=7, proj_dim=3, **TINY),
+    cfg("cnn_lstm", emb_dim=6, proj_dim=3, lstm_layers=2, **TINY),
+    cfg("cnn_attn_lstm", emb_dim=6, proj_dim=3, attention_dim=5, **TINY),
+    cfg("cnn_transformer", emb_dim=7, proj_dim=3, transformer_heads=2, transformer_d_model=6, **TINY),
+    cfg("res_cnn_lstm", emb_dim=4, proj_dim=3, **TINY),
+], ids=lambda c: c.encoder)
+def test_encoder_matches_numpy_float64(c):
+  x = np.random.default_rng(1).normal(size=(3, 320, 2)).astype(np.float32)  # lengths 160,80,38,19,8,4,2
+  model = models.build_encoder(c)
+  v = randomize_bn(jax.jit(lambda x: model.init(KEYS, x, train=False))(x))
+  (emb, z), state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(v, x)
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
+  want_emb, want_z, want_w = np_encoder(c, x.astype(np.float64), p64["params"], p64["batch_stats"])
+  np.testing.assert_allclose(emb, want_emb, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(z, want_z, rtol=2e-4, atol=2e-5)
+  if want_w is not None:
+    (w,) = state["intermediates"]["attention"]["attention_weights"]
+    np.testing.assert_allclose(w, want_w, rtol=2e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Full-size shapes, train vs eval
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoder", models.ENCODERS)
+def test_full_size_train_and_eval(encoder):
+  model = models.build_encoder(cfg(encoder))
+  x = jax.random.normal(jax.random.key(3), (2, 5000, 12))
+  keys = jax.random.split(jax.random.key(10), 2)
+
+  @jax.jit
+  def run(x):  # one compilation: init, then train and eval forwards under two dropout keys each
+    v = model.init(KEYS, x, train=False)
+    fwd = lambda train, k: model.apply(v, x, train=train, rngs={"dropout": k},  # noqa: E731
+                                       mutable=["batch_stats", "intermediates"])
+    return v, jax.vmap(lambda k: fwd(True, k))(keys), jax.vmap(lambda k: fwd(False, k))(keys)
+  v, ((e, z), s1), ((ev, zv), s3) = run(x)
+  s1, s3 = (jax.tree_util.tree_map(lambda a: a[0], s) for s in (s1, s3))
+  e1, e2, z1, e3, e4, z3, z4 = e[0], e[1], z[0], ev[0], ev[1], zv[0], zv[1]
+  assert e1.shape == (2, 256) and z1.shape == (2, 128)
+  assert np.isfinite(e1).all() and np.isfinite(z1).all()
+  assert not np.allclose(e1, e2)  # dropout is active in training
+  # training updates every running statistic (momentum 0.9, i.e. torch's 0.1)
+  for old, new in zip(jax.tree_util.tree_leaves(v["batch_stats"]), jax.tree_util.tree_leaves(s1["batch_stats"])):
+    assert not np.allclose(old, new)
+  np.testing.assert_array_equal(e3, e4)  # no dropout in eval
+  np.testing.assert_array_equal(z3, z4)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, s3["batch_stats"], v["batch_stats"])  # stats frozen
+  if encoder == "cnn_attn_lstm":
+    for state in (s1, s3):
+      (w,) = state["intermediates"]["attention"]["attention_weights"]
+      assert w.shape == (2, 37)
+      np.testing.assert_allclose(np.sum(w, axis=1), 1.0, rtol=1e-5)
+      assert np.all(w >= 0)
+
+
+@pytest.mark.parametrize("encoder", models.ENCODERS)
+@pytest.mark.parametrize("emb,proj,leads,length", [(64, 32, 1, 2500), (128, 16, 12, 2500)])
+def test_other_sizes_shapes(encoder, emb, proj, leads, length):
+  model = models.build_encoder(cfg(encoder, emb_dim=emb, proj_dim=proj))
+  x = jnp.zeros((3, length, leads))
+  out = jax.eval_shape(lambda: model.apply(model.init(KEYS, x, train=False), x, train=True,
+                                           rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])[0])
+  assert out[0].shape == (3, emb) and out[1].shape == (3, proj)
+
+
+def test_batchnorm_running_stats_torch_momentum():
+  block = models.ConvBNAct(3, 5, 2, dropout=0.0)
+  x = np.random.default_rng(2).normal(size=(4, 40, 2)).astype(np.float32)
+  v = block.init(KEYS, x, train=False)
+  v = {"params": v["params"], "batch_stats": {"bn": {"mean": jnp.full(3, 0.5), "var": jnp.full(3, 2.0)}}}
+  _, s = block.apply(v, x, train=True, mutable=["batch_stats"])
+  y = np_conv(x.astype(np.float64), np.asarray(v["params"]["conv"]["kernel"], np.float64), 2, (2, 2))
+  # torch momentum 0.1: new = 0.9 * old + 0.1 * batch statistic over (batch, length); flax uses the biased var
+  np.testing.assert_allclose(s["batch_stats"]["bn"]["mean"], 0.9 * 0.5 + 0.1 * y.mean((0, 1)), rtol=1e-5)
+  np.testing.assert_allclose(s["batch_stats"]["bn"]["var"], 0.9 * 2.0 + 0.1 * y.var((0, 1)), rtol=1e-5)
+  _, s_eval = block.apply(v, x, train=False, mutable=["batch_stats"])
+  np.testing.assert_array_equal(s_eval["batch_stats"]["bn"]["mean"], 0.5)
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "cnn_transformer"])
+def test_odd_emb_dim_for_non_lstm_encoders(encoder):
+  model = models.build_encoder(cfg(encoder, emb_dim=33, proj_dim=5))
+  x = jnp.zeros((2, 5000, 12))
+  out = jax.eval_shape(lambda: model.apply(model.init(KEYS, x, train=False), x, train=False))
+  assert out[0].shape == (2, 33) and out[1].shape == (2, 5)
+
+
+@pytest.mark.parametrize("encoder", ["cnn_attn_lstm", "cnn_transformer"])
+def test_bfloat16_compute(encoder):
+  model = models.build_encoder(cfg(encoder, emb_dim=32, proj_dim=8), dtype="bfloat16")
+  f32 = dataclasses.replace(model, dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (2, 1000, 12))
+
+  @jax.jit
+  def run(x):
+    v = model.init(KEYS, x, train=False)
+    fwd = lambda m: m.apply(v, x, train=True, rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])  # noqa
+    return v, fwd(model), fwd(f32)[0][0]
+  v, ((e, z), s), e32 = run(x)
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v))
+  assert e.dtype == jnp.bfloat16 and z.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(e, np.float32)).all() and np.isfinite(np.asarray(z, np.float32)).all()
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(s))
+  # bf16 compute stays close to the float32 model with the same params and dropout mask
+  assert np.max(np.abs(np.asarray(e, np.float32) - e32)) < 0.1 * (np.max(np.abs(e32)) + 1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Classifier
+# ------------------------------------------------------------------------------------------------------------------
+def np_head(e, p, aggregate, linear=False):
+  """Float64 classifier head on view embeddings e: (B, V, E) -> logits (B,)."""
+  if aggregate in (None, "concat"):
+    h = e.reshape(e.shape[0], -1)
+  elif aggregate == "sum":
+    h = e.sum(1)
+  elif aggregate == "mean":
+    h = e.mean(1)
+  else:
+    score = np_dense(np.tanh(np_dense(e, p["view_W"])), p["view_v"])[..., 0]
+    h = np.einsum("bv,bve->be", np_softmax(score), e)
+  if not linear:
+    h = np.maximum(np_dense(h, p["dense_0"]), 0)
+  return np_dense(h, p["out"])[..., 0]
+
+
+@pytest.mark.parametrize("aggregate,views", [(None, 1), ("concat", 2), ("sum", 2), ("mean", 3), ("attention", 2)])
+def test_classifier_head_matches_numpy(aggregate, views):
+  head = models.ClassifierHead(hidden=6, dropout=0.3, aggregate=aggregate)
+  e = np.random.default_rng(0).normal(size=(4, views, 5)).astype(np.float32)
+  v = head.init(KEYS, e, train=False)
+  logits = head.apply(v, e, train=False)
+  assert logits.shape == (4,) and logits.dtype == jnp.float32
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
+  np.testing.assert_allclose(logits, np_head(e.astype(np.float64), p64, aggregate), rtol=1e-5, atol=1e-6)
+
+
+SMALL = cfg("cnn_attn_lstm", emb_dim=16, proj_dim=8)
+
+
+@pytest.mark.parametrize("aggregate,views,leads", [(None, 1, 12), ("concat", 2, 12), ("sum", 2, 12),
+                                                   ("mean", 4, 1), ("attention", 4, 1)])
+def test_classifier_shapes_and_param_names(aggregate, views, leads):
+  clf = models.Classifier(SMALL, head_dropout=0.3, aggregate=aggregate, num_views=views)
+  x = jnp.zeros((5, 2500, leads) if aggregate is None else (5, views, 2500, leads))
+  v = jax.eval_shape(lambda: clf.init(KEYS, x, train=False))
+  assert set(v["params"]) == {"encoder", "head"}
+  assert set(v["batch_stats"]) == {"encoder"}
+  out = jax.eval_shape(lambda v: clf.apply(v, x, train=True, rngs={"dropout": KEYS["dropout"]},
+                                          mutable=["batch_stats"])[0], v)
+  assert out.shape == (5,) and out.dtype == jnp.float32
+
+
+def test_pretrained_encoder_plugs_into_classifier():
+  x = jax.random.normal(jax.random.key(4), (3, 2, 2500, 12))
+  encoder = models.build_encoder(SMALL)
+  enc_vars = randomize_bn(encoder.init({"params": jax.random.key(7)}, x[:, 0], train=False), seed=3)
+  clf = models.Classifier(SMALL, aggregate="mean", num_views=2)
+  clf_vars = models.plug_encoder(clf.init(KEYS, x, train=False), enc_vars)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, clf_vars["params"]["encoder"], enc_vars["params"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, clf_vars["batch_stats"]["encoder"], enc_vars["batch_stats"])
+  logits = clf.apply(clf_vars, x, train=False)
+  e0 = encoder.apply(enc_vars, x[:, 0], train=False)[0]
+  e1 = encoder.apply(enc_vars, x[:, 1], train=False)[0]
+  p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), clf_vars["params"]["head"])
+  want = np_head(np.stack([e0, e1], 1).astype(np.float64), p64, "mean")
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+  # a different config does not fit
+  other = models.build_encoder(cfg("cnn_attn_lstm", emb_dim=18, proj_dim=8))
+  with pytest.raises(UserError, match="encoder checkpoint"):
+    models.plug_encoder(clf_vars, other.init(KEYS, x[:, 0], train=False))
+
+
+def test_linear_probe_freezes_encoder():
+  clf = models.Classifier(SMALL, linear_probe=True)
+  x = jax.random.normal(jax.random.key(5), (4, 2500, 12))
+  v = clf.init(KEYS, x, train=False)
+  assert set(v["params"]["head"]) == {"out"}  # a single Dense(1)
+
+  def loss(params):
+    logits, state = clf.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                              rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])
+    return jnp.sum(logits), state
+  grads, state = jax.grad(loss, has_aux=True)(v["params"])
+  assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(grads["encoder"]))
+  assert any(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads["head"]))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state["batch_stats"], v["batch_stats"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Configuration errors
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_cfg,match", [
+    (cfg("cnn_lstm", emb_dim=255), "model.emb_dim"),
+    (cfg("res_cnn_lstm", emb_dim=7), "model.emb_dim"),
+    (cfg("cnn_attn_lstm", emb_dim=0), "model.emb_dim"),
+    (cfg("resnet"), "model.encoder"),
+    (cfg("cnn_transformer", transformer_heads=5), "model.transformer_heads"),
+    (cfg("cnn", dropout=0.5), "model.dropout"),
+    ({"encoder": "cnn", "emb_dim": 256}, "model.proj_dim: missing"),
+])
+def test_config_errors(model_cfg, match):
+  with pytest.raises(UserError, match=match):
+    models.build_encoder(model_cfg)
+
+
+def test_configdict_and_dict_are_accepted():
+  d = dataclasses.asdict(cfg("cnn_lstm", emb_dim=32))
+  d["channels"] = list(d["channels"])  # e.g. read back from JSON
+  for c in (ml_collections.ConfigDict(d), d):
+    m = models.build_encoder(c)
+    assert isinstance(m, models.LSTMEncoder) and m.emb_dim == 32 and m.channels == CH
+  with pytest.raises(UserError, match="dtype"):
+    models.build_encoder(d, dtype="float17")
+
+
+def test_too_short_input_is_a_user_error():
+  model = models.build_encoder(cfg("cnn"))
+  with pytest.raises(UserError, match="too short"):
+    jax.eval_shape(lambda: model.init(KEYS, jnp.zeros((2, 100, 12)), train=False))
