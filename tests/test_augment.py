@@ -1,0 +1,423 @@
+"""Augmentations against their definitions (SPEC), under jit and vmap, on 5000 x 12 signals."""
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ecgcl_jax import augment as A
+from ecgcl_jax.errors import UserError
+
+L, C = 5000, 12
+
+
+@pytest.fixture(scope="module")
+def xs():
+    """(2, 5000, 12) float32 ECG-like signals with no exact zeros and per-lead scales/offsets."""
+    rng = np.random.default_rng(0)
+    t = np.arange(L)[None, :, None] / 500.0
+    base = np.sin(2 * np.pi * 1.2 * t + rng.uniform(0, 6, (2, 1, C))) * rng.uniform(0.2, 2, (2, 1, C))
+    x = base + 0.1 * rng.normal(size=(2, L, C)) + rng.uniform(-1, 1, (2, 1, C))
+    x[x == 0] = 1e-3
+    return jnp.asarray(x, jnp.float32)
+
+
+def keys(n, seed=0):
+    return jax.random.split(jax.random.key(seed), n)
+
+
+def batched(fn, *params):
+    """jit(vmap(fn)) over (keys, xs) with the parameters closed over (static)."""
+    return jax.jit(jax.vmap(lambda k, x: fn(k, x, *params)))
+
+
+# ---------------------------------------------------------------- numpy references
+
+def np_time_warp(x, m, w, stretched):
+    """Two-stage definition: np.interp per segment, concatenate, np.interp back to L."""
+    length, leads = x.shape
+    s = length // m
+    out = np.empty((length, leads))
+    for c in range(leads):
+        parts = []
+        for k in range(m):
+            seg = x[k * s:(k + 1) * s, c]
+            n = int(np.floor(s * (1 + w))) if stretched[k, c] else int(np.floor(s * (1 - w)))
+            parts.append(np.interp(np.linspace(0, s - 1, n), np.arange(s), seg))
+        cat = np.concatenate(parts)
+        out[:, c] = np.interp(np.linspace(0, len(cat) - 1, length), np.arange(len(cat)), cat)
+    return out
+
+
+def zero_runs(col):
+    """(start, length) of the maximal runs of exact zeros in a 1-D array."""
+    z = np.concatenate([[0], (col == 0).astype(int), [0]])
+    d = np.diff(z)
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    return list(zip(starts, ends - starts))
+
+
+# ---------------------------------------------------------------- Gaussian noise
+
+def test_gaussian_noise_statistics(xs):
+    factor = 0.5
+    ys = np.asarray(batched(A.gaussian_noise, factor)(keys(2), xs))
+    x = np.asarray(xs, np.float64)
+    z = (ys - x) / (factor * x.std(axis=1, ddof=1, keepdims=True))  # should be iid N(0, 1)
+    n = L
+    assert np.all(np.abs(z.mean(axis=1)) < 5 / math.sqrt(n))
+    assert np.all(np.abs(z.std(axis=1) - 1) < 5 / math.sqrt(2 * n))
+    # independent across leads and examples
+    corr = np.corrcoef(z[0].T)
+    assert np.max(np.abs(corr - np.eye(C))) < 5 / math.sqrt(n)
+    assert np.abs(np.corrcoef(z[0, :, 0], z[1, :, 0])[0, 1]) < 5 / math.sqrt(n)
+
+
+def test_gaussian_noise_uses_unbiased_std():
+    # x = [0, 1]: unbiased std = 1/sqrt(2), biased = 1/2; the noise std over many keys tells them apart.
+    x = jnp.array([[0.0], [1.0]])
+    ks = keys(20000, seed=3)
+    ys = jax.jit(jax.vmap(lambda k: A.gaussian_noise(k, x, 1.0)))(ks)
+    noise = np.asarray(ys) - np.asarray(x)
+    assert abs(noise.std() - 1 / math.sqrt(2)) < 0.02
+
+
+def test_gaussian_noise_traced_factor_and_fresh_keys(xs):
+    x = xs[0]
+    f = jax.jit(A.gaussian_noise)
+    k1, k2 = keys(2, seed=5)
+    a, b = f(k1, x, 0.05), f(k2, x, 0.05)
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(f(k1, x, 0.0), x)
+
+
+# ---------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("rate", [0.1, 0.37])
+def test_dropout_exact_count_per_lead(xs, rate):
+    ys = np.asarray(batched(A.dropout_mask, rate)(keys(2), xs))
+    x = np.asarray(xs)
+    k = int(np.floor(rate * L))
+    zeros = ys == 0
+    np.testing.assert_array_equal(zeros.sum(axis=1), np.full((2, C), k))
+    np.testing.assert_array_equal(ys[~zeros], x[~zeros])  # the rest untouched
+    # leads and examples independent: different masks
+    assert not np.array_equal(zeros[0, :, 0], zeros[0, :, 1])
+    assert not np.array_equal(zeros[0, :, 0], zeros[1, :, 0])
+
+
+def test_dropout_traced_rate_and_edges(xs):
+    x = xs[0]
+    f = jax.jit(A.dropout_mask)  # rate traced: a different code path (sort threshold)
+    k = jax.random.key(11)
+    for rate in (0.0, 0.1, 0.2345, 1.0):
+        y = np.asarray(f(k, x, rate))
+        expect = int(np.floor(np.float32(rate) * L))
+        np.testing.assert_array_equal((y == 0).sum(axis=0), np.full(C, expect))
+    np.testing.assert_array_equal(A.dropout_mask(k, x, 0.0), x)
+    assert np.all(np.asarray(A.dropout_mask(k, x, 1.0)) == 0)
+
+
+def test_dropout_formulations_agree():
+    k = jax.random.key(2)
+    traced = jax.jit(lambda key, r: A._dropout_drop(key, L, C, r))
+    for rate in (0.1, 0.999):
+        kk = int(np.floor(rate * L))
+        all_methods = jax.jit(lambda key: {m: A._dropout_drop(key, L, C, rate, m) for m in A._DROPOUT_STATIC})
+        masks = {m: np.asarray(v) for m, v in all_methods(k).items()}
+        for m, mask in masks.items():
+            np.testing.assert_array_equal(mask.sum(axis=0), np.full(C, kk), err_msg=m)
+        # the two threshold formulations select the same positions from the same keys
+        np.testing.assert_array_equal(masks["topk_threshold"], masks["sort_threshold"])
+        np.testing.assert_array_equal(np.asarray(traced(k, rate)), masks["sort_threshold"])
+
+
+def test_dropout_positions_uniform():
+    # L = 20, rate 0.25 -> 5 positions per lead; each position dropped with frequency 1/4.
+    x = jnp.ones((20, 2))
+    ys = jax.jit(jax.vmap(lambda k: A.dropout_mask(k, x, 0.25)))(keys(4000, seed=7))
+    freq = (np.asarray(ys) == 0).mean(axis=0)
+    assert np.all(np.abs(freq - 0.25) < 0.035)
+
+
+# ---------------------------------------------------------------- zero mask
+
+@pytest.mark.parametrize("ratio", [0.1, 0.333])
+def test_zero_mask_one_window_per_lead(xs, ratio):
+    ys = np.asarray(batched(A.zero_mask, ratio)(keys(2, seed=1), xs))
+    x = np.asarray(xs)
+    w = int(np.floor(ratio * L))
+    starts = []
+    for b in range(2):
+        for c in range(C):
+            runs = zero_runs(ys[b, :, c])
+            assert len(runs) == 1 and runs[0][1] == w
+            s = runs[0][0]
+            assert 0 <= s <= L - w
+            starts.append(s)
+            keep = np.ones(L, bool)
+            keep[s:s + w] = False
+            np.testing.assert_array_equal(ys[b, keep, c], x[b, keep, c])
+    assert len(set(starts)) > 1  # independent windows per lead / example
+
+
+def test_zero_mask_start_uniform_and_traced():
+    x = jnp.ones((10, 1))
+    ys = np.asarray(jax.jit(jax.vmap(lambda k: A.zero_mask(k, x, 0.3)))(keys(6000, seed=8)))
+    starts = np.argmax(ys[:, :, 0] == 0, axis=1)
+    counts = np.bincount(starts, minlength=10)
+    assert counts[8:].sum() == 0  # start in [0, L - window] = [0, 7]
+    assert np.all(np.abs(counts[:8] / 6000 - 1 / 8) < 0.025)
+    y = np.asarray(jax.jit(A.zero_mask)(jax.random.key(0), jnp.ones((L, C)), 0.1))  # traced ratio
+    assert all(zero_runs(y[:, c]) and zero_runs(y[:, c])[0][1] == 500 for c in range(C))
+
+
+# ---------------------------------------------------------------- permutation
+
+def segment_perm(x, y, m):
+    """The permutation p with y segment i == x segment p[i] (per lead), or None."""
+    s = x.shape[0] // m
+    segs_x = [x[i * s:(i + 1) * s] for i in range(m)]
+    perm = []
+    for i in range(m):
+        hits = [j for j in range(m) if np.array_equal(y[i * s:(i + 1) * s], segs_x[j])]
+        if len(hits) != 1:
+            return None
+        perm.append(hits[0])
+    return perm
+
+
+def test_permute_per_lead_preserves_segments(xs):
+    m = 5
+    ys = np.asarray(batched(A.permute_segments, m)(keys(2, seed=4), xs))
+    x = np.asarray(xs)
+    perms = set()
+    for b in range(2):
+        for c in range(C):
+            p = segment_perm(x[b, :, c], ys[b, :, c], m)
+            assert p is not None and sorted(p) == list(range(m))
+            perms.add(tuple(p))
+    assert len(perms) > 1  # independent per lead by default
+
+
+def test_permute_shared_keeps_leads_synchronous(xs):
+    m = 10
+    ys = np.asarray(batched(A.permute_segments, m, True)(keys(2, seed=4), xs))
+    x = np.asarray(xs)
+    for b in range(2):
+        p = segment_perm(x[b], ys[b], m)  # whole (segment, 12 leads) blocks move together
+        assert p is not None and sorted(p) == list(range(m)) and p != list(range(m))
+
+
+def test_permute_uniform_over_permutations():
+    x = jnp.arange(3, dtype=jnp.float32)[:, None] + 1
+    ys = np.asarray(jax.jit(jax.vmap(lambda k: A.permute_segments(k, x, 3)))(keys(6000, seed=9)))
+    perms = [tuple(r) for r in ys[:, :, 0].astype(int)]
+    counts = {p: perms.count(p) for p in itertools.permutations([1, 2, 3])}
+    assert all(abs(n / 6000 - 1 / 6) < 0.025 for n in counts.values())
+
+
+def test_permute_requires_divisible_length(xs):
+    with pytest.raises(UserError, match="num_segments=7 does not divide"):
+        A.permute_segments(jax.random.key(0), xs[0], 7)
+    with pytest.raises(UserError, match="static"):
+        jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 5)
+
+
+# ---------------------------------------------------------------- time warp
+
+@pytest.mark.parametrize("m,w", [(4, 0.2), (10, 0.35), (2, 0.0)])
+def test_time_warp_fixed_choices_match_numpy(xs, m, w):
+    st = np.asarray(jax.vmap(lambda k: A._random_half(k, m, C))(keys(2, seed=m)))
+    assert np.all(st.sum(axis=1) == m // 2)
+    fused = jax.jit(jax.vmap(lambda x, s: A._time_warp_fixed(x, m, w, s)))(xs, st)
+    staged = jax.jit(jax.vmap(lambda x, s: A._time_warp_two_stage(x, m, w, s)))(xs, st)
+    traced_w = jax.jit(jax.vmap(lambda x, s, ww: A._time_warp_fixed(x, m, ww, s), (0, 0, None)))(xs, st, w)
+    for b in range(2):
+        ref = np_time_warp(np.asarray(xs[b], np.float64), m, w, st[b])
+        np.testing.assert_allclose(np.asarray(fused[b]), ref, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(staged[b]), ref, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(traced_w[b]), ref, atol=2e-5, rtol=0)
+
+
+def test_time_warp_public_is_a_valid_warp_per_lead(xs):
+    m, w = 4, 0.2
+    ys = np.asarray(batched(A.time_warp, m, w)(keys(2, seed=12), xs))
+    choices = [np.isin(np.arange(m), c) for c in itertools.combinations(range(m), m // 2)]
+    picked = set()
+    for b in range(2):
+        x = np.asarray(xs[b], np.float64)
+        for c in range(C):
+            matches = []
+            for i, ch in enumerate(choices):
+                ref = np_time_warp(x[:, c:c + 1], m, w, ch[:, None])[:, 0]
+                if np.max(np.abs(ys[b, :, c] - ref)) < 2e-5:
+                    matches.append(i)
+            assert len(matches) == 1, (b, c, matches)
+            picked.add(matches[0])
+    assert len(picked) > 1  # the stretched half is drawn per lead
+
+
+def test_time_warp_bad_params(xs):
+    for m, w, msg in [(3, 0.2, "even"), (6, 0.2, "does not divide"), (4, 1.0, r"\[0, 1\)")]:
+        with pytest.raises(UserError, match=msg):
+            A.time_warp(jax.random.key(0), xs[0], m, w)
+
+
+# ---------------------------------------------------------------- fresh randomness, dispatcher
+
+OPS = [
+    ("gaussian_noise", 0.05),
+    ("dropout", 0.1),
+    ("zero_mask", 0.1),
+    ("permute", 5),
+    ("permute_shared", 5),
+    ("time_warp", (4, 0.2)),
+]
+
+
+def test_fresh_randomness_per_key(xs):
+    f = jax.jit(lambda k: [A.apply(name, k, xs[0], param) for name, param in OPS])
+    out1, out2, again = f(jax.random.key(1)), f(jax.random.key(2)), f(jax.random.key(1))
+    for (name, _), a, b, c in zip(OPS, out1, out2, again):
+        assert not np.array_equal(np.asarray(a), np.asarray(b)), name
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c), err_msg=name)
+
+
+def test_apply_aliases_match_direct_calls(xs):
+    def both(k, x):
+        via_apply = [
+            A.apply("guassian_noise", k, x, 0.05),
+            A.apply("zero-masking", k, x, 0.1),
+            A.apply("permutation", k, x, 5),
+            A.apply("permute", k, x, (5, True)),
+            A.apply("time-wraping", k, x, (4, 0.2)),
+            A.apply("dropout", k, x, None),  # None = SPEC default 0.1
+            A.apply("none", k, x, None),
+        ]
+        direct = [
+            A.gaussian_noise(k, x, 0.05),
+            A.zero_mask(k, x, 0.1),
+            A.permute_segments(k, x, 5),
+            A.permute_segments(k, x, 5, shared_across_leads=True),
+            A.time_warp(k, x, 4, 0.2),
+            A.dropout_mask(k, x, 0.1),
+            x,
+        ]
+        return via_apply, direct
+
+    via_apply, direct = jax.jit(both)(jax.random.key(3), xs[0])
+    for i, (a, b) in enumerate(zip(via_apply, direct)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(i))
+
+
+def test_apply_and_validate_errors():
+    with pytest.raises(UserError, match=r"unknown augmentation 'blur'.*gaussian_noise.*time_warp"):
+        A.apply("blur", jax.random.key(0), jnp.ones((L, C)), 1)
+    bad = [
+        (("permute", 7, 5000), "does not divide"),
+        (("permute", 5.5, 5000), "integer"),
+        (("time_warp", (4, 0.2), 2502), "does not divide"),
+        (("time_warp", 0.2, 5000), r"\(num_segments, warp\)"),
+        (("dropout", 1.5, 5000), r"\[0, 1\]"),
+        (("gaussian_noise", -1, 5000), "gaussian_noise factor"),
+        (("mix", 0.1, 5000), "mix takes"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(UserError, match=msg) as e:
+            A.validate(*args, field="config.augment.aug1")
+        assert str(e.value).startswith("config.augment.aug1: ") and "\n" not in str(e.value)
+    assert A.validate("time-wraping", [4, 0.2], 2500) == ("time_warp", (4, 0.2))
+    assert A.validate("permutation", 5.0, 2500) == ("permute", (5, False))
+    assert A.validate("mix", None, 5000) == ("mix", (0.1, 0.05))
+
+
+# ---------------------------------------------------------------- mix and two_views
+
+def test_mix_exact_half(xs):
+    b, rate = 6, 0.1
+    batch = jnp.concatenate([xs, xs, xs])[:, :1000]  # (6, 1000, 12)
+    out = np.asarray(jax.jit(lambda k, x: A.mix(k, x, rate, 0.05))(jax.random.key(0), batch))
+    x = np.asarray(batch)
+    is_drop = []
+    for i in range(b):
+        zeros = (out[i] == 0).sum(axis=0)
+        if zeros.sum():
+            np.testing.assert_array_equal(zeros, np.full(C, 100))
+            keep = out[i] != 0
+            np.testing.assert_array_equal(out[i][keep], x[i][keep])
+            is_drop.append(True)
+        else:
+            assert not np.allclose(out[i], x[i])  # noised
+            is_drop.append(False)
+    assert sum(is_drop) == b // 2
+
+
+def test_mix_depends_on_global_index_not_order(xs):
+    batch = jnp.concatenate([xs, xs, xs, xs])[:, :500]  # (8, 500, 12)
+    gi = jnp.arange(100, 108)
+    f = jax.jit(lambda k, x, g: A.mix(k, x, 0.1, 0.05, g))
+    k = jax.random.key(4)
+    out = np.asarray(f(k, batch, gi))
+    perm = np.random.default_rng(1).permutation(8)
+    out_p = np.asarray(f(k, batch[perm], gi[perm]))
+    np.testing.assert_array_equal(out_p, out[perm])
+    # the choice of the dropout half changes with the key
+    halves = {tuple((np.asarray(f(jax.random.key(s), batch, gi)) == 0).any(axis=(1, 2))) for s in range(6)}
+    assert len(halves) > 1
+
+
+AUG_PAIRS = [
+    (("time_warp", (4, 0.2)), ("dropout", 0.1)),
+    (("zero_mask", 0.1), ("permute_shared", 5)),
+]
+
+
+@pytest.mark.parametrize("aug1,aug2", AUG_PAIRS)
+def test_two_views_invariant_to_batch_split(xs, aug1, aug2):
+    batch = jnp.concatenate([xs, xs[::-1]])[:, :1000]  # (4, 1000, 12)
+    gi = jnp.array([10, 11, 12, 13], jnp.int32)
+    f = jax.jit(lambda k, x, g: A.two_views(k, x, g, aug1, aug2))
+    k = jax.random.key(7)
+    v1, v2 = f(k, batch, gi)
+    a1, a2 = f(k, batch[:2], gi[:2])
+    b1, b2 = f(k, batch[2:], gi[2:])
+    np.testing.assert_array_equal(np.asarray(v1), np.concatenate([a1, b1]))
+    np.testing.assert_array_equal(np.asarray(v2), np.concatenate([a2, b2]))
+    # same ECG at different global indices, and the two views, get different randomness
+    c1, _ = f(k, batch[:2], gi[1:3])  # the same ECGs at other global indices
+    assert not np.array_equal(np.asarray(v1[:2]), np.asarray(c1))
+    assert not np.array_equal(np.asarray(v1), np.asarray(v2))
+
+
+def test_two_views_sharded_equals_single_device(xs):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devs = np.array(jax.devices()[:8])
+    if len(devs) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    batch = jnp.concatenate([xs] * 4)[:, :500]  # (8, 500, 12)
+    gi = jnp.arange(8, dtype=jnp.int32) + 16
+    f = jax.jit(lambda k, x, g: A.two_views(k, x, g, ("mix", (0.1, 0.05)), ("time_warp", (4, 0.2))))
+    k = jax.random.key(5)
+    ref = f(k, batch, gi)
+    mesh = Mesh(devs, ("data",))
+    xb = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    gb = jax.device_put(gi, NamedSharding(mesh, P("data")))
+    out = f(k, xb, gb)
+    for r, o in zip(ref, out):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+
+
+def test_two_views_bad_config(xs):
+    with pytest.raises(UserError, match="augment.aug2: unknown augmentation 'rotate'"):
+        A.two_views(jax.random.key(0), xs, jnp.arange(2), ("dropout", 0.1), ("rotate", 1))
+
+
+def test_fft_magnitude(xs):
+    out = np.asarray(jax.jit(jax.vmap(A.fft_magnitude))(xs))
+    ref = np.abs(np.fft.rfft(np.asarray(xs, np.float64), axis=1))[:, : L // 2]
+    assert out.shape == (2, 2500, C)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
