@@ -380,3 +380,16 @@ def test_open_dataset_errors(tmp_path):
         open_dataset(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="not a prepared dataset"):
         open_dataset(str(tmp_path))
+
+
+def test_output_folder_inside_source_is_not_read(tmp_path):
+    src = tmp_path / "src"
+    for i in range(2):
+        write_record(str(src), f"r{i}", fs=500, seconds=10, seed=i)
+    _prep(src, src / "prepared")
+    _prep([src, src / "r0.hea"], tmp_path / "other")  # the same file through two SRCs is read once
+    assert len(open_dataset(str(tmp_path / "other"))) == 2
+    s = _prep(src, src / "prepared")
+    assert s.get("up_to_date")  # its own output files did not change the source listing
+    _prep(src, src / "prepared", length="windows")
+    assert len(open_dataset(str(src / "prepared"))) == 2  # another prepared dataset inside SRC is skipped too

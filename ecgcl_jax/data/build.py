@@ -87,22 +87,39 @@ class Inputs:
     n_files: int = 0
 
 
-def discover(sources: list[str], dedupe: bool) -> Inputs:
-    """Walk sources (files or folders, recursively, sorted) and list the inputs to read."""
+def _is_prepared(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "manifest.json")) and (
+        os.path.isfile(os.path.join(folder, "signals.npy")) or os.path.isfile(os.path.join(folder, "signals.npz"))
+        or os.path.isdir(os.path.join(folder, PARTIAL)))
+
+
+def discover(sources: list[str], dedupe: bool, out: str | None = None) -> Inputs:
+    """Walk sources (files or folders, recursively, sorted) and list the inputs to read.
+
+    Hidden folders, the output folder and other prepared datasets inside a SRC are not walked."""
     inp = Inputs()
     h = hashlib.sha1()
+    seen: set[str] = set()
+    out_abs = os.path.abspath(out) if out else None
     for si, src in enumerate(sources):
         if os.path.isfile(src):
             files = [src]
         elif os.path.isdir(src):
             files = []
             for root, dirs, names in os.walk(src):
+                if os.path.abspath(root) == out_abs or (root != src and _is_prepared(root)):
+                    dirs[:] = []
+                    continue
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 files.extend(os.path.join(root, n) for n in sorted(names))
         else:
             raise UserError(f"{src}: no such file or folder")
         heas = {}
         for f in files:
+            fa = os.path.abspath(f)
+            if fa in seen:  # the same file reached through two SRCs
+                continue
+            seen.add(fa)
             try:
                 size = os.path.getsize(f)
             except OSError:
@@ -367,7 +384,7 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     if not sources:
         raise UserError("prepare: give at least one SRC")
     table = load_label_table(opts.labels, opts.label_column) if opts.labels else None
-    inputs = discover(sources, opts.dedupe)
+    inputs = discover(sources, opts.dedupe, out)
     n_items = len(inputs.items)
     chunk = _chunk_size(n_items)
     ident = _identity([os.path.abspath(s) for s in sources], inputs, opts, table.sha1 if table else None, chunk)
@@ -515,11 +532,11 @@ def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, table, manifest
                                        shape=(n, NUM_SAMPLES, len(LEADS)))
         pos = 0
         for i in range(len(chunks)):
-            a = np.load(os.path.join(partial, f"chunk_{i:05d}.npy"))
+            a = np.load(os.path.join(partial, f"chunk_{i:05d}.npy"), mmap_mode="r")
             mm[pos:pos + len(a)] = a
             pos += len(a)
-        mm.flush()
-        del mm
+            del a
+        del mm  # no msync: the kernel writes the pages back; a crash before the manifest says "complete" reruns
         os.replace(os.path.join(out, "signals.tmp.npy"), os.path.join(out, "signals.npy"))
         np.save(os.path.join(out, "scales.npy"), np.asarray(scales, np.float32))
     meta.to_csv(os.path.join(out, "meta.csv"), index=False)

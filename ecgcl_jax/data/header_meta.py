@@ -57,7 +57,8 @@ def parse_comments(comments: list[str]) -> dict:
     """Header comment lines (without '#') -> metadata dict (only the keys found)."""
     out: dict = {}
     for c in comments:
-        for part in re.split(r"\s{2,}|;", c) if c.count(":") > 1 else [c]:
+        # several "key: value" pairs on one line (INCART-style "<age>: 65 <sex>: F")
+        for part in re.split(r"\s{2,}|;|\s+(?=<[A-Za-z])", c) if c.count(":") > 1 else [c]:
             m = _KV.match(part)
             if not m:
                 continue
