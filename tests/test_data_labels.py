@@ -132,3 +132,27 @@ def test_cli_with_label_table(tmp_path):
                         "--labels", table, "--label-column", "lvh"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
     assert r.returncode == 0 and "up to date" in r.stderr
+
+
+def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
+    """ptbxl_sample/records.csv lies at the top of the SRC: it is attached without --labels."""
+    s = prepare([SAMPLE], str(tmp_path / "out"), PrepareOptions(), workers=2, stream=open(os.devnull, "w"))
+    ds = open_dataset(str(tmp_path / "out"))
+    table = pd.read_csv(os.path.join(SAMPLE, "records.csv"), dtype=str, keep_default_na=False)
+    assert len(table) == 82 and s["skipped"] == 0 and s["duplicates"] == 30
+    # the 52 distinct ECGs: one row each, the 500 Hz copy where a 100 Hz one also exists
+    hr = table[~table.record.str.endswith("_lr")].set_index("record")
+    assert len(ds) == len(hr) == 52
+    assert sorted(ds.meta["relpath"]) == sorted(hr.index)
+    for i, rel in enumerate(ds.meta["relpath"]):
+        assert ds.patient_ids[i] == hr.loc[rel, "patient_id"], rel
+        assert ds.labels[i] == float(hr.loc[rel, "normal"]), rel
+        assert ds.meta["fs_original"].iloc[i] == 500
+    assert s["patients"] == 29 and s["labels"] == {"positive": 30, "negative": 22, "unknown": 0}
+    assert np.isfinite(np.asarray(ds.signals)).all()
+    prepare([SAMPLE], str(tmp_path / "plain"), PrepareOptions(auto_labels=False), workers=1,
+            stream=open(os.devnull, "w"))
+    plain = open_dataset(str(tmp_path / "plain"))
+    assert (plain.patient_ids == "").all()  # the headers carry no patient ids
+    by = dict(zip(plain.names, plain.labels))
+    assert by["HR00001"] == 0.0  # header #Dx has more than sinus rhythm; records.csv (PTB-XL NORM) says 1

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--label-column", metavar="NAME",
                    help="column that becomes the binary label (default: the table's only label column; "
                         "without a table 'normal')")
+    q.add_argument("--no-auto-labels", action="store_true",
+                   help="do not attach a labels.csv / records.csv found at the top of a SRC folder")
     q.add_argument("--length", choices=("crop", "windows"), default="crop",
                    help="longer records: keep the first 10 s (crop) or cut consecutive 10 s windows")
     q.add_argument("--short", choices=("pad", "drop"), default="pad",
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
                 length=args.length, short=args.short, missing_leads=args.missing_leads,
                 min_seconds=args.min_seconds, max_denominator=args.max_denominator,
                 dedupe=not args.keep_duplicates, labels=args.labels, label_column=args.label_column,
+                auto_labels=not args.no_auto_labels,
                 compress=args.compress, array_fs=args.array_fs, array_units=args.array_units,
                 array_leads=tuple(s.strip() for s in args.array_leads.split(",") if s.strip()),
                 array_layout=args.array_layout, parquet_lead_prefix=args.parquet_lead_prefix,

@@ -27,7 +27,7 @@ from ecgcl_jax import LEADS, NUM_SAMPLES
 from ecgcl_jax.data import arrays
 from ecgcl_jax.data.dataset import FORMAT, FORMAT_VERSION
 from ecgcl_jax.data.header_meta import parse_binary, parse_comments, ptbxl_rate_tag, source_id
-from ecgcl_jax.data.labels import apply_label_table, load_label_table, patient_conflicts
+from ecgcl_jax.data.labels import apply_label_table, find_auto_table, load_label_table, patient_conflicts
 from ecgcl_jax.data.leads import normalise_lead
 from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
 from ecgcl_jax.data.wfdb_io import SkipRecord, read_wfdb
@@ -49,6 +49,7 @@ class PrepareOptions:
     dedupe: bool = True  # PTB-XL NNNNN_lr with a NNNNN_hr twin in the same SRC: keep only the 500 Hz one
     labels: str | None = None  # label table CSV
     label_column: str | None = None  # None: the table's only label column, else 'normal'
+    auto_labels: bool = True  # without --labels: attach labels.csv / records.csv found at the top of a SRC folder
     compress: bool = False  # signals.npz (compressed, loaded whole) instead of signals.npy (memory-mapped)
     array_fs: float = 500.0  # .npy/.npz/.parquet: sampling rate, unit and lead order of the arrays
     array_units: str = "mV"
@@ -291,7 +292,7 @@ def _versions() -> dict:
             "wfdb": wfdb.__version__, "pandas": pd.__version__, "python": sys.version.split()[0]}
 
 
-def _identity(sources, inputs: Inputs, opts: PrepareOptions, table_sha: str | None, chunk: int) -> str:
+def _identity(sources, inputs: Inputs, opts: PrepareOptions, table_sha, chunk: int) -> str:
     d = {"format_version": FORMAT_VERSION, "version": ecgcl_jax.__version__, "sources": sources,
          "listing": inputs.listing_hash, "options": asdict(opts), "labels_sha1": table_sha, "chunk": chunk}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()
@@ -383,11 +384,15 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     sources = [str(s) for s in sources]
     if not sources:
         raise UserError("prepare: give at least one SRC")
-    table = load_label_table(opts.labels, opts.label_column) if opts.labels else None
+    if opts.labels:
+        tables = [(None, load_label_table(opts.labels, opts.label_column))]
+    else:
+        found = [(si, find_auto_table(s)) for si, s in enumerate(sources)] if opts.auto_labels else []
+        tables = [(si, load_label_table(p, opts.label_column, auto=True)) for si, p in found if p]
     inputs = discover(sources, opts.dedupe, out)
     n_items = len(inputs.items)
     chunk = _chunk_size(n_items)
-    ident = _identity([os.path.abspath(s) for s in sources], inputs, opts, table.sha1 if table else None, chunk)
+    ident = _identity([os.path.abspath(s) for s in sources], inputs, opts, [t.sha1 for _, t in tables], chunk)
     os.makedirs(out, exist_ok=True)
     man_path = os.path.join(out, "manifest.json")
     old = None
@@ -409,7 +414,8 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "in_progress", "identity": ident,
                 "sources": sources,
                 "source_files": inputs.n_files, "options": asdict(opts),
-                "label_table": {"path": table.path, "sha1": table.sha1} if table else None,
+                "label_tables": [{"path": t.path, "sha1": t.sha1, "found_in_src": si is not None,
+                                  "label_column": t.label_column} for si, t in tables],
                 "versions": _versions(), "chunk_size": chunk,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     manifest["options"]["array_leads"] = list(opts.array_leads)
@@ -467,7 +473,7 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     inputs.duplicates = [(lr, f"duplicate: 100 Hz copy of {hr} (500 Hz kept)")
                          for hr, (_, lr) in sorted(inputs.twins.items()) if lr not in used]
     prog.close()
-    summary = _assemble(out, chunks, inputs, opts, table, manifest, stream)
+    summary = _assemble(out, chunks, inputs, opts, tables, sources, manifest, stream)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["records_per_s"] = round(n_items / max(summary["seconds"], 1e-9), 1)
     manifest["summary"] = summary
@@ -478,7 +484,7 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     return summary
 
 
-def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, table, manifest, stream) -> dict:
+def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, tables, sources, manifest, stream) -> dict:
     partial = os.path.join(out, PARTIAL)
     metas, scales, skips, sizes = [], [], [], []
     for i in range(len(chunks)):
@@ -503,10 +509,25 @@ def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, table, manifest
             meta[col] = default
     meta["patient_id"] = meta["patient_id"].fillna("").astype(str)
     meta = _apply_ptbxl(meta, inputs.ptbxl_csvs)
-    label_stats = None
-    if table is not None:
-        meta, label_stats = apply_label_table(table, meta)
-        column = table.label_column
+    label_stats = []
+    for si, table in tables:
+        if si is None:  # --labels: applies to every record
+            meta, st = apply_label_table(table, meta)
+        else:  # found in SRC number si: applies to that SRC's records
+            mask = (meta["source"] == sources[si]).to_numpy()
+            sub, st = apply_label_table(table, meta[mask].reset_index(drop=True))
+            for c in sub.columns:
+                if c not in meta.columns:
+                    meta[c] = ""
+                meta[c] = meta[c].astype(object)
+                meta.loc[mask, c] = sub[c].to_numpy(dtype=object)
+        st["found_in_src"] = si is not None
+        label_stats.append(st)
+    picked = [t.label_column for _, t in tables if t.label_column]
+    if tables and tables[0][0] is None:
+        column = tables[0][1].label_column
+    elif picked and (opts.label_column is None or opts.label_column == picked[0]):
+        column = picked[0]
     else:
         column = opts.label_column or next((c for c in ("normal", "label") if c in meta.columns and
                                             pd.to_numeric(meta[c], errors="coerce").notna().any()), "normal")
@@ -559,7 +580,8 @@ def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, table, manifest
         "patients_with_conflicting_labels": len(conflicts), "conflict_examples": conflicts[:5],
     }
     if label_stats:
-        summary["label_table"] = label_stats
+        summary["label_table"] = label_stats[0]
+        summary["label_tables"] = label_stats
     return summary
 
 
@@ -574,9 +596,8 @@ def format_summary(s: dict, out: str) -> str:
              f"label '{s['label_column']}': {lab['positive']} positive, {lab['negative']} negative, "
              f"{lab['unknown']} unknown; patients with conflicting labels: {s['patients_with_conflicting_labels']}"
              + (f" (e.g. {', '.join(s['conflict_examples'])})" if s["conflict_examples"] else "")]
-    t = s.get("label_table")
-    if t:
-        lines.append(f"label table {t['table']}: {t['records_matched']} records matched, {t['records_unmatched']} "
+    for t in s.get("label_tables", [s["label_table"]] if s.get("label_table") else []):
+        lines.append(f"label table {t['table']}{' (found in SRC)' if t.get('found_in_src') else ''}: {t['records_matched']} records matched, {t['records_unmatched']} "
                      f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
                      "nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"]
                                   else ""))

@@ -54,13 +54,35 @@ def binary_column(values, where: str) -> np.ndarray:
 class LabelTable:
     path: str
     df: pd.DataFrame  # all columns as str, '' for empty
-    label_column: str
+    label_column: str | None
     sha1: str
     columns: list[str] = field(default_factory=list)  # kept columns (all but `record`)
 
 
-def load_label_table(path: str, label_column: str | None) -> LabelTable:
-    """Read and validate a label table (UserError on a missing file/column, duplicate record, bad value)."""
+AUTO_TABLE_NAMES = ("labels.csv", "records.csv")
+
+
+def find_auto_table(src: str) -> str | None:
+    """A label table lying at the top of a SRC folder (`labels.csv` or `records.csv` with a `record` column)."""
+    if not os.path.isdir(src):
+        return None
+    for n in AUTO_TABLE_NAMES:
+        p = os.path.join(src, n)
+        if os.path.isfile(p):
+            try:
+                cols = pd.read_csv(p, nrows=0).columns
+            except Exception:
+                continue
+            if "record" in [str(c).strip() for c in cols]:
+                return p
+    return None
+
+
+def load_label_table(path: str, label_column: str | None, auto: bool = False) -> LabelTable:
+    """Read and validate a label table (UserError on a missing file/column, duplicate record, bad value).
+
+    auto: a table found in a SRC folder; its label column is `label_column` if it has one, else `label`, else
+    `normal`, else its only 0/1 column, else none (it then only contributes patient ids and extra columns)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: label table not found")
     with open(path, "rb") as f:
@@ -73,6 +95,16 @@ def load_label_table(path: str, label_column: str | None) -> LabelTable:
     if "record" not in df.columns:
         raise UserError(f"{path}: no 'record' column (columns: {', '.join(df.columns)})")
     cols = [c for c in df.columns if c != "record"]
+    if auto:
+        valid = [c for c in cols if c != "patient_id" and all(parse_binary(v) is not None for v in df[c])
+                 and (df[c].str.strip() != "").any()]
+        pick = [c for c in (label_column, "label", "normal") if c in valid]
+        label_column = pick[0] if pick else (valid[0] if len(valid) == 1 else None)
+        df["record"] = df["record"].map(normalise_key)
+        if df["record"].duplicated().any():
+            raise UserError(f"{path}: record '{df['record'][df['record'].duplicated()].iloc[0]}' appears in more "
+                            "than one row (give --no-auto-labels to ignore this table)")
+        return LabelTable(path, df, label_column, sha1, cols)
     if label_column is None:
         cands = [c for c in cols if c != "patient_id"]
         if len(cands) != 1:
