@@ -116,7 +116,8 @@ def _label_array(meta: pd.DataFrame, column: str, path: str) -> np.ndarray:
 
 
 STRING_COLUMNS = ("record", "name", "relpath", "source", "source_id", "patient_id", "ecg_id", "sex", "dx",
-                  "labels", "scp_codes", "leads_original", "missing_leads", "resample", "reader", "format")
+                  "labels", "scp_codes", "leads_original", "missing_leads", "repeated_leads", "resample", "reader",
+                  "format")
 
 
 def read_meta(path: str) -> pd.DataFrame:

@@ -83,8 +83,6 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
     if len(sig.names) != x.shape[1]:
         raise SkipRecord(f"{x.shape[1]} signal columns but {len(sig.names)} lead names")
     mapping, unknown, dup = lead_index(sig.names)
-    if dup:
-        raise SkipRecord(f"duplicate leads: {', '.join(dup)}")
     miss = missing_leads(mapping)
     if miss and (opts.missing_leads == "drop" or len(miss) == len(LEADS)):
         why = f"missing leads {','.join(miss)}"
@@ -130,6 +128,7 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
         "n_leads_original": int(x.shape[1]),
         "leads_original": ",".join(map(str, sig.names)),
         "missing_leads": ",".join(miss),
+        "repeated_leads": ",".join(dup),  # a lead given twice (e.g. a rhythm strip): the first channel is used
         "resample": ratio,
         "reader": sig.reader,
     }
