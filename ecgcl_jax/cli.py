@@ -10,6 +10,9 @@ from ecgcl_jax.errors import UserError
 def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool = False,
               coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> int:
   """Run ``fn`` and map outcomes to exit codes: 0 done or preempted, 2 user error."""
+  from absl import logging as absl_logging  # noqa: PLC0415
+
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   try:
     if distributed or coordinator:
       from ecgcl_jax import parallel  # noqa: PLC0415

@@ -109,14 +109,11 @@ def validate_config(config, num_devices: int) -> None:
   bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]
   if bad or (config.mode in ("cmlc", "cmsmlc") and len(config.clocs_leads) < 2):
     raise UserError(f"config.clocs_leads: need >= 2 of {', '.join(ecgcl_jax.LEADS)} (got {list(config.clocs_leads)})")
-  models.validate_model_config(config.model)
+  models.encoder_config(config.model)
   length, _, _ = input_geometry(config)
   for field in ("view1", "view2"):
     name, param = parse_augmentation(config.augment[field], f"augment.{field}")
-    try:
-      augment.validate(name, param, length)
-    except UserError as e:
-      raise UserError(f"config.augment.{field}: {e}") from None
+    augment.validate(name, param, length, field=f"config.augment.{field}")
   if config.data.path and not os.path.exists(config.data.path):
     raise UserError(f"config.data.path: {config.data.path} does not exist")
 
@@ -130,13 +127,20 @@ def make_optimizer(optim) -> optax.GradientTransformation:
 
 def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
   """x: (B, 5000, 12) normalised -> list of V encoder inputs (B, L', C'); see the module docstring."""
-  aug1 = parse_augmentation(config.augment.view1, "augment.view1")
-  aug2 = parse_augmentation(config.augment.view2, "augment.view2")
   shared = bool(config.augment.permute_shared_leads)
+
+  def canonical(field, length):
+    name, param = augment.validate(*parse_augmentation(config.augment[field], field), length)
+    if name == "permute" and shared:
+      param = (param[0], True)
+    return name, param
+
+  length = x.shape[1] // (2 if config.mode in ("cmsc", "cmsmlc") else 1)
+  aug1, aug2 = canonical("view1", length), canonical("view2", length)
   gidx = jnp.arange(x.shape[0], dtype=jnp.int32)  # position in the *global* batch
 
   def pair(k, xs, a1, a2):
-    return augment.two_views(k, xs, gidx, a1, a2, permute_shared_leads=shared)
+    return augment.two_views(k, xs, gidx, a1, a2)
 
   half = x.shape[1] // 2
   if config.mode == "simclr":
