@@ -143,6 +143,10 @@ def _corrupt_set(tmp_path):
     with open(dat, "r+b") as f:
         f.truncate(os.path.getsize(dat) // 2)
     bad[h] = "truncated"
+    h = write_record(str(src / "bad" / "trunc212"), "t212", fmt="212")  # truncated, read through wfdb
+    with open(h[:-4] + ".dat", "r+b") as f:
+        f.truncate(1000)
+    bad[h] = "truncated"
     h = copy_record(good[1], str(src / "bad" / "garbage"))  # garbage header
     with open(h, "wb") as f:
         f.write(os.urandom(200))

@@ -237,8 +237,36 @@ def _loadmat(path: str, nsig: int) -> np.ndarray:
     return np.asarray(val.T)
 
 
+_BYTES_PER_SAMPLE = {"8": 1, "16": 2, "61": 2, "80": 1, "160": 2, "212": 1.5, "24": 3, "32": 4, "310": 4 / 3,
+                     "311": 4 / 3}
+
+
+def _check_sizes(hea_path: str, h: Header) -> None:
+    """SkipRecord for a missing or too short signal file of an uncompressed format (before wfdb reads it)."""
+    if h.nseg is not None or not h.nsamp:
+        return
+    folder = os.path.dirname(hea_path)
+    per_file: dict[str, list[_SigSpec]] = {}
+    for sp in h.signals:
+        per_file.setdefault(sp.file, []).append(sp)
+    for fname, sigs in per_file.items():
+        if fname == "~":
+            continue
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise SkipRecord(f"signal file {fname} missing")
+        if any(sp.fmt not in _BYTES_PER_SAMPLE for sp in sigs):
+            continue
+        need = sigs[0].offset + int(np.ceil(h.nsamp * sum(_BYTES_PER_SAMPLE[sp.fmt] * sp.spf for sp in sigs)))
+        size = os.path.getsize(path)
+        if size < need:
+            raise SkipRecord(f"truncated signal file {fname} ({size} bytes, header needs {need})")
+
+
 def _read_with_wfdb(hea_path: str, h: Header, max_samples: int | None) -> RawSignal:
     import wfdb
+
+    _check_sizes(hea_path, h)
 
     rec_name = hea_path[:-4] if hea_path.lower().endswith(".hea") else hea_path
     try:
