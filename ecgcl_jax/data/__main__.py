@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. DIR not writable, disk full
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130

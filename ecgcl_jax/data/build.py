@@ -249,7 +249,7 @@ class Progress:
     """One progress line on stderr: records done, records/s, ETA (rewritten in place on a terminal)."""
 
     def __init__(self, total: int, stream=None, every: float = 0.5):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.total, self.done, self.base, self.t0 = total, 0, 0, time.perf_counter()
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every = every if self.tty else 10.0
@@ -257,7 +257,7 @@ class Progress:
 
     def line(self) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = self.done / dt
+        rate = (self.done - self.base) / dt  # records read in this run (a continued run starts at base)
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta_s = "--" if not math.isfinite(eta) else f"{int(eta // 60)}:{int(eta % 60):02d}"
         return f"prepare: {self.done}/{self.total} records  {rate:.0f} records/s  ETA {eta_s}"
@@ -429,7 +429,7 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
                      "SRC; the 500 Hz ones are used (--keep-duplicates keeps both; list in skipped.csv)")
     if done:
         prog.message(f"prepare: continuing an interrupted run: {len(done)} of {len(chunks)} chunks already done")
-        prog.done = sum(len(chunks[i]) for i in done)
+        prog.done = prog.base = sum(len(chunks[i]) for i in done)
     todo = [i for i in range(len(chunks)) if i not in done]
     opts_d = asdict(opts)
     jobs = [(i, chunks[i], sources, opts_d, partial) for i in todo]
