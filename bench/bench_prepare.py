@@ -95,7 +95,7 @@ def main() -> None:
               f"{loop_rate:.0f} records/s ({1e3 * loop_s / len(loop_paths):.2f} ms/record)", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        s = prepare([src], out, PrepareOptions(), workers=args.workers or None)
+        prepare([src], out, PrepareOptions(), workers=args.workers or None)
         prep_s = time.perf_counter() - t0
         n = len(open_dataset(out))
         assert n == args.records, (n, args.records)
