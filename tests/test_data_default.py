@@ -3,13 +3,11 @@ import os
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from ecgcl_jax import LEADS
 from ecgcl_jax.data import open_dataset
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample")
-HAVE_SAMPLE = os.path.isfile(os.path.join(SAMPLE, "records.csv"))
 
 
 def test_default_dataset_shape_and_contract():
@@ -30,7 +28,6 @@ def test_default_dataset_shape_and_contract():
     assert size < 5_000_000
 
 
-@pytest.mark.skipif(not HAVE_SAMPLE, reason="shared/data/ptbxl_sample not beside the repository")
 def test_default_dataset_matches_wfdb_and_records_csv():
     import wfdb
 
