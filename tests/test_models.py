@@ -12,7 +12,7 @@ from ecgcl_jax import models
 from ecgcl_jax.errors import UserError
 
 CH = (32, 32, 64, 64, 64)
-KEYS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+KEYS = {"params": jax.random.key(0, impl="rbg"), "dropout": jax.random.key(1, impl="rbg")}
 
 
 def cfg(encoder, **kw):
@@ -222,18 +222,22 @@ def np_encoder(c, x, p, s):
   return emb, z, w
 
 
-def randomize_bn(variables, seed=0):
-  """Non-trivial BatchNorm scale/bias/mean/var so the eval-mode normalisation is really checked."""
+def random_variables(module, *args, seed=0):
+  """Variables of `module` drawn with NumPy (no init compilation): kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.1),
+  and non-trivial BatchNorm scale/bias/mean/var so the eval-mode normalisation is really checked."""
   rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: module.init(KEYS, *args, train=False))
 
-  def fix(path, a):
+  def draw(path, a):
     name = jax.tree_util.keystr(path)
-    if "bn" not in name:
-      return a
     if "'var'" in name or "'scale'" in name:
-      return jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype)
-    return jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
-  return jax.tree_util.tree_map_with_path(fix, variables)
+      v = rng.uniform(0.5, 1.5, a.shape)
+    elif "kernel" in name:
+      v = rng.normal(0, 1 / math.sqrt(math.prod(a.shape[:-1])), a.shape)
+    else:
+      v = rng.normal(0, 0.3 if "bn" in name else 0.1, a.shape)
+    return jnp.asarray(v, a.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 TINY = dict(channels=(4, 5, 6, 6, 7), kernel_size=5, dropout=0.2)
@@ -246,53 +250,91 @@ TINY = dict(channels=(4, 5, 6, 6, 7), kernel_size=5, dropout=0.2)
     cfg("cnn_transformer", emb_dim=7, proj_dim=3, transformer_heads=2, transformer_d_model=6, **TINY),
     cfg("res_cnn_lstm", emb_dim=4, proj_dim=3, **TINY),
 ], ids=lambda c: c.encoder)
-def test_encoder_matches_numpy_float64(c):
+def test_encoder_matches_numpy_float64_and_modes(c):
   x = np.random.default_rng(1).normal(size=(3, 320, 2)).astype(np.float32)  # lengths 160,80,38,19,8,4,2
   model = models.build_encoder(c)
-  v = randomize_bn(jax.jit(lambda x: model.init(KEYS, x, train=False))(x))
-  (emb, z), state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(v, x)
+  v = random_variables(model, x)
+  keys = jax.random.split(jax.random.key(10, impl="rbg"), 2)
+
+  @jax.jit
+  def run(v, x):  # one compilation: eval and train forwards under two dropout keys each
+    fwd = lambda train, k: model.apply(v, x, train=train, rngs={"dropout": k},  # noqa: E731
+                                       mutable=["batch_stats", "intermediates"])
+    return jax.vmap(lambda k: fwd(False, k))(keys), jax.vmap(lambda k: fwd(True, k))(keys)
+  ((emb, z), s_eval), ((emb_t, _), s_train) = run(v, x)
+  first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
+  s_eval, s_train = first(s_eval), first(s_train)
+
   p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
   want_emb, want_z, want_w = np_encoder(c, x.astype(np.float64), p64["params"], p64["batch_stats"])
-  np.testing.assert_allclose(emb, want_emb, rtol=2e-4, atol=2e-5)
-  np.testing.assert_allclose(z, want_z, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(emb[0], want_emb, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(z[0], want_z, rtol=2e-4, atol=2e-5)
   if want_w is not None:
-    (w,) = state["intermediates"]["attention"]["attention_weights"]
-    np.testing.assert_allclose(w, want_w, rtol=2e-4, atol=1e-6)
+    for state in (s_eval, s_train):
+      (w,) = state["intermediates"]["attention"]["attention_weights"]
+      assert w.shape == (3, 2)
+      np.testing.assert_allclose(np.sum(w, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(s_eval["intermediates"]["attention"]["attention_weights"][0], want_w,
+                               rtol=2e-4, atol=1e-6)
+  # eval: no dropout (the key does not matter), running statistics untouched
+  np.testing.assert_array_equal(emb[0], emb[1])
+  np.testing.assert_array_equal(z[0], z[1])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, s_eval["batch_stats"], v["batch_stats"])
+  # train: dropout active, every running statistic moves
+  assert emb_t.shape == (2, 3, c.emb_dim) and np.isfinite(emb_t).all()
+  assert not np.allclose(emb_t[0], emb_t[1])
+  for old, new in zip(jax.tree_util.tree_leaves(v["batch_stats"]), jax.tree_util.tree_leaves(s_train["batch_stats"])):
+    assert not np.allclose(old, new)
+
+
+def test_init_is_float32_and_pytorch_like():
+  c = cfg("cnn_attn_lstm", emb_dim=8, proj_dim=3, **TINY)
+  model = models.build_encoder(c, dtype=jnp.bfloat16)
+  x = jnp.zeros((2, 320, 2))
+  v = jax.jit(lambda x: model.init(KEYS, x, train=False))(x)
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v))
+  p = v["params"]
+  # PyTorch defaults: conv / linear weights and biases U(+-1/sqrt(fan_in)); LSTM U(+-1/sqrt(hidden)); BN 1 / 0
+  for kern, fan_in in [(p["trunk"]["layer_0"]["conv"]["kernel"], 5 * 2), (p["head"]["dense"]["kernel"], 8),
+                       (p["head"]["dense"]["bias"], 8), (p["lstm"]["layer_0"]["forward"]["hi"]["kernel"], 4),
+                       (p["lstm"]["layer_0"]["backward"]["hf"]["bias"], 4), (p["attention"]["W"]["bias"], 16)]:
+    bound = 1 / math.sqrt(fan_in)
+    assert np.max(np.abs(kern)) <= bound and np.max(np.abs(kern)) > 0.5 * bound
+  np.testing.assert_array_equal(p["trunk"]["layer_2"]["bn"]["scale"], 1.0)
+  np.testing.assert_array_equal(v["batch_stats"]["trunk"]["layer_2"]["bn"]["var"], 1.0)
+  np.testing.assert_array_equal(v["batch_stats"]["trunk"]["layer_2"]["bn"]["mean"], 0.0)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Full-size shapes, train vs eval
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", models.ENCODERS)
-def test_full_size_train_and_eval(encoder):
+def test_full_size_shapes(encoder):
   model = models.build_encoder(cfg(encoder))
+  x = jnp.zeros((2, 5000, 12))
+  (e, z), state = jax.eval_shape(lambda: model.apply(model.init(KEYS, x, train=False), x, train=True,
+                                                     rngs={"dropout": KEYS["dropout"]},
+                                                     mutable=["batch_stats", "intermediates"]))
+  assert e.shape == (2, 256) and z.shape == (2, 128)
+  if encoder == "cnn_attn_lstm":
+    assert state["intermediates"]["attention"]["attention_weights"][0].shape == (2, 37)
+
+
+def test_full_size_forward_runs():
+  model = models.build_encoder(cfg("cnn_attn_lstm"))
   x = jax.random.normal(jax.random.key(3), (2, 5000, 12))
-  keys = jax.random.split(jax.random.key(10), 2)
+
+  v = random_variables(model, x)
 
   @jax.jit
-  def run(x):  # one compilation: init, then train and eval forwards under two dropout keys each
-    v = model.init(KEYS, x, train=False)
-    fwd = lambda train, k: model.apply(v, x, train=train, rngs={"dropout": k},  # noqa: E731
-                                       mutable=["batch_stats", "intermediates"])
-    return v, jax.vmap(lambda k: fwd(True, k))(keys), jax.vmap(lambda k: fwd(False, k))(keys)
-  v, ((e, z), s1), ((ev, zv), s3) = run(x)
-  s1, s3 = (jax.tree_util.tree_map(lambda a: a[0], s) for s in (s1, s3))
-  e1, e2, z1, e3, e4, z3, z4 = e[0], e[1], z[0], ev[0], ev[1], zv[0], zv[1]
-  assert e1.shape == (2, 256) and z1.shape == (2, 128)
-  assert np.isfinite(e1).all() and np.isfinite(z1).all()
-  assert not np.allclose(e1, e2)  # dropout is active in training
-  # training updates every running statistic (momentum 0.9, i.e. torch's 0.1)
-  for old, new in zip(jax.tree_util.tree_leaves(v["batch_stats"]), jax.tree_util.tree_leaves(s1["batch_stats"])):
-    assert not np.allclose(old, new)
-  np.testing.assert_array_equal(e3, e4)  # no dropout in eval
-  np.testing.assert_array_equal(z3, z4)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, s3["batch_stats"], v["batch_stats"])  # stats frozen
-  if encoder == "cnn_attn_lstm":
-    for state in (s1, s3):
-      (w,) = state["intermediates"]["attention"]["attention_weights"]
-      assert w.shape == (2, 37)
-      np.testing.assert_allclose(np.sum(w, axis=1), 1.0, rtol=1e-5)
-      assert np.all(w >= 0)
+  def run(v, x):
+    return model.apply(v, x, train=True, rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats", "intermediates"])
+  (e, z), state = run(v, x)
+  assert e.shape == (2, 256) and z.shape == (2, 128)
+  assert np.isfinite(e).all() and np.isfinite(z).all()
+  (w,) = state["intermediates"]["attention"]["attention_weights"]
+  assert w.shape == (2, 37) and np.all(w >= 0)
+  np.testing.assert_allclose(np.sum(w, axis=1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("encoder", models.ENCODERS)
@@ -308,7 +350,7 @@ def test_other_sizes_shapes(encoder, emb, proj, leads, length):
 def test_batchnorm_running_stats_torch_momentum():
   block = models.ConvBNAct(3, 5, 2, dropout=0.0)
   x = np.random.default_rng(2).normal(size=(4, 40, 2)).astype(np.float32)
-  v = block.init(KEYS, x, train=False)
+  v = random_variables(block, x)
   v = {"params": v["params"], "batch_stats": {"bn": {"mean": jnp.full(3, 0.5), "var": jnp.full(3, 2.0)}}}
   _, s = block.apply(v, x, train=True, mutable=["batch_stats"])
   y = np_conv(x.astype(np.float64), np.asarray(v["params"]["conv"]["kernel"], np.float64), 2, (2, 2))
@@ -333,12 +375,14 @@ def test_bfloat16_compute(encoder):
   f32 = dataclasses.replace(model, dtype=jnp.float32)
   x = jax.random.normal(jax.random.key(0), (2, 1000, 12))
 
+  v = random_variables(model, x)
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(shapes_of(model, x)))
+
   @jax.jit
-  def run(x):
-    v = model.init(KEYS, x, train=False)
+  def run(v, x):
     fwd = lambda m: m.apply(v, x, train=True, rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])  # noqa
-    return v, fwd(model), fwd(f32)[0][0]
-  v, ((e, z), s), e32 = run(x)
+    return fwd(model), fwd(f32)[0][0]
+  ((e, z), s), e32 = run(v, x)
   assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v))
   assert e.dtype == jnp.bfloat16 and z.dtype == jnp.bfloat16
   assert np.isfinite(np.asarray(e, np.float32)).all() and np.isfinite(np.asarray(z, np.float32)).all()
@@ -370,7 +414,7 @@ def np_head(e, p, aggregate, linear=False):
 def test_classifier_head_matches_numpy(aggregate, views):
   head = models.ClassifierHead(hidden=6, dropout=0.3, aggregate=aggregate)
   e = np.random.default_rng(0).normal(size=(4, views, 5)).astype(np.float32)
-  v = head.init(KEYS, e, train=False)
+  v = random_variables(head, e)
   logits = head.apply(v, e, train=False)
   assert logits.shape == (4,) and logits.dtype == jnp.float32
   p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
@@ -396,34 +440,37 @@ def test_classifier_shapes_and_param_names(aggregate, views, leads):
 def test_pretrained_encoder_plugs_into_classifier():
   x = jax.random.normal(jax.random.key(4), (3, 2, 2500, 12))
   encoder = models.build_encoder(SMALL)
-  enc_vars = randomize_bn(encoder.init({"params": jax.random.key(7)}, x[:, 0], train=False), seed=3)
   clf = models.Classifier(SMALL, aggregate="mean", num_views=2)
-  clf_vars = models.plug_encoder(clf.init(KEYS, x, train=False), enc_vars)
+
+  enc_vars = random_variables(encoder, x[:, 0], seed=3)
+  clf_vars = models.plug_encoder(random_variables(clf, x), enc_vars)
+
+  @jax.jit
+  def run(enc_vars, clf_vars, x):
+    e = [encoder.apply(enc_vars, x[:, i], train=False)[0] for i in range(2)]
+    return clf.apply(clf_vars, x, train=False), jnp.stack(e, 1)
+  logits, e = run(enc_vars, clf_vars, x)
   jax.tree_util.tree_map(np.testing.assert_array_equal, clf_vars["params"]["encoder"], enc_vars["params"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, clf_vars["batch_stats"]["encoder"], enc_vars["batch_stats"])
-  logits = clf.apply(clf_vars, x, train=False)
-  e0 = encoder.apply(enc_vars, x[:, 0], train=False)[0]
-  e1 = encoder.apply(enc_vars, x[:, 1], train=False)[0]
   p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), clf_vars["params"]["head"])
-  want = np_head(np.stack([e0, e1], 1).astype(np.float64), p64, "mean")
-  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, np_head(np.asarray(e, np.float64), p64, "mean"), rtol=1e-4, atol=1e-5)
   # a different config does not fit
   other = models.build_encoder(cfg("cnn_attn_lstm", emb_dim=18, proj_dim=8))
   with pytest.raises(UserError, match="encoder checkpoint"):
-    models.plug_encoder(clf_vars, other.init(KEYS, x[:, 0], train=False))
+    models.plug_encoder(clf_vars, jax.eval_shape(lambda: other.init(KEYS, x[:, 0], train=False)))
 
 
 def test_linear_probe_freezes_encoder():
   clf = models.Classifier(SMALL, linear_probe=True)
   x = jax.random.normal(jax.random.key(5), (4, 2500, 12))
-  v = clf.init(KEYS, x, train=False)
+  v = random_variables(clf, x)
   assert set(v["params"]["head"]) == {"out"}  # a single Dense(1)
 
   def loss(params):
     logits, state = clf.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
                               rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])
     return jnp.sum(logits), state
-  grads, state = jax.grad(loss, has_aux=True)(v["params"])
+  grads, state = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
   assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(grads["encoder"]))
   assert any(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads["head"]))
   jax.tree_util.tree_map(np.testing.assert_array_equal, state["batch_stats"], v["batch_stats"])
