@@ -157,12 +157,17 @@ def classifier_variables(model: models.Classifier, spec: InputSpec, key: jax.Arr
                          leads: int = len(ecgcl_jax.LEADS)) -> dict:
     """Initial classifier variables; with `encoder_variables` ({'params', 'batch_stats'} of the encoder
     module) the classifier's 'encoder' subtrees are the pretrained encoder's, the head is fresh."""
-    dummy = make_views(jnp.zeros((2, input_length, leads), jnp.float32), spec)
-    variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, dummy, train=False))(key)
+    variables = _init_fn(model, spec, int(input_length), int(leads))(key)
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     if encoder_variables is not None:
         variables = models.plug_encoder(variables, encoder_variables)
     return variables
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(model, spec: InputSpec, input_length: int, leads: int) -> Callable:
+    dummy = make_views(jnp.zeros((2, input_length, leads), jnp.float32), spec)
+    return jax.jit(lambda k: model.init({"params": k, "dropout": k}, dummy, train=False))
 
 
 def make_finetune_step(model, tx: optax.GradientTransformation, to_input: Callable) -> Callable:
@@ -258,6 +263,10 @@ class Trainer:
     predict_logits: Callable
     batch_size: int
 
+    def init_head(self, key: jax.Array, example: np.ndarray) -> dict:
+        """Variables of a probe head (self.model = ClassifierHead) for inputs shaped like `example`."""
+        return dict(_head_init_fn(self.model, tuple(example.shape[1:]))(key))
+
     @classmethod
     def create(cls, model, to_input: Callable, learning_rate: float, weight_decay: float, batch_size: int):
         tx = make_optimizer(learning_rate, weight_decay)
@@ -318,6 +327,11 @@ def probe_trainer(emb_dim: int, spec: InputSpec, ft_config) -> Trainer:
 def _probe_trainer(emb_dim, aggregate, lr, wd, batch_size) -> Trainer:
     head = models.ClassifierHead(emb_dim, 0.0, aggregate, linear=True)
     return Trainer.create(head, lambda b: b["x"], lr, wd, batch_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _head_init_fn(head, feature_shape: tuple) -> Callable:
+    return jax.jit(lambda k: head.init(k, jnp.zeros((2,) + feature_shape, jnp.float32), train=False))
 
 
 @functools.lru_cache(maxsize=16)

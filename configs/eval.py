@@ -1,0 +1,57 @@
+"""Evaluation protocol (run_eval.py): K repeats of split -> pretrain-or-load -> fine-tune -> select -> test.
+
+  python run_eval.py --config configs/eval.py --workdir runs/eval [--config.repeats=5 ...]
+  python run_eval.py --config configs/eval.py:clocs_cmsc --workdir runs/eval_cmsc   # another pretraining config
+
+The optional argument after ':' names the nested pretraining config module in configs/ (default
+cnn_attn_lstm); for a CLOCS contrast mode (cmsc, cmlc, cmsmlc) the split defaults to 60/20/20 as in CLOCS.
+
+The data section is shared: `config.data` IS `config.pretrain.data` (one ConfigDict under two names), so
+`--config.data.path=DIR` / `--config.data.label=COLUMN` reach the nested pretraining as well (and
+`--config.pretrain.data.path=DIR` sets the same field).
+"""
+import importlib
+
+import ml_collections
+
+from configs import cnn_attn_lstm
+
+
+def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  if pretrain_config in ("", "cnn_attn_lstm"):
+    c.pretrain = cnn_attn_lstm.get_config()
+  else:
+    c.pretrain = importlib.import_module(f"configs.{pretrain_config}").get_config()
+  # Pretraining per repeat uses every c.pretrain field; its seed is replaced by the repeat's seed.
+  c.data = c.pretrain.data    # shared: data.path ("" = embedded PTB-XL sample), data.label (label column)
+
+  c.repeats = 3               # K: number of repeats (split + pretrain-or-load + fine-tune + test)
+  c.seeds = (321, 123, 51)    # the reference's seeds; repeats beyond these draw further seeds deterministically
+  c.encoder_checkpoint = ""   # exported encoder (run_pretrain.py WORKDIR or WORKDIR/encoder); "" = pretrain per repeat
+  c.allow_leakage = False     # evaluate a loaded encoder even if it saw this repeat's val/test patients
+
+  clocs = c.pretrain.mode in ("cmsc", "cmlc", "cmsmlc")
+  c.split = ml_collections.ConfigDict()
+  c.split.train = 0.6 if clocs else 0.7   # patient-level, stratified on the patient label
+  c.split.val = 0.2 if clocs else 0.15    # one ECG per patient
+  c.split.test = 0.2 if clocs else 0.15   # one ECG per patient
+  c.label_fraction = 1.0      # fine-tune on this stratified fraction of the training patients (val/test unchanged)
+
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.num_epochs = 40        # validation scored every epoch; the best-AUROC epoch is kept
+  c.finetune.batch_size = 64        # also the prediction batch (the last one padded and masked)
+  c.finetune.learning_rate = 1e-4   # Adam
+  c.finetune.weight_decay = 1e-4    # L2 added to the gradient (torch Adam's weight_decay)
+  c.finetune.head_dropout = 0.3     # Dense(emb) -> ReLU -> dropout -> Dense(1)
+  c.finetune.aggregate = "concat"   # CLOCS encoders: concat | sum | mean | attention over halves/leads
+
+  # Baselines on the same splits (the main row is always the pretrained encoder fine-tuned end to end).
+  c.baselines = ("linear_probe", "random_init", "random_init_linear_probe")
+
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.field = ""          # dotted config field to sweep ("" = a single evaluation), e.g. "label_fraction"
+  c.sweep.choices = ()        # its values; one results folder per value
+  c.sweep.metric = "auroc"    # metric of the sweep plot
+  c.lock()
+  return c

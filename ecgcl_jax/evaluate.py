@@ -1,0 +1,603 @@
+"""The K-repeat evaluation protocol, its baselines, and sweeps (`run_eval.py`).
+
+Per repeat (seed s; default seeds 321, 123, 51, further ones drawn deterministically):
+  1. split the labeled patients (splits.py): stratified train/val/test, one ECG per val/test patient;
+  2. pretraining pool = every record of every patient not in val/test (checked, raises otherwise);
+     pretrain on it with the nested `config.pretrain` (seed s) in WORKDIR/repeat_s/pretrain, or load
+     `config.encoder_checkpoint` and refuse if its pretraining patients meet this repeat's val/test patients;
+  3. normaliser (max_amp) fitted on the training split;
+  4. methods on the same split, each trained `finetune.num_epochs` epochs, validation scored every epoch,
+     the best-AUROC epoch kept and scored once on test:
+       finetune                  pretrained encoder + head, trained end to end (the reference protocol)
+       linear_probe              frozen pretrained encoder (eval mode) + Dense(1)
+       random_init               the same architecture from a random init, trained end to end
+       random_init_linear_probe  frozen random-init encoder + Dense(1)
+  5. the repeat is recorded in WORKDIR/repeat_s/repeat.json as soon as it finishes; a re-run skips it.
+
+Outputs: results.json, splits.json, results.md, results.csv, plots/val_auroc.png, plots/roc_test.png,
+repeat_s/test_predictions.csv. With `config.sweep.field` set, `run` runs the protocol once per value into
+WORKDIR/<field>=<value>/ and writes sweep.md, sweep.csv and sweep_<metric>.png.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+import ecgcl_jax
+from ecgcl_jax import checkpoint, finetune, input_pipeline, metrics, splits
+from ecgcl_jax.errors import UserError
+
+DEFAULT_SEEDS = (321, 123, 51)
+METHODS = ("finetune", "linear_probe", "random_init", "random_init_linear_probe")
+BASELINES = METHODS[1:]
+# Fields that may differ when an evaluation workdir is resumed (they cannot change a finished repeat).
+RESUMABLE_CHANGES = ("repeats", "seeds", "allow_leakage", "sweep.field", "sweep.choices", "sweep.metric",
+                     "pretrain.log_every", "pretrain.checkpoint_every", "pretrain.keep_checkpoints",
+                     "pretrain.data.resident", "pretrain.data.prefetch", "data.resident", "data.prefetch")
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT during an evaluation; finished repeats are kept."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def resolve_seeds(config) -> list[int]:
+    """The K = config.repeats seeds: config.seeds first, then seeds drawn from a fixed generator (the i-th
+    extra seed depends only on i, so K = 5 extends K = 3 without changing its first repeats)."""
+    k = int(config.repeats)
+    if k < 1:
+        raise UserError(f"config.repeats: must be >= 1 (got {k})")
+    seeds = [int(s) for s in config.seeds][:k]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"config.seeds: seeds must be distinct (got {list(config.seeds)})")
+    i = 0
+    while len(seeds) < k:
+        s = int(np.random.default_rng([0xEC6C1, i]).integers(1, 2**31 - 1))
+        i += 1
+        if s not in seeds:
+            seeds.append(s)
+    return seeds
+
+
+def _jsonable(x):
+    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _unjson(x):
+    """Inverse of `_jsonable` for metric dicts: None -> NaN."""
+    if isinstance(x, dict):
+        return {k: _unjson(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unjson(v) for v in x]
+    return math.nan if x is None else x
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic, strict JSON (no NaN)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_json(config) -> dict:
+    return json.loads(config.to_json())
+
+
+def check_resume(saved: dict, current: dict, path: str) -> None:
+    """Refuses a resume whose config differs in a field that changes results (lists them)."""
+    a, b = _flat(saved), _flat(current)
+    changed = sorted(k for k in set(a) | set(b)
+                     if k not in RESUMABLE_CHANGES and json.dumps(a.get(k)) != json.dumps(b.get(k)))
+    if changed:
+        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+        raise UserError(f"{path}: this evaluation workdir was started with another config; changed fields: "
+                        f"{detail} (use a new --workdir; only repeats/seeds/logging may change)")
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGTERM/SIGINT raise `Interrupted` at the next Python bytecode (finished repeats are on disk)."""
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def validate(config) -> None:
+    """Checks of the evaluation fields (the nested pretraining config is checked by pretrain)."""
+    splits.check_fractions((config.split.train, config.split.val, config.split.test), "config.split")
+    if not 0.0 < float(config.label_fraction) <= 1.0:
+        raise UserError(f"config.label_fraction: must be in (0, 1] (got {config.label_fraction})")
+    ft = config.finetune
+    for field in ("num_epochs", "batch_size"):
+        if int(ft[field]) < 1:
+            raise UserError(f"config.finetune.{field}: must be a positive integer (got {ft[field]})")
+    for field in ("learning_rate", "weight_decay"):
+        if float(ft[field]) < 0 or (field == "learning_rate" and float(ft[field]) == 0):
+            raise UserError(f"config.finetune.{field}: must be positive (got {ft[field]})")
+    if not 0.0 <= float(ft.head_dropout) < 1.0:
+        raise UserError(f"config.finetune.head_dropout: must be in [0, 1) (got {ft.head_dropout})")
+    from ecgcl_jax import models  # noqa: PLC0415
+    if ft.aggregate not in models.AGGREGATES:
+        raise UserError(f"config.finetune.aggregate: {ft.aggregate!r} is not one of {', '.join(models.AGGREGATES)}")
+    bad = [b for b in config.baselines if b not in BASELINES]
+    if bad:
+        raise UserError(f"config.baselines: unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
+    resolve_seeds(config)
+
+
+def _encoder_dir(path: str) -> str:
+    """Accepts the exported encoder folder or the pretraining workdir that holds it (WORKDIR/encoder)."""
+    if os.path.isfile(os.path.join(path, "encoder.json")):
+        return path
+    if os.path.isfile(os.path.join(path, "encoder", "encoder.json")):
+        return os.path.join(path, "encoder")
+    raise UserError(f"config.encoder_checkpoint: {path} holds no exported encoder (expected encoder.json, as "
+                    "written by run_pretrain.py to WORKDIR/encoder)")
+
+
+def check_preprocessing(prep: dict, where: str) -> None:
+    """The encoder's recorded input format must be this package's dataset format."""
+    want = {"sample_rate": ecgcl_jax.SAMPLE_RATE, "num_samples": ecgcl_jax.NUM_SAMPLES,
+            "leads": list(ecgcl_jax.LEADS)}
+    for k, v in want.items():
+        if k in prep and (list(prep[k]) if isinstance(v, list) else prep[k]) != v:
+            raise UserError(f"{where}: encoder was trained on {k}={prep[k]!r}, the dataset has {v!r}")
+
+
+# ------------------------------------------------------------------------------------------ the encoder
+def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir: str, exported):
+    """(ExportedEncoder, info dict) for this repeat, or (None, info) when pretraining was interrupted."""
+    keys = splits.patient_keys(ds.patient_ids, ds.records)
+    if exported is not None:
+        try:
+            splits.check_pool(exported.pretrain_patients, split.val_patients, split.test_patients,
+                              where=f"config.encoder_checkpoint={config.encoder_checkpoint} (seed {seed})")
+        except splits.LeakageError as e:
+            if not config.allow_leakage:
+                raise splits.LeakageError(f"{e}; its test scores would be optimistic. Pretrain with run_eval.py "
+                                          "(per repeat) or pass --config.allow_leakage=True to evaluate anyway") from None
+            _log(f"warning: {e} (allowed by config.allow_leakage)")
+            leaked = sorted(set(exported.pretrain_patients) & (set(split.val_patients) | set(split.test_patients)))
+            return exported, {"encoder_checkpoint": config.encoder_checkpoint, "leaked_patients": len(leaked)}
+        return exported, {"encoder_checkpoint": config.encoder_checkpoint, "leaked_patients": 0}
+
+    # Pretrain on this repeat's pool; the pool was checked by splits.make_split and is checked again below.
+    splits.check_pool(keys[split.pretrain].tolist(), split.val_patients, split.test_patients,
+                      where=f"seed {seed}: pretraining pool")
+    from ecgcl_jax import pretrain  # noqa: PLC0415
+    pcfg = copy.deepcopy(config.pretrain)
+    pcfg.seed = int(seed)
+    enc_json = os.path.join(pretrain_dir, "encoder", "encoder.json")
+    cfg_json = os.path.join(pretrain_dir, "config.json")
+    done = False
+    if os.path.isfile(enc_json) and os.path.isfile(cfg_json):  # finished before: skip recompiling the step
+        with open(enc_json) as f:
+            steps = json.load(f).get("extra", {}).get("steps")
+        with open(cfg_json) as f:
+            done = steps == int(pcfg.num_steps) and json.load(f) == _config_json(pcfg)
+    if not done:
+        _log(f"seed {seed}: pretraining {pcfg.model.encoder} ({pcfg.mode}) for {pcfg.num_steps} steps on "
+             f"{len(split.pretrain)} records in {pretrain_dir}")
+        result = pretrain.run(pcfg, pretrain_dir, dataset=ds, indices=split.pretrain)
+        if result.get("status") != "done":
+            return None, {"status": result.get("status")}
+    enc = checkpoint.load_encoder(os.path.join(pretrain_dir, "encoder"))
+    # Asserted on what the encoder itself recorded, not only by construction.
+    splits.check_pool(enc.pretrain_patients, split.val_patients, split.test_patients,
+                      where=f"{pretrain_dir}/encoder (seed {seed})")
+    return enc, {"pretrain_dir": pretrain_dir, "pretrain_steps": enc.extra.get("steps"),
+                 "pretrain_records": len(enc.pretrain_records)}
+
+
+# -------------------------------------------------------------------------------------------- one repeat
+def _method_record(seed: int, out: dict) -> dict:
+    return {"seed": int(seed), "test": out["test"], "val": out["val"], "best_epoch": out["best_epoch"],
+            "history": out["history"]}
+
+
+def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=None) -> dict | None:
+    """One repeat of the protocol (see the module docstring); None if pretraining was interrupted."""
+    t0 = time.time()
+    split = splits.split_dataset(ds, seed, (config.split.train, config.split.val, config.split.test),
+                                 float(config.label_fraction))
+    for name in ("val", "test"):
+        ys = np.asarray(ds.labels)[getattr(split, name)]
+        if len(np.unique(ys)) < 2:
+            raise UserError(f"data labels: the {name} split of seed {seed} holds one class only ({len(ys)} ECGs); "
+                            "AUROC is undefined - more labeled patients are needed")
+    enc, info = _pretrained_encoder(config, ds, split, seed, pretrain_dir, exported)
+    if enc is None:
+        return None
+    check_preprocessing(enc.preprocessing, f"encoder of seed {seed}")
+    spec = finetune.InputSpec.from_preprocessing(enc.preprocessing)
+    ft = config.finetune
+    max_amp = input_pipeline.fit_max_amp(ds, split.train)
+    train = finetune.RawSource(ds, split.finetune, max_amp)
+    val = finetune.RawSource(ds, split.val, max_amp)
+    test = finetune.RawSource(ds, split.test, max_amp)
+    key = jax.random.PRNGKey(seed)
+    length, leads = int(ds.raw.shape[1]), int(ds.raw.shape[2])
+    trainer = finetune.classifier_trainer(enc.model_config, spec, ft)
+    emb_dim = int(enc.model_config.emb_dim)
+    epochs = int(ft.num_epochs)
+    results: dict[str, dict] = {}
+    probs: dict[str, np.ndarray] = {}
+
+    def record(method, out):
+        results[method] = _method_record(seed, out)
+        probs[method] = out["test_probs"]
+        _log(f"seed {seed}: {method:<25s} test AUROC {out['test']['auroc']:.4f}  PR-AUC {out['test']['auprc']:.4f}"
+             f"  (best epoch {out['best_epoch']}/{epochs})")
+
+    def linear_probe(method, enc_vars, k):
+        feats = {name: finetune.embed_rows(enc.model_config, spec, enc_vars, ds, src.rows, max_amp,
+                                           batch_size=int(ft.batch_size))
+                 for name, src in (("train", train), ("val", val), ("test", test))}
+        probe = finetune.probe_trainer(emb_dim, spec, ft)
+        head_vars = probe.init_head(jax.random.fold_in(k, 0), feats["train"])
+        fs = {n: finetune.FeatureSource(feats[n], s.labels) for n, s in (("train", train), ("val", val),
+                                                                         ("test", test))}
+        record(method, finetune.run_finetune(probe, dict(head_vars), fs["train"], fs["val"], fs["test"], epochs,
+                                             jax.random.fold_in(k, 1), seed))
+
+    pre_vars = finetune.classifier_variables(trainer.model, spec, jax.random.fold_in(key, 1), enc.variables,
+                                             length, leads)
+    record("finetune", finetune.run_finetune(trainer, pre_vars, train, val, test, epochs,
+                                             jax.random.fold_in(key, 2), seed))
+    if "linear_probe" in config.baselines:
+        linear_probe("linear_probe", enc.variables, jax.random.fold_in(key, 3))
+    if "random_init" in config.baselines or "random_init_linear_probe" in config.baselines:
+        rand_vars = finetune.classifier_variables(trainer.model, spec, jax.random.fold_in(key, 4), None,
+                                                  length, leads)
+        if "random_init" in config.baselines:
+            record("random_init", finetune.run_finetune(trainer, rand_vars, train, val, test, epochs,
+                                                        jax.random.fold_in(key, 5), seed))
+        if "random_init_linear_probe" in config.baselines:
+            rand_enc = {"params": rand_vars["params"]["encoder"],
+                        "batch_stats": rand_vars.get("batch_stats", {}).get("encoder", {})}
+            linear_probe("random_init_linear_probe", rand_enc, jax.random.fold_in(key, 6))
+
+    # Test predictions of every method, one row per test ECG.
+    pred_path = os.path.join(rep_dir, "test_predictions.csv")
+    with open(pred_path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
+        keys = splits.patient_keys(ds.patient_ids, ds.records)
+        for i, row in enumerate(test.rows):
+            w.writerow([ds.records[row], keys[row], int(test.labels[i])] + [f"{probs[m][i]:.6f}" for m in probs])
+    os.replace(pred_path + ".tmp", pred_path)
+
+    main = results.pop("finetune")
+    main["n"] = {k: int(len(getattr(split, k))) for k in ("train", "finetune", "val", "test", "pretrain")}
+    main["n"]["patients"] = {k: len(getattr(split, f"{k}_patients"))
+                             for k in ("train", "finetune", "val", "test", "pretrain")}
+    main["max_amp"] = float(max_amp)
+    main["encoder"] = info
+    rec = {"seed": int(seed), "finetune": main, "baselines": results, "split": split.to_json(ds.records),
+           "seconds": round(time.time() - t0, 1)}
+    write_json(os.path.join(rep_dir, "repeat.json"), rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- aggregation
+def _strip(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k != "seconds"}
+
+
+def assemble(config, records: list[dict], seeds: list[int]) -> dict:
+    """results.json from the finished repeat records (a pure function of them and the config)."""
+    records = [_unjson(r) for r in records]
+    main = [r["finetune"] for r in records]
+    out = {
+        "protocol": {
+            "seeds": seeds,
+            "repeats_done": len(records),
+            "split": {"train": config.split.train, "val": config.split.val, "test": config.split.test,
+                      "by": "patient", "stratified_on": "patient label (rounded mean, 0.5 -> 0)",
+                      "val_test_ecgs_per_patient": 1},
+            "label_fraction": config.label_fraction,
+            "selection": "epoch with the best validation AUROC, scored once on test",
+            "ci95": "half-width of the Student-t 95% interval over repeats (t_{0.975,K-1} * sd / sqrt(K), sd ddof=1)",
+            "ci95_normal": "reference's normal approximation 1.96 * sd / sqrt(K)",
+            "threshold": 0.5,
+            "auprc": "average precision (scikit-learn)",
+            "encoder": (f"loaded from {config.encoder_checkpoint}" if config.encoder_checkpoint
+                        else "pretrained per repeat on the leakage-free pool (config.pretrain)"),
+        },
+        "repeats": main,
+        "summary": metrics.summarize_repeats(main),
+        "baselines": {},
+        "config": _config_json(config),
+    }
+    for b in config.baselines:
+        reps = [r["baselines"][b] for r in records if b in r["baselines"]]
+        out["baselines"][b] = {"repeats": reps, "summary": metrics.summarize_repeats(reps)}
+    return out
+
+
+def write_reports(workdir: str, config, results: dict, records: list[dict]) -> None:
+    """results.md, results.csv and the plots."""
+    methods = {"finetune": results, **results["baselines"]}
+    k = results["protocol"]["repeats_done"]
+    notes = [
+        "",
+        f"K = {k} repeats (seeds {', '.join(str(r['seed']) for r in results['repeats'])}); patient-level "
+        f"split {config.split.train:g}/{config.split.val:g}/{config.split.test:g}; label fraction "
+        f"{config.label_fraction:g}; {config.finetune.num_epochs} epochs, best validation AUROC epoch.",
+        "Reference-style normal interval (1.96 sd/sqrt(K)) for AUROC: " + "; ".join(
+            f"{metrics.METHOD_TITLES.get(m, m)} ± {metrics._fmt(r['summary']['auroc']['ci95_normal'])}"
+            for m, r in methods.items()),
+    ]
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(metrics.markdown_table(methods, title="Evaluation results (test)", notes=notes))
+    metrics.write_csv(metrics.table_rows(methods), os.path.join(workdir, "results.csv"))
+    plots = os.path.join(workdir, "plots")
+    os.makedirs(plots, exist_ok=True)
+    hist, rocs = {}, {}
+    for m, r in methods.items():
+        hist[m] = {rep["seed"]: [_nan(h["val"]["auroc"]) for h in rep["history"]] for rep in r["repeats"]}
+    for rec in records:
+        path = os.path.join(workdir, f"repeat_{rec['seed']}", "test_predictions.csv")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        y = np.array([int(r["label"]) for r in rows])
+        for m in methods:
+            if rows and f"p_{m}" in rows[0] and len(np.unique(y)) == 2:
+                p = np.array([float(r[f"p_{m}"]) for r in rows])
+                fpr, tpr = metrics.roc_points(y, p)
+                rocs.setdefault(m, {})[rec["seed"]] = (fpr, tpr, metrics.binary_scores(y, p)["auroc"])
+    metrics.plot_val_curves(hist, os.path.join(plots, "val_auroc.png"))
+    if rocs:
+        metrics.plot_roc(rocs, os.path.join(plots, "roc_test.png"))
+
+
+def _nan(x):
+    return math.nan if x is None else x
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def open_data(config, dataset=None):
+    from ecgcl_jax import data as data_lib  # noqa: PLC0415
+    ds = dataset if dataset is not None else data_lib.open_dataset(config.data.path)
+    if config.data.label:
+        ds = ds.with_label(config.data.label)
+    return ds
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_root: str | None = None) -> dict:
+    """Runs (or continues) the evaluation in `workdir`; returns results.json's content (or the sweep's).
+
+    dataset: an opened `ecgcl_jax.data.Dataset` (default: open config.data.path). pretrain_root: where the
+    per-seed pretraining runs live (default WORKDIR/repeat_<seed>/pretrain; sweeps share one when the swept
+    field cannot change pretraining).
+    """
+    if config.sweep.field:
+        return run_sweep(config, workdir, dataset)
+    if not workdir:
+        raise UserError("--workdir: required")
+    validate(config)
+    seeds = resolve_seeds(config)
+    ds = open_data(config, dataset)
+    exported = None
+    if config.encoder_checkpoint:
+        exported = checkpoint.load_encoder(_encoder_dir(config.encoder_checkpoint))
+    else:
+        from ecgcl_jax import parallel, pretrain  # noqa: PLC0415
+        pretrain.validate_config(config.pretrain, parallel.make_mesh().size)
+    os.makedirs(workdir, exist_ok=True)
+    from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
+    with WorkdirLock(workdir):
+        cfg_path = os.path.join(workdir, "eval_config.json")
+        current = {"config": _config_json(config), "dataset": _dataset_identity(ds)}
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                saved = json.load(f)
+            check_resume(saved["config"], current["config"], cfg_path)
+            if saved.get("dataset") != current["dataset"]:
+                raise UserError(f"{cfg_path}: this evaluation was started on another dataset "
+                                f"({saved.get('dataset')} vs {current['dataset']}); use a new --workdir")
+        write_json(cfg_path, current)
+        records, status = [], "done"
+        try:
+            with _interruptible():
+                for i, seed in enumerate(seeds):
+                    rep_dir = os.path.join(workdir, f"repeat_{seed}")
+                    rec_path = os.path.join(rep_dir, "repeat.json")
+                    if os.path.exists(rec_path):
+                        with open(rec_path) as f:
+                            records.append(json.load(f))
+                        _log(f"repeat {i + 1}/{len(seeds)} (seed {seed}): already done, kept")
+                        continue
+                    os.makedirs(rep_dir, exist_ok=True)
+                    _log(f"repeat {i + 1}/{len(seeds)} (seed {seed})")
+                    pdir = (os.path.join(pretrain_root, f"repeat_{seed}") if pretrain_root
+                            else os.path.join(rep_dir, "pretrain"))
+                    rec = run_repeat(config, ds, seed, rep_dir, pdir, exported)
+                    if rec is None:
+                        status = "preempted"
+                        break
+                    with open(rec_path) as f:  # exactly what a resumed run will read
+                        records.append(json.load(f))
+        except Interrupted as e:
+            status = "preempted"
+            _log(f"interrupted ({e}) during repeat {len(records) + 1}; {len(records)} finished repeat(s) kept in "
+                 f"{workdir}; run the same command to continue")
+        if not records:
+            return {"status": status, "repeats": []}
+        results = assemble(config, records, seeds)
+        write_json(os.path.join(workdir, "results.json"), results)
+        write_json(os.path.join(workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records})
+        write_reports(workdir, config, results, records)
+        s = results["summary"]["auroc"]
+        _log(f"{'done' if status == 'done' else status}: {len(records)}/{len(seeds)} repeats; test AUROC "
+             f"{s['mean']:.4f} ± {s['ci95']:.4f} (t 95%) -> {workdir}/results.md")
+        results["status"] = status
+        return results
+
+
+def _dataset_identity(ds) -> dict:
+    man = getattr(ds, "manifest", None) or {}
+    ident = man.get("identity")
+    if not ident:
+        h = hashlib.sha1()
+        for part in (np.asarray(ds.records).astype(str), np.asarray(ds.labels, np.float32)):
+            h.update(part.tobytes())
+        ident = h.hexdigest()
+    return {"identity": ident, "label": str(getattr(ds, "label_column", "")), "records": int(len(ds))}
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+def _get_path(config, path: str):
+    node = config
+    for part in path.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError):
+            raise UserError(f"config.sweep.field: {path!r} is not a config field") from None
+    return node
+
+
+def _set_path(config, path: str, value) -> None:
+    *parents, last = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    try:
+        node[last] = value
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"config.sweep.choices: cannot set {path} = {value!r} ({e})") from None
+
+
+def variant_name(field: str, value) -> str:
+    v = "-".join(str(x) for x in value) if isinstance(value, (tuple, list)) else str(value)
+    safe = "".join(c if c.isalnum() or c in "._-=" else "_" for c in f"{field.split('.')[-1]}={v}")
+    return safe
+
+
+def run_sweep(config, workdir: str, dataset=None) -> dict:
+    """The protocol once per value of config.sweep.field; a sweep table and plot. Resumable."""
+    field, values = str(config.sweep.field), list(config.sweep.choices)
+    if not values:
+        raise UserError("config.sweep.choices: empty; give the values to sweep, e.g. (0.1, 0.5, 1.0)")
+    _get_path(config, field)
+    if field.startswith("sweep"):
+        raise UserError(f"config.sweep.field: cannot sweep {field}")
+    ds = open_data(config, dataset)
+    os.makedirs(workdir, exist_ok=True)
+    from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
+    with WorkdirLock(workdir):
+        return _run_sweep_locked(config, workdir, ds, field, values)
+
+
+def _run_sweep_locked(config, workdir: str, ds, field: str, values: list) -> dict:
+    # Fine-tuning-only fields leave pretraining unchanged: share it between the variants.
+    shared = field == "label_fraction" or field.startswith("finetune.") or field == "baselines"
+    pretrain_root = os.path.join(workdir, "pretrain") if shared and not config.encoder_checkpoint else None
+    rows, series = [], {}
+    metric = str(config.sweep.metric)
+    if metric not in metrics.METRICS:
+        raise UserError(f"config.sweep.metric: {metric!r} is not one of {', '.join(metrics.METRICS)}")
+    done_values = []
+    for value in values:
+        variant = copy.deepcopy(config)
+        _set_path(variant, field, value)
+        variant.sweep.field = ""
+        sub = os.path.join(workdir, variant_name(field, value))
+        _log(f"sweep {field} = {value!r} -> {sub}")
+        res = run(variant, sub, dataset=ds, pretrain_root=pretrain_root)
+        if res.get("status") != "done":
+            _log(f"sweep interrupted at {field} = {value!r}; run the same command to continue")
+            break
+        done_values.append(value)
+        methods = {"finetune": res, **res["baselines"]}
+        for m, r in methods.items():
+            for name in metrics.METRICS:
+                s = r["summary"][name]
+                rows.append({"value": str(value), "method": m, "metric": name,
+                             **{k: s[k] for k in ("mean", "ci95", "ci95_normal", "sd", "min", "max", "n")}})
+            s = r["summary"][metric]
+            series.setdefault(m, ([], []))
+            series[m][0].append(_nan(s["mean"]))
+            series[m][1].append(_nan(s["ci95"]))
+    if rows:
+        metrics.write_csv(rows, os.path.join(workdir, "sweep.csv"))
+        with open(os.path.join(workdir, "sweep.md"), "w") as f:
+            f.write(_sweep_markdown(field, rows, metric))
+        numeric = all(isinstance(v, (int, float)) for v in done_values)
+        metrics.plot_sweep(done_values, series, os.path.join(workdir, f"sweep_{metric}.png"), xlabel=field,
+                           metric=metric, log_x=numeric and min(done_values) > 0 and
+                           max(done_values) / min(done_values) >= 20)
+    return {"status": "done" if len(done_values) == len(values) else "preempted", "field": field,
+            "values": done_values, "rows": rows}
+
+
+def _sweep_markdown(field: str, rows: list[dict], metric: str) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    values = list(dict.fromkeys(r["value"] for r in rows))
+    cell = {(r["value"], r["method"]): r for r in rows if r["metric"] == metric}
+    lines = [f"# Sweep over {field}: test {metric}", "",
+             f"| {field} | " + " | ".join(metrics.METHOD_TITLES.get(m, m) for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for v in values:
+        cells = []
+        for m in methods:
+            r = cell.get((v, m))
+            cells.append("" if r is None else f"{metrics._fmt(r['mean'])} ± {metrics._fmt(r['ci95'])}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: mean ± half-width of the Student-t 95% interval over the repeats. All metrics: sweep.csv."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,30 @@
+"""The evaluation protocol: K repeats of patient-level split, pretrain-or-load, fine-tune, best-epoch, test.
+
+  python run_eval.py --config configs/eval.py --workdir runs/eval [--config.repeats=5 --config.finetune.num_epochs=40 ...]
+  python run_eval.py --config configs/sweep_label_fraction.py --workdir runs/sweep_lf
+
+Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/; re-running continues an
+interrupted evaluation. See notes/README_eval.md.
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Evaluation directory (results, splits, per-repeat runs).")
+
+
+def main(argv):
+  del argv
+  from ecgcl_jax import cli  # noqa: PLC0415
+
+  return cli.run_entry(
+      "run_eval.py", lambda: __import__("ecgcl_jax.evaluate", fromlist=["run"]).run(_CONFIG.value, _WORKDIR.value),
+      _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  sys.exit(app.run(main))

@@ -1,0 +1,234 @@
+"""The evaluation protocol: seeds, leakage refusal, reproducibility, resume after a kill, sweeps, and one
+end-to-end `run_eval.py` run (with pretraining) on the embedded data."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import ecgcl_jax
+from ecgcl_jax import checkpoint, evaluate, models, splits
+from ecgcl_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(encoder="cnn", emb_dim=8, proj_dim=4, kernel_size=15, dropout=0.1, channels=(4, 4, 4, 4, 4),
+            lstm_layers=1, attention_dim=0, transformer_layers=1, transformer_heads=2, transformer_d_model=8)
+METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
+SUMMARY_KEYS = {"mean", "ci95", "min", "max"}
+
+
+class FakeDataset:
+    """Stand-in for ecgcl_jax.data.Dataset: 36 patients (1-2 ECGs each), 3 records without a patient id,
+    2 unlabeled records; positives carry a larger 1.2 Hz component."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        pids, labels = [], []
+        for j in range(36):
+            y = float(j % 2)
+            for _ in range(1 + j % 3 // 2):
+                pids.append(f"p{j}")
+                labels.append(y)
+        pids += ["", "", "", "p0", "p7"]
+        labels += [1.0, 0.0, 1.0, np.nan, np.nan]
+        n = len(pids)
+        self.patient_ids = np.array(pids)
+        self.labels = np.array(labels, np.float32)
+        self.records = np.array([f"fake/r{i:03d}" for i in range(n)])
+        t = np.arange(ecgcl_jax.NUM_SAMPLES) / ecgcl_jax.SAMPLE_RATE
+        amp = 0.2 + 0.8 * np.nan_to_num(self.labels)
+        x = rng.normal(0, 0.1, (n, ecgcl_jax.NUM_SAMPLES, 12)) + amp[:, None, None] * np.sin(2 * np.pi * 1.2 * t)[
+            None, :, None]
+        self.scales = np.full(n, 0.005, np.float32)
+        self.raw = np.round(x / 0.005).astype(np.int16)
+        self.manifest = {"identity": "fake-0"}
+        self.label_column = "label"
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def export_tiny_encoder(path, patients):
+    enc = models.build_encoder(TINY)
+    variables = enc.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                         np.zeros((2, ecgcl_jax.NUM_SAMPLES, 12), np.float32), train=False)
+    prep = {"sample_rate": 500, "num_samples": 5000, "leads": list(ecgcl_jax.LEADS), "max_amp": 1.0,
+            "domain": "time", "mode": "simclr", "input_length": 5000, "in_leads": 12}
+    checkpoint.export_encoder(str(path), ml_collections.ConfigDict(TINY), dict(variables), prep, patients, [])
+    return str(path)
+
+
+def eval_config(encoder_dir="", **kw):
+    from configs import eval as eval_cfg
+    c = eval_cfg.get_config()
+    c.encoder_checkpoint = encoder_dir
+    c.repeats = 2
+    c.finetune.num_epochs = 2
+    c.finetune.batch_size = 16
+    for k, v in kw.items():
+        node = c
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return FakeDataset()
+
+
+@pytest.fixture(scope="module")
+def clean_encoder(tmp_path_factory):
+    """An exported encoder whose pretraining patients are none of the fake dataset's."""
+    return export_tiny_encoder(tmp_path_factory.mktemp("enc") / "encoder", ["other1", "other2"])
+
+
+def test_seeds():
+    c = eval_config()
+    assert evaluate.resolve_seeds(c) == [321, 123]
+    c.repeats = 3
+    assert evaluate.resolve_seeds(c) == [321, 123, 51]
+    c.repeats = 6
+    six = evaluate.resolve_seeds(c)
+    assert six[:3] == [321, 123, 51] and len(set(six)) == 6
+    assert evaluate.resolve_seeds(c) == six  # deterministic
+    c.repeats = 4
+    assert evaluate.resolve_seeds(c) == six[:4]  # more repeats extend, never reshuffle
+    c.repeats = 0
+    with pytest.raises(UserError, match="config.repeats"):
+        evaluate.resolve_seeds(c)
+
+
+def test_leakage_refused_unless_allowed(tmp_path, ds):
+    keys = splits.patient_keys(ds.patient_ids, ds.records)
+    leaky = export_tiny_encoder(tmp_path / "leaky", sorted(set(keys.tolist())))  # saw every patient
+    with pytest.raises(splits.LeakageError, match="allow_leakage"):
+        evaluate.run(eval_config(leaky, repeats=1, **{"finetune.num_epochs": 1}), str(tmp_path / "w1"), dataset=ds)
+    assert not os.path.exists(tmp_path / "w1" / "results.json")
+    res = evaluate.run(eval_config(leaky, repeats=1, allow_leakage=True, **{"finetune.num_epochs": 1}),
+                       str(tmp_path / "w2"), dataset=ds)
+    split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321)
+    assert res["repeats"][0]["encoder"]["leaked_patients"] == len(split.val_patients) + len(split.test_patients)
+
+
+def _kill_second_repeat(monkeypatch):
+    """Deliver a real SIGTERM while the second repeat is running."""
+    real = evaluate.run_repeat
+    calls = []
+
+    def wrapped(config, ds, seed, *a, **k):
+        calls.append(seed)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(config, ds, seed, *a, **k)
+
+    monkeypatch.setattr(evaluate, "run_repeat", wrapped)
+    return calls
+
+
+def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeypatch):
+    cfg = eval_config(clean_encoder)
+    a = evaluate.run(cfg, str(tmp_path / "a"), dataset=ds)
+    assert a["status"] == "done" and [r["seed"] for r in a["repeats"]] == [321, 123]
+    # same seeds, fresh workdir: the same numbers
+    b = evaluate.run(eval_config(clean_encoder), str(tmp_path / "b"), dataset=ds)
+    assert (tmp_path / "a" / "results.json").read_text() == (tmp_path / "b" / "results.json").read_text()
+    assert b["summary"] == a["summary"]
+    # killed during the second repeat: the first one is kept, a re-run finishes with identical results.json
+    calls = _kill_second_repeat(monkeypatch)
+    c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds)
+    assert c["status"] == "preempted" and len(c["repeats"]) == 1 and calls == [321, 123]
+    assert not (tmp_path / "c" / "repeat_123" / "repeat.json").exists()
+    monkeypatch.undo()
+    c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds)
+    assert c["status"] == "done"
+    assert (tmp_path / "c" / "results.json").read_text() == (tmp_path / "a" / "results.json").read_text()
+    # another seed gives another split
+    d = json.loads((tmp_path / "a" / "splits.json").read_text())
+    assert d["321"]["test"] != d["123"]["test"]
+    # a changed fine-tuning config is refused on resume, naming the field
+    with pytest.raises(UserError, match="finetune.num_epochs"):
+        evaluate.run(eval_config(clean_encoder, **{"finetune.num_epochs": 3}), str(tmp_path / "a"), dataset=ds)
+
+
+def test_label_fraction_sweep(tmp_path, ds, clean_encoder):
+    cfg = eval_config(clean_encoder, **{"finetune.num_epochs": 1, "sweep.field": "label_fraction",
+                                        "sweep.choices": (0.5, 1.0), "baselines": ("random_init",)})
+    out = evaluate.run(cfg, str(tmp_path), dataset=ds)
+    assert out["status"] == "done" and out["values"] == [0.5, 1.0]
+    for v in ("0.5", "1.0"):
+        res = json.loads((tmp_path / f"label_fraction={v}" / "results.json").read_text())
+        assert set(res["baselines"]) == {"random_init"}
+    half = json.loads((tmp_path / "label_fraction=0.5" / "splits.json").read_text())["321"]
+    full = json.loads((tmp_path / "label_fraction=1.0" / "splits.json").read_text())["321"]
+    assert set(half["finetune"]) < set(full["finetune"]) and half["test"] == full["test"]
+    for name in ("sweep.md", "sweep.csv", "sweep_auroc.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * len(METRIC_KEYS)  # header + values x methods x metrics
+    again = evaluate.run(cfg, str(tmp_path), dataset=ds)  # resumable: everything is already done
+    assert again["rows"] == out["rows"]
+
+
+def _check_method(block, seeds):
+    assert [r["seed"] for r in block["repeats"]] == seeds
+    for r in block["repeats"]:
+        assert set(r["test"]) >= METRIC_KEYS and 1 <= r["best_epoch"] <= 2 and len(r["history"]) == 2
+    assert set(block["summary"]) >= METRIC_KEYS
+    for m, s in block["summary"].items():
+        vals = [r["test"][m] for r in block["repeats"]]
+        assert SUMMARY_KEYS <= set(s)
+        assert s["mean"] == pytest.approx(np.mean(vals)) and s["min"] == min(vals) and s["max"] == max(vals)
+        # K = 2: t_{0.975, 1} = 12.7062047 (t table); sd = |a - b| / sqrt(2)
+        sd = abs(vals[0] - vals[1]) / math.sqrt(2)
+        assert s["ci95"] == pytest.approx(12.7062047 * sd / math.sqrt(2), rel=1e-7, abs=1e-12)
+        assert s["ci95_normal"] == pytest.approx(1.96 * sd / math.sqrt(2), abs=1e-9)
+
+
+def test_run_eval_cli_end_to_end(tmp_path):
+    """run_eval.py with pretraining per repeat on the embedded PTB-XL sample, tiny settings."""
+    wd = tmp_path / "eval"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(ROOT, "run_eval.py"), "--config", os.path.join(ROOT, "configs", "eval.py"),
+           f"--workdir={wd}", "--config.repeats=2", "--config.pretrain.num_steps=2", "--config.pretrain.batch_size=8",
+           "--config.finetune.num_epochs=2", "--config.finetune.batch_size=16",
+           "--config.pretrain.model.encoder=cnn", "--config.pretrain.model.emb_dim=16",
+           "--config.pretrain.model.channels=(4,4,4,4,4)", "--config.pretrain.augment.view1=none",
+           "--config.pretrain.augment.view2=none", "--config.data.label=normal"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("results.json", "splits.json", "results.md", "results.csv", "plots/val_auroc.png",
+                 "plots/roc_test.png", "repeat_321/test_predictions.csv"):
+        assert (wd / name).stat().st_size > 0, name
+    res = json.loads((wd / "results.json").read_text())
+    seeds = [321, 123]
+    _check_method(res, seeds)
+    assert set(res["baselines"]) >= {"linear_probe", "random_init"}
+    for b in res["baselines"].values():
+        _check_method(b, seeds)
+    # the shared data section reached the nested pretraining config
+    pcfg = json.loads((wd / "repeat_321" / "pretrain" / "config.json").read_text())
+    assert pcfg["data"]["label"] == "normal" and pcfg["seed"] == 321
+    # splits.json: disjoint patients, pool without val/test, one ECG per val/test patient
+    sp = json.loads((wd / "splits.json").read_text())
+    assert sorted(sp) == ["123", "321"]
+    for s in sp.values():
+        tr, va, te, pool = (set(s[k]) for k in ("train", "val", "test", "pretrain"))
+        assert not (tr & va) and not (tr & te) and not (va & te) and not (pool & (va | te))
+        assert len(s["records"]["val"]) == len(va) and len(s["records"]["test"]) == len(te)
+        enc = checkpoint.load_encoder(str(wd / f"repeat_{seeds[0] if s is sp['321'] else seeds[1]}" / "pretrain"
+                                          / "encoder"))
+        assert not set(enc.pretrain_patients) & (va | te)
+    assert "± " in (wd / "results.md").read_text()
+    # a config error is one line on stderr, exit status 2
+    p = subprocess.run(cmd[:5] + ["--config.split.train=0.9"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "config.split" in p.stderr
