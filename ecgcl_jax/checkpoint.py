@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -50,12 +51,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
       _check_finite_tree(state)
+      if step != steps[0]:
+        manager.reload()
       return step, state
     except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
       msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-      log(f"checkpoint {manager.directory}/{step} does not restore ({type(e).__name__}: {msg}); trying an older one")
+      moved = _quarantine(os.fspath(manager.directory), step)
+      log(f"checkpoint {manager.directory}/{step} does not restore ({type(e).__name__}: {msg}); "
+          f"moved to {moved}; trying an older one")
+  manager.reload()
   raise UserError(f"{manager.directory}: no checkpoint restores (tried steps {steps}); "
                   "remove it or pass --config.restart_if_unrestorable=True to start from scratch")
+
+
+def _quarantine(directory: str, step: int) -> str:
+  """Move an unrestorable step out of the manager's folder (kept for inspection, never reused)."""
+  src = os.path.join(directory, str(step))
+  dst_root = os.path.join(os.path.dirname(directory.rstrip("/")), "corrupt_checkpoints")
+  dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+  if jax.process_index() == 0 and os.path.exists(src):
+    os.makedirs(dst_root, exist_ok=True)
+    os.replace(src, dst)
+  return dst
 
 
 def _check_finite_tree(tree) -> None:

@@ -1,0 +1,132 @@
+"""Runs that cannot be lost (issue 8): preemption, corrupt checkpoints, divergence, one writer, config drift."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_pretrain import read_metrics, small_config
+
+SMALL = ["--config.model.emb_dim=32", "--config.model.proj_dim=16", "--config.batch_size=8",
+         "--config.optim.learning_rate=1e-3"]
+
+
+def cli(workdir, *extra):
+  return [sys.executable, os.path.join(ROOT, "run_pretrain.py"), "--config", "configs/cnn.py",
+          "--workdir", workdir, *SMALL, *extra]
+
+
+def env1():
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device: faster compiles
+  return e
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
+  ref, wd = str(tmp_path / "ref"), str(tmp_path / "wd")
+  args = ["--config.num_steps=14", "--config.log_every=1", "--config.checkpoint_every=100"]
+  p = subprocess.run(cli(ref, *args), cwd=ROOT, capture_output=True, text=True, env=env1(), timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+
+  proc = subprocess.Popen(cli(wd, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env1())
+  metrics = os.path.join(wd, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  # a second run on the live workdir is refused
+  second = subprocess.run(cli(wd, *args), cwd=ROOT, capture_output=True, text=True, env=env1(), timeout=300)
+  assert second.returncode == 2 and "in use by another live run" in second.stderr
+  assert "Traceback" not in second.stderr
+  t0 = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert time.time() - t0 < 60
+  line = [l for l in out.splitlines() if l.startswith("interrupted: checkpoint written at step")]
+  assert line, out
+  stopped_at = int(line[0].split("step ")[1].split()[0])
+  assert stopped_at < 14 and os.path.isdir(os.path.join(wd, "checkpoints", str(stopped_at)))
+
+  p = subprocess.run(cli(wd, *args), cwd=ROOT, capture_output=True, text=True, env=env1(), timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert f"resuming from {wd}/checkpoints/{stopped_at}" in p.stdout
+  a, b = read_metrics(ref), read_metrics(wd)
+  assert [m["step"] for m in b] == list(range(1, 15))
+  np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], atol=1e-5, rtol=0)
+
+
+def test_stale_lock_file_does_not_block(tmp_path):
+  from ecgcl_jax import pretrain
+  wd = str(tmp_path / "w")
+  os.makedirs(wd)
+  with open(os.path.join(wd, ".lock"), "w") as f:
+    f.write("pid 999999 on a-dead-host")  # left by a process that died: no flock is held
+  assert pretrain.run(small_config(num_steps=1), wd)["steps"] == 1
+
+
+def _garble(directory):
+  for root, _, files in os.walk(directory):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage" * 7)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys):
+  from ecgcl_jax import pretrain
+  from ecgcl_jax.errors import UserError
+  ref, wd = str(tmp_path / "ref"), str(tmp_path / "wd")
+  pretrain.run(small_config(num_steps=9, checkpoint_every=3), ref)
+  pretrain.run(small_config(num_steps=6, checkpoint_every=3), wd)
+  _garble(os.path.join(wd, "checkpoints", "6"))
+  capsys.readouterr()
+  r = pretrain.run(small_config(num_steps=9, checkpoint_every=3), wd)
+  out = capsys.readouterr().out
+  assert f"checkpoint {wd}/checkpoints/6 does not restore" in out
+  assert f"resuming from {wd}/checkpoints/3" in out
+  assert r["steps"] == 9
+  np.testing.assert_allclose([m["loss"] for m in read_metrics(ref)], [m["loss"] for m in read_metrics(wd)],
+                             atol=1e-5, rtol=0)
+  # none restores: a one-line error, unless the user asks to start over
+  assert os.listdir(os.path.join(wd, "corrupt_checkpoints"))  # kept aside for inspection
+  for step in os.listdir(os.path.join(wd, "checkpoints")):
+    _garble(os.path.join(wd, "checkpoints", step))
+  with pytest.raises(UserError, match="no checkpoint restores"):
+    pretrain.run(small_config(num_steps=10, checkpoint_every=3), wd)
+  r = pretrain.run(small_config(num_steps=10, checkpoint_every=3, restart_if_unrestorable=True), wd)
+  assert r["steps"] == 10
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  from ecgcl_jax import checkpoint, pretrain
+  from ecgcl_jax.errors import UserError
+  wd = str(tmp_path / "nan")
+  with pytest.raises(UserError, match=r"non-finite loss or gradient at step 5; stopped.*checkpoints/4"):
+    pretrain.run(small_config(num_steps=8, checkpoint_every=2, debug_nan_at_step=4), wd)
+  mgr = checkpoint.make_manager(os.path.join(wd, "checkpoints"), 3)
+  assert max(mgr.all_steps()) == 4
+  # skip mode: the bad step's update is dropped and counted, the run finishes
+  wd2 = str(tmp_path / "skip")
+  r = pretrain.run(small_config(num_steps=8, checkpoint_every=2, debug_nan_at_step=4, on_nonfinite="skip"), wd2)
+  assert r["steps"] == 8
+  m = read_metrics(wd2)
+  assert m[-1]["nonfinite_steps"] == 1 and np.isfinite(m[-1]["loss"])
+
+
+def test_changed_config_on_resume_is_refused(tmp_path):
+  from ecgcl_jax import pretrain
+  from ecgcl_jax.errors import UserError
+  wd = str(tmp_path / "w")
+  pretrain.run(small_config(num_steps=2), wd)
+  with pytest.raises(UserError, match=r"changed fields: model.encoder: 'cnn' -> 'cnn_lstm'"):
+    pretrain.run(small_config("cnn_lstm", num_steps=4), wd)
+  # cadence and length changes are fine
+  assert pretrain.run(small_config(num_steps=3, log_every=3, checkpoint_every=1), wd)["steps"] == 3
