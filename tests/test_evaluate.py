@@ -232,3 +232,28 @@ def test_run_eval_cli_end_to_end(tmp_path):
     p = subprocess.run(cmd[:5] + ["--config.split.train=0.9"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "config.split" in p.stderr
+
+
+def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
+    from ecgcl_jax import embed
+    enc = embed.load_encoder(os.path.dirname(clean_encoder))  # the WORKDIR that holds encoder/ works too
+    rows = np.array([5, 0, 3])
+    z = embed.embed_dataset(enc, ds, rows=rows, batch_size=2)
+    # independent path: NumPy normalisation with the encoder's max_amp, then the encoder module directly
+    x = ds.raw[rows].astype(np.float64) * ds.scales[rows, None, None] / enc.preprocessing["max_amp"]
+    x = x - x.mean(axis=1, keepdims=True)
+    want, _ = models.build_encoder(enc.model_config).apply(enc.variables, np.float32(x), train=False)
+    np.testing.assert_allclose(z, np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert z.shape == (3, TINY["emb_dim"])
+    # the command on the embedded dataset: one row per record, with a records table
+    out = tmp_path / "emb.npy"
+    assert embed.main(["--encoder", clean_encoder, "--out", str(out)]) == 0
+    from ecgcl_jax import data
+    n = len(data.open_dataset(""))
+    assert np.load(out).shape == (n, TINY["emb_dim"])
+    assert len((tmp_path / "emb.records.csv").read_text().splitlines()) == n + 1
+    # a dataset in another format is refused with one line
+    short = FakeDataset()
+    short.raw = short.raw[:, :2500]
+    with pytest.raises(UserError, match="2500 samples"):
+        embed.embed_dataset(enc, short)
