@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from ecgcl_jax import parallel
 from ecgcl_jax.errors import UserError
 
 
@@ -78,7 +79,7 @@ def _quarantine(directory: str, step: int) -> str:
 def _check_finite_tree(tree) -> None:
   for leaf in jax.tree.leaves(tree):
     if hasattr(leaf, "dtype") and np.issubdtype(leaf.dtype, np.floating):
-      if not bool(np.all(np.isfinite(np.asarray(jax.device_get(leaf), np.float32)))):
+      if not bool(np.all(np.isfinite(np.asarray(parallel.to_host(leaf), np.float32)))):
         raise ValueError("non-finite values in checkpoint")
 
 
@@ -96,7 +97,7 @@ class ExportedEncoder:
 def export_encoder(directory: str, model_config, variables: dict, preprocessing: dict,
                    pretrain_patients, pretrain_records, extra: dict | None = None) -> None:
   os.makedirs(directory, exist_ok=True)
-  host_vars = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), variables)
+  host_vars = jax.tree.map(parallel.to_host, variables)
   _atomic_write(os.path.join(directory, "variables.msgpack"), serialization.msgpack_serialize(host_vars))
   meta = {"model_config": json.loads(model_config.to_json()), "preprocessing": preprocessing,
           "pretrain_patients": list(pretrain_patients), "pretrain_records": list(pretrain_records),

@@ -68,3 +68,10 @@ def replicate_from_host(mesh: Mesh, value: np.ndarray) -> jax.Array:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def to_host(x) -> np.ndarray:
+  """A replicated (or fully local) array as numpy, without gathering across hosts."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))

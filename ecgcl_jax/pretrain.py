@@ -335,7 +335,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
     log(note)
 
   os.makedirs(workdir, exist_ok=True)
-  with WorkdirLock(workdir), _Preemption() as preempt:
+  with (WorkdirLock(workdir) if main else _NullFile()), _Preemption() as preempt:
     return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt)
 
 
@@ -410,7 +410,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
       done = step + 1
       last = done == num_steps
       if done % config.log_every == 0 or last:
-        ls = np.asarray(jax.device_get(pending), np.float64)
+        ls = np.asarray([parallel.to_host(x) for x in pending], np.float64)
         pending = []
         now = time.perf_counter()
         ecg_s = (done - n_last) * batch / max(now - t_last, 1e-9)
@@ -419,7 +419,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
         rate = (done - steps_timed) / (now - t0) if done > steps_timed else float("nan")
         eta = (num_steps - done) / rate if rate and rate == rate and rate > 0 else float("nan")
         t_last, n_last = now, done
-        nonfinite = int(jax.device_get(state.nonfinite))
+        nonfinite = int(parallel.to_host(state.nonfinite))
         last_loss = float(ls[-1])
         rec = {"step": done, "loss": last_loss, "loss_mean": float(np.mean(ls)), "ecg_per_s": round(ecg_s, 2),
                "batch_size": batch, "nonfinite_steps": nonfinite, "time": round(time.time(), 3)}
@@ -428,13 +428,13 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
         log(f"step {done}/{num_steps}  loss {last_loss:.4f}  {ecg_s:,.1f} ECG/s  ETA {_fmt_eta(eta)}"
             + (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else ""))
         if nonfinite and config.on_nonfinite == "stop":
-          bad = int(jax.device_get(state.first_nonfinite))
+          bad = int(parallel.to_host(state.first_nonfinite))
           manager.wait_until_finished()
           kept = manager.latest_step()
           raise UserError(f"non-finite loss or gradient at step {bad + 1}; stopped. Last good checkpoint: "
                           f"{workdir}/checkpoints/{kept} (lower optim.learning_rate, or set on_nonfinite=skip)")
       if done % config.checkpoint_every == 0 or last:
-        if config.on_nonfinite == "stop" and int(jax.device_get(state.nonfinite)):
+        if config.on_nonfinite == "stop" and int(parallel.to_host(state.nonfinite)):
           continue  # caught at the log line above; never checkpoint a state that saw a bad step
         checkpoint.save(manager, done, state)
       if preempt.requested:
@@ -448,7 +448,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
   manager.wait_until_finished()
   manager.close()
 
-  result = {"status": status, "steps": int(jax.device_get(state.step)), "final_loss": last_loss,
+  result = {"status": status, "steps": int(parallel.to_host(state.step)), "final_loss": last_loss,
             "batch_size": batch, "max_amp": max_amp, "workdir": workdir}
   if status == "done":
     result["encoder_dir"] = export(config, workdir, state, ds, pool, max_amp) if main else ""
@@ -468,7 +468,7 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
   out = os.path.join(workdir, "encoder")
   checkpoint.export_encoder(out, config.model, {"params": state.params, "batch_stats": state.batch_stats},
                             prep, patients, list(recs),
-                            extra={"steps": int(jax.device_get(state.step)), "data_path": config.data.path,
+                            extra={"steps": int(parallel.to_host(state.step)), "data_path": config.data.path,
                                    "version": ecgcl_jax.__version__})
   return out
 
