@@ -22,7 +22,11 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
   if pretrain_config in ("", "cnn_attn_lstm"):
     c.pretrain = cnn_attn_lstm.get_config()
   else:
-    c.pretrain = importlib.import_module(f"configs.{pretrain_config}").get_config()
+    try:
+      module = importlib.import_module(f"configs.{pretrain_config}")
+    except ModuleNotFoundError:
+      raise ValueError(f"configs/eval.py:{pretrain_config}: no pretraining config configs/{pretrain_config}.py") from None
+    c.pretrain = module.get_config()
   # Pretraining per repeat uses every c.pretrain field; its seed is replaced by the repeat's seed.
   c.data = c.pretrain.data    # shared: data.path ("" = embedded PTB-XL sample), data.label (label column)
 

@@ -317,7 +317,7 @@ def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=
         w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
         keys = splits.patient_keys(ds.patient_ids, ds.records)
         for i, row in enumerate(test.rows):
-            w.writerow([ds.records[row], keys[row], int(test.labels[i])] + [f"{probs[m][i]:.6f}" for m in probs])
+            w.writerow([ds.records[row], keys[row], int(test.labels[i])] + [repr(float(probs[m][i])) for m in probs])
     os.replace(pred_path + ".tmp", pred_path)
 
     main = results.pop("finetune")

@@ -187,6 +187,7 @@ def plot_sweep(xs: Sequence, series: Mapping[str, tuple[Sequence[float], Sequenc
         ax.set_xticklabels([str(x) for x in xs])
     elif log_x:
         ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)  # every metric lies in [0, 1]; wider interval bars are clipped
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {metric} (mean ± t 95% CI)")
     ax.grid(alpha=0.3)

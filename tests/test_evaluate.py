@@ -228,6 +228,18 @@ def test_run_eval_cli_end_to_end(tmp_path):
                                           / "encoder"))
         assert not set(enc.pretrain_patients) & (va | te)
     assert "± " in (wd / "results.md").read_text()
+    # every test ECG has a prediction, and the reported test AUROC is that of the saved predictions
+    import csv
+    from sklearn.metrics import roc_auc_score
+    for i, seed in enumerate(seeds):
+        with open(wd / f"repeat_{seed}" / "test_predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["record"] for r in rows] == sp[str(seed)]["records"]["test"]
+        y = [int(r["label"]) for r in rows]
+        assert res["repeats"][i]["test"]["auroc"] == pytest.approx(
+            roc_auc_score(y, [float(r["p_finetune"]) for r in rows]), abs=1e-12)
+        assert res["baselines"]["random_init"]["repeats"][i]["test"]["auroc"] == pytest.approx(
+            roc_auc_score(y, [float(r["p_random_init"]) for r in rows]), abs=1e-12)
     # a config error is one line on stderr, exit status 2
     p = subprocess.run(cmd[:5] + ["--config.split.train=0.9"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
