@@ -6,6 +6,7 @@
 Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/; re-running continues an
 interrupted evaluation. See notes/README_eval.md.
 """
+import os
 import sys
 
 from absl import app, flags
@@ -14,10 +15,16 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Evaluation directory (results, splits, per-repeat runs).")
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic", True, "Ask XLA for run-to-run deterministic GPU kernels (--xla_gpu_deterministic_ops), so a "
+    "resumed or repeated evaluation gives the same numbers on GPUs too; no effect on CPU.")
 
 
 def main(argv):
   del argv
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if _DETERMINISTIC.value and "xla_gpu_deterministic_ops" not in xla_flags:
+    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()  # before JAX starts a backend
   from ecgcl_jax import cli  # noqa: PLC0415
 
   return cli.run_entry(
