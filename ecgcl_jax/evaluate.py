@@ -523,39 +523,66 @@ def _set_path(config, path: str, value) -> None:
         raise UserError(f"config.sweep.choices: cannot set {path} = {value!r} ({e})") from None
 
 
+def _sweep_fields(field: str) -> list[str]:
+    return [f.strip() for f in field.split(",") if f.strip()]
+
+
+def _assignments(fields: list[str], value) -> list[tuple[str, Any]]:
+    """[(field, value)] of one sweep point; with several fields a point is a tuple of one value per field."""
+    if len(fields) == 1:
+        return [(fields[0], value)]
+    if not isinstance(value, (tuple, list)) or len(value) != len(fields):
+        raise UserError(f"config.sweep.choices: with {len(fields)} fields ({', '.join(fields)}) every choice must "
+                        f"be a tuple of {len(fields)} values, got {value!r}")
+    return list(zip(fields, value))
+
+
+def _value_str(v) -> str:
+    return "-".join(str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)
+
+
 def variant_name(field: str, value) -> str:
-    v = "-".join(str(x) for x in value) if isinstance(value, (tuple, list)) else str(value)
-    safe = "".join(c if c.isalnum() or c in "._-=" else "_" for c in f"{field.split('.')[-1]}={v}")
-    return safe
+    """Folder name of one sweep point, e.g. 'label_fraction=0.1' or 'view1=dropout_0.1+view2=none'."""
+    parts = [f"{f.split('.')[-1]}={_value_str(v)}" for f, v in _assignments(_sweep_fields(field), value)]
+    return "".join(c if c.isalnum() or c in "._-=+" else "_" for c in "+".join(parts))
 
 
 def run_sweep(config, workdir: str, dataset=None) -> dict:
-    """The protocol once per value of config.sweep.field; a sweep table and plot. Resumable."""
+    """The protocol once per choice of config.sweep.field; a sweep table and plot. Resumable.
+
+    sweep.field: one dotted config field, or several separated by commas (then every choice is a tuple with
+    one value per field, e.g. augmentation pairs: field "pretrain.augment.view1,pretrain.augment.view2").
+    """
     field, values = str(config.sweep.field), list(config.sweep.choices)
     if not values:
         raise UserError("config.sweep.choices: empty; give the values to sweep, e.g. (0.1, 0.5, 1.0)")
-    _get_path(config, field)
-    if field.startswith("sweep"):
-        raise UserError(f"config.sweep.field: cannot sweep {field}")
+    fields = _sweep_fields(field)
+    for f in fields:
+        _get_path(config, f)
+        if f.startswith("sweep"):
+            raise UserError(f"config.sweep.field: cannot sweep {f}")
+    for v in values:
+        _assignments(fields, v)
+    metric = str(config.sweep.metric)
+    if metric not in metrics.METRICS:
+        raise UserError(f"config.sweep.metric: {metric!r} is not one of {', '.join(metrics.METRICS)}")
     ds = open_data(config, dataset)
     os.makedirs(workdir, exist_ok=True)
     from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
     with WorkdirLock(workdir):
-        return _run_sweep_locked(config, workdir, ds, field, values)
+        return _run_sweep_locked(config, workdir, ds, field, fields, values, metric)
 
 
-def _run_sweep_locked(config, workdir: str, ds, field: str, values: list) -> dict:
+def _run_sweep_locked(config, workdir: str, ds, field: str, fields: list[str], values: list, metric: str) -> dict:
     # Fine-tuning-only fields leave pretraining unchanged: share it between the variants.
-    shared = field == "label_fraction" or field.startswith("finetune.") or field == "baselines"
+    shared = all(f in ("label_fraction", "baselines") or f.startswith("finetune.") for f in fields)
     pretrain_root = os.path.join(workdir, "pretrain") if shared and not config.encoder_checkpoint else None
     rows, series = [], {}
-    metric = str(config.sweep.metric)
-    if metric not in metrics.METRICS:
-        raise UserError(f"config.sweep.metric: {metric!r} is not one of {', '.join(metrics.METRICS)}")
     done_values = []
     for value in values:
         variant = copy.deepcopy(config)
-        _set_path(variant, field, value)
+        for f, v in _assignments(fields, value):
+            _set_path(variant, f, v)
         variant.sweep.field = ""
         sub = os.path.join(workdir, variant_name(field, value))
         _log(f"sweep {field} = {value!r} -> {sub}")
@@ -568,7 +595,8 @@ def _run_sweep_locked(config, workdir: str, ds, field: str, values: list) -> dic
         for m, r in methods.items():
             for name in metrics.METRICS:
                 s = r["summary"][name]
-                rows.append({"value": str(value), "method": m, "metric": name,
+                rows.append({"value": _value_str(value) if len(fields) == 1 else
+                             ", ".join(_value_str(v) for v in value), "method": m, "metric": name,
                              **{k: s[k] for k in ("mean", "ci95", "ci95_normal", "sd", "min", "max", "n")}})
             s = r["summary"][metric]
             series.setdefault(m, ([], []))
@@ -578,8 +606,9 @@ def _run_sweep_locked(config, workdir: str, ds, field: str, values: list) -> dic
         metrics.write_csv(rows, os.path.join(workdir, "sweep.csv"))
         with open(os.path.join(workdir, "sweep.md"), "w") as f:
             f.write(_sweep_markdown(field, rows, metric))
-        numeric = all(isinstance(v, (int, float)) for v in done_values)
-        metrics.plot_sweep(done_values, series, os.path.join(workdir, f"sweep_{metric}.png"), xlabel=field,
+        numeric = len(fields) == 1 and all(isinstance(v, (int, float)) for v in done_values)
+        xs = done_values if numeric else list(dict.fromkeys(r["value"] for r in rows))
+        metrics.plot_sweep(xs, series, os.path.join(workdir, f"sweep_{metric}.png"), xlabel=field,
                            metric=metric, log_x=numeric and min(done_values) > 0 and
                            max(done_values) / min(done_values) >= 20)
     return {"status": "done" if len(done_values) == len(values) else "preempted", "field": field,

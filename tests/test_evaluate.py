@@ -269,3 +269,19 @@ def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
     short.raw = short.raw[:, :2500]
     with pytest.raises(UserError, match="2500 samples"):
         embed.embed_dataset(enc, short)
+
+
+def test_sweep_over_field_pairs(tmp_path, ds, clean_encoder):
+    """Several fields at once (e.g. augmentation pairs): every choice is a tuple with one value per field."""
+    cfg = eval_config(clean_encoder, **{"sweep.field": "finetune.num_epochs,label_fraction",
+                                        "sweep.choices": ((1, 0.5), (2, 1.0)), "baselines": ()})
+    out = evaluate.run(cfg, str(tmp_path), dataset=ds)
+    assert out["status"] == "done"
+    a = json.loads((tmp_path / "num_epochs=1+label_fraction=0.5" / "results.json").read_text())
+    b = json.loads((tmp_path / "num_epochs=2+label_fraction=1.0" / "results.json").read_text())
+    assert a["config"]["finetune"]["num_epochs"] == 1 and a["config"]["label_fraction"] == 0.5
+    assert len(a["repeats"][0]["history"]) == 1 and len(b["repeats"][0]["history"]) == 2
+    assert a["baselines"] == {} and "1, 0.5" in (tmp_path / "sweep.md").read_text()
+    bad = eval_config(clean_encoder, **{"sweep.field": "finetune.num_epochs,label_fraction", "sweep.choices": (1, 2)})
+    with pytest.raises(UserError, match="tuple of 2 values"):
+        evaluate.run(bad, str(tmp_path / "bad"), dataset=ds)
