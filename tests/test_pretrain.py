@@ -142,3 +142,34 @@ def test_bad_config_is_one_line_error(tmp_path, override, needle):
   assert "Traceback" not in p.stderr
   lines = [l for l in p.stderr.splitlines() if l.strip() and "error" in l.lower()]
   assert lines and needle in lines[-1], p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cfg", ["configs/cnn.py", "configs/cnn_lstm.py", "configs/cnn_transformer.py",
+                                 "configs/clocs_cmsc.py", "configs/clocs_cmlc.py", "configs/clocs_cmsmlc.py"])
+def test_every_config_pretrains_from_cli(tmp_path, cfg):
+  wd = str(tmp_path / "w")
+  p = run_cli(["--config", cfg, "--workdir", wd, "--config.num_steps=2", "--config.batch_size=8",
+               "--config.log_every=1", "--config.checkpoint_every=2", "--config.model.emb_dim=32",
+               "--config.model.proj_dim=16", "--config.patient_positives=True"])
+  assert p.returncode == 0, p.stderr[-3000:]
+  m = read_metrics(wd)
+  assert [x["step"] for x in m] == [1, 2] and all(np.isfinite(x["loss"]) for x in m)
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
+
+
+def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ecgcl_jax import losses, parallel
+  rng = np.random.default_rng(0)
+  zs = [rng.normal(size=(16, 8)).astype(np.float32) for _ in range(4)]
+  ids = np.array([0, 0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11], np.int32)  # three ECGs of patient 0
+  f = jax.jit(lambda a, b, c, d, i: losses.clocs_cmsc(a, b, c, d, temperature=0.1, ids=i))
+  one = float(f(*zs, ids))
+  mesh = parallel.make_mesh(8)
+  sh = NamedSharding(mesh, P("data"))
+  eight = float(f(*[jax.device_put(z, sh) for z in zs], jax.device_put(ids, sh)))
+  np.testing.assert_allclose(eight, one, rtol=1e-5)
+  # ids that differ change the loss (the positives are really used)
+  assert abs(float(f(*zs, jnp.arange(16, dtype=jnp.int32))) - one) > 1e-3
