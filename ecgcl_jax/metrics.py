@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import scipy.stats
+from matplotlib.ticker import MaxNLocator
 from sklearn import metrics as skm
 
 METRICS = ("auroc", "auprc", "f1", "accuracy", "precision", "recall")
@@ -126,6 +127,7 @@ def markdown_table(methods: Mapping[str, Mapping], title: str = "", notes: Seque
 
 
 def _figure(width=6.0, height=4.5):
+    """A matplotlib Figure on the Agg canvas (no display, no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height))
@@ -146,6 +148,7 @@ def plot_val_curves(histories: Mapping[str, Mapping[int, Sequence[float]]], path
         for seed, vals in histories[method].items():
             ax.plot(np.arange(1, len(vals) + 1), vals, marker="o", ms=3, label=f"seed {seed}")
         ax.set_title(METHOD_TITLES.get(method, method), fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"validation {metric}")
         ax.grid(alpha=0.3)
