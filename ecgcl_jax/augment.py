@@ -102,6 +102,39 @@ def _float_dtype(x):
     return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
 
+def _materialize(z):
+    """Keep z as its own buffer on CPU.
+
+    XLA:CPU vectorises an elementwise fusion along the minor dimension of its output; fused into
+    a (length, 12)-shaped consumer, random-number and erfinv arithmetic runs 3-7x slower than in
+    its own long-minor-dimension loop (bench/bench_augment.py). On GPU/TPU fusing is better.
+    """
+    return jax.lax.optimization_barrier(z) if jax.default_backend() == "cpu" else z
+
+
+def _lowbias32(v):
+    """32-bit integer hash (C. Wellons' 'lowbias32'): a bijection of uint32 with full avalanche."""
+    v = v ^ (v >> 16)
+    v = v * jnp.uint32(0x7FEB352D)
+    v = v ^ (v >> 15)
+    v = v * jnp.uint32(0x846CA68B)
+    return v ^ (v >> 16)
+
+
+def _normal(key, n: int):
+    """(n,) float32 iid N(0, 1) from 64 bits of `key`.
+
+    Counter-based: bits_i = h(h(i ^ s0) + s1) with h = lowbias32, u_i = (2 (bits_i >> 9) + 1) / 2^23 - 1
+    (2^23 levels, symmetric, open (-1, 1)), z_i = sqrt(2) erfinv(u_i) (inverse-CDF transform,
+    as jax.random.normal). Several times cheaper than threefry per value; the key still comes
+    from jax.random, so everything stays a pure function of (key, position).
+    """
+    s = jax.random.bits(key, (2,), jnp.uint32)
+    bits = _lowbias32(_lowbias32(jnp.arange(n, dtype=jnp.uint32) ^ s[0]) + s[1])
+    u = ((bits >> 9) * 2 + 1).astype(jnp.float32) * jnp.float32(2.0**-23) - 1.0
+    return jnp.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+
 # ----------------------------------------------------------------------------------------------
 # Gaussian noise
 
@@ -109,12 +142,22 @@ def gaussian_noise(key, x, factor):
     """x + N(0, 1) * factor * std(x), std per lead, unbiased (ddof=1).
 
     x: (length, leads) float, mV; factor: noise factor (SPEC default 0.05). Returns x's shape/dtype.
+    The N(0, 1) values come from `_normal` (one independent value per sample and lead).
     """
+    length, leads = x.shape
     dt = _float_dtype(x)
     x32 = jnp.asarray(x, jnp.float32)
     std = jnp.std(x32, axis=0, ddof=1, keepdims=True)
+    z = _materialize(_normal(key, length * leads)).reshape(length, leads)
+    return (x32 + z * (jnp.asarray(factor, jnp.float32) * std)).astype(dt)
+
+
+def _gaussian_noise_threefry(key, x, factor):
+    """gaussian_noise with jax.random.normal (threefry) normals: the benchmark's baseline."""
+    x32 = jnp.asarray(x, jnp.float32)
+    std = jnp.std(x32, axis=0, ddof=1, keepdims=True)
     noise = jax.random.normal(key, x32.shape, jnp.float32)
-    return (x32 + noise * (jnp.asarray(factor, jnp.float32) * std)).astype(dt)
+    return (x32 + noise * (jnp.asarray(factor, jnp.float32) * std)).astype(_float_dtype(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,24 +210,67 @@ def _drop_argsort_scatter(key, length, leads, k):
     return jnp.zeros((leads, length), bool).at[jnp.arange(leads)[:, None], idx].set(True).T
 
 
+_FEISTEL_ROUNDS = 6
+_FEISTEL_MIN_FACTOR = 8
+
+
+def _feistel_factors(length: int):
+    """(a, b) with a b = length, a the largest divisor <= sqrt(length); None if a < 8."""
+    a = max(d for d in range(1, math.isqrt(length) + 1) if length % d == 0)
+    return (a, length // a) if a >= _FEISTEL_MIN_FACTOR else None
+
+
+def _feistel_rank(key, length: int, leads: int):
+    """(leads, length) int32: per lead, a keyed pseudo-random permutation of 0..length-1.
+
+    A generalised Feistel network on Z_a x Z_b (a b = length, alternating moduli, an even number
+    of rounds, round function lowbias32(v ^ round_key) mod a|b), so every lead gets a bijection:
+    no sort, no scatter, just elementwise integer arithmetic. Round keys: 6 x leads uint32 from key.
+    """
+    a, b = _feistel_factors(length)
+    rk = jax.random.bits(key, (_FEISTEL_ROUNDS, leads), jnp.uint32)
+    t = jnp.arange(length, dtype=jnp.uint32)[None, :]
+    u, v = t // jnp.uint32(b), t % jnp.uint32(b)  # u in Z_a, v in Z_b
+    for r in range(_FEISTEL_ROUNDS):
+        mod = jnp.uint32((a, b)[r % 2])
+        w = u + _lowbias32(v ^ rk[r][:, None]) % mod
+        u, v = v, jnp.where(w >= mod, w - mod, w)
+    return (u * jnp.uint32(b) + v).astype(jnp.int32)
+
+
+def _drop_feistel(key, length, leads, k):
+    """Positions whose Feistel rank is < k: exactly k per lead; k may be traced."""
+    return _materialize(_feistel_rank(key, length, leads) < k).T
+
+
 _DROPOUT_STATIC = {
+    "feistel": _drop_feistel,
     "topk_threshold": _drop_topk_threshold,
     "sort_threshold": _drop_sort_threshold,
     "topk_scatter": _drop_topk_scatter,
     "argsort_scatter": _drop_argsort_scatter,
 }
-# Chosen by bench/bench_augment.py (see notes/README_augment.md).
-_DROPOUT_METHOD = "topk_threshold"
 
 
 def _dropout_drop(key, length: int, leads: int, rate, method: str | None = None):
+    """(length, leads) bool: exactly floor(rate * length) True per lead.
+
+    Default: the Feistel ranks (fast everywhere, see bench/bench_augment.py); for lengths without
+    a divisor pair >= 8 (e.g. prime), the k largest of distinct random keys via top_k (static k)
+    or a sort (traced k).
+    """
     k = _floor_count(rate, length)
+    if method is None:
+        method = "feistel" if _feistel_factors(length) else "topk_threshold"
     if isinstance(k, int):
         k = min(max(k, 0), length)
         if k == 0:
             return jnp.zeros((length, leads), bool)
-        return _DROPOUT_STATIC[method or _DROPOUT_METHOD](key, length, leads, k)
-    return _drop_sort_threshold(key, length, leads, jnp.clip(k, 0, length))
+        return _DROPOUT_STATIC[method](key, length, leads, k)
+    k = jnp.clip(k, 0, length)
+    if method == "feistel":
+        return _drop_feistel(key, length, leads, k)
+    return _drop_sort_threshold(key, length, leads, k)
 
 
 def dropout_mask(key, x, rate):
@@ -278,53 +364,86 @@ def _frac_index(num, den):
     return q, (num - q * den).astype(jnp.float32) / den.astype(jnp.float32)
 
 
-def _warp_source(n, m, s, seg_len, offsets):
-    """Source coordinates in x of concatenated-signal index n (int32, broadcast to (L, leads)).
+def _warp_tables(s: int, m: int, warp, stretched):
+    """Per lead: new length and start of each segment in the concatenated signal, and its length T.
 
-    seg_len, offsets: (m, leads) int32 new length and start of each segment in the concatenated
-    signal. Sample r of a segment resampled to `len` samples sits at r (s - 1) / (len - 1) of the
-    original segment (np.linspace(0, s - 1, len)). Returns (i0, i1, g): value = (1-g) x[i0] + g x[i1].
+    stretched: (m, leads) bool. Returns seg_len, offsets: (m, leads) int32; total: int32 scalar
+    (T = (m/2) (floor(s(1+w)) + floor(s(1-w))) <= L, the same for every lead).
     """
-    # Segment of n: number of segment starts (after the first) at or before n.
-    k = jnp.sum(offsets[1:, None, :] <= n[None], axis=0)  # (L, leads)
-    start = jnp.take_along_axis(offsets, k, axis=0)
-    ln = jnp.take_along_axis(seg_len, k, axis=0)
-    r = n - start
-    q, g = _frac_index(r * (s - 1), jnp.maximum(ln - 1, 1))
+    ls, lq = _warp_lengths(s, warp)
+    seg_len = jnp.where(stretched, ls, lq).astype(jnp.int32)
+    offsets = jnp.cumsum(seg_len, axis=0) - seg_len
+    return seg_len, offsets, jnp.asarray((m // 2) * (ls + lq), jnp.int32)
+
+
+def _warp_source(n, s: int, seg_len, offsets, lengths=None):
+    """Source coordinates in x of concatenated-signal index n: (leads, length) int32.
+
+    Sample r of a segment resampled to `len` samples sits at r (s - 1) / (len - 1) of the original
+    segment (np.linspace(0, s - 1, len)). The segment of n is found with a where-chain over the
+    m segment starts (elementwise, so it fuses; a gather from the small table would not).
+    lengths: the static (stretched, squeezed) lengths when the warp is a Python number: the
+    division by len - 1 is then by one of two constants (4.6x faster on CPU than a division by
+    a per-element divisor, bench/bench_augment.py); None when the warp is traced.
+    Returns (i0, i1, g): value = (1 - g) x[i0] + g x[i1], indices along time.
+    """
+    m = offsets.shape[0]
+    k = jnp.zeros_like(n)
+    start = jnp.zeros_like(n)
+    ln = jnp.broadcast_to(seg_len[0][:, None], n.shape)
+    for kk in range(1, m):
+        past = n >= offsets[kk][:, None]
+        k = jnp.where(past, kk, k)
+        start = jnp.where(past, offsets[kk][:, None], start)
+        ln = jnp.where(past, seg_len[kk][:, None], ln)
+    num = (n - start) * (s - 1)
+    if lengths is None:
+        q, g = _frac_index(num, jnp.maximum(ln - 1, 1))
+    else:
+        d_long, d_short = max(lengths[0] - 1, 1), max(lengths[1] - 1, 1)
+        is_long = ln == lengths[0]
+        q = jnp.where(is_long, num // d_long, num // d_short)
+        den = jnp.where(is_long, d_long, d_short)
+        g = (num - q * den).astype(jnp.float32) / den.astype(jnp.float32)
     i0 = k * s + q
     i1 = jnp.minimum(i0 + 1, k * s + s - 1)
     return i0, i1, g
 
 
-def _lerp_gather(x, i0, i1, g):
-    a = jnp.take_along_axis(x, i0, axis=0)
-    b = jnp.take_along_axis(x, i1, axis=0)
+def _lerp_gather(xt, i0, i1, g):
+    """xt: (leads, length); i0, i1, g: (leads, n) -> (1 - g) xt[i0] + g xt[i1] along time."""
+    a = jnp.take_along_axis(xt, i0, axis=1)
+    b = jnp.take_along_axis(xt, i1, axis=1)
     return a + g * (b - a)
 
 
-def _time_warp_fixed(x, num_segments: int, warp, stretched):
-    """Time warp with given segment choices. stretched: (m, leads) bool. Fused formulation.
+def _resample_index(length: int, total, leads: int):
+    """Concatenated-signal coordinates of the L output samples: floor, floor + 1, fraction."""
+    j = jnp.arange(length, dtype=jnp.int32)[None, :]
+    n0, f = _frac_index(j * (total - 1), jnp.asarray(max(length - 1, 1), jnp.int32))
+    n0 = jnp.broadcast_to(n0, (leads, length))
+    return n0, jnp.minimum(n0 + 1, total - 1), f
 
-    For output sample j, u = j (T - 1) / (L - 1) is its coordinate in the concatenated warped
-    signal of length T; the value there is the lerp between concatenated samples floor(u) and
-    floor(u)+1, each of which is a lerp of two input samples. So every output sample is a fixed
-    combination of 4 gathered inputs: static shapes, no intermediate signal.
+
+def _time_warp_fixed(x, num_segments: int, warp, stretched):
+    """Time warp with given segment choices. x: (length, leads); stretched: (m, leads) bool.
+
+    Fused formulation: output sample j sits at u = j (T - 1) / (L - 1) in the concatenated warped
+    signal (length T); its value is the lerp of concatenated samples floor(u) and floor(u) + 1,
+    each a lerp of two input samples. So every output is a fixed combination of 4 gathered
+    inputs: static shapes, no intermediate signal. Computed leads-major (time is the minor axis
+    of the gathers), which is faster on CPU and GPU alike.
     """
     length, leads = x.shape
     m = num_segments
     s = length // m
-    ls, lq = _warp_lengths(s, warp)
-    seg_len = jnp.where(stretched, ls, lq).astype(jnp.int32)  # (m, leads)
-    offsets = jnp.cumsum(seg_len, axis=0) - seg_len
-    total = jnp.asarray((m // 2) * (ls + lq), jnp.int32)  # T, same for every lead
-    j = jnp.arange(length, dtype=jnp.int32)[:, None]
-    n0, f = _frac_index(j * (total - 1), jnp.asarray(max(length - 1, 1), jnp.int32))
-    n0 = jnp.broadcast_to(n0, (length, leads))
-    n1 = jnp.minimum(n0 + 1, total - 1)
-    x32 = jnp.asarray(x, jnp.float32)
-    c0 = _lerp_gather(x32, *_warp_source(n0, m, s, seg_len, offsets))
-    c1 = _lerp_gather(x32, *_warp_source(n1, m, s, seg_len, offsets))
-    return (c0 + f * (c1 - c0)).astype(_float_dtype(x))
+    seg_len, offsets, total = _warp_tables(s, m, warp, stretched)
+    lengths = None if _is_traced(warp) else _warp_lengths(s, warp)
+    xt = jnp.asarray(x, jnp.float32).T
+    n0, n1, f = _resample_index(length, total, leads)
+    c0 = _lerp_gather(xt, *_warp_source(n0, s, seg_len, offsets, lengths))
+    c1 = _lerp_gather(xt, *_warp_source(n1, s, seg_len, offsets, lengths))
+    return (c0 + f * (c1 - c0)).T.astype(_float_dtype(x))
 
 
 def _time_warp_two_stage(x, num_segments: int, warp, stretched):
@@ -332,20 +451,13 @@ def _time_warp_two_stage(x, num_segments: int, warp, stretched):
     length, leads = x.shape
     m = num_segments
     s = length // m
-    ls, lq = _warp_lengths(s, warp)
-    seg_len = jnp.where(stretched, ls, lq).astype(jnp.int32)
-    offsets = jnp.cumsum(seg_len, axis=0) - seg_len
-    total = jnp.asarray((m // 2) * (ls + lq), jnp.int32)
-    x32 = jnp.asarray(x, jnp.float32)
-    n = jnp.broadcast_to(jnp.minimum(jnp.arange(length, dtype=jnp.int32)[:, None], total - 1),
-                         (length, leads))
-    cat = _lerp_gather(x32, *_warp_source(n, m, s, seg_len, offsets))  # (L, leads), first T valid
-    j = jnp.arange(length, dtype=jnp.int32)[:, None]
-    n0, f = _frac_index(j * (total - 1), jnp.asarray(max(length - 1, 1), jnp.int32))
-    n0 = jnp.broadcast_to(n0, (length, leads))
-    n1 = jnp.minimum(n0 + 1, total - 1)
-    f = jnp.broadcast_to(f, (length, leads))
-    return _lerp_gather(cat, n0, n1, f).astype(_float_dtype(x))
+    seg_len, offsets, total = _warp_tables(s, m, warp, stretched)
+    xt = jnp.asarray(x, jnp.float32).T
+    n = jnp.broadcast_to(jnp.minimum(jnp.arange(length, dtype=jnp.int32)[None, :], total - 1),
+                         (leads, length))
+    cat = _lerp_gather(xt, *_warp_source(n, s, seg_len, offsets))  # (leads, L), first T valid
+    n0, n1, f = _resample_index(length, total, leads)
+    return _lerp_gather(cat, n0, n1, jnp.broadcast_to(f, n0.shape)).T.astype(_float_dtype(x))
 
 
 def _check_time_warp(length: int, m: int, warp, name="time_warp"):

@@ -131,7 +131,34 @@ def test_dropout_formulations_agree():
             np.testing.assert_array_equal(mask.sum(axis=0), np.full(C, kk), err_msg=m)
         # the two threshold formulations select the same positions from the same keys
         np.testing.assert_array_equal(masks["topk_threshold"], masks["sort_threshold"])
-        np.testing.assert_array_equal(np.asarray(traced(k, rate)), masks["sort_threshold"])
+        # default (static and traced rate) is the Feistel formulation
+        np.testing.assert_array_equal(np.asarray(traced(k, rate)), masks["feistel"])
+        np.testing.assert_array_equal(np.asarray(A._dropout_drop(k, L, C, rate)), masks["feistel"])
+
+
+@pytest.mark.parametrize("length", [5000, 2500, 1000, 64])
+def test_feistel_rank_is_a_permutation_per_lead(length):
+    ranks = np.asarray(jax.jit(lambda k: A._feistel_rank(k, length, C))(jax.random.key(length)))
+    for c in range(C):
+        np.testing.assert_array_equal(np.sort(ranks[c]), np.arange(length))
+    assert len({tuple(r) for r in ranks}) == C  # a different permutation per lead
+
+
+def test_feistel_dropout_statistics():
+    # L = 100 (10 x 10 Feistel), k = 10: each position with frequency 1/10, pairs with
+    # k(k-1)/(L(L-1)) (as for a uniformly random 10-subset), for neighbours and far pairs.
+    x = jnp.ones((100, 1))
+    ys = jax.jit(jax.vmap(lambda k: A.dropout_mask(k, x, 0.1)))(keys(20000, seed=17))
+    d = np.asarray(ys)[:, :, 0] == 0
+    assert np.all(d.sum(axis=1) == 10)
+    assert np.all(np.abs(d.mean(axis=0) - 0.1) < 0.012)
+    pair = 10 * 9 / (100 * 99)
+    for lag in (1, 7, 10, 50):
+        both = (d[:, :-lag] & d[:, lag:]).mean(axis=0)
+        assert abs(both.mean() - pair) < 0.001, lag
+    # a prime length has no Feistel factorisation: the top_k fallback is exact too
+    y = np.asarray(jax.jit(lambda k: A.dropout_mask(k, jnp.ones((997, 3)), 0.1))(jax.random.key(0)))
+    np.testing.assert_array_equal((y == 0).sum(axis=0), [99, 99, 99])
 
 
 def test_dropout_positions_uniform():
