@@ -432,7 +432,7 @@ def _time_warp_fixed(x, num_segments: int, warp, stretched):
     signal (length T); its value is the lerp of concatenated samples floor(u) and floor(u) + 1,
     each a lerp of two input samples. So every output is a fixed combination of 4 gathered
     inputs: static shapes, no intermediate signal. Computed leads-major (time is the minor axis
-    of the gathers), which is faster on CPU and GPU alike.
+    of the gathers): 1.2x faster than time-major on 2 CPU cores, the same on GPU.
     """
     length, leads = x.shape
     m = num_segments
