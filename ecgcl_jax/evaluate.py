@@ -198,7 +198,7 @@ def check_preprocessing(prep: dict, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the encoder
-def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir: str, exported):
+def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir: str, exported, workdir: str):
     """(ExportedEncoder, info dict) for this repeat, or (None, info) when pretraining was interrupted."""
     keys = splits.patient_keys(ds.patient_ids, ds.records)
     if exported is not None:
@@ -238,7 +238,8 @@ def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir
     # Asserted on what the encoder itself recorded, not only by construction.
     splits.check_pool(enc.pretrain_patients, split.val_patients, split.test_patients,
                       where=f"{pretrain_dir}/encoder (seed {seed})")
-    return enc, {"pretrain_dir": pretrain_dir, "pretrain_steps": enc.extra.get("steps"),
+    # relative to the evaluation workdir: results.json does not depend on where the workdir lives
+    return enc, {"pretrain_dir": os.path.relpath(pretrain_dir, workdir), "pretrain_steps": enc.extra.get("steps"),
                  "pretrain_records": len(enc.pretrain_records)}
 
 
@@ -258,7 +259,7 @@ def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=
         if len(np.unique(ys)) < 2:
             raise UserError(f"data labels: the {name} split of seed {seed} holds one class only ({len(ys)} ECGs); "
                             "AUROC is undefined - more labeled patients are needed")
-    enc, info = _pretrained_encoder(config, ds, split, seed, pretrain_dir, exported)
+    enc, info = _pretrained_encoder(config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir))
     if enc is None:
         return None
     check_preprocessing(enc.preprocessing, f"encoder of seed {seed}")
