@@ -285,3 +285,10 @@ def test_sweep_over_field_pairs(tmp_path, ds, clean_encoder):
     bad = eval_config(clean_encoder, **{"sweep.field": "finetune.num_epochs,label_fraction", "sweep.choices": (1, 2)})
     with pytest.raises(UserError, match="tuple of 2 values"):
         evaluate.run(bad, str(tmp_path / "bad"), dataset=ds)
+
+
+def test_one_writer_per_workdir(tmp_path, ds, clean_encoder):
+    from ecgcl_jax.pretrain import WorkdirLock
+    with WorkdirLock(str(tmp_path)):
+        with pytest.raises(UserError, match="in use"):
+            evaluate.run(eval_config(clean_encoder), str(tmp_path), dataset=ds)
