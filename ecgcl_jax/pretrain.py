@@ -175,7 +175,8 @@ def make_pretrain_step(config, model, tx, max_amp: float):
   """Returns ``step(state, batch, key) -> (state, metrics)`` (pure; jit it with the state donated).
 
   batch: {'raw': (B, L, C) int16} or {'rows': (B,) int32, 'pool': (N, L, C) int16 resident pool},
-  plus 'scale': (B,) float32 mV per count and 'ids': (B,) int32 patient codes.
+  plus 'scale': (B,) float32 mV per count and 'ids': (B,) int32 patient codes; optionally 'max_amp': ()
+  float32 (replicated), which overrides the ``max_amp`` given here (a traced value: no recompile per pool).
   """
   dtype = DTYPES[config.dtype]
   use_ids = bool(config.patient_positives)
@@ -186,7 +187,7 @@ def make_pretrain_step(config, model, tx, max_amp: float):
     k_aug, k_drop = jax.random.split(k)
     raw = jnp.take(batch["pool"], batch["rows"], axis=0) if "rows" in batch else batch["raw"]
     x = raw.astype(jnp.float32) * batch["scale"][:, None, None]
-    x = input_pipeline.normalize(x, max_amp)
+    x = input_pipeline.normalize(x, batch.get("max_amp", max_amp))
     views = make_views(config, k_aug, x)
     ids = batch["ids"] if use_ids else None
 
@@ -394,6 +395,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
   step_fn = jax.jit(make_pretrain_step(config, model, tx, max_amp), donate_argnums=(0,),
                     out_shardings=(repl, repl))
 
+  max_amp_dev = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))
   num_steps = int(config.num_steps)
   status = "done"
   pending: list = []
@@ -405,6 +407,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
     for step, b in source.iterate(start, num_steps):
       if resident:
         b["pool"] = source.device_pool
+      b["max_amp"] = max_amp_dev
       state, m = step_fn(state, b, step_key)
       pending.append(m["loss"])
       done = step + 1
