@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, finetune, input_pipeline, metrics, splits
+from ecgcl_jax import checkpoint, configdiff, finetune, input_pipeline, metrics, splits
 from ecgcl_jax.errors import UserError
 
 DEFAULT_SEEDS = (321, 123, 51)
@@ -106,27 +106,14 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _config_json(config) -> dict:
     return json.loads(config.to_json())
 
 
 def check_resume(saved: dict, current: dict, path: str) -> None:
     """Refuses a resume whose config differs in a field that changes results (lists them)."""
-    a, b = _flat(saved), _flat(current)
-    changed = sorted(k for k in set(a) | set(b)
-                     if k not in RESUMABLE_CHANGES and json.dumps(a.get(k)) != json.dumps(b.get(k)))
-    if changed:
-        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
+    if detail:
         raise UserError(f"{path}: this evaluation workdir was started with another config; changed fields: "
                         f"{detail} (use a new --workdir; only repeats/seeds/logging may change)")
 

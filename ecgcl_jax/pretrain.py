@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 import ecgcl_jax
-from ecgcl_jax import augment, checkpoint, input_pipeline, losses, models, parallel
+from ecgcl_jax import augment, checkpoint, configdiff, input_pipeline, losses, models, parallel
 from ecgcl_jax.errors import UserError
 
 MODES = ("simclr", "cmsc", "cmlc", "cmsmlc")
@@ -284,23 +284,9 @@ class WorkdirLock:
     os.close(self.fd)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flat(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def check_resume_config(saved: dict, current: dict, path: str) -> None:
-  a, b = _flat(saved), _flat(current)
-  changed = sorted(k for k in set(a) | set(b)
-                   if k not in RESUMABLE_CHANGES and json.dumps(a.get(k)) != json.dumps(b.get(k)))
-  if changed:
-    detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+  detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
+  if detail:
     raise UserError(f"{path}: this workdir was started with another config; changed fields: {detail} "
                     "(use a new --workdir, or change only num_steps/logging/checkpoint cadence)")
 

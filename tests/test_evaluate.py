@@ -16,7 +16,7 @@ import ecgcl_jax
 from ecgcl_jax import checkpoint, evaluate, models, splits
 from ecgcl_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, override
 TINY = dict(encoder="cnn", emb_dim=8, proj_dim=4, kernel_size=15, dropout=0.1, channels=(4, 4, 4, 4, 4),
             lstm_layers=1, attention_dim=0, transformer_layers=1, transformer_heads=2, transformer_d_model=8)
 METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
@@ -71,13 +71,7 @@ def eval_config(encoder_dir="", **kw):
     c.repeats = 2
     c.finetune.num_epochs = 2
     c.finetune.batch_size = 16
-    for k, v in kw.items():
-        node = c
-        *parents, last = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = v
-    return c
+    return override(c, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, override
 
 PY = sys.executable
 
@@ -23,13 +23,7 @@ def small_config(encoder="cnn", **over):
   c.log_every = 1
   c.checkpoint_every = 3
   c.optim.learning_rate = 1e-3
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **over)
 
 
 def read_metrics(workdir):

@@ -1,0 +1,61 @@
+"""Does checkpointing slow the step? Pretraining throughput with a checkpoint every step vs only at the end.
+
+  python bench/bench_checkpoint.py [--encoder cnn --batch 16 --steps 60 --rounds 2 --json bench/results_checkpoint.jsonl]
+
+Runs the real loop (`pretrain.run`) on the embedded data, alternating the two settings (A B A B ...), and
+reports the median ECG/s of the logged intervals after the first (which includes compilation).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+
+from configs import base
+from ecgcl_jax import pretrain
+
+
+def one(encoder, batch, steps, every, workdir):
+  c = base.get_config()
+  c.model.encoder, c.batch_size, c.num_steps = encoder, batch, steps
+  c.log_every, c.checkpoint_every, c.keep_checkpoints = 10, every, 3
+  shutil.rmtree(workdir, ignore_errors=True)
+  pretrain.run(c, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rates = [json.loads(l)["ecg_per_s"] for l in f if l.strip()][1:]
+  return float(np.median(rates))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--encoder", default="cnn")
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--steps", type=int, default=60)
+  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--json", default="")
+  a = ap.parse_args()
+  tmp = tempfile.mkdtemp()
+  res = {"every_step": [], "final_only": []}
+  for r in range(a.rounds):
+    res["every_step"].append(one(a.encoder, a.batch, a.steps, 1, os.path.join(tmp, "a")))
+    res["final_only"].append(one(a.encoder, a.batch, a.steps, 10**9, os.path.join(tmp, "b")))
+  ratio = float(np.median(res["every_step"]) / np.median(res["final_only"]))
+  rec = {"bench": "checkpoint_overhead", "device": str(jax.devices()[0]), "jax": jax.__version__,
+         "encoder": a.encoder, "batch": a.batch, "steps": a.steps, **res, "ratio_every_step_vs_final_only": ratio,
+         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  print(f"ECG/s with a checkpoint every step: {res['every_step']}; only at the end: {res['final_only']}; "
+        f"ratio {ratio:.3f}")
+  if a.json:
+    with open(a.json, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+  shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
