@@ -150,6 +150,119 @@ def _dtype(dtype) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------
+# How stride-2 convolutions are computed (same parameters, same maths, different XLA programs):
+#   "paired":  the input is viewed as sample pairs (B, L/2, 2C) (a free reshape) and convolved with stride 1 and
+#              ceil(k/2) taps of 2C channels; XLA:CPU runs the strided form's input gradient as a convolution over
+#              a zero-dilated gradient, which does twice the work (measured in bench/RESULTS.md).
+#   "strided": lax's stride-2 convolution (cuDNN's native path on GPUs).
+#   "auto":    "paired" on CPU, "strided" elsewhere.
+# Read when a model is traced; benchmarks set it to compare the two.
+CONV_FORMULATION = "auto"
+_CONV_DIMS = ("NWC", "WIO", "NWC")
+
+
+def conv_formulation() -> str:
+  """The stride-2 formulation in effect ("paired" or "strided"), resolving "auto" by the default backend."""
+  if CONV_FORMULATION == "auto":
+    return "paired" if jax.default_backend() == "cpu" else "strided"
+  if CONV_FORMULATION not in ("paired", "strided"):
+    raise ValueError(f"models.CONV_FORMULATION must be auto, paired or strided, got {CONV_FORMULATION!r}")
+  return CONV_FORMULATION
+
+
+def _conv_stride2_paired(x, kernel):
+  """Conv1d stride 2, padding k//2, odd k, as a stride-1 conv over sample pairs. x: (B, L, C), kernel: (k, C, F).
+
+  With P[m] = (x[2m], x[2m+1]) and j - k//2 = 2a + r: y[t] = sum_j w[j] x[2t + j - k//2] = sum_a P[t+a]_r w[2a + r +
+  k//2], i.e. taps a = a0..a1 over pairs with kernel rows W'[a - a0] = [w[2a + k//2], w[2a + 1 + k//2]] (zero where
+  the index falls outside 0..k-1). Output length ceil(L/2) == (L + 2(k//2) - k)//2 + 1 for odd k.
+  """
+  b, length, c = x.shape
+  k, _, f = kernel.shape
+  p = k // 2
+  if length % 2:  # the extra zero is inside the right zero padding of the strided form
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+  pairs = x.reshape(b, x.shape[1] // 2, 2 * c)
+  a0 = -((p + 1) // 2)
+  taps = (k - 1 - p) // 2 - a0 + 1
+  lo = 2 * a0 + p  # kernel index of tap 0's even sample (negative: a zero row)
+  w = jnp.pad(kernel, ((-lo, 2 * taps + lo - k), (0, 0), (0, 0))).reshape(taps, 2 * c, f)
+  return jax.lax.conv_general_dilated(pairs, w, (1,), [(-a0, taps - 1 + a0)], dimension_numbers=_CONV_DIMS)
+
+
+class Conv1D(nn.Module):
+  """Conv1d without bias, PyTorch padding: k//2 on both sides for stride 2, 'SAME' for stride 1.
+
+  x: (B, L, Cin) -> (B, L', features); param 'kernel' (k, Cin, features) float32 (the layout of nn.Conv's).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", _TORCH_KERNEL, (k, x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.stride == 2 and k % 2 == 1 and conv_formulation() == "paired":
+      return _conv_stride2_paired(x, kernel)
+    if self.stride > 1:
+      padding = [(k // 2, k // 2)]
+    else:
+      padding = [((k - 1) // 2, k - 1 - (k - 1) // 2)]
+    return jax.lax.conv_general_dilated(x, kernel, (self.stride,), padding, dimension_numbers=_CONV_DIMS)
+
+
+_GOLDEN = 0x9E3779B9
+
+
+def _mix32(h):
+  """lowbias32 (C. Wellons): a bijective uint32 mixer with near-ideal avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def hash_bits(seed, shape) -> jax.Array:
+  """uint32 random bits of `shape`: a keyed hash of each element's flat position (counter-based, like threefry).
+
+  seed: (2,) uint32. Positions are row-major indices of the whole (global) array, so a sharded array gets the same
+  bits as an unsharded one. Positions wrap at 2**32 elements.
+  """
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for d in range(len(shape) - 1, -1, -1):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % (1 << 32))
+    stride *= shape[d]
+  h = _mix32(idx * jnp.uint32(_GOLDEN) + seed[0])
+  return _mix32(h ^ seed[1])
+
+
+class Dropout(nn.Module):
+  """Inverted dropout: each element is zeroed with probability `rate`, survivors are scaled by 1/(1 - rate).
+
+  Same semantics as nn.Dropout (keep probability exact to 2**-32), but the mask comes from `hash_bits` keyed by 64
+  bits of the module's 'dropout' rng: about 0.4 ns per element on XLA:CPU against about 10 ns for
+  jax.random.bernoulli's threefry, which made dropout the largest cost of a CPU training step.
+  """
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+    threshold = min(int(round(self.rate * 2.0 ** 32)), (1 << 32) - 1)
+    keep = hash_bits(seed, x.shape) >= jnp.uint32(threshold)
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+
+
 class AvgPool(nn.Module):
   """AvgPool1d(window, stride), no padding: (B, L, C) -> (B, (L - window)//stride + 1, C)."""
   window: int
@@ -170,16 +283,13 @@ class ConvBNAct(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    k = self.kernel_size
-    padding = [(k // 2, k // 2)] if self.stride > 1 else "SAME"
-    x = nn.Conv(self.features, (k,), strides=(self.stride,), padding=padding, use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, kernel_init=_TORCH_KERNEL, name="conv")(x)
+    x = Conv1D(self.features, self.kernel_size, self.stride, self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
                      param_dtype=jnp.float32, name="bn")(x)
     if not self.activate:
       return x
     x = nn.leaky_relu(x, LEAKY_SLOPE)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    return Dropout(self.dropout, deterministic=not train)(x)
 
 
 class ResBlock(nn.Module):
@@ -248,7 +358,7 @@ class EmbeddingHead(nn.Module):
   def __call__(self, h, train: bool):
     h = _dense(self.emb_dim, h.shape[-1], self.dtype, name="dense")(h)
     h = nn.leaky_relu(h, LEAKY_SLOPE)
-    return nn.Dropout(2 * self.dropout, deterministic=not train)(h)
+    return Dropout(2 * self.dropout, deterministic=not train)(h)
 
 
 class BiLSTM(nn.Module):
@@ -317,11 +427,11 @@ class TransformerLayer(nn.Module):
         broadcast_dropout=False, deterministic=not train, kernel_init=_TORCH_QKV, out_kernel_init=_TORCH_KERNEL,
         name="attention")(x, x)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name="norm_1")(
-        x + nn.Dropout(self.dropout, deterministic=not train)(a))
+        x + Dropout(self.dropout, deterministic=not train)(a))
     f = nn.relu(_dense(self.ff_dim, d, self.dtype, name="ff_1")(x))
-    f = _dense(d, self.ff_dim, self.dtype, name="ff_2")(nn.Dropout(self.dropout, deterministic=not train)(f))
+    f = _dense(d, self.ff_dim, self.dtype, name="ff_2")(Dropout(self.dropout, deterministic=not train)(f))
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name="norm_2")(
-        x + nn.Dropout(self.dropout, deterministic=not train)(f))
+        x + Dropout(self.dropout, deterministic=not train)(f))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,7 +480,7 @@ class LSTMEncoder(Encoder):
       h = AdditivePooling(self.attention_dim or self.emb_dim, self.dtype, name="attention")(o)
     else:
       h = o[:, -1, :]  # forward's final state and backward's state at the last step, as torch's out[:, -1]
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Dropout(self.dropout, deterministic=not train)(h)
     h = EmbeddingHead(self.emb_dim, self.dropout, self.dtype, name="head")(h, train)
     return h, self.project(h)
 
@@ -444,7 +554,7 @@ class ClassifierHead(nn.Module):
       h = jnp.einsum("bv,bve->be", w.astype(e.dtype), e)
     if not self.linear:
       h = nn.relu(_dense(self.hidden, h.shape[-1], self.dtype, name="dense_0")(h))
-      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+      h = Dropout(self.dropout, deterministic=not train)(h)
     return _dense(1, h.shape[-1], self.dtype, name="out")(h)[..., 0].astype(jnp.float32)
 
 

@@ -507,3 +507,104 @@ def test_too_short_input_is_a_user_error():
   model = models.build_encoder(cfg("cnn"))
   with pytest.raises(UserError, match="too short"):
     jax.eval_shape(lambda: model.init(KEYS, jnp.zeros((2, 100, 12)), train=False))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Performance formulations: stride-2 conv as a conv over sample pairs; hash-based dropout
+# ------------------------------------------------------------------------------------------------------------------
+def np_conv_grads(x, kern, g, stride, pad):
+  """float64 gradients of sum(conv(x, kern) * g) with respect to x and kern (windows written out by hand)."""
+  b, length, _ = x.shape
+  k = kern.shape[0]
+  xp = np.pad(x, ((0, 0), pad, (0, 0)))
+  dxp, dk = np.zeros_like(xp), np.zeros_like(kern)
+  for t in range(g.shape[1]):
+    win = slice(t * stride, t * stride + k)
+    dk += np.einsum("bjc,bd->jcd", xp[:, win], g[:, t])
+    dxp[:, win] += np.einsum("bd,jcd->bjc", g[:, t], kern)
+  return dxp[:, pad[0]:pad[0] + length], dk
+
+
+@pytest.mark.parametrize("formulation", ["paired", "strided"])
+@pytest.mark.parametrize("k,length", [(15, 64), (15, 37), (5, 20), (5, 9), (3, 8), (4, 12)])
+def test_conv1d_stride2_formulations_match_numpy(formulation, k, length, monkeypatch):
+  monkeypatch.setattr(models, "CONV_FORMULATION", formulation)
+  rng = np.random.default_rng(k * 100 + length)
+  x = rng.normal(size=(2, length, 3))
+  conv = models.Conv1D(4, k, 2)
+  kern = rng.normal(size=(k, 3, 4)) / math.sqrt(3 * k)
+  out_len = (length + 2 * (k // 2) - k) // 2 + 1
+  g = rng.normal(size=(2, out_len, 4))
+
+  def loss(kern, x):
+    y = conv.apply({"params": {"kernel": kern}}, x)
+    return jnp.sum(y * g), y
+  (dk, dx), y = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(jnp.float32(kern), jnp.float32(x))
+  want_dx, want_dk = np_conv_grads(x, kern, g, 2, (k // 2, k // 2))
+  np.testing.assert_allclose(y, np_conv(x, kern, 2, (k // 2, k // 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dk, want_dk, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_formulation_auto_and_errors(monkeypatch):
+  assert models.conv_formulation() == ("paired" if jax.default_backend() == "cpu" else "strided")
+  monkeypatch.setattr(models, "CONV_FORMULATION", "im2col")
+  with pytest.raises(ValueError, match="CONV_FORMULATION"):
+    models.conv_formulation()
+
+
+def _masks(rate, shape, seeds):
+  drop = models.Dropout(rate)
+  x = jnp.ones(shape, jnp.float32)
+  f = jax.jit(lambda k: drop.apply({}, x, rngs={"dropout": k}))
+  return [np.asarray(f(jax.random.key(s))) for s in seeds]
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.6])
+def test_dropout_is_bernoulli_and_inverted(rate):
+  shape = (4, 500, 32)  # 64,000 elements
+  y0, y1 = _masks(rate, shape, [0, 1])
+  n = y0.size
+  for y in (y0, y1):
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 1.0 / (1.0 - rate), rtol=1e-6)  # survivors scaled by 1/(1-p)
+    assert abs(kept.mean() - (1 - rate)) < 5 * math.sqrt(rate * (1 - rate) / n)
+  # independence: between two keys, between neighbours in time, between neighbouring channels and examples
+  d0, d1 = (y0 == 0).ravel().astype(float), (y1 == 0).ravel().astype(float)
+  tol = 5 * math.sqrt(rate * (1 - rate) / n) + 5 * rate * math.sqrt(1 / n)
+  assert abs(np.mean(d0 * d1) - rate ** 2) < tol
+  dz = (y0 == 0)
+  for a, b in [(dz[:, 1:], dz[:, :-1]), (dz[..., 1:], dz[..., :-1]), (dz[1:], dz[:-1])]:
+    assert abs(np.mean(a & b) - rate ** 2) < tol
+  # the drop frequency of each position over many keys is the rate (no position is favoured)
+  many = np.stack([m == 0 for m in _masks(rate, (1, 8, 4), range(400))])
+  assert np.all(np.abs(many.mean(0) - rate) < 5 * math.sqrt(rate * (1 - rate) / 400))
+
+
+def test_dropout_modes_and_reproducibility():
+  x = jnp.arange(1.0, 61.0).reshape(3, 20)
+  k = jax.random.key(7)
+  assert models.Dropout(0.3, deterministic=True).apply({}, x) is x
+  assert models.Dropout(0.0).apply({}, x, rngs={"dropout": k}) is x
+  np.testing.assert_array_equal(models.Dropout(1.0).apply({}, x, rngs={"dropout": k}), 0.0)
+  a = models.Dropout(0.5).apply({}, x, rngs={"dropout": k})
+  b = models.Dropout(0.5).apply({}, x, rngs={"dropout": k})
+  np.testing.assert_array_equal(a, b)
+  xb = x.astype(jnp.bfloat16)
+  assert models.Dropout(0.5).apply({}, xb, rngs={"dropout": k}).dtype == jnp.bfloat16
+
+
+def test_hash_bits_do_not_depend_on_sharding():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = jax.devices()
+  assert len(devices) >= 2, "tests/conftest.py sets 8 fake CPU devices"
+  mesh = Mesh(np.array(devices), ("data",))
+  seed = jnp.array([3, 1234567], jnp.uint32)
+  shape = (8 * len(devices), 5, 3)
+  full = jax.jit(lambda s: models.hash_bits(s, shape))(seed)
+  sharded = jax.jit(lambda s: models.hash_bits(s, shape), out_shardings=NamedSharding(mesh, P("data")))(seed)
+  assert len(sharded.sharding.device_set) == len(devices)
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(full))
+  # a different seed word changes (nearly) every element
+  other = jax.jit(lambda s: models.hash_bits(s, shape))(seed.at[1].add(1))
+  assert np.mean(np.asarray(other) != np.asarray(full)) > 0.99
