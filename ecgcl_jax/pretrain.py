@@ -387,7 +387,10 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
   pending: list = []
   t_last, n_last = time.perf_counter(), start
   t0, steps_timed = None, 0
-  last_loss = float("nan")
+  last_loss = _last_logged_loss(metrics_path) if main else float("nan")
+  if start >= int(config.num_steps):
+    log(f"{workdir}: already trained for {start} steps (num_steps={config.num_steps}); nothing to do "
+        "(raise --config.num_steps to train longer)")
   step = start
   with open(metrics_path, "a") if main else _NullFile() as mfile:
     for step, b in source.iterate(start, num_steps):
@@ -460,6 +463,15 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
                             extra={"steps": int(parallel.to_host(state.step)), "data_path": config.data.path,
                                    "version": ecgcl_jax.__version__})
   return out
+
+
+def _last_logged_loss(path: str) -> float:
+  try:
+    with open(path) as f:
+      lines = [l for l in f if l.strip()]
+    return float(json.loads(lines[-1])["loss"]) if lines else float("nan")
+  except (OSError, ValueError, KeyError):
+    return float("nan")
 
 
 def _truncate_metrics(path: str, step: int) -> None:
