@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU suite of the pretraining benchmark: ecgcl-jax beside torch_reference.py on the same GPU, same invocation.
+#
+#   bash bench/run_gpu.sh main       # CNN bf16, batch 128/512/2048, vs torch compiled bf16 nhwc (issue 5's targets)
+#   bash bench/run_gpu.sh PART ...   # parts: main fp32 pairs stream encoders conv scaling; "all" = every part
+#
+# Each part fits a 10-minute command on one H100 (main is the longest: torch.compile compiles each batch size).
+# Env: OUT (results folder; default /tmp/ecgcl_bench_gpu), PY (python with jax[cuda], flax, optax; default python3),
+# TORCH_PY (python with torch; default $PY), BENCH_SECONDS (timed seconds per measurement, default 3), ROUNDS (2).
+# JSON lines go to $OUT/bench_pretrain.jsonl, the log to $OUT/bench_pretrain.log. torch_reference.py is looked for
+# in ../shared/bench/ and .bench_shared/ (or set TORCH_REF).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+TORCH_PY=${TORCH_PY:-$PY}
+export OUT=${OUT:-/tmp/ecgcl_bench_gpu}
+export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ecgcl_jax_cache}  # later parts reuse compiles
+mkdir -p "$OUT"
+# ml_collections is not in every GPU image: install a carried wheel (.whl/) if the import fails
+if ! "$PY" -c "import ml_collections" >/dev/null 2>&1; then
+  if ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/ecgcl_site .whl/ml_collections-*.whl
+    export PYTHONPATH=/tmp/ecgcl_site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "run_gpu.sh: ml_collections is missing (carry .whl/ml_collections-*.whl)" >&2
+    exit 1
+  fi
+fi
+LOG="$OUT/bench_pretrain.log"
+"$PY" -c "import jax; print('# jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$LOG"
+COMMON=(--torch-python "$TORCH_PY" --seconds "${BENCH_SECONDS:-3}" --rounds "${ROUNDS:-2}"
+        --json "$OUT/bench_pretrain.jsonl" --workdir /tmp/ecgcl_bench_data)
+[ -n "${TORCH_REF:-}" ] && COMMON+=(--torch-ref "$TORCH_REF")
+run() {
+  echo "### $(date -u +%H:%M:%S) bench_pretrain.py $*" | tee -a "$LOG"
+  "$PY" bench/bench_pretrain.py "${COMMON[@]}" "$@" 2>&1 | tee -a "$LOG"
+}
+TORCH_BEST="--layout nhwc --compile"   # torch's best GPU settings: bf16 + nhwc + compile (its README)
+PAIRS=(--pair gaussian_noise:0.05+gaussian_noise:0.25 --pair gaussian_noise:0.05+dropout:0.1
+       --pair time_warp:4,0.2+dropout:0.1 --pair zero_mask:0.1+permute:5 --pair permute:5+time_warp:4,0.2)
+
+part() {
+  case "$1" in
+    main)      # targets: >= 1.5x torch compiled at 512, >= 1.2x at 2048, >= 200k ECG/s at 2048 bf16, <= 20 GB
+      run --batch 128,512,2048 --precision bfloat16 --torch-args="$TORCH_BEST" ;;
+    fp32)      # float32 against torch fp32 eager ncl (its plain variant) at the same batches
+      run --batch 128,512,2048 --precision float32 --torch-args="--layout ncl" ;;
+    pairs)     # every pair within 10% of the Gaussian pair; torch eager bf16 nhwc beside (no per-pair compiles)
+      run --batch 2048 --precision bfloat16 "${PAIRS[@]}" --torch-args="--layout nhwc" ;;
+    stream)    # streamed from the memory-mapped dataset vs resident on the device (target: within 10%)
+      run --batch 512,2048 --precision bfloat16 --data resident,streamed --no-torch ;;
+    encoders)  # every encoder, bf16, batch 512 (torch has cnn and cnn_lstm: eager nhwc beside them)
+      run --batch 512 --precision bfloat16 --encoder cnn,cnn_lstm,cnn_attn_lstm,cnn_transformer,res_cnn_lstm \
+          --torch-args="--layout nhwc" ;;
+    conv)      # stride-2 conv formulation on this GPU: strided (default off-CPU) vs paired, alternating
+      for r in 1 2; do
+        for c in strided paired; do
+          run --batch 512,2048 --precision bfloat16 --conv "$c" --rounds 1 --no-torch
+        done
+      done ;;
+    scaling)   # 1, 2, 4, .. N devices, per-device batch fixed (needs more than one GPU)
+      run --scaling --batch 256,1024 --precision bfloat16 --no-torch ;;
+    all)
+      for p in main fp32 pairs stream encoders conv scaling; do part "$p"; done ;;
+    *)
+      echo "run_gpu.sh: unknown part '$1' (main fp32 pairs stream encoders conv scaling all)" >&2
+      return 2 ;;
+  esac
+}
+[ $# -eq 0 ] && set -- all
+for p in "$@"; do part "$p" || exit $?; done
+echo "results: $OUT/bench_pretrain.jsonl, log: $LOG"
