@@ -170,6 +170,16 @@ def conv_formulation() -> str:
   return CONV_FORMULATION
 
 
+def xla_compiler_options() -> dict:
+  """`compiler_options` for `jax.jit` of a training step on the default backend.
+
+  On CPU: keep optimization barriers through fusion (XLA:CPU otherwise removes them first), so the buffers that
+  models.py and augment.py mark are computed once instead of inside every consumer: about 1.25x (Gaussian pair) to
+  1.6x (time warp + dropout) on the CNN step (bench/RESULTS.md). Elsewhere: no options.
+  """
+  return {"xla_disable_hlo_passes": "cse_barrier_expander"} if jax.default_backend() == "cpu" else {}
+
+
 def _conv_stride2_paired(x, kernel):
   """Conv1d stride 2, padding k//2, odd k, as a stride-1 conv over sample pairs. x: (B, L, C), kernel: (k, C, F).
 
@@ -182,7 +192,11 @@ def _conv_stride2_paired(x, kernel):
   p = k // 2
   if length % 2:  # the extra zero is inside the right zero padding of the strided form
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
-  pairs = x.reshape(b, x.shape[1] // 2, 2 * c)
+  # One buffer for both readers of the input: the forward conv and the (transposed) weight-gradient conv. Without
+  # the barrier XLA:CPU recomputes the producer (BatchNorm, activation, dropout, augmentation) inside the transposed
+  # copy, in a slow non-vectorised loop. XLA:CPU drops barriers before fusion unless the step is compiled with
+  # xla_compiler_options() (measured in bench/RESULTS.md).
+  pairs = jax.lax.optimization_barrier(x.reshape(b, x.shape[1] // 2, 2 * c))
   a0 = -((p + 1) // 2)
   taps = (k - 1 - p) // 2 - a0 + 1
   lo = 2 * a0 + p  # kernel index of tap 0's even sample (negative: a zero row)
