@@ -126,6 +126,18 @@ def write_synthetic_dataset(folder: str, n: int, seed: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- project side
+def compiler_options(args) -> dict:
+  """XLA options of the step's jit: 'auto' = models.xla_compiler_options() (on CPU: keep optimization barriers
+  through fusion), 'none' = XLA's defaults, or KEY=VALUE[;KEY=VALUE]."""
+  from ecgcl_jax import models
+
+  if args.compiler_options == "auto":
+    return dict(getattr(models, "xla_compiler_options", dict)())
+  if args.compiler_options == "none":
+    return {}
+  return dict(kv.split("=", 1) for kv in args.compiler_options.split(";") if kv)
+
+
 class ProjectCase:
   """One compiled configuration of the project's step, kept across rounds (compiled once)."""
 
@@ -155,8 +167,9 @@ class ProjectCase:
     self.source = input_pipeline.BatchSource(dataset, pool, order, mesh, data == "resident", c.data.prefetch)
     self._it = self.source.iterate(0, 1 << 40)
     self.conv = models.conv_formulation()
+    self.compiler_options = compiler_options(args)
     step = jax.jit(pretrain.make_pretrain_step(c, model, tx, max_amp), donate_argnums=(0,),
-                   out_shardings=(repl, repl))
+                   out_shardings=(repl, repl), compiler_options=self.compiler_options or None)
     t0 = time.perf_counter()
     compiled = step.lower(self.state, self._next(), self.key).compile()
     self.compile_s = time.perf_counter() - t0
@@ -209,7 +222,16 @@ class ProjectCase:
     return rec
 
   def close(self):
-    self._it.close()
+    self._it.close()  # stops BatchSource's prefetch thread (it may still finish the batch in hand)
+
+
+def join_prefetch_threads(timeout: float = 30.0) -> None:
+  """Wait for BatchSource's daemon threads to leave: one still inside a JAX call at interpreter exit aborts it."""
+  import threading
+
+  for t in threading.enumerate():
+    if t is not threading.main_thread() and t.daemon:
+      t.join(timeout)
 
 
 # ---------------------------------------------------------------------------------------------- torch side
@@ -271,6 +293,8 @@ def main(argv=None) -> int:
   ap.add_argument("--warmup", type=int, default=3, help="untimed steps after the first step")
   ap.add_argument("--conv", choices=["auto", "paired", "strided"], default="auto",
                   help="stride-2 conv formulation (models.CONV_FORMULATION)")
+  ap.add_argument("--compiler-options", default="auto", help="XLA options of the step's jit: auto (= "
+                  "models.xla_compiler_options(), which pretrain should use too), none, or KEY=VALUE[;KEY=VALUE]")
   ap.add_argument("--no-torch", dest="torch", action="store_false", help="project only")
   ap.add_argument("--torch-python", default=sys.executable, help="python with torch (default: this one)")
   ap.add_argument("--torch-ref", default=None, help="path of torch_reference.py (default: ../shared/bench/ or "
@@ -349,8 +373,10 @@ def main(argv=None) -> int:
   if len(dataset) < largest:
     ap.error(f"dataset has {len(dataset)} records, fewer than the largest global batch {largest}")
 
+  info["compiler_options"] = compiler_options(args)
   log(f"# {info['device_kind']} x{ndev} ({info['backend']}) | {info['cpu']} | jax {info['jax']} flax {info['flax']} "
-      f"| conv {models.conv_formulation()} | commit {info.get('git_commit', '?')} | load {loadavg()}")
+      f"| conv {models.conv_formulation()} | compiler options {info['compiler_options'] or '-'} "
+      f"| commit {info.get('git_commit', '?')} | load {loadavg()}")
   if args.torch:
     log(f"# torch: {args.torch_python} {args.torch_ref} {args.torch_args} (variant: {torch_variant(args)})")
 
@@ -393,6 +419,7 @@ def main(argv=None) -> int:
             results[(enc, pair, prec, data, b)]["torch"].append(t)
   for c in cases.values():
     c.close()
+  join_prefetch_threads()
   summary(args, results, batches, run_id, common, log, emit)
   log(f"# JSON lines appended to {json_path}")
   return 0
@@ -467,6 +494,7 @@ def scaling(args, dataset, encoders, batches, pairs, precisions, dev_counts, inf
               case = ProjectCase(args, dataset, enc, pair, prec, b * n, "resident", mesh)
               rec.update(case.measure(args.seconds, args.windows, args.warmup))
               case.close()
+              join_prefetch_threads()
               rate = rec["ecg_per_s_median"]
               base = base or rate
               rec["efficiency"] = rate / (n * base)

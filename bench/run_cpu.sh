@@ -8,7 +8,7 @@
 # Env: OUT (results folder; default /tmp/ecgcl_bench_cpu_<date>), PY, TORCH_PY, BENCH_SECONDS (timed seconds per
 # measurement, default 10), ROUNDS (A B rounds, default 2). Writes $OUT/bench_pretrain.jsonl and $OUT/bench_pretrain.log.
 # Run nothing else heavy meanwhile: the ratios are only as good as the machine is quiet.
-set -euo pipefail
+set -uo pipefail  # no -e: a failed invocation is logged and the suite goes on
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 TORCH_PY=${TORCH_PY:-.torch-venv/bin/python}

@@ -608,3 +608,18 @@ def test_hash_bits_do_not_depend_on_sharding():
   # a different seed word changes (nearly) every element
   other = jax.jit(lambda s: models.hash_bits(s, shape))(seed.at[1].add(1))
   assert np.mean(np.asarray(other) != np.asarray(full)) > 0.99
+
+
+def test_xla_compiler_options_keep_barriers_and_change_no_result():
+  opts = models.xla_compiler_options()
+  assert opts == ({"xla_disable_hlo_passes": "cse_barrier_expander"} if jax.default_backend() == "cpu" else {})
+  conv = models.Conv1D(4, 15, 2)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 3)), jnp.float32)
+  v = conv.init(KEYS, x)
+
+  def grads(v, x):
+    return jax.grad(lambda v: jnp.sum(jnp.sin(conv.apply(v, jnp.cos(x)))))(v)
+  plain, kept = jax.jit(grads), jax.jit(grads, compiler_options=opts)
+  if jax.default_backend() == "cpu":  # the barrier on the paired input survives into the optimised program
+    assert "opt-barrier" in kept.lower(v, x).compile().as_text()
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain(v, x), kept(v, x))
