@@ -379,7 +379,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
   order = input_pipeline.BatchOrder(len(pool), batch, config.seed)
   source = input_pipeline.BatchSource(ds, pool, order, mesh, resident, config.data.prefetch)
   step_fn = jax.jit(make_pretrain_step(config, model, tx, max_amp), donate_argnums=(0,),
-                    out_shardings=(repl, repl))
+                    out_shardings=(repl, repl), compiler_options=models.xla_compiler_options() or None)
 
   max_amp_dev = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))
   num_steps = int(config.num_steps)
