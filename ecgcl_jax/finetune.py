@@ -191,7 +191,7 @@ def make_finetune_step(model, tx: optax.GradientTransformation, to_input: Callab
         return (FinetuneState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=new_bs, opt_state=opt_state), {"loss": loss})
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), compiler_options=models.xla_compiler_options() or None)
 
 
 def make_predict(model, to_input: Callable) -> Callable:
