@@ -435,7 +435,7 @@ def summary(args, results, batches, run_id, common, log, emit):
   log("")
   log(f"## ECG/s, median over rounds (ratio = median of the per-round project/torch ratios); torch: {variant}")
   hdr = (f"{'encoder':9} {'aug pair':46} {'prec':8} {'data':9} {'batch':>6} {'ecgcl-jax':>10} {'torch':>9} "
-         f"{'ratio':>6} {'rounds ratios':>16} {'compile s':>9} {'static MB':>9} {'dev peak MB':>11}")
+         f"{'ratio':>6} {'rounds ratios':>16} {'compile s':>9} {'static MB':>9} {'dev peak MB':>11} {'max load':>8}")
   log(hdr)
   for (enc, pair, prec, data, b), r in results.items():
     p = [x.get("ecg_per_s_median") for x in r["project"]]
@@ -443,14 +443,20 @@ def summary(args, results, batches, run_id, common, log, emit):
     ratios = [a / c for a, c in zip(p, t) if a and c]
     pm, tm, rm = _median(p), _median(t), _median(ratios)
     last = r["project"][-1]
+    load = max((x.get("load1") or 0 for x in r["project"] + r["torch"]), default=None)
+    # a window far below its round's median means another process took the cores during it
+    disturbed = any(x.get("ecg_per_s_min") and x["ecg_per_s_min"] < 0.6 * x["ecg_per_s_median"]
+                    for x in r["project"] + r["torch"])
     static = last.get("static_peak_bytes")
     peak = last.get("device_peak_bytes_in_use")
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
     log(f"{enc:9} {pair[:46]:46} {prec:8} {data:9} {b:>6} {fmt(pm, '10.1f')} {fmt(tm, '9.1f')} {fmt(rm, '6.2f')} "
         f"{','.join(f'{x:.2f}' for x in ratios):>16} {fmt(last.get('compile_s'), '9.1f')} "
-        f"{fmt(static / 2**20 if static else None, '9.0f')} {fmt(peak / 2**20 if peak else None, '11.0f')}")
+        f"{fmt(static / 2**20 if static else None, '9.0f')} {fmt(peak / 2**20 if peak else None, '11.0f')} "
+        f"{fmt(load, '8.2f')}{'  disturbed?' if disturbed else ''}")
     emit(dict(common, kind="summary", encoder=enc, aug_pair=pair, precision=prec, data=data, batch=b,
               project_ecg_per_s=pm, torch_ecg_per_s=tm, ratio_median=rm, ratios=ratios, torch_variant=variant,
+              max_load1=load, disturbed=disturbed,
               torch_args=args.torch_args if args.torch else None, rounds=args.rounds))
   # every pair against the Gaussian pair, and streamed against resident (issue 5's 10% targets)
   gauss = {k[:1] + k[2:]: v for k, v in results.items() if k[1] == DEFAULT_PAIR}

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # CPU suite of the pretraining benchmark (the 2-core development / CI machine): ecgcl-jax beside torch_reference.py.
 #
-#   bash bench/run_cpu.sh                 # about 10-15 minutes on 2 cores
+#   bash bench/run_cpu.sh                 # about 20 minutes on 2 cores
 #
 # Needs the project venv (.venv) and a benchmark-only torch venv:
 #   python3 -m venv .torch-venv && .torch-venv/bin/pip install torch==2.13.0 numpy
 # Env: OUT (results folder; default /tmp/ecgcl_bench_cpu_<date>), PY, TORCH_PY, BENCH_SECONDS (timed seconds per
-# measurement, default 10), ROUNDS (A B rounds, default 2). Writes $OUT/bench_pretrain.jsonl and $OUT/bench_pretrain.log.
+# measurement, default 10), ROUNDS (A B rounds, default 3: the median
+# survives one disturbed round). Writes $OUT/bench_pretrain.jsonl and $OUT/bench_pretrain.log.
 # Run nothing else heavy meanwhile: the ratios are only as good as the machine is quiet.
 set -uo pipefail  # no -e: a failed invocation is logged and the suite goes on
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ if ! "$TORCH_PY" -c "import torch" >/dev/null 2>&1; then
 fi
 LOG="$OUT/bench_pretrain.log"
 COMMON=(--torch-python "$TORCH_PY" --torch-args=--layout\ nhwc --seconds "${BENCH_SECONDS:-10}"
-        --rounds "${ROUNDS:-2}" --json "$OUT/bench_pretrain.jsonl")
+        --rounds "${ROUNDS:-3}" --json "$OUT/bench_pretrain.jsonl")
 run() {
   echo "### $(date -u +%H:%M:%S) bench_pretrain.py $*" | tee -a "$LOG"
   "$PY" bench/bench_pretrain.py "${COMMON[@]}" "$@" 2>&1 | tee -a "$LOG"
@@ -34,4 +35,7 @@ run --batch 16,64 --pair time_warp:4,0.2+dropout:0.1                         # t
 run --batch 64 --pair zero_mask:0.1+permute:5 --pair gaussian_noise:0.05+dropout:0.1
 run --batch 64 --encoder cnn_lstm                                            # CNN-BiLSTM
 run --batch 16 --precision bfloat16                                          # bf16 (AVX-512 BF16 CPUs)
+# the same step compiled with XLA's default options (what pretrain.run does until it passes
+# models.xla_compiler_options() to its jit): shows what keeping the optimization barriers is worth
+run --batch 64 --compiler-options none --pair gaussian_noise:0.05+gaussian_noise:0.25 --pair time_warp:4,0.2+dropout:0.1
 echo "results: $OUT/bench_pretrain.jsonl, log: $LOG"
