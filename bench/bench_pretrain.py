@@ -175,7 +175,16 @@ class ProjectCase:
     self.compile_s = time.perf_counter() - t0
     self.step = compiled
     mem = compiled.memory_analysis()
-    self.static_peak = getattr(mem, "peak_memory_in_bytes", None) if mem is not None else None
+    self.memory = {}
+    if mem is not None:
+      self.memory = {k: getattr(mem, k) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                  "alias_size_in_bytes", "temp_size_in_bytes",
+                                                  "peak_memory_in_bytes") if hasattr(mem, k)}
+    # XLA:CPU's peak_memory_in_bytes counts the arguments only: take arguments + outputs - aliased + temporaries
+    # as well, whichever is larger
+    live = sum(self.memory.get(k, 0) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                "temp_size_in_bytes")) - self.memory.get("alias_size_in_bytes", 0)
+    self.static_peak = max(live, self.memory.get("peak_memory_in_bytes", 0)) or None
     self.first_step_s = None
     self.rounds_done = 0
 
@@ -214,7 +223,8 @@ class ProjectCase:
     rec = dict(ecg_per_s_median=med, ecg_per_s_min=min(rates), ecg_per_s_max=max(rates), step_ms=1e3 * self.batch / med,
                steps_per_window=n, windows=windows, compile_s=round(self.compile_s, 2),
                first_step_s=round(self.first_step_s, 3), final_loss=loss, loss_finite=math.isfinite(loss),
-               static_peak_bytes=self.static_peak, steps_done=int(jax.device_get(self.state.step)))
+               static_peak_bytes=self.static_peak, xla_memory=self.memory,
+               steps_done=int(jax.device_get(self.state.step)))
     stats = jax.local_devices()[0].memory_stats()
     if stats:
       rec["device_peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
@@ -449,7 +459,7 @@ def summary(args, results, batches, run_id, common, log, emit):
                     for x in r["project"] + r["torch"])
     static = last.get("static_peak_bytes")
     peak = last.get("device_peak_bytes_in_use")
-    fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+    fmt = lambda v, f: format(v, f) if v is not None else format("-", ">" + f.split(".")[0])  # noqa: E731
     log(f"{enc:9} {pair[:46]:46} {prec:8} {data:9} {b:>6} {fmt(pm, '10.1f')} {fmt(tm, '9.1f')} {fmt(rm, '6.2f')} "
         f"{','.join(f'{x:.2f}' for x in ratios):>16} {fmt(last.get('compile_s'), '9.1f')} "
         f"{fmt(static / 2**20 if static else None, '9.0f')} {fmt(peak / 2**20 if peak else None, '11.0f')} "
