@@ -4,7 +4,7 @@
   python run_eval.py --config configs/sweep_label_fraction.py --workdir runs/sweep_lf
 
 Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/; re-running continues an
-interrupted evaluation. See notes/README_eval.md.
+interrupted evaluation. See the README, "How to evaluate".
 """
 import os
 import sys

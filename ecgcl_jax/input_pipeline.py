@@ -147,7 +147,12 @@ class BatchSource:
           raise item
         yield item
     finally:
+      # Stop the producer and wait for it: a process must not exit while that thread is inside a JAX call.
       stop_flag.set()
+      while t.is_alive():
+        while not q.empty():
+          q.get_nowait()
+        t.join(0.05)
       while not q.empty():
         q.get_nowait()
 
