@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ecgcl_jax import hashing
 from ecgcl_jax.errors import UserError
 
 __all__ = [
@@ -112,13 +113,7 @@ def _materialize(z):
     return jax.lax.optimization_barrier(z) if jax.default_backend() == "cpu" else z
 
 
-def _lowbias32(v):
-    """32-bit integer hash (C. Wellons' 'lowbias32'): a bijection of uint32 with full avalanche."""
-    v = v ^ (v >> 16)
-    v = v * jnp.uint32(0x7FEB352D)
-    v = v ^ (v >> 15)
-    v = v * jnp.uint32(0x846CA68B)
-    return v ^ (v >> 16)
+_lowbias32 = hashing.lowbias32
 
 
 def _normal(key, n: int):

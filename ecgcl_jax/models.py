@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ecgcl_jax import hashing
 from ecgcl_jax.errors import UserError
 
 ENCODERS = ("cnn", "cnn_lstm", "cnn_attn_lstm", "cnn_transformer", "res_cnn_lstm")
@@ -231,13 +232,7 @@ class Conv1D(nn.Module):
 _GOLDEN = 0x9E3779B9
 
 
-def _mix32(h):
-  """lowbias32 (C. Wellons): a bijective uint32 mixer with near-ideal avalanche."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x7FEB352D)
-  h = h ^ (h >> 15)
-  h = h * jnp.uint32(0x846CA68B)
-  return h ^ (h >> 16)
+_mix32 = hashing.lowbias32
 
 
 def hash_bits(seed, shape) -> jax.Array:
