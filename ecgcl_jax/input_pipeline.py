@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ecgcl_jax import parallel
+from ecgcl_jax.errors import UserError
 
 # Keep whole datasets on the device up to this many bytes of int16 when data.resident == "auto".
 RESIDENT_AUTO_LIMIT = 4 << 30
@@ -36,7 +37,8 @@ def fit_max_amp(dataset, indices: np.ndarray | None = None, chunk: int = 512) ->
     scales = np.asarray(dataset.scales[rows], dtype=np.float32)
     best = max(best, float((raw * scales[:, None, None]).max()))
   if not np.isfinite(best) or best <= 0:
-    raise ValueError(f"cannot fit max_amp: largest sample value is {best}")
+    raise UserError(f"{getattr(dataset, 'path', 'dataset')}: cannot fit max_amp on the training records "
+                    f"(largest sample value is {best})")
   return best
 
 
@@ -53,7 +55,7 @@ def effective_batch_size(requested: int, pool_size: int, num_devices: int) -> tu
     return requested, ""
   b = (pool_size // num_devices) * num_devices
   if b <= 1:
-    raise ValueError(f"dataset has {pool_size} records: too few for a contrastive batch on {num_devices} devices")
+    raise UserError(f"dataset has {pool_size} records: too few for a contrastive batch on {num_devices} devices")
   return b, (f"dataset holds {pool_size} records, fewer than batch_size={requested}: "
              f"using a global batch of {b} (an ECG never appears twice in one batch)")
 

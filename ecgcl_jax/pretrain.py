@@ -59,22 +59,27 @@ class TrainState:
 
 # --------------------------------------------------------------------------------------------- config
 def parse_augmentation(spec: str, field: str) -> tuple[str, Any]:
-  """'time_warp:4,0.2' -> ('time_warp', (4, 0.2)); 'dropout' -> ('dropout', default)."""
+  """'time_warp:4,0.2' -> ('time_warp', (4.0, 0.2)); 'dropout' -> ('dropout', None = the default).
+
+  Only splits the string: names, aliases and parameter ranges are checked by ``augment.validate``.
+  """
   name, _, arg = str(spec).partition(":")
-  name = name.strip()
   if not arg:
-    return name, None
+    return name.strip(), None
   try:
     vals = tuple(float(v) for v in arg.split(","))
   except ValueError:
-    raise UserError(f"config.{field}: cannot parse parameter {arg!r} of {spec!r}") from None
-  if name in ("permute", "permutation"):
-    return name, int(vals[0])
-  if name in ("time_warp", "time-wraping"):
-    if len(vals) != 2:
-      raise UserError(f"config.{field}: time_warp takes two parameters m,w (got {arg!r})")
-    return name, (int(vals[0]), vals[1])
-  return name, vals[0] if len(vals) == 1 else vals
+    raise UserError(f"{field}: cannot parse parameter {arg!r} of {spec!r}") from None
+  return name.strip(), vals[0] if len(vals) == 1 else vals
+
+
+def view_augmentation(config, field: str, length: int) -> tuple[str, Any]:
+  """(canonical name, parameter) of ``config.augment.<field>`` for signals of ``length`` samples."""
+  where = f"config.augment.{field}"
+  name, param = augment.validate(*parse_augmentation(config.augment[field], where), length, field=where)
+  if name == "permute" and config.augment.permute_shared_leads:
+    param = (param[0], True)
+  return name, param
 
 
 def input_geometry(config) -> tuple[int, int, int]:
@@ -112,8 +117,7 @@ def validate_config(config, num_devices: int) -> None:
   models.encoder_config(config.model)
   length, _, _ = input_geometry(config)
   for field in ("view1", "view2"):
-    name, param = parse_augmentation(config.augment[field], f"augment.{field}")
-    augment.validate(name, param, length, field=f"config.augment.{field}")
+    view_augmentation(config, field, length)
   if config.data.path and not os.path.exists(config.data.path):
     raise UserError(f"config.data.path: {config.data.path} does not exist")
 
@@ -127,16 +131,8 @@ def make_optimizer(optim) -> optax.GradientTransformation:
 
 def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
   """x: (B, 5000, 12) normalised -> list of V encoder inputs (B, L', C'); see the module docstring."""
-  shared = bool(config.augment.permute_shared_leads)
-
-  def canonical(field, length):
-    name, param = augment.validate(*parse_augmentation(config.augment[field], field), length)
-    if name == "permute" and shared:
-      param = (param[0], True)
-    return name, param
-
   length = x.shape[1] // (2 if config.mode in ("cmsc", "cmsmlc") else 1)
-  aug1, aug2 = canonical("view1", length), canonical("view2", length)
+  aug1, aug2 = view_augmentation(config, "view1", length), view_augmentation(config, "view2", length)
   gidx = jnp.arange(x.shape[0], dtype=jnp.int32)  # position in the *global* batch
 
   def pair(k, xs, a1, a2):

@@ -167,3 +167,13 @@ def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
   np.testing.assert_allclose(eight, one, rtol=1e-5)
   # ids that differ change the loss (the positives are really used)
   assert abs(float(f(*zs, jnp.arange(16, dtype=jnp.int32))) - one) > 1e-3
+
+
+def test_view_augmentation_parses_reference_spellings_and_shared_permutation():
+  from ecgcl_jax.pretrain import view_augmentation
+  c = small_config(**{"augment.view1": "time-wraping:4,0.2", "augment.view2": "permutation:5",
+                      "augment.permute_shared_leads": True})
+  assert view_augmentation(c, "view1", 5000) == ("time_warp", (4, 0.2))
+  assert view_augmentation(c, "view2", 5000) == ("permute", (5, True))
+  c.augment.view2 = "dropout"  # no parameter: the SPEC default
+  assert view_augmentation(c, "view2", 5000) == ("dropout", 0.1)
