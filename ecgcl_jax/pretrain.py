@@ -19,13 +19,11 @@ the global batch is a positive.
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 

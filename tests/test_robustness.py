@@ -1,7 +1,5 @@
 """Runs that cannot be lost (issue 8): preemption, corrupt checkpoints, divergence, one writer, config drift."""
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
