@@ -97,20 +97,24 @@ def export_encoder(directory: str, model_config, variables: dict, preprocessing:
                    pretrain_patients, pretrain_records, extra: dict | None = None) -> None:
   os.makedirs(directory, exist_ok=True)
   host_vars = jax.tree.map(parallel.to_host, variables)
-  _atomic_write(os.path.join(directory, "variables.msgpack"), serialization.msgpack_serialize(host_vars))
+  atomic_write(os.path.join(directory, "variables.msgpack"), serialization.msgpack_serialize(host_vars))
   meta = {"model_config": json.loads(model_config.to_json()), "preprocessing": preprocessing,
           "pretrain_patients": list(pretrain_patients), "pretrain_records": list(pretrain_records),
           "extra": extra or {}}
-  _atomic_write(os.path.join(directory, "encoder.json"), json.dumps(meta, indent=1).encode())
+  atomic_write(os.path.join(directory, "encoder.json"), json.dumps(meta, indent=1).encode())
 
 
 def load_encoder(directory: str) -> ExportedEncoder:
-  """Load an encoder exported by ``run_pretrain.py`` (``WORKDIR/encoder``)."""
+  """Load an encoder exported by ``run_pretrain.py``: ``WORKDIR/encoder`` or the ``WORKDIR`` that holds it."""
+  if not os.path.isfile(os.path.join(directory, "encoder.json")) and os.path.isfile(
+      os.path.join(directory, "encoder", "encoder.json")):
+    directory = os.path.join(directory, "encoder")
   meta_path = os.path.join(directory, "encoder.json")
   var_path = os.path.join(directory, "variables.msgpack")
   for p in (meta_path, var_path):
     if not os.path.exists(p):
-      raise UserError(f"{p}: missing; expected an encoder exported by run_pretrain.py")
+      raise UserError(f"{directory}: holds no exported encoder ({os.path.basename(p)} missing; run_pretrain.py "
+                      "writes it to WORKDIR/encoder)")
   try:
     with open(meta_path) as f:
       meta = json.load(f)
@@ -123,7 +127,8 @@ def load_encoder(directory: str) -> ExportedEncoder:
                          pretrain_records=meta["pretrain_records"], extra=meta.get("extra", {}))
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
+  """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(data)

@@ -38,12 +38,7 @@ from ecgcl_jax.errors import UserError
 VIEWS = ("mean", "concat", "none")
 
 
-def load_encoder(path: str) -> checkpoint.ExportedEncoder:
-    """Loads an encoder exported by run_pretrain.py; `path` is WORKDIR/encoder or the WORKDIR itself."""
-    if not os.path.isfile(os.path.join(path, "encoder.json")) and os.path.isfile(
-            os.path.join(path, "encoder", "encoder.json")):
-        path = os.path.join(path, "encoder")
-    return checkpoint.load_encoder(path)
+load_encoder = checkpoint.load_encoder  # WORKDIR/encoder or the WORKDIR itself
 
 
 def check_compatible(encoder: checkpoint.ExportedEncoder, dataset, where: str = "--data") -> None:

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, configdiff, finetune, input_pipeline, metrics, splits
+from ecgcl_jax import checkpoint, configdiff, embed, finetune, input_pipeline, metrics, splits
 from ecgcl_jax.errors import UserError
 
 DEFAULT_SEEDS = (321, 123, 51)
@@ -98,12 +99,7 @@ def _unjson(x):
 
 def write_json(path: str, obj) -> None:
     """Atomic, strict JSON (no NaN)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    checkpoint.atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False).encode())
 
 
 def _config_json(config) -> dict:
@@ -163,25 +159,6 @@ def validate(config) -> None:
     if bad:
         raise UserError(f"config.baselines: unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
     resolve_seeds(config)
-
-
-def _encoder_dir(path: str) -> str:
-    """Accepts the exported encoder folder or the pretraining workdir that holds it (WORKDIR/encoder)."""
-    if os.path.isfile(os.path.join(path, "encoder.json")):
-        return path
-    if os.path.isfile(os.path.join(path, "encoder", "encoder.json")):
-        return os.path.join(path, "encoder")
-    raise UserError(f"config.encoder_checkpoint: {path} holds no exported encoder (expected encoder.json, as "
-                    "written by run_pretrain.py to WORKDIR/encoder)")
-
-
-def check_preprocessing(prep: dict, where: str) -> None:
-    """The encoder's recorded input format must be this package's dataset format."""
-    want = {"sample_rate": ecgcl_jax.SAMPLE_RATE, "num_samples": ecgcl_jax.NUM_SAMPLES,
-            "leads": list(ecgcl_jax.LEADS)}
-    for k, v in want.items():
-        if k in prep and (list(prep[k]) if isinstance(v, list) else prep[k]) != v:
-            raise UserError(f"{where}: encoder was trained on {k}={prep[k]!r}, the dataset has {v!r}")
 
 
 # ------------------------------------------------------------------------------------------ the encoder
@@ -249,7 +226,7 @@ def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=
     enc, info = _pretrained_encoder(config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir))
     if enc is None:
         return None
-    check_preprocessing(enc.preprocessing, f"encoder of seed {seed}")
+    embed.check_compatible(enc, ds, where=f"encoder of seed {seed}")
     spec = finetune.InputSpec.from_preprocessing(enc.preprocessing)
     ft = config.finetune
     max_amp = input_pipeline.fit_max_amp(ds, split.train)
@@ -300,13 +277,13 @@ def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=
 
     # Test predictions of every method, one row per test ECG.
     pred_path = os.path.join(rep_dir, "test_predictions.csv")
-    with open(pred_path + ".tmp", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
-        keys = splits.patient_keys(ds.patient_ids, ds.records)
-        for i, row in enumerate(test.rows):
-            w.writerow([ds.records[row], keys[row], int(test.labels[i])] + [repr(float(probs[m][i])) for m in probs])
-    os.replace(pred_path + ".tmp", pred_path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
+    keys = splits.patient_keys(ds.patient_ids, ds.records)
+    for i, row in enumerate(test.rows):
+        w.writerow([ds.records[row], keys[row], int(test.labels[i])] + [repr(float(probs[m][i])) for m in probs])
+    checkpoint.atomic_write(pred_path, buf.getvalue().encode())
 
     main = results.pop("finetune")
     main["n"] = {k: int(len(getattr(split, k))) for k in ("train", "finetune", "val", "test", "pretrain")}
@@ -321,10 +298,6 @@ def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=
 
 
 # ------------------------------------------------------------------------------------------- aggregation
-def _strip(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k != "seconds"}
-
-
 def assemble(config, records: list[dict], seeds: list[int]) -> dict:
     """results.json from the finished repeat records (a pure function of them and the config)."""
     records = [_unjson(r) for r in records]
@@ -423,7 +396,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
     ds = open_data(config, dataset)
     exported = None
     if config.encoder_checkpoint:
-        exported = checkpoint.load_encoder(_encoder_dir(config.encoder_checkpoint))
+        exported = checkpoint.load_encoder(config.encoder_checkpoint)
     else:
         from ecgcl_jax import parallel, pretrain  # noqa: PLC0415
         pretrain.validate_config(config.pretrain, parallel.make_mesh().size)

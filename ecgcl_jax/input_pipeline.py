@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ecgcl_jax import parallel
+from ecgcl_jax import parallel, splits
 from ecgcl_jax.errors import UserError
 
 # Keep whole datasets on the device up to this many bytes of int16 when data.resident == "auto".
@@ -97,7 +97,7 @@ class BatchSource:
     self.resident, self.prefetch = resident, max(1, prefetch)
     self.batch = order.batch_size
     self.slice = parallel.process_slice(mesh, self.batch)
-    self.pool_ids = patient_codes(dataset.patient_ids)[self.pool]
+    self.pool_ids = patient_codes(dataset.patient_ids, dataset.records)[self.pool]
     self.pool_scales = np.asarray(dataset.scales, np.float32)[self.pool]
     self.device_pool = None
     if resident:
@@ -159,15 +159,11 @@ class BatchSource:
         q.get_nowait()
 
 
-def patient_codes(patient_ids) -> np.ndarray:
-  """(N,) int64 codes: equal for equal non-empty patient ids; every record without an id is its own patient."""
-  pids = np.asarray(patient_ids).astype(str)
-  n = len(pids)
-  _, inv = np.unique(pids, return_inverse=True)
-  codes = inv.astype(np.int64)
-  missing = pids == ""
-  codes[missing] = n + np.arange(n)[missing]
-  return codes
+def patient_codes(patient_ids, records) -> np.ndarray:
+  """(N,) int64 codes, equal for records of the same patient (``splits.patient_keys``: a record without a
+  patient id is its own patient)."""
+  _, inv = np.unique(splits.patient_keys(patient_ids, records).astype(str), return_inverse=True)
+  return inv.astype(np.int64)
 
 
 def choose_resident(setting: str, dataset, pool: np.ndarray) -> bool:

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import ecgcl_jax
-from ecgcl_jax import augment, checkpoint, configdiff, input_pipeline, losses, models, parallel
+from ecgcl_jax import augment, checkpoint, configdiff, input_pipeline, losses, models, parallel, splits
 from ecgcl_jax.errors import UserError
 
 MODES = ("simclr", "cmsc", "cmlc", "cmsmlc")
@@ -152,7 +152,7 @@ def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
         v, _ = pair(jax.random.fold_in(key, 100 * (s + 1) + j), seg[:, :, j:j + 1], a, ("none", None))
         views.append(v)
   if config.data.domain == "frequency":
-    views = [jax.vmap(augment.fft_magnitude)(v) for v in views]
+    views = [augment.fft_magnitude(v) for v in views]
   return views
 
 
@@ -444,9 +444,8 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
 
 def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) -> str:
   length, enc_len, in_leads = input_geometry(config)
-  pids = np.asarray(ds.patient_ids).astype(str)[pool]
   recs = np.asarray(ds.records).astype(str)[pool]
-  patients = sorted({p if p else f"record:{r}" for p, r in zip(pids, recs)})
+  patients = sorted(set(splits.patient_keys(ds.patient_ids, ds.records)[pool].astype(str)))
   prep = {"sample_rate": ecgcl_jax.SAMPLE_RATE, "num_samples": ecgcl_jax.NUM_SAMPLES,
           "leads": list(ecgcl_jax.LEADS), "max_amp": max_amp, "domain": config.data.domain,
           "mode": config.mode, "input_length": enc_len, "in_leads": in_leads,

@@ -102,11 +102,15 @@ def test_one_device_equals_eight(tmp_path, mode):
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["cmlc", "cmsmlc"])
-def test_clocs_lead_modes_run(tmp_path, mode):
-  from ecgcl_jax import pretrain
-  r = pretrain.run(small_config("cnn", num_steps=2, mode=mode, **{"data.domain": "time"}), str(tmp_path / mode))
+@pytest.mark.parametrize("mode,domain", [("cmlc", "time"), ("cmsmlc", "time"), ("simclr", "frequency")])
+def test_clocs_lead_modes_and_frequency_domain_run(tmp_path, mode, domain):
+  from ecgcl_jax import checkpoint, pretrain
+  wd = str(tmp_path / mode)
+  r = pretrain.run(small_config("cnn", num_steps=2, mode=mode, **{"data.domain": domain}), wd)
   assert r["steps"] == 2 and np.isfinite(r["final_loss"])
+  prep = checkpoint.load_encoder(wd).preprocessing
+  assert prep["in_leads"] == (1 if mode in ("cmlc", "cmsmlc") else 12)
+  assert prep["input_length"] == {"cmlc": 5000, "cmsmlc": 2500, "simclr": 2500}[mode]
 
 
 def test_cli_attn_lstm_writes_metrics_and_checkpoints(tmp_path):
@@ -177,3 +181,10 @@ def test_view_augmentation_parses_reference_spellings_and_shared_permutation():
   assert view_augmentation(c, "view2", 5000) == ("permute", (5, True))
   c.augment.view2 = "dropout"  # no parameter: the SPEC default
   assert view_augmentation(c, "view2", 5000) == ("dropout", 0.1)
+
+
+def test_patient_codes_follow_patient_keys():
+  from ecgcl_jax.input_pipeline import patient_codes
+  codes = patient_codes(["p1", "", " p1 ", "p2", ""], ["a", "b", "c", "d", "e"])
+  # same patient (whitespace ignored, as splits.patient_keys) -> same code; each missing id is its own patient
+  assert codes[0] == codes[2] and len({codes[0], codes[1], codes[3], codes[4]}) == 4
