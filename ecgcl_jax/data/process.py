@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -30,9 +30,6 @@ class ProcessOptions:
     missing_leads: str = "drop"
     min_seconds: float = 1.0
     max_denominator: int = 1000
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def rate_ratio(fs: float, max_denominator: int = 1000) -> tuple[int, int]:

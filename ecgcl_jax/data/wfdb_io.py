@@ -270,8 +270,7 @@ def _read_with_wfdb(hea_path: str, h: Header, max_samples: int | None) -> RawSig
 
     rec_name = hea_path[:-4] if hea_path.lower().endswith(".hea") else hea_path
     try:
-        hdr = wfdb.rdheader(rec_name)
-        total = int(hdr.sig_len or 0)
+        total = int(h.nsamp or 0)  # from our own parse of the header: no second wfdb.rdheader
         sampto = None if (max_samples is None or not total) else min(total, max_samples)
         r = wfdb.rdrecord(rec_name, sampto=sampto, physical=True, smooth_frames=True)
     except FileNotFoundError as e:
