@@ -7,9 +7,14 @@ so NT-Xent negatives, BatchNorm statistics and the gradient mean all span every 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ecgcl_jax.errors import UserError
 
 DATA_AXIS = "data"
 
@@ -75,3 +80,32 @@ def to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(x.addressable_data(0))
   return np.asarray(jax.device_get(x))
+
+
+def on_main(fn: Callable[[], float], what: str) -> float:
+  """Run ``fn`` on process 0 only and give its result to every process (as float32 to the others).
+
+  If ``fn`` raises on process 0, the error is re-raised there and every other process stops with a
+  one-line error too, instead of waiting forever in its next collective.
+  """
+  if jax.process_count() == 1:
+    return float(fn())
+  err, value = None, 0.0
+  if is_main_process():
+    try:
+      value = float(fn())
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others heard about it
+      err = e
+  out = multihost_utils.broadcast_one_to_all(np.asarray([err is None, value], np.float32))
+  if err is not None:
+    raise err
+  if not out[0]:
+    raise UserError(f"{what}: process 0 stopped (see its log)")
+  return value if is_main_process() else float(out[1])
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is true on at least one (a collective: call it on all)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))

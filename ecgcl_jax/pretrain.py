@@ -19,6 +19,7 @@ the global batch is a positive.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -227,6 +228,14 @@ def init_state(config, model, tx, key: jax.Array) -> TrainState:
 
 
 # ----------------------------------------------------------------------------------------------- loop
+def _stop_requested(preempt, sync_point: bool) -> bool:
+  """Whether to checkpoint and stop after this step. With several processes they must agree (a checkpoint is
+  a collective), so the flags are compared at log steps only, where the host waits for the step anyway."""
+  if jax.process_count() == 1:
+    return preempt.requested
+  return sync_point and parallel.any_process(preempt.requested)
+
+
 class _Preemption:
   """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
 
@@ -315,37 +324,46 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
   if note:
     log(note)
 
-  os.makedirs(workdir, exist_ok=True)
-  with (WorkdirLock(workdir) if main else _NullFile()), _Preemption() as preempt:
-    return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt)
+  with contextlib.ExitStack() as held, _Preemption() as preempt:
+    def admit() -> float:  # process 0 only: the other processes wait for its verdict
+      os.makedirs(workdir, exist_ok=True)
+      held.enter_context(WorkdirLock(workdir))
+      return _admit_workdir(config, workdir, ds, pool, batch)
+    max_amp = parallel.on_main(admit, workdir)
+    return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp)
 
 
-def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> dict:
+def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
+  """Check a resumed workdir against this run (or record a new one); returns max_amp (mV) of the pool."""
   cfg_path = os.path.join(workdir, "config.json")
   run_path = os.path.join(workdir, "run.json")
   current_cfg = json.loads(config.to_json())
   pool_records = [str(r) for r in np.asarray(ds.records)[pool]]
   if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      check_resume_config(json.load(f), current_cfg, cfg_path)
-  elif main:
-    with open(cfg_path, "w") as f:
-      json.dump(current_cfg, f, indent=1)
-
+    check_resume_config(_read_json(cfg_path), current_cfg, cfg_path)
+  else:
+    checkpoint.atomic_write(cfg_path, json.dumps(current_cfg, indent=1).encode())
   if os.path.exists(run_path):
-    with open(run_path) as f:
-      run_info = json.load(f)
+    run_info = _read_json(run_path)
     if run_info.get("pool_records") != pool_records:
       raise UserError(f"{run_path}: this workdir was started on another dataset or pool; use a new --workdir")
-    max_amp = float(run_info["max_amp"])
-  else:
-    max_amp = input_pipeline.fit_max_amp(ds, pool)
-    run_info = {"max_amp": max_amp, "batch_size": batch, "pool_records": pool_records,
-                "data_path": config.data.path, "version": ecgcl_jax.__version__}
-    if main:
-      with open(run_path, "w") as f:
-        json.dump(run_info, f)
+    return float(run_info["max_amp"])
+  max_amp = input_pipeline.fit_max_amp(ds, pool)
+  run_info = {"max_amp": max_amp, "batch_size": batch, "pool_records": pool_records,
+              "data_path": config.data.path, "version": ecgcl_jax.__version__}
+  checkpoint.atomic_write(run_path, json.dumps(run_info).encode())
+  return max_amp
 
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: unreadable ({e}); use a new --workdir") from None
+
+
+def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp: float) -> dict:
   model = models.build_encoder(config.model, dtype=DTYPES[config.dtype])
   tx = make_optimizer(config.optim)
   root = jax.random.PRNGKey(config.seed)
@@ -423,7 +441,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt) -> d
         if config.on_nonfinite == "stop" and int(parallel.to_host(state.nonfinite)):
           continue  # caught at the log line above; never checkpoint a state that saw a bad step
         checkpoint.save(manager, done, state)
-      if preempt.requested:
+      if _stop_requested(preempt, done % config.log_every == 0 or last):
         if manager.latest_step() != done:
           checkpoint.save(manager, done, state)
         manager.wait_until_finished()

@@ -39,8 +39,8 @@ def test_two_processes_equal_one(tmp_path):
   procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in (0, 1)]
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (o, e) in zip(procs, outs):
-    assert p.returncode == 0, e[-3000:]
+  for i, (p, (o, e)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}: " + e[-3000:] + f"\nprocess {1 - i}: " + outs[1 - i][1][-1500:]
   assert "step 3/3" in outs[0][0] and "step" not in outs[1][0]  # logs from process 0 only
   single = subprocess.run([sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", sp],
                           cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
@@ -50,3 +50,51 @@ def test_two_processes_equal_one(tmp_path):
   np.testing.assert_allclose(a, b, rtol=1e-4)
   assert sorted(os.listdir(os.path.join(mh, "checkpoints"))) == ["2", "3"]
   assert os.path.exists(os.path.join(mh, "encoder", "variables.msgpack"))
+
+
+def test_refusal_on_process_zero_stops_every_process(tmp_path):
+  """Process 0 alone checks the workdir; when it refuses (here: a live run holds the lock), the other
+  process stops with a one-line error too instead of hanging in its next collective."""
+  from ecgcl_jax.pretrain import WorkdirLock
+  wd = str(tmp_path / "busy")
+  os.makedirs(wd)
+  port = _free_port()
+  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", wd,
+         f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+  with WorkdirLock(wd):
+    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+  errs = [e.strip().splitlines() for _, e in outs]
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert len(errs[0]) == 1 and "in use by another live run" in errs[0][0], errs[0]
+  assert len(errs[1]) == 1 and "process 0 stopped" in errs[1][0], errs[1]
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+  """A checkpoint is a collective: when only one host is told to stop, all agree on the step, save it once
+  and exit 0."""
+  import signal
+  import time
+  wd = str(tmp_path / "pre")
+  port = _free_port()
+  args = [a for a in ARGS if not a.startswith("--config.num_steps")] + ["--config.num_steps=500"]
+  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *args, "--workdir", wd,
+         f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  metrics = os.path.join(wd, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  line = [l for l in outs[0][0].splitlines() if l.startswith("interrupted")]
+  assert len(line) == 1, outs[0][0]
+  step = int(line[0].split("at step ")[1].split()[0])
+  assert 0 < step < 500
+  assert str(step) in os.listdir(os.path.join(wd, "checkpoints"))
+  assert len(_losses(wd)) == step  # logged up to the agreed step, nothing beyond
