@@ -14,6 +14,7 @@ JSON object per case.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ecgcl_jax import augment as A
+from ecgcl_jax import models
 
 
 # ------------------------------------------------------------------ alternative formulations
@@ -143,8 +145,8 @@ def cases(length):
     return c
 
 
-def time_case(fn, xs, inner, repeats):
-    @jax.jit
+def time_case(fn, xs, inner, repeats, compiler_options=None):
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def run(key, xs):
         def body(i, x):
             return fn(jax.random.fold_in(key, i), x)
@@ -173,6 +175,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default="", help="comma-separated substrings of case names to run")
     p.add_argument("--jsonl", default="", help="append one JSON object per case to this file")
+    p.add_argument("--compiler-options", choices=("auto", "none"), default="auto",
+                   help="auto: compile as the pretraining step does (models.xla_compiler_options(), which keeps "
+                        "the CPU optimization barriers); none: XLA's defaults")
     a = p.parse_args(argv)
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
@@ -183,7 +188,9 @@ def main(argv=None):
         n_devices=len(jax.devices()),
         jax=jax.__version__,
         python=platform.python_version(),
+        compiler_options=a.compiler_options,
     )
+    copts = (models.xla_compiler_options() or None) if a.compiler_options == "auto" else None
     print(f"# {env}", flush=True)
     all_cases = cases(a.length)
     only = [s for s in a.only.split(",") if s]
@@ -195,7 +202,7 @@ def main(argv=None):
         print(f"\nbatch {b} x {a.length} x {a.leads} float32, {inner} applications per call")
         print(f"{'case':34s} {'ms/batch':>10s} {'ECG/s':>12s} {'vs noise':>9s} {'compile s':>10s}")
         for name in names:
-            sec, comp = time_case(all_cases[name], xs, inner, a.repeats)
+            sec, comp = time_case(all_cases[name], xs, inner, a.repeats, copts)
             if name == "gaussian_noise":
                 base = sec
             ratio = f"{sec / base:.2f}x" if base else "-"
