@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ecgcl_jax import LEADS
+from ecgcl_jax.data.build import CHOICES, PrepareOptions
 from ecgcl_jax.errors import UserError
+
+D = PrepareOptions()  # the defaults live in one place
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,27 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "without a table 'normal')")
     q.add_argument("--no-auto-labels", action="store_true",
                    help="do not attach a labels.csv / records.csv found at the top of a SRC folder")
-    q.add_argument("--length", choices=("crop", "windows"), default="crop",
+    q.add_argument("--length", choices=CHOICES["length"], default=D.length,
                    help="longer records: keep the first 10 s (crop) or cut consecutive 10 s windows")
-    q.add_argument("--short", choices=("pad", "drop"), default="pad",
+    q.add_argument("--short", choices=CHOICES["short"], default=D.short,
                    help="records shorter than 10 s: zero-pad (true length kept) or drop")
-    q.add_argument("--min-seconds", type=float, default=1.0, help="drop records shorter than this (default 1)")
-    q.add_argument("--missing-leads", choices=("drop", "zero"), default="drop",
+    q.add_argument("--min-seconds", type=float, default=D.min_seconds,
+                   help=f"drop records shorter than this (default {D.min_seconds:g})")
+    q.add_argument("--missing-leads", choices=CHOICES["missing_leads"], default=D.missing_leads,
                    help="a record lacking a standard lead: drop it, or zero-fill the lead")
-    q.add_argument("--max-denominator", type=int, default=1000,
-                   help="resampling ratio 500/fs approximated as up/down with down <= this (default 1000)")
+    q.add_argument("--max-denominator", type=int, default=D.max_denominator,
+                   help=f"resampling ratio 500/fs approximated as up/down with down <= this "
+                        f"(default {D.max_denominator})")
     q.add_argument("--keep-duplicates", action="store_true",
                    help="keep PTB-XL 100 Hz NNNNN_lr records that have a 500 Hz NNNNN_hr twin")
     q.add_argument("--compress", action="store_true",
                    help="store signals compressed (signals.npz, loaded whole) instead of memory-mapped")
-    q.add_argument("--array-fs", type=float, default=500.0, help=".npy/.npz/.parquet sampling rate (Hz)")
-    q.add_argument("--array-units", default="mV", help=".npy/.npz/.parquet unit (mV, uV, V)")
-    q.add_argument("--array-leads", default=",".join(LEADS), help="lead order of .npy/.npz arrays")
-    q.add_argument("--array-layout", choices=("auto", "NLC", "NCL"), default="auto",
+    q.add_argument("--array-fs", type=float, default=D.array_fs, help=".npy/.npz/.parquet sampling rate (Hz)")
+    q.add_argument("--array-units", default=D.array_units, help=".npy/.npz/.parquet unit (mV, uV, V)")
+    q.add_argument("--array-leads", default=",".join(D.array_leads), help="lead order of .npy/.npz arrays")
+    q.add_argument("--array-layout", choices=CHOICES["array_layout"], default=D.array_layout,
                    help=".npy/.npz axis order: (N, length, leads) or (N, leads, length)")
-    q.add_argument("--parquet-lead-prefix", default="full_lead_")
-    q.add_argument("--parquet-patient-column", default="patient_id")
-    q.add_argument("--parquet-label-column", default="label")
+    q.add_argument("--parquet-lead-prefix", default=D.parquet_lead_prefix)
+    q.add_argument("--parquet-patient-column", default=D.parquet_patient_column)
+    q.add_argument("--parquet-label-column", default=D.parquet_label_column)
     q.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     q.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
     i = sub.add_parser("info", help="print a prepared dataset's summary")
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "prepare":
-            from ecgcl_jax.data.build import PrepareOptions, prepare
+            from ecgcl_jax.data.build import prepare
 
             opts = PrepareOptions(
                 length=args.length, short=args.short, missing_leads=args.missing_leads,

@@ -26,8 +26,8 @@ import ecgcl_jax
 from ecgcl_jax import LEADS, NUM_SAMPLES
 from ecgcl_jax.data import arrays
 from ecgcl_jax.data.dataset import FORMAT, FORMAT_VERSION
-from ecgcl_jax.data.header_meta import parse_binary, parse_comments, ptbxl_rate_tag, source_id
-from ecgcl_jax.data.labels import apply_label_table, find_auto_table, load_label_table, patient_conflicts
+from ecgcl_jax.data.header_meta import parse_comments, ptbxl_rate_tag, source_id
+from ecgcl_jax.data.labels import apply_label_table, binary_column, find_auto_table, load_label_table, patient_conflicts
 from ecgcl_jax.data.leads import normalise_lead
 from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
 from ecgcl_jax.data.wfdb_io import SkipRecord, read_wfdb
@@ -35,6 +35,10 @@ from ecgcl_jax.errors import UserError
 
 OUTPUT_FILES = ("manifest.json", "signals.npy", "signals.npz", "scales.npy", "meta.csv", "skipped.csv")
 PARTIAL = ".partial"
+
+
+CHOICES = {"length": ("crop", "windows"), "short": ("pad", "drop"), "missing_leads": ("drop", "zero"),
+           "array_layout": ("auto", "NLC", "NCL")}  # the allowed values of PrepareOptions' string options
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,7 @@ class PrepareOptions:
         return ProcessOptions(self.length, self.short, self.missing_leads, self.min_seconds, self.max_denominator)
 
     def validate(self) -> None:
-        choices = {"length": ("crop", "windows"), "short": ("pad", "drop"), "missing_leads": ("drop", "zero"),
-                   "array_layout": ("auto", "NLC", "NCL")}
-        for k, allowed in choices.items():
+        for k, allowed in CHOICES.items():
             if getattr(self, k) not in allowed:
                 raise UserError(f"--{k.replace('_', '-')}: '{getattr(self, k)}' is not one of {', '.join(allowed)}")
         if not (self.array_fs > 0):
@@ -534,12 +536,7 @@ def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, tables, sources
         if column not in meta.columns:
             raise UserError(f"--label-column: no column '{column}' in the prepared records "
                             f"(columns: {', '.join(meta.columns)})")
-    vals = [parse_binary(v) for v in meta[column].tolist()]
-    bad = [i for i, v in enumerate(vals) if v is None]
-    if bad:
-        raise UserError(f"--label-column {column}: record {meta.at[bad[0], 'record']}: value "
-                        f"'{meta.at[bad[0], column]}' is not 0/1, true/false, yes/no or empty")
-    meta["label"] = np.array(vals, np.float32)
+    meta["label"] = binary_column(meta[column].tolist(), f"--label-column {column}", meta["record"].tolist())
     manifest["options"]["label_column"] = column
     front = ["record", "name", "patient_id", "label", "window", "valid_length", "fs_original",
              "n_samples_original", "age", "sex"]

@@ -38,14 +38,16 @@ def _id_key(k: str) -> str | None:
     return str(int(k)) if re.fullmatch(r"\d+", k) else None
 
 
-def binary_column(values, where: str) -> np.ndarray:
-    """Strings -> float32 1/0/NaN; raises UserError naming `where`, the row and the value on anything else."""
+def binary_column(values, where: str, records=None) -> np.ndarray:
+    """Strings -> float32 1/0/NaN; raises UserError naming `where`, the row (and its record, when `records`
+    is given) and the value on anything else."""
     out = np.empty(len(values), np.float32)
     for i, v in enumerate(values):
         p = parse_binary(v)
         if p is None:
-            raise UserError(f"{where}: row {i + 1}: invalid label value '{v}' (expected 0/1, true/false, yes/no "
-                            "or empty for unknown)")
+            rec = f" (record '{records[i]}')" if records is not None else ""
+            raise UserError(f"{where}: row {i + 1}{rec}: invalid label value '{v}' (expected 0/1, true/false, "
+                            "yes/no or empty for unknown)")
         out[i] = p
     return out
 
@@ -116,10 +118,7 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
     dup = df["record"][df["record"].duplicated()]
     if len(dup):
         raise UserError(f"{path}: record '{dup.iloc[0]}' appears in more than one row")
-    for i, v in enumerate(df[label_column]):
-        if parse_binary(v) is None:
-            raise UserError(f"{path}: row {i + 1} (record '{df['record'].iloc[i]}'): column '{label_column}': "
-                            f"invalid value '{v}' (expected 0/1, true/false, yes/no, or empty for unknown)")
+    binary_column(df[label_column].tolist(), f"{path}: column '{label_column}'", df["record"].tolist())
     return LabelTable(path, df, label_column, sha1, cols)
 
 
