@@ -26,7 +26,7 @@ import ecgcl_jax
 from ecgcl_jax import LEADS, NUM_SAMPLES
 from ecgcl_jax.data import arrays
 from ecgcl_jax.data.dataset import FORMAT, FORMAT_VERSION
-from ecgcl_jax.data.header_meta import parse_comments, ptbxl_rate_tag, source_id
+from ecgcl_jax.data.header_meta import clean_id, parse_comments, ptbxl_rate_tag, source_id
 from ecgcl_jax.data.labels import apply_label_table, binary_column, find_auto_table, load_label_table, patient_conflicts
 from ecgcl_jax.data.leads import normalise_lead
 from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
@@ -330,7 +330,7 @@ def _apply_ptbxl(meta: pd.DataFrame, csvs: list[str]) -> pd.DataFrame:
         if "ecg_id" not in db.columns:
             continue
         root = os.path.dirname(os.path.abspath(csv)) + os.sep
-        db = db.set_index(db["ecg_id"].map(lambda v: str(int(float(v))) if v.strip() else ""))
+        db = db.set_index(db["ecg_id"].map(lambda v: str(int(c)) if (c := clean_id(v)).isdigit() else c))
         for col in ("patient_id", "scp_codes", "strat_fold", "ecg_id", "age", "sex", "normal"):
             if col not in meta.columns:
                 meta[col] = "" if col != "normal" else np.nan
@@ -339,9 +339,9 @@ def _apply_ptbxl(meta: pd.DataFrame, csvs: list[str]) -> pd.DataFrame:
             if not sid or sid not in db.index or not os.path.abspath(meta.at[i, "record"]).startswith(root):
                 continue
             r = db.loc[sid]
-            pid = str(r.get("patient_id", "")).strip()
+            pid = clean_id(str(r.get("patient_id", "")))
             if pid:
-                meta.at[i, "patient_id"] = pid[:-2] if pid.endswith(".0") else pid
+                meta.at[i, "patient_id"] = pid
             meta.at[i, "ecg_id"] = sid
             for c in ("scp_codes", "strat_fold"):
                 if c in r:
@@ -460,10 +460,8 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
                     f.cancel()
                 raise
     # A 100 Hz twin stands in for a 500 Hz record that could not be read, so no good ECG is lost.
-    failed = set()
-    for i in range(len(chunks)):
-        with open(os.path.join(partial, f"chunk_{i:05d}.json")) as f:
-            failed.update(r for r, _ in json.load(f)["skips"])
+    results = [_chunk_result(partial, i) for i in range(len(chunks))]
+    failed = {r for c in results for r, _ in c["skips"]}
     rescue = [("wfdb", si, lr, None) for hr, (si, lr) in sorted(inputs.twins.items()) if hr in failed]
     if rescue:
         prog.total += len(rescue)
@@ -471,11 +469,12 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
         if not os.path.isfile(os.path.join(partial, f"chunk_{len(chunks):05d}.json")):
             report(_process_chunk((len(chunks), rescue, sources, opts_d, partial)))
         chunks.append(rescue)
+        results.append(_chunk_result(partial, len(chunks) - 1))
     used = {lr for _, _, lr, _ in rescue}
     inputs.duplicates = [(lr, f"duplicate: 100 Hz copy of {hr} (500 Hz kept)")
                          for hr, (_, lr) in sorted(inputs.twins.items()) if lr not in used]
     prog.close()
-    summary = _assemble(out, chunks, inputs, opts, tables, sources, manifest, stream)
+    summary = _assemble(out, chunks, results, inputs, opts, tables, sources, manifest, stream)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["records_per_s"] = round(n_items / max(summary["seconds"], 1e-9), 1)
     manifest["summary"] = summary
@@ -486,12 +485,17 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     return summary
 
 
-def _assemble(out, chunks, inputs: Inputs, opts: PrepareOptions, tables, sources, manifest, stream) -> dict:
+def _chunk_result(partial: str, i: int) -> dict:
+    """What worker chunk i recorded: its rows' meta and scales, and its skips."""
+    with open(os.path.join(partial, f"chunk_{i:05d}.json")) as f:
+        return json.load(f)
+
+
+def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables, sources, manifest,
+              stream) -> dict:
     partial = os.path.join(out, PARTIAL)
     metas, scales, skips, sizes = [], [], [], []
-    for i in range(len(chunks)):
-        with open(os.path.join(partial, f"chunk_{i:05d}.json")) as f:
-            c = json.load(f)
+    for c in results:
         metas.extend(c["meta"])
         scales.extend(c["scales"])
         skips.extend(c["skips"])

@@ -44,7 +44,8 @@ def parse_binary(value) -> float | None:
     return v if v in (0.0, 1.0) else None
 
 
-def _clean_id(v: str) -> str:
+def clean_id(v: str) -> str:
+    """An id as written in a header or table -> its canonical string ('' for unknown; 15709.0 -> 15709)."""
     v = v.strip().strip("'\"")
     if v.lower() in ("", "unknown", "nan", "none", "n/a", "na"):
         return ""
@@ -74,7 +75,7 @@ def parse_comments(comments: list[str]) -> dict:
                 s = val.strip().lower()
                 out["sex"] = ("M" if s in ("m", "male", "0") else "F" if s in ("f", "female", "1") else "")
             elif key in _PATIENT_KEYS:
-                pid = _clean_id(val)
+                pid = clean_id(val)
                 if pid:
                     out["patient_id"] = pid
             elif key == "dx":
