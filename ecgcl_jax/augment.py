@@ -103,7 +103,7 @@ def _float_dtype(x):
     return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
 
-def _materialize(z):
+def materialize(z):
     """Keep z as its own buffer on CPU.
 
     XLA:CPU vectorises an elementwise fusion along the minor dimension of its output; fused into
@@ -143,7 +143,7 @@ def gaussian_noise(key, x, factor):
     dt = _float_dtype(x)
     x32 = jnp.asarray(x, jnp.float32)
     std = jnp.std(x32, axis=0, ddof=1, keepdims=True)
-    z = _materialize(_normal(key, length * leads)).reshape(length, leads)
+    z = materialize(_normal(key, length * leads)).reshape(length, leads)
     return (x32 + z * (jnp.asarray(factor, jnp.float32) * std)).astype(dt)
 
 
@@ -235,7 +235,7 @@ def _feistel_rank(key, length: int, leads: int):
 
 def _drop_feistel(key, length, leads, k):
     """Positions whose Feistel rank is < k: exactly k per lead; k may be traced."""
-    return _materialize(_feistel_rank(key, length, leads) < k).T
+    return materialize(_feistel_rank(key, length, leads) < k).T
 
 
 _DROPOUT_STATIC = {

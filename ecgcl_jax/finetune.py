@@ -100,11 +100,7 @@ def preprocess(raw: jax.Array, scale: jax.Array, max_amp: float, spec: InputSpec
 def gather(dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(raw (n, L, C) int16, scale (n,) float32) of dataset rows, read in file order."""
     rows = np.asarray(rows, dtype=np.int64)
-    srt = np.argsort(rows, kind="stable")
-    raw = np.empty((len(rows),) + tuple(dataset.raw.shape[1:]), np.int16)
-    raw[srt] = np.asarray(dataset.raw[rows[srt]])
-    scale = np.asarray(dataset.scales, np.float32)[rows]
-    return raw, scale
+    return input_pipeline.read_rows(dataset.raw, rows), np.asarray(dataset.scales, np.float32)[rows]
 
 
 def padded_batches(n: int, batch_size: int):

@@ -112,11 +112,7 @@ class BatchSource:
     if self.resident:
       out["rows"] = self._sorted_pos[pos].astype(np.int32)
     else:
-      rows = self.pool[pos]
-      srt = np.argsort(rows)  # read the memmap in file order, then restore batch order
-      raw = np.empty((len(rows),) + tuple(self.dataset.raw.shape[1:]), np.int16)
-      raw[srt] = self.dataset.raw[rows[srt]]
-      out["raw"] = raw
+      out["raw"] = read_rows(self.dataset.raw, self.pool[pos])
     return out
 
   def device_batch(self, step: int) -> dict[str, jax.Array]:
@@ -157,6 +153,15 @@ class BatchSource:
         t.join(0.05)
       while not q.empty():
         q.get_nowait()
+
+
+def read_rows(raw, rows: np.ndarray) -> np.ndarray:
+  """raw[rows] as a new (len(rows), ...) array, reading a memmap in file order, each row copied once
+  (fancy indexing would copy twice: into a temporary, then into batch order)."""
+  out = np.empty((len(rows),) + tuple(raw.shape[1:]), raw.dtype)
+  for i in np.argsort(rows, kind="stable"):
+    out[i] = raw[rows[i]]
+  return out
 
 
 def patient_codes(patient_ids, records) -> np.ndarray:
