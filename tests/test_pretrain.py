@@ -85,6 +85,30 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert "params" in enc.variables and "batch_stats" in enc.variables
 
 
+def test_streamed_equals_resident(tmp_path):
+  """The two input paths (rows gathered on the device from the resident pool, or int16 batches read from the
+  memmap by the prefetch thread) feed the step the same batches: the same losses."""
+  from ecgcl_jax import pretrain
+  losses = {}
+  for resident in ("yes", "no"):
+    pretrain.run(small_config(num_steps=4, **{"data.resident": resident}), str(tmp_path / resident))
+    losses[resident] = [m["loss"] for m in read_metrics(str(tmp_path / resident))]
+  assert len(losses["yes"]) == 4
+  np.testing.assert_allclose(losses["no"], losses["yes"], rtol=1e-5)
+
+
+def test_read_rows_equals_fancy_indexing(tmp_path):
+  from ecgcl_jax.input_pipeline import read_rows
+  a = np.lib.format.open_memmap(str(tmp_path / "a.npy"), "w+", np.int16, (20, 7, 3))
+  a[:] = np.arange(20 * 7 * 3).reshape(20, 7, 3)
+  a.flush()
+  mm = np.load(str(tmp_path / "a.npy"), mmap_mode="r")
+  for rows in ([5, 1, 19, 0, 7], [3], [4, 4, 2]):
+    got = read_rows(mm, np.asarray(rows))
+    assert got.dtype == np.int16 and got.shape == (len(rows), 7, 3)
+    np.testing.assert_array_equal(got, np.asarray(a)[rows])
+
+
 @pytest.mark.parametrize("mode", ["simclr", "cmsc"])
 def test_one_device_equals_eight(tmp_path, mode):
   import jax
