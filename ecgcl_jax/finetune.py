@@ -76,16 +76,9 @@ def make_views(x: jax.Array, spec: InputSpec) -> jax.Array:
 
     Views are ordered as in pretraining: halves (first, second), and within each half the `clocs_leads`.
     """
-    half = x.shape[1] // 2
-    if spec.mode == "simclr":
-        views = [x]
-    else:
-        segments = [x] if spec.mode == "cmlc" else [x[:, :half], x[:, half:2 * half]]
-        if spec.mode == "cmsc":
-            views = segments
-        else:
-            idx = [ecgcl_jax.LEADS.index(l) for l in spec.clocs_leads]
-            views = [seg[:, :, j:j + 1] for seg in segments for j in idx]
+    views = input_pipeline.segments(x, spec.mode)
+    if spec.mode in ("cmlc", "cmsmlc"):
+        views = [seg[:, :, j:j + 1] for seg in views for j in input_pipeline.lead_indices(spec.clocs_leads)]
     if spec.domain == "frequency":
         views = [augment.fft_magnitude(v) for v in views]
     return views[0] if not spec.multi_view else jnp.stack(views, axis=1)

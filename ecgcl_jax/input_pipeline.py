@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ecgcl_jax import parallel, splits
+from ecgcl_jax import LEADS, parallel, splits
 from ecgcl_jax.errors import UserError
 
 # Keep whole datasets on the device up to this many bytes of int16 when data.resident == "auto".
@@ -47,6 +47,20 @@ def normalize(x, max_amp: float):
   xp = jnp if isinstance(x, jax.Array) else np
   x = x / max_amp
   return x - xp.mean(x, axis=-2, keepdims=True)
+
+
+def segments(x, mode: str) -> list:
+  """x: (B, L, C) -> what a contrast mode cuts its views from: the two non-overlapping halves (B, L//2, C) for
+  cmsc/cmsmlc, else [x] (simclr, cmlc)."""
+  if mode in ("cmsc", "cmsmlc"):
+    half = x.shape[1] // 2
+    return [x[:, :half], x[:, half:2 * half]]
+  return [x]
+
+
+def lead_indices(leads) -> list[int]:
+  """Lead names (e.g. config.clocs_leads) -> columns in the standard order ecgcl_jax.LEADS."""
+  return [LEADS.index(l) for l in leads]
 
 
 def effective_batch_size(requested: int, pool_size: int, num_devices: int) -> tuple[int, str]:

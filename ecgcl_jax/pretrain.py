@@ -130,27 +130,25 @@ def make_optimizer(optim) -> optax.GradientTransformation:
 
 def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
   """x: (B, 5000, 12) normalised -> list of V encoder inputs (B, L', C'); see the module docstring."""
-  length = x.shape[1] // (2 if config.mode in ("cmsc", "cmsmlc") else 1)
+  segs = input_pipeline.segments(x, config.mode)
+  length = segs[0].shape[1]
   aug1, aug2 = view_augmentation(config, "view1", length), view_augmentation(config, "view2", length)
   gidx = jnp.arange(x.shape[0], dtype=jnp.int32)  # position in the *global* batch
 
   def pair(k, xs, a1, a2):
     return augment.two_views(k, xs, gidx, a1, a2)
 
-  half = x.shape[1] // 2
   if config.mode == "simclr":
     views = list(pair(key, x, aug1, aug2))
   elif config.mode == "cmsc":
-    h1v1, h1v2 = pair(jax.random.fold_in(key, 1), x[:, :half], aug1, aug2)
-    h2v1, h2v2 = pair(jax.random.fold_in(key, 2), x[:, half:2 * half], aug1, aug2)
+    h1v1, h1v2 = pair(jax.random.fold_in(key, 1), segs[0], aug1, aug2)
+    h2v1, h2v2 = pair(jax.random.fold_in(key, 2), segs[1], aug1, aug2)
     views = [h1v1, h1v2, h2v1, h2v2]
-  else:
-    lead_idx = [ecgcl_jax.LEADS.index(l) for l in config.clocs_leads]
-    segments = [(x, aug1)] if config.mode == "cmlc" else [(x[:, :half], aug1), (x[:, half:2 * half], aug2)]
+  else:  # cmlc: each lead of x under view1; cmsmlc: each lead of half 1 under view1, of half 2 under view2
     views = []
-    for s, (seg, a) in enumerate(segments):
-      for j in lead_idx:
-        v, _ = pair(jax.random.fold_in(key, 100 * (s + 1) + j), seg[:, :, j:j + 1], a, ("none", None))
+    for s, seg in enumerate(segs):
+      for j in input_pipeline.lead_indices(config.clocs_leads):
+        v, _ = pair(jax.random.fold_in(key, 100 * (s + 1) + j), seg[:, :, j:j + 1], (aug1, aug2)[s], ("none", None))
         views.append(v)
   if config.data.domain == "frequency":
     views = [augment.fft_magnitude(v) for v in views]
