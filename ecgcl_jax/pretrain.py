@@ -345,6 +345,8 @@ def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
     checkpoint.atomic_write(cfg_path, json.dumps(current_cfg, indent=1).encode())
   if os.path.exists(run_path):
     run_info = _read_json(run_path)
+    if not isinstance(run_info.get("max_amp"), (int, float)):
+      raise UserError(f"{run_path}: no max_amp recorded; use a new --workdir")
     if run_info.get("pool_records") != pool_records:
       raise UserError(f"{run_path}: this workdir was started on another dataset or pool; use a new --workdir")
     return float(run_info["max_amp"])
