@@ -50,7 +50,7 @@ def main():
   rec = {"bench": "checkpoint_overhead", "device": str(jax.devices()[0]), "jax": jax.__version__,
          "encoder": a.encoder, "batch": a.batch, "steps": a.steps, "every": a.every, **res, "ratio_with_checkpoints_vs_final_only": ratio,
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  print(f"ECG/s with a checkpoint every {a.every} steps: {res['every_step']}; only at the end: {res['final_only']}; "
+  print(f"ECG/s with a checkpoint every {a.every} steps: {res['with_checkpoints']}; only at the end: {res['final_only']}; "
         f"ratio {ratio:.3f}")
   if a.json:
     with open(a.json, "a") as f:
