@@ -132,7 +132,7 @@ def compiler_options(args) -> dict:
   from ecgcl_jax import models
 
   if args.compiler_options == "auto":
-    return dict(getattr(models, "xla_compiler_options", dict)())
+    return dict(models.xla_compiler_options())
   if args.compiler_options == "none":
     return {}
   return dict(kv.split("=", 1) for kv in args.compiler_options.split(";") if kv)
@@ -165,10 +165,11 @@ class ProjectCase:
     self.key = jax.device_put(step_key, repl)
     order = input_pipeline.BatchOrder(len(pool), batch, c.seed)
     self.source = input_pipeline.BatchSource(dataset, pool, order, mesh, data == "resident", c.data.prefetch)
+    self.max_amp = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))  # as pretrain.run feeds it
     self._it = self.source.iterate(0, 1 << 40)
     self.conv = models.conv_formulation()
     self.compiler_options = compiler_options(args)
-    step = jax.jit(pretrain.make_pretrain_step(c, model, tx, max_amp), donate_argnums=(0,),
+    step = jax.jit(pretrain.make_pretrain_step(c, model, tx), donate_argnums=(0,),
                    out_shardings=(repl, repl), compiler_options=self.compiler_options or None)
     t0 = time.perf_counter()
     compiled = step.lower(self.state, self._next(), self.key).compile()
@@ -192,6 +193,7 @@ class ProjectCase:
     _, b = next(self._it)
     if self.source.resident:
       b["pool"] = self.source.device_pool
+    b["max_amp"] = self.max_amp
     return b
 
   def _run(self, n: int):
@@ -232,16 +234,7 @@ class ProjectCase:
     return rec
 
   def close(self):
-    self._it.close()  # stops BatchSource's prefetch thread (it may still finish the batch in hand)
-
-
-def join_prefetch_threads(timeout: float = 30.0) -> None:
-  """Wait for BatchSource's daemon threads to leave: one still inside a JAX call at interpreter exit aborts it."""
-  import threading
-
-  for t in threading.enumerate():
-    if t is not threading.main_thread() and t.daemon:
-      t.join(timeout)
+    self._it.close()  # BatchSource.iterate's finally stops and joins its prefetch thread
 
 
 # ---------------------------------------------------------------------------------------------- torch side
@@ -304,7 +297,7 @@ def main(argv=None) -> int:
   ap.add_argument("--conv", choices=["auto", "paired", "strided"], default="auto",
                   help="stride-2 conv formulation (models.CONV_FORMULATION)")
   ap.add_argument("--compiler-options", default="auto", help="XLA options of the step's jit: auto (= "
-                  "models.xla_compiler_options(), which pretrain should use too), none, or KEY=VALUE[;KEY=VALUE]")
+                  "models.xla_compiler_options(), as pretrain.run compiles), none, or KEY=VALUE[;KEY=VALUE]")
   ap.add_argument("--no-torch", dest="torch", action="store_false", help="project only")
   ap.add_argument("--torch-python", default=sys.executable, help="python with torch (default: this one)")
   ap.add_argument("--torch-ref", default=None, help="path of torch_reference.py (default: ../shared/bench/ or "
@@ -429,7 +422,6 @@ def main(argv=None) -> int:
             results[(enc, pair, prec, data, b)]["torch"].append(t)
   for c in cases.values():
     c.close()
-  join_prefetch_threads()
   summary(args, results, batches, run_id, common, log, emit)
   log(f"# JSON lines appended to {json_path}")
   return 0
@@ -510,7 +502,6 @@ def scaling(args, dataset, encoders, batches, pairs, precisions, dev_counts, inf
               case = ProjectCase(args, dataset, enc, pair, prec, b * n, "resident", mesh)
               rec.update(case.measure(args.seconds, args.windows, args.warmup))
               case.close()
-              join_prefetch_threads()
               rate = rec["ecg_per_s_median"]
               base = base or rate
               rec["efficiency"] = rate / (n * base)

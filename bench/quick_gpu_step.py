@@ -36,27 +36,28 @@ def main():
     tx = pretrain.make_optimizer(c.optim)
     repl = parallel.replicated(mesh)
     state = jax.jit(lambda k: pretrain.init_state(c, model, tx, k), out_shardings=repl)(jax.random.PRNGKey(0))
-    step = jax.jit(pretrain.make_pretrain_step(c, model, tx, 3.0), donate_argnums=(0,), out_shardings=(repl, repl))
+    step = jax.jit(pretrain.make_pretrain_step(c, model, tx), donate_argnums=(0,), out_shardings=(repl, repl))
     rng = np.random.default_rng(0)
     n = max(4 * b, 4096)
     pool = parallel.replicate_from_host(mesh, rng.integers(-1500, 1500, size=(n, 5000, 12), dtype=np.int16))
     scale = jnp.full((b,), 1e-3, jnp.float32)
     ids = jnp.arange(b, dtype=jnp.int32)
+    max_amp = parallel.replicate_from_host(mesh, np.asarray(3.0, np.float32))
     key = jax.random.PRNGKey(1)
     rows = [jax.device_put(rng.integers(0, n, size=b).astype(np.int32), parallel.batch_sharding(mesh)) for _ in range(8)]
     t0 = time.perf_counter()
-    state, m = step(state, {"rows": rows[0], "pool": pool, "scale": scale, "ids": ids}, key)
+    state, m = step(state, {"rows": rows[0], "pool": pool, "scale": scale, "ids": ids, "max_amp": max_amp}, key)
     m["loss"].block_until_ready()
     compile_s = time.perf_counter() - t0
     for i in range(3):
-      state, m = step(state, {"rows": rows[i % 8], "pool": pool, "scale": scale, "ids": ids}, key)
+      state, m = step(state, {"rows": rows[i % 8], "pool": pool, "scale": scale, "ids": ids, "max_amp": max_amp}, key)
     m["loss"].block_until_ready()
     rates = []
     for w in range(5):
       t0, k = time.perf_counter(), 0
       while time.perf_counter() - t0 < a.seconds / 5:
         for _ in range(5):
-          state, m = step(state, {"rows": rows[k % 8], "pool": pool, "scale": scale, "ids": ids}, key)
+          state, m = step(state, {"rows": rows[k % 8], "pool": pool, "scale": scale, "ids": ids, "max_amp": max_amp}, key)
           k += 1
         m["loss"].block_until_ready()
       rates.append(k * b / (time.perf_counter() - t0))

@@ -35,7 +35,7 @@ run --batch 16,64 --pair time_warp:4,0.2+dropout:0.1                         # t
 run --batch 64 --pair zero_mask:0.1+permute:5 --pair gaussian_noise:0.05+dropout:0.1
 run --batch 64 --encoder cnn_lstm                                            # CNN-BiLSTM
 run --batch 16 --precision bfloat16                                          # bf16 (AVX-512 BF16 CPUs)
-# the same step compiled with XLA's default options (what pretrain.run does until it passes
-# models.xla_compiler_options() to its jit): shows what keeping the optimization barriers is worth
+# the same step compiled with XLA's default options instead of models.xla_compiler_options() (which pretrain.run
+# uses): shows what keeping the optimization barriers is worth
 run --batch 64 --compiler-options none --pair gaussian_noise:0.05+gaussian_noise:0.25 --pair time_warp:4,0.2+dropout:0.1
 echo "results: $OUT/bench_pretrain.jsonl, log: $LOG"

@@ -164,12 +164,12 @@ def contrastive_loss(config, zs: list[jax.Array], ids) -> jax.Array:
   return losses.multi_view_nt_xent(jnp.stack(zs), t, ids, reduction="mean")
 
 
-def make_pretrain_step(config, model, tx, max_amp: float):
+def make_pretrain_step(config, model, tx):
   """Returns ``step(state, batch, key) -> (state, metrics)`` (pure; jit it with the state donated).
 
   batch: {'raw': (B, L, C) int16} or {'rows': (B,) int32, 'pool': (N, L, C) int16 resident pool},
-  plus 'scale': (B,) float32 mV per count and 'ids': (B,) int32 patient codes; optionally 'max_amp': ()
-  float32 (replicated), which overrides the ``max_amp`` given here (a traced value: no recompile per pool).
+  plus 'scale': (B,) float32 mV per count, 'ids': (B,) int32 patient codes and 'max_amp': () float32 mV
+  (replicated; a traced value, so a new pool does not recompile the step).
   """
   dtype = DTYPES[config.dtype]
   use_ids = bool(config.patient_positives)
@@ -180,7 +180,7 @@ def make_pretrain_step(config, model, tx, max_amp: float):
     k_aug, k_drop = jax.random.split(k)
     raw = jnp.take(batch["pool"], batch["rows"], axis=0) if "rows" in batch else batch["raw"]
     x = raw.astype(jnp.float32) * batch["scale"][:, None, None]
-    x = input_pipeline.normalize(x, batch.get("max_amp", max_amp))
+    x = input_pipeline.normalize(x, batch["max_amp"])
     if "raw" in batch:  # streamed: one buffer for x, read by the mean and both views (CPU: 0.93x -> ~1.0x resident)
       x = augment.materialize(x)
     views = make_views(config, k_aug, x)
@@ -392,7 +392,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   resident = input_pipeline.choose_resident(config.data.resident, ds, pool)
   order = input_pipeline.BatchOrder(len(pool), batch, config.seed)
   source = input_pipeline.BatchSource(ds, pool, order, mesh, resident, config.data.prefetch)
-  step_fn = jax.jit(make_pretrain_step(config, model, tx, max_amp), donate_argnums=(0,),
+  step_fn = jax.jit(make_pretrain_step(config, model, tx), donate_argnums=(0,),
                     out_shardings=(repl, repl), compiler_options=models.xla_compiler_options() or None)
 
   max_amp_dev = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))

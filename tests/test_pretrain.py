@@ -126,6 +126,41 @@ def test_one_device_equals_eight(tmp_path, mode):
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["simclr", "cmsc"])
+def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
+  """The loss test above runs at Adam's lr 1e-5, where a wrong gradient would hardly move the loss; here the
+  optimizer is SGD with lr 1, so the parameter change *is* the gradient, compared leaf by leaf, together with
+  the BatchNorm running statistics (global-batch statistics on 8 devices as on 1)."""
+  import jax
+  import optax
+  from ecgcl_jax import input_pipeline, models, parallel, pretrain
+  from ecgcl_jax.data import open_dataset
+  cfg = small_config("cnn", mode=mode, patient_positives=(mode == "cmsc"))
+  ds = open_dataset("")
+  pool = np.arange(len(ds))
+  model, tx = models.build_encoder(cfg.model), optax.sgd(1.0)
+  out = {}
+  for n in (1, 8):
+    mesh = parallel.make_mesh(n)
+    repl = parallel.replicated(mesh)
+    state = jax.jit(lambda k: pretrain.init_state(cfg, model, tx, k), out_shardings=repl)(jax.random.PRNGKey(0))
+    src = input_pipeline.BatchSource(ds, pool, input_pipeline.BatchOrder(len(pool), 16, 0), mesh, True)
+    batch = dict(src.device_batch(0), pool=src.device_pool,
+                 max_amp=parallel.replicate_from_host(mesh, np.asarray(input_pipeline.fit_max_amp(ds, pool),
+                                                                       np.float32)))
+    before = jax.device_get(state.params)
+    new, m = jax.jit(pretrain.make_pretrain_step(cfg, model, tx), out_shardings=(repl, repl))(
+        state, batch, jax.random.PRNGKey(1))
+    grad = jax.tree.map(lambda a, b: a - b, before, jax.device_get(new.params))
+    out[n] = (grad, jax.device_get(new.batch_stats), float(m["loss"]))
+  np.testing.assert_allclose(out[8][2], out[1][2], rtol=1e-5)
+  for g8, g1 in zip(jax.tree.leaves(out[8][0]), jax.tree.leaves(out[1][0])):
+    assert np.abs(g1).max() > 0
+    np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-3 * np.abs(g1).max())
+  for s8, s1 in zip(jax.tree.leaves(out[8][1]), jax.tree.leaves(out[1][1])):
+    np.testing.assert_allclose(s8, s1, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode,domain", [("cmlc", "time"), ("cmsmlc", "time"), ("simclr", "frequency")])
 def test_clocs_lead_modes_and_frequency_domain_run(tmp_path, mode, domain):
   from ecgcl_jax import checkpoint, pretrain
