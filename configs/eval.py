@@ -35,7 +35,7 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
   c.encoder_checkpoint = ""   # exported encoder (run_pretrain.py WORKDIR or WORKDIR/encoder); "" = pretrain per repeat
   c.allow_leakage = False     # evaluate a loaded encoder even if it saw this repeat's val/test patients
 
-  clocs = c.pretrain.mode in ("cmsc", "cmlc", "cmsmlc")
+  clocs = c.pretrain.mode != "simclr"  # the CLOCS family: 60/20/20 as in its paper
   c.split = ml_collections.ConfigDict()
   c.split.train = 0.6 if clocs else 0.7   # patient-level, stratified on the patient label
   c.split.val = 0.2 if clocs else 0.15    # one ECG per patient

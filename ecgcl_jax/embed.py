@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint
+from ecgcl_jax import checkpoint, input_pipeline
 from ecgcl_jax.errors import UserError
 
 VIEWS = ("mean", "concat", "none")
@@ -60,7 +60,7 @@ def check_compatible(encoder: checkpoint.ExportedEncoder, dataset, where: str = 
         rates = sorted({float(v) for v in meta["fs"].dropna()})
         if rates and rates != [float(fs)]:
             raise UserError(f"{where}: dataset sample rate(s) {rates} Hz differ from the encoder's {fs} Hz")
-    if prep.get("mode") not in (None, "simclr", "cmsc", "cmlc", "cmsmlc"):
+    if prep.get("mode") not in (None, *input_pipeline.CONTRAST_MODES):
         raise UserError(f"encoder: unknown contrast mode {prep.get('mode')!r} in its preprocessing record")
     if prep.get("domain", "time") not in ("time", "frequency"):
         raise UserError(f"encoder: unknown input domain {prep.get('domain')!r} in its preprocessing record")

@@ -35,7 +35,6 @@ from ecgcl_jax import augment, input_pipeline, losses, metrics, models
 from ecgcl_jax.errors import UserError
 
 MODES = ("finetune", "linear_probe")
-CLOCS_MODES = ("cmsc", "cmlc", "cmsmlc")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -52,13 +51,13 @@ class InputSpec:
 
     @property
     def num_views(self) -> int:
-        halves = 2 if self.mode in ("cmsc", "cmsmlc") else 1
-        leads = len(self.clocs_leads) if self.mode in ("cmlc", "cmsmlc") else 1
+        halves = 2 if self.mode in input_pipeline.HALF_MODES else 1
+        leads = len(self.clocs_leads) if self.mode in input_pipeline.LEAD_MODES else 1
         return halves * leads
 
     @property
     def multi_view(self) -> bool:
-        return self.mode in CLOCS_MODES
+        return self.mode != "simclr"
 
     @classmethod
     def from_pretrain_config(cls, config) -> "InputSpec":
@@ -77,7 +76,7 @@ def make_views(x: jax.Array, spec: InputSpec) -> jax.Array:
     Views are ordered as in pretraining: halves (first, second), and within each half the `clocs_leads`.
     """
     views = input_pipeline.segments(x, spec.mode)
-    if spec.mode in ("cmlc", "cmsmlc"):
+    if spec.mode in input_pipeline.LEAD_MODES:
         views = [seg[:, :, j:j + 1] for seg in views for j in input_pipeline.lead_indices(spec.clocs_leads)]
     if spec.domain == "frequency":
         views = [augment.fft_magnitude(v) for v in views]

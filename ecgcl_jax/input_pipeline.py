@@ -49,10 +49,15 @@ def normalize(x, max_amp: float):
   return x - xp.mean(x, axis=-2, keepdims=True)
 
 
+CONTRAST_MODES = ("simclr", "cmsc", "cmlc", "cmsmlc")
+HALF_MODES = ("cmsc", "cmsmlc")  # views cut from the two 5 s halves
+LEAD_MODES = ("cmlc", "cmsmlc")  # one single-lead view per clocs lead
+
+
 def segments(x, mode: str) -> list:
   """x: (B, L, C) -> what a contrast mode cuts its views from: the two non-overlapping halves (B, L//2, C) for
   cmsc/cmsmlc, else [x] (simclr, cmlc)."""
-  if mode in ("cmsc", "cmsmlc"):
+  if mode in HALF_MODES:
     half = x.shape[1] // 2
     return [x[:, :half], x[:, half:2 * half]]
   return [x]

@@ -39,7 +39,7 @@ import ecgcl_jax
 from ecgcl_jax import augment, checkpoint, configdiff, input_pipeline, losses, models, parallel, splits
 from ecgcl_jax.errors import UserError
 
-MODES = ("simclr", "cmsc", "cmlc", "cmsmlc")
+MODES = input_pipeline.CONTRAST_MODES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resume.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
@@ -83,8 +83,8 @@ def view_augmentation(config, field: str, length: int) -> tuple[str, Any]:
 
 def input_geometry(config) -> tuple[int, int, int]:
   """(length seen by the augmentations, encoder input length, encoder input leads) for the mode."""
-  length = ecgcl_jax.NUM_SAMPLES // (2 if config.mode in ("cmsc", "cmsmlc") else 1)
-  in_leads = 1 if config.mode in ("cmlc", "cmsmlc") else len(ecgcl_jax.LEADS)
+  length = ecgcl_jax.NUM_SAMPLES // (2 if config.mode in input_pipeline.HALF_MODES else 1)
+  in_leads = 1 if config.mode in input_pipeline.LEAD_MODES else len(ecgcl_jax.LEADS)
   enc_len = length // 2 if config.data.domain == "frequency" else length
   return length, enc_len, in_leads
 
@@ -111,7 +111,7 @@ def validate_config(config, num_devices: int) -> None:
   if config.temperature <= 0:
     raise UserError(f"config.temperature: must be positive (got {config.temperature})")
   bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]
-  if bad or (config.mode in ("cmlc", "cmsmlc") and len(config.clocs_leads) < 2):
+  if bad or (config.mode in input_pipeline.LEAD_MODES and len(config.clocs_leads) < 2):
     raise UserError(f"config.clocs_leads: need >= 2 of {', '.join(ecgcl_jax.LEADS)} (got {list(config.clocs_leads)})")
   models.encoder_config(config.model)
   length, _, _ = input_geometry(config)
