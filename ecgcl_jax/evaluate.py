@@ -164,7 +164,6 @@ def validate(config) -> None:
 # ------------------------------------------------------------------------------------------ the encoder
 def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir: str, exported, workdir: str):
     """(ExportedEncoder, info dict) for this repeat, or (None, info) when pretraining was interrupted."""
-    keys = splits.patient_keys(ds.patient_ids, ds.records)
     if exported is not None:
         try:
             splits.check_pool(exported.pretrain_patients, split.val_patients, split.test_patients,
@@ -174,30 +173,18 @@ def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir
                 raise splits.LeakageError(f"{e}; its test scores would be optimistic. Pretrain with run_eval.py "
                                           "(per repeat) or pass --config.allow_leakage=True to evaluate anyway") from None
             _log(f"warning: {e} (allowed by config.allow_leakage)")
-            leaked = sorted(set(exported.pretrain_patients) & (set(split.val_patients) | set(split.test_patients)))
-            return exported, {"encoder_checkpoint": config.encoder_checkpoint, "leaked_patients": len(leaked)}
+            return exported, {"encoder_checkpoint": config.encoder_checkpoint, "leaked_patients": e.count}
         return exported, {"encoder_checkpoint": config.encoder_checkpoint, "leaked_patients": 0}
 
-    # Pretrain on this repeat's pool; the pool was checked by splits.make_split and is checked again below.
-    splits.check_pool(keys[split.pretrain].tolist(), split.val_patients, split.test_patients,
-                      where=f"seed {seed}: pretraining pool")
+    # Pretrain on this repeat's pool (splits.make_split checked it; a finished pretraining returns at once).
     from ecgcl_jax import pretrain  # noqa: PLC0415
     pcfg = copy.deepcopy(config.pretrain)
     pcfg.seed = int(seed)
-    enc_json = os.path.join(pretrain_dir, "encoder", "encoder.json")
-    cfg_json = os.path.join(pretrain_dir, "config.json")
-    done = False
-    if os.path.isfile(enc_json) and os.path.isfile(cfg_json):  # finished before: skip recompiling the step
-        with open(enc_json) as f:
-            steps = json.load(f).get("extra", {}).get("steps")
-        with open(cfg_json) as f:
-            done = steps == int(pcfg.num_steps) and json.load(f) == _config_json(pcfg)
-    if not done:
-        _log(f"seed {seed}: pretraining {pcfg.model.encoder} ({pcfg.mode}) for {pcfg.num_steps} steps on "
-             f"{len(split.pretrain)} records in {pretrain_dir}")
-        result = pretrain.run(pcfg, pretrain_dir, dataset=ds, indices=split.pretrain)
-        if result.get("status") != "done":
-            return None, {"status": result.get("status")}
+    _log(f"seed {seed}: pretraining {pcfg.model.encoder} ({pcfg.mode}) for {pcfg.num_steps} steps on "
+         f"{len(split.pretrain)} records in {pretrain_dir}")
+    result = pretrain.run(pcfg, pretrain_dir, dataset=ds, indices=split.pretrain)
+    if result.get("status") != "done":
+        return None, {"status": result.get("status")}
     enc = checkpoint.load_encoder(os.path.join(pretrain_dir, "encoder"))
     # Asserted on what the encoder itself recorded, not only by construction.
     splits.check_pool(enc.pretrain_patients, split.val_patients, split.test_patients,

@@ -330,6 +330,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
       held.enter_context(WorkdirLock(workdir))
       return _admit_workdir(config, workdir, ds, pool, batch)
     max_amp = parallel.on_main(admit, workdir)
+    finished = _already_exported(config, workdir, batch, max_amp, log)
+    if finished is not None:
+      return finished
     return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp)
 
 
@@ -355,6 +358,22 @@ def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
               "data_path": config.data.path, "version": ecgcl_jax.__version__}
   checkpoint.atomic_write(run_path, json.dumps(run_info).encode())
   return max_amp
+
+
+def _already_exported(config, workdir: str, batch: int, max_amp: float, log) -> dict | None:
+  """The run's summary when this (admitted) workdir already exported its encoder at num_steps: a re-run, e.g. an
+  evaluation resuming, then compiles and restores nothing."""
+  enc_json = os.path.join(workdir, "encoder", "encoder.json")
+  if not os.path.isfile(enc_json):
+    return None
+  steps = _read_json(enc_json).get("extra", {}).get("steps")
+  if steps != int(config.num_steps):
+    return None
+  last_loss = _last_logged_loss(os.path.join(workdir, "metrics.jsonl"))
+  log(f"{workdir}: already trained for {steps} steps (num_steps={config.num_steps}); encoder in {workdir}/encoder "
+      "(raise --config.num_steps to train longer)")
+  return {"status": "done", "steps": steps, "final_loss": last_loss, "batch_size": batch, "max_amp": max_amp,
+          "workdir": workdir, "encoder_dir": os.path.join(workdir, "encoder")}
 
 
 def _read_json(path: str) -> dict:

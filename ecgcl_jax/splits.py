@@ -31,7 +31,11 @@ from ecgcl_jax.errors import UserError
 
 
 class LeakageError(UserError):
-    """A validation/test patient would be seen during pretraining."""
+    """A validation/test patient would be seen during pretraining; ``count``: how many (0 if not counted)."""
+
+    def __init__(self, message: str, count: int = 0):
+        super().__init__(message)
+        self.count = count
 
 
 def patient_keys(patient_ids: Sequence[str], records: Sequence[str]) -> np.ndarray:
@@ -210,7 +214,7 @@ def check_pool(pool_patients, val_patients, test_patients, where: str = "pretrai
     if leaked:
         shown = ", ".join(leaked[:5]) + (" ..." if len(leaked) > 5 else "")
         raise LeakageError(f"{where}: {len(leaked)} validation/test patient(s) would be seen during pretraining "
-                           f"({shown})")
+                           f"({shown})", len(leaked))
 
 
 def check_split(split: Split, keys: np.ndarray) -> None:

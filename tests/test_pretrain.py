@@ -267,3 +267,16 @@ def test_damaged_workdir_files_are_one_line_errors(tmp_path):
   with pytest.raises(UserError, match="config.json: unreadable") as e:
     pretrain._admit_workdir(c, wd, ds, pool, 8)
   assert "\n" not in str(e.value)
+
+
+def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp_path):
+  from ecgcl_jax import pretrain
+  wd = str(tmp_path)
+  first = pretrain.run(small_config(num_steps=2), wd)
+  enc = os.path.join(wd, "encoder", "variables.msgpack")
+  stamp, lines = os.stat(enc).st_mtime_ns, read_metrics(wd)
+  again = pretrain.run(small_config(num_steps=2, log_every=2), wd)  # a resumable change only
+  assert again["status"] == "done" and again["steps"] == 2 and again["final_loss"] == first["final_loss"]
+  assert os.stat(enc).st_mtime_ns == stamp and read_metrics(wd) == lines
+  with pytest.raises(Exception, match="changed fields"):  # the workdir check still runs first
+    pretrain.run(small_config(num_steps=2, **{"model.emb_dim": 16}), wd)
