@@ -67,18 +67,16 @@ def check_compatible(encoder: checkpoint.ExportedEncoder, dataset, where: str = 
 
 
 def embed_dataset(encoder: checkpoint.ExportedEncoder, dataset, rows=None, batch_size: int = 256,
-                  views: str = "mean", max_amp: float | None = None) -> np.ndarray:
-    """Embeddings of dataset `rows` (default: all) in that order: (n, E), (n, V*E) or (n, V, E) float32.
-
-    max_amp: override the normaliser's scale (mV); default the encoder's own (fitted on its pretraining pool).
-    """
+                  views: str = "mean") -> np.ndarray:
+    """Embeddings of dataset `rows` (default: all) in that order: (n, E), (n, V*E) or (n, V, E) float32, with the
+    encoder's own normaliser (max_amp fitted on its pretraining pool)."""
     from ecgcl_jax import finetune  # noqa: PLC0415 - keeps `--help` fast
 
     if views not in VIEWS:
         raise UserError(f"--views: {views!r} is not one of {', '.join(VIEWS)}")
     check_compatible(encoder, dataset)
     spec = finetune.InputSpec.from_preprocessing(encoder.preprocessing)
-    scale = float(max_amp if max_amp is not None else encoder.preprocessing["max_amp"])
+    scale = float(encoder.preprocessing["max_amp"])
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         raise UserError("--data: no records to embed")

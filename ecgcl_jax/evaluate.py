@@ -40,7 +40,6 @@ import ecgcl_jax
 from ecgcl_jax import checkpoint, configdiff, embed, finetune, input_pipeline, metrics, splits
 from ecgcl_jax.errors import UserError
 
-DEFAULT_SEEDS = (321, 123, 51)
 METHODS = ("finetune", "linear_probe", "random_init", "random_init_linear_probe")
 BASELINES = METHODS[1:]
 # Fields that may differ when an evaluation workdir is resumed (they cannot change a finished repeat).
@@ -335,8 +334,10 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
     plots = os.path.join(workdir, "plots")
     os.makedirs(plots, exist_ok=True)
     hist, rocs = {}, {}
+    test_auroc = {}
     for m, r in methods.items():
         hist[m] = {rep["seed"]: [_nan(h["val"]["auroc"]) for h in rep["history"]] for rep in r["repeats"]}
+        test_auroc[m] = {rep["seed"]: rep["test"]["auroc"] for rep in r["repeats"]}
     for rec in records:
         path = os.path.join(workdir, f"repeat_{rec['seed']}", "test_predictions.csv")
         if not os.path.exists(path):
@@ -348,7 +349,7 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
             if rows and f"p_{m}" in rows[0] and len(np.unique(y)) == 2:
                 p = np.array([float(r[f"p_{m}"]) for r in rows])
                 fpr, tpr = metrics.roc_points(y, p)
-                rocs.setdefault(m, {})[rec["seed"]] = (fpr, tpr, metrics.binary_scores(y, p)["auroc"])
+                rocs.setdefault(m, {})[rec["seed"]] = (fpr, tpr, test_auroc[m].get(rec["seed"]))
     metrics.plot_val_curves(hist, os.path.join(plots, "val_auroc.png"))
     if rocs:
         metrics.plot_roc(rocs, os.path.join(plots, "roc_test.png"))

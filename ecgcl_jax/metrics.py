@@ -15,7 +15,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import scipy.stats
-from matplotlib.ticker import MaxNLocator
 from sklearn import metrics as skm
 
 METRICS = ("auroc", "auprc", "f1", "accuracy", "precision", "recall")
@@ -141,6 +140,8 @@ def plot_val_curves(histories: Mapping[str, Mapping[int, Sequence[float]]], path
 
     histories: {method: {seed: [value at epoch 1, 2, ...]}}.
     """
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - matplotlib only when plotting, as _figure
+
     methods = list(histories)
     fig = _figure(4.0 * max(1, len(methods)), 3.5)
     axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]

@@ -75,11 +75,12 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def to_host(x) -> np.ndarray:
-  """A replicated (or fully local) array as numpy, without gathering across hosts."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(jax.device_get(x))
+def to_host(x):
+  """Replicated (or fully local) arrays as numpy, without gathering across hosts: one array, or a pytree of them
+  fetched in one transfer."""
+  local = jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) and not a.is_fully_addressable
+                       else a, x)
+  return jax.tree.map(np.asarray, jax.device_get(local))
 
 
 def on_main(fn: Callable[[], float], what: str) -> float:

@@ -435,7 +435,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
       done = step + 1
       last = done == num_steps
       if done % config.log_every == 0 or last:
-        ls = np.asarray([parallel.to_host(x) for x in pending], np.float64)
+        ls = np.asarray(parallel.to_host(pending), np.float64)  # the logged steps' losses in one transfer
         pending = []
         now = time.perf_counter()
         ecg_s = (done - n_last) * batch / max(now - t_last, 1e-9)
