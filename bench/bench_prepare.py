@@ -21,14 +21,16 @@ import time
 
 import numpy as np
 
+from bench_pretrain import cpu_name  # bench/ is the script's folder, on sys.path
+from ecgcl_jax import LEADS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 
 def generate(folder: str, n: int, distinct: int, fs: int, seconds: float) -> list[str]:
-    """Write n records `folder/NNNNN/rNNNNNN.{hea,dat}` (100 per subfolder, like PTB-XL); returns record paths."""
+    """Write n records `folder/NNNNN/rNNNNNN.{hea,dat}` (1000 per subfolder, like PTB-XL); returns record paths."""
     import wfdb
 
     rng = np.random.default_rng(0)
@@ -43,7 +45,7 @@ def generate(folder: str, n: int, distinct: int, fs: int, seconds: float) -> lis
             x = sum(rng.uniform(0.1, 0.5, 12) * np.sin(2 * np.pi * rng.uniform(0.5, 15) * t[:, None]
                                                        + rng.uniform(0, 6, 12)) for _ in range(4))
             x += 0.02 * rng.standard_normal((L, 12))
-            wfdb.wrsamp(name, fs=fs, units=["mV"] * 12, sig_name=LEADS, p_signal=x, fmt=["16"] * 12,
+            wfdb.wrsamp(name, fs=fs, units=["mV"] * 12, sig_name=list(LEADS), p_signal=x, fmt=["16"] * 12,
                         adc_gain=[1000.0] * 12, baseline=[0] * 12, comments=[f"patient_id: {i}"],
                         write_dir=sub)
         else:
@@ -109,12 +111,7 @@ def main() -> None:
 
         import ecgcl_jax
 
-        cpu = platform.processor()
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+        cpu = cpu_name()
         rec = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "records": args.records, "distinct": args.distinct,
                "workers": workers, "cores": os.cpu_count(), "cpu": cpu, "prepare_s": round(prep_s, 3),
                "prepare_records_per_s": round(prep_rate, 1), "loop_records": len(loop_paths),
