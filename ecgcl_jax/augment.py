@@ -77,18 +77,19 @@ def _is_traced(v) -> bool:
     return isinstance(v, jax.core.Tracer)
 
 
-def _static_int(v, what: str) -> int:
-    """A static Python int from an int-like value (int, numpy int, integral float, concrete array)."""
+def _static_int(v, what: str, where: str = "augment") -> int:
+    """A static Python int from an int-like value (int, numpy int, integral float, concrete array).
+    Errors read '<where>: <what> must be ...'."""
     if _is_traced(v):
         raise UserError(
-            f"augment: {what} must be a static Python int (close over it or mark it static under jit)"
+            f"{where}: {what} must be a static Python int (close over it or mark it static under jit)"
         )
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise UserError(f"augment: {what} must be an integer, got {v!r}") from None
+        raise UserError(f"{where}: {what} must be an integer, got {v!r}") from None
     if not math.isfinite(f) or f != int(f):
-        raise UserError(f"augment: {what} must be an integer, got {v!r}")
+        raise UserError(f"{where}: {what} must be an integer, got {v!r}")
     return int(f)
 
 
@@ -303,13 +304,11 @@ def zero_mask(key, x, ratio):
 # ----------------------------------------------------------------------------------------------
 # Segment permutation
 
-def _check_divides(length: int, m: int, name: str):
+def _check_divides(length: int, m: int, where: str, what: str = "num_segments"):
     if m < 1:
-        raise UserError(f"augment.{name}: num_segments must be >= 1, got {m}")
+        raise UserError(f"{where}: {what} must be >= 1, got {m}")
     if length % m:
-        raise UserError(
-            f"augment.{name}: num_segments={m} does not divide the signal length {length}"
-        )
+        raise UserError(f"{where}: {what}={m} does not divide the signal length {length}")
 
 
 def permute_segments(key, x, num_segments, shared_across_leads=False):
@@ -321,7 +320,7 @@ def permute_segments(key, x, num_segments, shared_across_leads=False):
     """
     length, leads = x.shape
     m = _static_int(num_segments, "num_segments")
-    _check_divides(length, m, "permute_segments")
+    _check_divides(length, m, "augment.permute_segments")
     s = length // m
     xr = x.reshape(m, s, leads)
     if shared_across_leads:
@@ -455,18 +454,16 @@ def _time_warp_two_stage(x, num_segments: int, warp, stretched):
     return _lerp_gather(cat, n0, n1, jnp.broadcast_to(f, n0.shape)).T.astype(_float_dtype(x))
 
 
-def _check_time_warp(length: int, m: int, warp, name="time_warp"):
+def _check_time_warp(length: int, m: int, warp, where="augment.time_warp"):
     if m < 2 or m % 2:
-        raise UserError(f"augment.{name}: num_segments must be even and >= 2, got {m}")
-    _check_divides(length, m, name)
+        raise UserError(f"{where}: num_segments must be even and >= 2, got {m}")
+    _check_divides(length, m, where)
     if not _is_traced(warp):
         w = float(warp)
         if not (0.0 <= w < 1.0):
-            raise UserError(f"augment.{name}: warp must be in [0, 1), got {w}")
+            raise UserError(f"{where}: warp must be in [0, 1), got {w}")
         if math.floor((length // m) * (1 - w)) < 1:
-            raise UserError(
-                f"augment.{name}: warp={w} squeezes a {length // m}-sample segment to nothing"
-            )
+            raise UserError(f"{where}: warp={w} squeezes a {length // m}-sample segment to nothing")
 
 
 def time_warp(key, x, num_segments, warp):
@@ -588,28 +585,14 @@ def validate(name, param, length: int, field: str = "augment"):
             shared = bool(shared)
         else:
             m = param
-        try:
-            m = _static_int(m, "permute num_segments")
-        except UserError as e:
-            raise UserError(f"{field}: {str(e).split(': ', 1)[1]}") from None
-        if m < 1:
-            raise UserError(f"{field}: permute num_segments must be >= 1, got {m}")
-        if length % m:
-            raise UserError(
-                f"{field}: permute num_segments={m} does not divide the signal length {length}"
-            )
+        m = _static_int(m, "permute num_segments", field)
+        _check_divides(length, m, field, "permute num_segments")
         return "permute", (m, shared)
     if canon == "time_warp":
         m, w = _pair(param, field, "time_warp takes (num_segments, warp), e.g. (4, 0.2)")
-        try:
-            m = _static_int(m, "time_warp num_segments")
-        except UserError as e:
-            raise UserError(f"{field}: {str(e).split(': ', 1)[1]}") from None
+        m = _static_int(m, "time_warp num_segments", field)
         w = _number(w, field, "time_warp warp", 0.0, 1.0, hi_open=True)
-        try:
-            _check_time_warp(length, m, w)
-        except UserError as e:
-            raise UserError(f"{field}: {str(e).split(': ', 1)[1]}") from None
+        _check_time_warp(length, m, w, field)
         return canon, (m, w)
     # mix
     rate, factor = _pair(param, field, "mix takes (dropout rate, noise factor), e.g. (0.1, 0.05)")
