@@ -114,19 +114,17 @@ def materialize(z):
     return jax.lax.optimization_barrier(z) if jax.default_backend() == "cpu" else z
 
 
-_lowbias32 = hashing.lowbias32
-
-
 def _normal(key, n: int):
     """(n,) float32 iid N(0, 1) from 64 bits of `key`.
 
-    Counter-based: bits_i = h(h(i ^ s0) + s1) with h = lowbias32, u_i = (2 (bits_i >> 9) + 1) / 2^23 - 1
+    Counter-based: bits_i = hashing.hash_bits (a keyed lowbias32 hash of position i),
+    u_i = (2 (bits_i >> 9) + 1) / 2^23 - 1
     (2^23 levels, symmetric, open (-1, 1)), z_i = sqrt(2) erfinv(u_i) (inverse-CDF transform,
     as jax.random.normal). Several times cheaper than threefry per value; the key still comes
     from jax.random, so everything stays a pure function of (key, position).
     """
     s = jax.random.bits(key, (2,), jnp.uint32)
-    bits = _lowbias32(_lowbias32(jnp.arange(n, dtype=jnp.uint32) ^ s[0]) + s[1])
+    bits = hashing.hash_bits(s, (n,))
     u = ((bits >> 9) * 2 + 1).astype(jnp.float32) * jnp.float32(2.0**-23) - 1.0
     return jnp.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)
 
@@ -229,7 +227,7 @@ def _feistel_rank(key, length: int, leads: int):
     u, v = t // jnp.uint32(b), t % jnp.uint32(b)  # u in Z_a, v in Z_b
     for r in range(_FEISTEL_ROUNDS):
         mod = jnp.uint32((a, b)[r % 2])
-        w = u + _lowbias32(v ^ rk[r][:, None]) % mod
+        w = u + hashing.lowbias32(v ^ rk[r][:, None]) % mod
         u, v = v, jnp.where(w >= mod, w - mod, w)
     return (u * jnp.uint32(b) + v).astype(jnp.int32)
 

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ecgcl_jax import models
+from ecgcl_jax import hashing, models
 from ecgcl_jax.errors import UserError
 
 CH = (32, 32, 64, 64, 64)
@@ -601,12 +601,12 @@ def test_hash_bits_do_not_depend_on_sharding():
   mesh = Mesh(np.array(devices), ("data",))
   seed = jnp.array([3, 1234567], jnp.uint32)
   shape = (8 * len(devices), 5, 3)
-  full = jax.jit(lambda s: models.hash_bits(s, shape))(seed)
-  sharded = jax.jit(lambda s: models.hash_bits(s, shape), out_shardings=NamedSharding(mesh, P("data")))(seed)
+  full = jax.jit(lambda s: hashing.hash_bits(s, shape))(seed)
+  sharded = jax.jit(lambda s: hashing.hash_bits(s, shape), out_shardings=NamedSharding(mesh, P("data")))(seed)
   assert len(sharded.sharding.device_set) == len(devices)
   np.testing.assert_array_equal(np.asarray(sharded), np.asarray(full))
   # a different seed word changes (nearly) every element
-  other = jax.jit(lambda s: models.hash_bits(s, shape))(seed.at[1].add(1))
+  other = jax.jit(lambda s: hashing.hash_bits(s, shape))(seed.at[1].add(1))
   assert np.mean(np.asarray(other) != np.asarray(full)) > 0.99
 
 
