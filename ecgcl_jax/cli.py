@@ -1,10 +1,29 @@
 """Shared entry-point plumbing: distributed start-up and one-line user errors (no tracebacks)."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from typing import Callable
 
 from ecgcl_jax.errors import UserError
+
+
+@contextlib.contextmanager
+def on_stop_signals(handler: Callable):
+  """Route SIGTERM and SIGINT to ``handler(signum, frame)`` inside the block, then restore the old handlers
+  (a no-op off the main thread, where Python cannot install handlers)."""
+  old = {}
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    try:
+      old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+      pass
+  try:
+    yield
+  finally:
+    for sig, h in old.items():
+      signal.signal(sig, h)
 
 
 def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool = False,

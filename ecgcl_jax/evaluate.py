@@ -20,7 +20,6 @@ WORKDIR/<field>=<value>/ and writes sweep.md, sweep.csv and sweep_<metric>.png.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import hashlib
@@ -37,7 +36,7 @@ import ml_collections
 import numpy as np
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, configdiff, embed, finetune, input_pipeline, metrics, splits
+from ecgcl_jax import checkpoint, cli, configdiff, embed, finetune, input_pipeline, metrics, splits
 from ecgcl_jax.errors import UserError
 
 METHODS = ("finetune", "linear_probe", "random_init", "random_init_linear_probe")
@@ -113,23 +112,12 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
                         f"{detail} (use a new --workdir; only repeats/seeds/logging may change)")
 
 
-@contextlib.contextmanager
 def _interruptible():
     """SIGTERM/SIGINT raise `Interrupted` at the next Python bytecode (finished repeats are on disk)."""
     def handler(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
+    return cli.on_stop_signals(handler)
 
 
 def _log(msg: str) -> None:

@@ -24,7 +24,6 @@ import fcntl
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -36,7 +35,7 @@ import numpy as np
 import optax
 
 import ecgcl_jax
-from ecgcl_jax import augment, checkpoint, configdiff, input_pipeline, losses, models, parallel, splits
+from ecgcl_jax import augment, checkpoint, cli, configdiff, input_pipeline, losses, models, parallel, splits
 from ecgcl_jax.errors import UserError
 
 MODES = input_pipeline.CONTRAST_MODES
@@ -241,22 +240,17 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
-    self._old = {}
+    self._signals = cli.on_stop_signals(self._handle)
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
+    self._signals.__enter__()
     return self
 
   def _handle(self, signum, frame):
     self.requested = True
 
   def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
+    return self._signals.__exit__(*exc)
 
 
 class WorkdirLock:
