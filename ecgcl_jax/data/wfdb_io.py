@@ -157,6 +157,7 @@ def read_wfdb(hea_path: str, max_seconds: float | None = None) -> RawSignal:
     if h.nsig == 0:
         raise SkipRecord("header declares 0 signals")
     max_samples = None if max_seconds is None else int(np.ceil(max_seconds * h.fs))
+    _check_sizes(hea_path, h)  # missing or short signal files, whichever reader follows
     if not _fast_ok(h):
         return _read_with_wfdb(hea_path, h, max_samples)
     folder = os.path.dirname(hea_path)
@@ -171,16 +172,12 @@ def read_wfdb(hea_path: str, max_seconds: float | None = None) -> RawSignal:
         offset = h.signals[chans[0]].offset
         if any(h.signals[c].offset != offset for c in chans):
             return _read_with_wfdb(hea_path, h, max_samples)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            raise SkipRecord(f"signal file {fname} missing") from None
-        avail = (size - offset) // (2 * k) if size > offset else 0
-        if nsamp is None or nsamp <= 0:
-            nsamp = avail
-        elif avail < nsamp:
-            raise SkipRecord(f"truncated signal file {fname} ({size} bytes, header needs "
-                             f"{offset + 2 * k * nsamp})")
+        if nsamp is None or nsamp <= 0:  # length not in the header: what the file holds
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                raise SkipRecord(f"signal file {fname} missing") from None
+            nsamp = (size - offset) // (2 * k) if size > offset else 0
         n_read = nsamp if max_samples is None else min(nsamp, max_samples)
         if fname.lower().endswith(".mat") and not _mat_v4_ok(path, offset, k, nsamp):
             d = _loadmat(path, k)[:n_read]
@@ -265,8 +262,6 @@ def _check_sizes(hea_path: str, h: Header) -> None:
 
 def _read_with_wfdb(hea_path: str, h: Header, max_samples: int | None) -> RawSignal:
     import wfdb
-
-    _check_sizes(hea_path, h)
 
     rec_name = hea_path[:-4] if hea_path.lower().endswith(".hea") else hea_path
     try:
