@@ -399,8 +399,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
     start, state = restored
     log(f"resuming from {workdir}/checkpoints/{start} (step {start} of {config.num_steps})")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if main:
-    _truncate_metrics(metrics_path, start)
+  last_loss = _truncate_metrics(metrics_path, start) if main else float("nan")
 
   resident = input_pipeline.choose_resident(config.data.resident, ds, pool)
   order = input_pipeline.BatchOrder(len(pool), batch, config.seed)
@@ -414,7 +413,6 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   pending: list = []
   t_last, n_last = time.perf_counter(), start
   t0, steps_timed = None, 0
-  last_loss = _last_logged_loss(metrics_path) if main else float("nan")
   if start >= int(config.num_steps):
     log(f"{workdir}: already trained for {start} steps (num_steps={config.num_steps}); nothing to do "
         "(raise --config.num_steps to train longer)")
@@ -500,21 +498,24 @@ def _last_logged_loss(path: str) -> float:
     return float("nan")
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-  """On resume, drop metric lines past the restored step (they will be logged again, identically)."""
+def _truncate_metrics(path: str, step: int) -> float:
+  """On resume, drop metric lines past the restored step (they will be logged again, identically); returns the
+  last kept loss (NaN if none)."""
   if not os.path.exists(path):
-    return
+    return float("nan")
   with open(path) as f:
     lines = [l for l in f if l.strip()]
-  keep = []
+  keep, last = [], float("nan")
   for l in lines:
     try:
-      if json.loads(l)["step"] <= step:
+      rec = json.loads(l)
+      if rec["step"] <= step:
         keep.append(l)
+        last = float(rec["loss"])
     except (ValueError, KeyError):
       pass
-  with open(path, "w") as f:
-    f.writelines(keep)
+  checkpoint.atomic_write(path, "".join(keep).encode())  # a crash here keeps the old file, not half of it
+  return last
 
 
 class _NullFile:

@@ -97,15 +97,16 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
     if "record" not in df.columns:
         raise UserError(f"{path}: no 'record' column (columns: {', '.join(df.columns)})")
     cols = [c for c in df.columns if c != "record"]
+    df["record"] = df["record"].map(normalise_key)
+    dup = df["record"][df["record"].duplicated()]
+    if len(dup):
+        hint = " (give --no-auto-labels to ignore this table)" if auto else ""
+        raise UserError(f"{path}: record '{dup.iloc[0]}' appears in more than one row{hint}")
     if auto:
         valid = [c for c in cols if c != "patient_id" and all(parse_binary(v) is not None for v in df[c])
                  and (df[c].str.strip() != "").any()]
         pick = [c for c in (label_column, "label", "normal") if c in valid]
         label_column = pick[0] if pick else (valid[0] if len(valid) == 1 else None)
-        df["record"] = df["record"].map(normalise_key)
-        if df["record"].duplicated().any():
-            raise UserError(f"{path}: record '{df['record'][df['record'].duplicated()].iloc[0]}' appears in more "
-                            "than one row (give --no-auto-labels to ignore this table)")
         return LabelTable(path, df, label_column, sha1, cols)
     if label_column is None:
         cands = [c for c in cols if c != "patient_id"]
@@ -114,10 +115,6 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
         label_column = cands[0]
     if label_column not in df.columns or label_column == "record":
         raise UserError(f"{path}: no label column '{label_column}' (columns: {', '.join(cols)})")
-    df["record"] = df["record"].map(normalise_key)
-    dup = df["record"][df["record"].duplicated()]
-    if len(dup):
-        raise UserError(f"{path}: record '{dup.iloc[0]}' appears in more than one row")
     binary_column(df[label_column].tolist(), f"{path}: column '{label_column}'", df["record"].tolist())
     return LabelTable(path, df, label_column, sha1, cols)
 
