@@ -154,9 +154,12 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
     grad = jax.tree.map(lambda a, b: a - b, before, jax.device_get(new.params))
     out[n] = (grad, jax.device_get(new.batch_stats), float(m["loss"]))
   np.testing.assert_allclose(out[8][2], out[1][2], rtol=1e-5)
+  # Tolerance: summation order differs across 8 shards, and the gradients of the first two conv layers pass back
+  # through every BatchNorm (mean subtraction cancels): measured up to 2e-3 of a leaf's largest entry there
+  # (1e-6 elsewhere). Statistics over 2 ECGs per device instead of 16, or a per-shard gradient, are not that close.
   for g8, g1 in zip(jax.tree.leaves(out[8][0]), jax.tree.leaves(out[1][0])):
     assert np.abs(g1).max() > 0
-    np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-3 * np.abs(g1).max())
+    np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=5e-3 * np.abs(g1).max())
   for s8, s1 in zip(jax.tree.leaves(out[8][1]), jax.tree.leaves(out[1][1])):
     np.testing.assert_allclose(s8, s1, rtol=1e-4, atol=1e-6)
 
