@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax
 import jax
@@ -360,15 +360,6 @@ def better(score: float, best: float | None) -> bool:
     if score != score:  # NaN
         return best is None
     return best is None or best != best or score > best
-
-
-def select_best_epoch(val_aurocs: Sequence[float]) -> int:
-    """1-based epoch with the highest validation AUROC; ties -> the earliest; NaN never wins unless all are."""
-    best, best_epoch = None, 1
-    for e, s in enumerate(val_aurocs, start=1):
-        if better(float(s), best):
-            best, best_epoch = float(s), e
-    return best_epoch
 
 
 def _snapshot(tree):

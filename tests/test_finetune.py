@@ -154,5 +154,6 @@ def test_best_epoch_selection_with_fake_model():
     assert out["test"]["auroc"] == 1.0
     assert [h["val"]["auroc"] for h in out["history"]] == [0.5, 1.0, 0.75, 1.0]
     assert out["val"]["auroc"] == 1.0
-    assert finetune.select_best_epoch([float("nan"), 0.6, 0.7, 0.7]) == 3
-    assert finetune.select_best_epoch([float("nan")] * 3) == 1
+    nan = float("nan")  # the selection rule: strictly better wins (ties keep the earliest); NaN only beats nothing
+    assert finetune.better(0.6, None) and finetune.better(nan, None) and finetune.better(0.6, nan)
+    assert not finetune.better(0.7, 0.7) and not finetune.better(nan, 0.6) and not finetune.better(nan, nan)
