@@ -1,0 +1,85 @@
+"""The pretraining benchmark (bench/bench_pretrain.py) end to end, tiny: it must keep running from its documented
+command, time the real step on both data paths, and compute its project/torch ratios from what both sides measured.
+
+The torch side is a stand-in script that speaks torch_reference.py's command line and JSON lines (torch is a
+benchmark-only dependency, absent in CI); it reports a different rate in each round, so the ratios and their median
+are checked against a recomputation from the records.
+"""
+import json
+import os
+import statistics
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_pretrain  # noqa: E402
+
+TORCH_STUB = textwrap.dedent("""\
+    import argparse, json, os, sys
+    ap = argparse.ArgumentParser()
+    for a in ("--device", "--encoder", "--batch", "--aug1", "--aug2", "--precision", "--seconds", "--windows",
+              "--warmup", "--json", "--layout"):
+        ap.add_argument(a)
+    args = ap.parse_args()
+    calls = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.jsonl")
+    n = sum(1 for _ in open(calls)) if os.path.exists(calls) else 0
+    with open(calls, "a") as f:
+        f.write(json.dumps(vars(args)) + "\\n")
+    with open(args.json, "a") as f:
+        for b in args.batch.split(","):
+            rate = 10.0 * (n + 1)  # round 1: 10 ECG/s, round 2: 20 ECG/s
+            f.write(json.dumps({"batch": int(b), "ecg_per_s_median": rate, "ecg_per_s_min": rate,
+                                "ecg_per_s_max": rate}) + "\\n")
+    print("stub torch", args.batch)
+""")
+
+
+def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_records(tmp_path):
+  stub = tmp_path / "torch_stub.py"
+  stub.write_text(TORCH_STUB)
+  out = tmp_path / "bench.jsonl"
+  rc = bench_pretrain.main([
+      "--batch", "8", "--data", "resident,streamed", "--rounds", "2", "--seconds", "0.3", "--windows", "3",
+      "--warmup", "0", "--records", "16", "--workdir", str(tmp_path / "data"), "--json", str(out),
+      "--torch-python", sys.executable, "--torch-ref", str(stub), "--torch-args=--layout nhwc"])
+  assert rc == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+
+  project = [r for r in recs if r.get("framework") == "ecgcl-jax"]
+  assert sorted((r["data"], r["round"]) for r in project) == [("resident", 1), ("resident", 2), ("streamed", 1),
+                                                              ("streamed", 2)]
+  for r in project:
+    assert "error" not in r, r.get("error")
+    assert r["encoder"] == "cnn" and r["batch"] == 8 and r["aug_pair"] == bench_pretrain.DEFAULT_PAIR
+    assert r["ecg_per_s_min"] <= r["ecg_per_s_median"] <= r["ecg_per_s_max"] and r["ecg_per_s_min"] > 0
+    assert r["step_ms"] == pytest.approx(1e3 * 8 / r["ecg_per_s_median"])
+    assert r["loss_finite"] and np.isfinite(r["final_loss"])
+    assert r["num_devices_used"] == 8 and r["compile_s"] > 0
+  # the step counter advances across rounds: the same compiled case keeps training, it is not rebuilt
+  for data in ("resident", "streamed"):
+    steps = [r["steps_done"] for r in sorted(project, key=lambda r: r["round"]) if r["data"] == data]
+    assert steps[1] > steps[0] > 0
+
+  # the torch side ran once per round with the same work, torch_reference.py's spelling
+  calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+  assert len(calls) == 2
+  for c in calls:
+    assert (c["device"], c["encoder"], c["batch"], c["precision"], c["layout"]) == ("cpu", "cnn", "8", "fp32", "nhwc")
+    assert (c["aug1"], c["aug2"]) == tuple(bench_pretrain.DEFAULT_PAIR.split("+"))
+  torch_recs = [r for r in recs if r.get("framework") == "torch"]
+  assert sorted(r["ecg_per_s_median"] for r in torch_recs) == [10.0, 20.0]
+
+  summaries = {r["data"]: r for r in recs if r.get("kind") == "summary"}
+  assert set(summaries) == {"resident", "streamed"}
+  for data, s in summaries.items():
+    by_round = {r["round"]: r["ecg_per_s_median"] for r in project if r["data"] == data}
+    expect = [by_round[1] / 10.0, by_round[2] / 20.0]
+    assert s["ratios"] == pytest.approx(expect)
+    assert s["ratio_median"] == pytest.approx(statistics.median(expect))
+    assert s["project_ecg_per_s"] == pytest.approx(statistics.median(by_round.values()))
+    assert s["torch_ecg_per_s"] == pytest.approx(15.0) and s["torch_variant"] == "eager nhwc"
