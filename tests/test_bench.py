@@ -83,3 +83,17 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
     assert s["ratio_median"] == pytest.approx(statistics.median(expect))
     assert s["project_ecg_per_s"] == pytest.approx(statistics.median(by_round.values()))
     assert s["torch_ecg_per_s"] == pytest.approx(15.0) and s["torch_variant"] == "eager nhwc"
+
+
+def test_bench_pretrain_scaling_runs_every_device_count(tmp_path):
+  out = tmp_path / "scaling.jsonl"
+  rc = bench_pretrain.main(["--scaling", "--no-torch", "--batch", "2", "--seconds", "0.2", "--windows", "3",
+                            "--warmup", "0", "--records", "16", "--workdir", str(tmp_path / "data"), "--json", str(out)])
+  assert rc == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["num_devices_used"], r["batch"]) for r in recs] == [(1, 2), (2, 4), (4, 8), (8, 16)]
+  base = recs[0]["ecg_per_s_median"]
+  for r in recs:
+    assert "error" not in r, r.get("error")
+    assert r["kind"] == "scaling" and r["per_device_batch"] == 2 and r["loss_finite"]
+    assert r["efficiency"] == pytest.approx(r["ecg_per_s_median"] / (r["num_devices_used"] * base))
