@@ -50,12 +50,8 @@ def nt_xent(a, b, temperature=0.07, ids=None):
     n = a.shape[0]
     z = _normalise(jnp.concatenate([a, b], axis=0))
     s = jnp.matmul(z, z.T, precision=_HIGHEST) / jnp.asarray(temperature, jnp.float32)
-    if ids is None:
-        eye = jnp.eye(2 * n, dtype=bool)
-        logp = jax.nn.log_softmax(jnp.where(eye, _NEG, s), axis=1)
-        target = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
-        return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=1))
-    ids2 = jnp.concatenate([jnp.asarray(ids), jnp.asarray(ids)])
+    ids = jnp.arange(n) if ids is None else jnp.asarray(ids)  # distinct ids: the other view is the only positive
+    ids2 = jnp.concatenate([ids, ids])
     pos = (ids2[:, None] == ids2[None, :]) & ~jnp.eye(2 * n, dtype=bool)
     return jnp.mean(_row_losses(s, pos))
 
