@@ -494,6 +494,8 @@ def _mix_from_example_keys(example_keys, xs, rate, factor, global_index):
     order = jnp.lexsort((jnp.asarray(global_index), u))
     rank = jnp.zeros((b,), jnp.int32).at[order].set(jnp.arange(b, dtype=jnp.int32))
     is_drop = rank < b // 2
+    # Both augmentations for every example, then a select: gathering each half instead would halve the work but
+    # move whole ECGs between devices when the batch is sharded.
     dropped = jax.vmap(dropout_mask, in_axes=(0, 0, None))(aug_keys, xs, rate)
     noised = jax.vmap(gaussian_noise, in_axes=(0, 0, None))(aug_keys, xs, factor)
     return jnp.where(is_drop[:, None, None], dropped, noised)
