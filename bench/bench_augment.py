@@ -104,6 +104,47 @@ def dropout_feistel_fused(key, x, rate):
     return jnp.where(A._feistel_rank(key, length, leads).T < k, 0.0, x)
 
 
+def gaussian_noise_threefry(key, x, factor):
+    """gaussian_noise with jax.random.normal (threefry) normals instead of the counter hash."""
+    x32 = jnp.asarray(x, jnp.float32)
+    std = jnp.std(x32, axis=0, ddof=1, keepdims=True)
+    return x32 + jax.random.normal(key, x32.shape, jnp.float32) * (factor * std)
+
+
+def _drop_topk_scatter(key, length, leads, k):
+    """k static: top_k indices of uniforms per lead, scattered into a mask."""
+    u = jax.random.uniform(key, (leads, length))
+    idx = jax.lax.top_k(u, k)[1]  # (leads, k), distinct per lead
+    return jnp.zeros((leads, length), bool).at[jnp.arange(leads)[:, None], idx].set(True).T
+
+
+def _drop_argsort_scatter(key, length, leads, k):
+    """k static: first k of a per-lead argsort of uniforms, scattered into a mask."""
+    u = jax.random.uniform(key, (leads, length))
+    idx = jnp.argsort(u, axis=1)[:, :k]
+    return jnp.zeros((leads, length), bool).at[jnp.arange(leads)[:, None], idx].set(True).T
+
+
+# exact-count dropout masks (length, leads) -> bool, besides the library's Feistel ranks
+DROPOUT_MASKS = {
+    "topk_threshold": A._drop_topk_threshold,  # the library's choice for lengths without Feistel factors
+    "sort_threshold": A._drop_sort_threshold,  # the same, for a traced rate
+    "topk_scatter": _drop_topk_scatter,
+    "argsort_scatter": _drop_argsort_scatter,
+}
+
+
+def time_warp_two_stage(key, x, m, w):
+    """time_warp materialising the concatenated warped signal (T <= L) first, then resampling it."""
+    length, leads = x.shape
+    s = length // m
+    seg_len, offsets, total = A._warp_tables(s, m, w, A._random_half(key, m, leads))
+    n = jnp.broadcast_to(jnp.minimum(jnp.arange(length, dtype=jnp.int32)[None, :], total - 1), (leads, length))
+    cat = A._lerp_gather(x.T, *A._warp_source(n, s, seg_len, offsets))  # (leads, L), first T valid
+    n0, n1, f = A._resample_index(length, total, leads)
+    return A._lerp_gather(cat, n0, n1, jnp.broadcast_to(f, n0.shape)).T
+
+
 def scale_only(key, x, f):
     """Memory-bound floor: one elementwise pass, no randomness."""
     return x * f
@@ -118,15 +159,13 @@ def cases(length):
     c = {
         "copy (x * 1.0001)": _per_example(lambda k, x: scale_only(k, x, 1.0001)),
         "gaussian_noise": _per_example(lambda k, x: A.gaussian_noise(k, x, 0.05)),
-        "gaussian_noise (threefry normal)": _per_example(lambda k, x: A._gaussian_noise_threefry(k, x, 0.05)),
+        "gaussian_noise (threefry normal)": _per_example(lambda k, x: gaussian_noise_threefry(k, x, 0.05)),
         "zero_mask": _per_example(lambda k, x: A.zero_mask(k, x, 0.1)),
         "permute (reshape + take)": _per_example(lambda k, x: A.permute_segments(k, x, 5)),
         "permute (flat gather)": _per_example(lambda k, x: permute_flat_gather(k, x, 5)),
         "permute_shared": _per_example(lambda k, x: A.permute_segments(k, x, 5, True)),
         "time_warp": _per_example(lambda k, x: A.time_warp(k, x, *tw)),
-        "time_warp (two-stage)": _per_example(
-            lambda k, x: A._time_warp_two_stage(x, tw[0], tw[1], A._random_half(k, tw[0], x.shape[1]))
-        ),
+        "time_warp (two-stage)": _per_example(lambda k, x: time_warp_two_stage(k, x, *tw)),
         "time_warp (time-major, select)": _per_example(lambda k, x: time_warp_time_major(k, x, *tw, True)),
         "time_warp (time-major, gathers)": _per_example(lambda k, x: time_warp_time_major(k, x, *tw, False)),
         "time_warp (jnp.interp)": _per_example(lambda k, x: time_warp_jnp_interp(k, x, *tw)),
@@ -135,13 +174,10 @@ def cases(length):
         "dropout (traced rate)": _per_example(lambda k, x: A.dropout_mask(k, x, jnp.float32(0.1) + 0 * x[0, 0])),
         "mix": lambda k, xs: A.mix(k, xs, 0.1, 0.05, jnp.arange(xs.shape[0])),
     }
-    for method in A._DROPOUT_STATIC:
-        if method != "feistel":
-            c[f"dropout ({method})"] = _per_example(
-                lambda k, x, method=method: jnp.where(
-                    A._dropout_drop(k, x.shape[0], x.shape[1], 0.1, method), 0.0, x
-                )
-            )
+    k = int(np.floor(0.1 * length))
+    for method, drop in DROPOUT_MASKS.items():
+        c[f"dropout ({method})"] = _per_example(
+            lambda key, x, drop=drop: jnp.where(drop(key, x.shape[0], x.shape[1], k), 0.0, x))
     return c
 
 

@@ -146,14 +146,6 @@ def gaussian_noise(key, x, factor):
     return (x32 + z * (jnp.asarray(factor, jnp.float32) * std)).astype(dt)
 
 
-def _gaussian_noise_threefry(key, x, factor):
-    """gaussian_noise with jax.random.normal (threefry) normals: the benchmark's baseline."""
-    x32 = jnp.asarray(x, jnp.float32)
-    std = jnp.std(x32, axis=0, ddof=1, keepdims=True)
-    noise = jax.random.normal(key, x32.shape, jnp.float32)
-    return (x32 + noise * (jnp.asarray(factor, jnp.float32) * std)).astype(_float_dtype(x))
-
-
 # ----------------------------------------------------------------------------------------------
 # Dropout masking: exactly k = floor(rate * L) distinct positions per lead set to 0.
 
@@ -190,20 +182,6 @@ def _drop_sort_threshold(key, length, leads, k):
     return (keys >= thr[None, :]) & (k > 0)
 
 
-def _drop_topk_scatter(key, length, leads, k):
-    """k static: top_k indices of uniforms per lead, scattered into a mask."""
-    u = jax.random.uniform(key, (leads, length))
-    idx = jax.lax.top_k(u, k)[1]  # (leads, k), distinct per lead
-    return jnp.zeros((leads, length), bool).at[jnp.arange(leads)[:, None], idx].set(True).T
-
-
-def _drop_argsort_scatter(key, length, leads, k):
-    """k static: first k of a per-lead argsort of uniforms, scattered into a mask."""
-    u = jax.random.uniform(key, (leads, length))
-    idx = jnp.argsort(u, axis=1)[:, :k]
-    return jnp.zeros((leads, length), bool).at[jnp.arange(leads)[:, None], idx].set(True).T
-
-
 _FEISTEL_ROUNDS = 6
 _FEISTEL_MIN_FACTOR = 8
 
@@ -237,34 +215,24 @@ def _drop_feistel(key, length, leads, k):
     return materialize(_feistel_rank(key, length, leads) < k).T
 
 
-_DROPOUT_STATIC = {
-    "feistel": _drop_feistel,
-    "topk_threshold": _drop_topk_threshold,
-    "sort_threshold": _drop_sort_threshold,
-    "topk_scatter": _drop_topk_scatter,
-    "argsort_scatter": _drop_argsort_scatter,
-}
-
-
-def _dropout_drop(key, length: int, leads: int, rate, method: str | None = None):
+def _dropout_drop(key, length: int, leads: int, rate):
     """(length, leads) bool: exactly floor(rate * length) True per lead.
 
-    Default: the Feistel ranks (fast everywhere, see bench/bench_augment.py); for lengths without
-    a divisor pair >= 8 (e.g. prime), the k largest of distinct random keys via top_k (static k)
-    or a sort (traced k).
+    The Feistel ranks (fast everywhere, see bench/bench_augment.py); for lengths without a divisor
+    pair >= 8 (e.g. prime), the k largest of distinct random keys via top_k (static k) or a sort
+    (traced k).
     """
     k = _floor_count(rate, length)
-    if method is None:
-        method = "feistel" if _feistel_factors(length) else "topk_threshold"
-    if isinstance(k, int):
+    static = isinstance(k, int)
+    if static:
         k = min(max(k, 0), length)
         if k == 0:
             return jnp.zeros((length, leads), bool)
-        return _DROPOUT_STATIC[method](key, length, leads, k)
-    k = jnp.clip(k, 0, length)
-    if method == "feistel":
+    else:
+        k = jnp.clip(k, 0, length)
+    if _feistel_factors(length):
         return _drop_feistel(key, length, leads, k)
-    return _drop_sort_threshold(key, length, leads, k)
+    return (_drop_topk_threshold if static else _drop_sort_threshold)(key, length, leads, k)
 
 
 def dropout_mask(key, x, rate):
@@ -436,20 +404,6 @@ def _time_warp_fixed(x, num_segments: int, warp, stretched):
     c0 = _lerp_gather(xt, *_warp_source(n0, s, seg_len, offsets, lengths))
     c1 = _lerp_gather(xt, *_warp_source(n1, s, seg_len, offsets, lengths))
     return (c0 + f * (c1 - c0)).T.astype(_float_dtype(x))
-
-
-def _time_warp_two_stage(x, num_segments: int, warp, stretched):
-    """Same result as `_time_warp_fixed`, materialising the concatenated signal (T <= L) first."""
-    length, leads = x.shape
-    m = num_segments
-    s = length // m
-    seg_len, offsets, total = _warp_tables(s, m, warp, stretched)
-    xt = jnp.asarray(x, jnp.float32).T
-    n = jnp.broadcast_to(jnp.minimum(jnp.arange(length, dtype=jnp.int32)[None, :], total - 1),
-                         (leads, length))
-    cat = _lerp_gather(xt, *_warp_source(n, s, seg_len, offsets))  # (leads, L), first T valid
-    n0, n1, f = _resample_index(length, total, leads)
-    return _lerp_gather(cat, n0, n1, jnp.broadcast_to(f, n0.shape)).T.astype(_float_dtype(x))
 
 
 def _check_time_warp(length: int, m: int, warp, where="augment.time_warp"):

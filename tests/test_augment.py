@@ -125,8 +125,12 @@ def test_dropout_formulations_agree():
     traced = jax.jit(lambda key, r: A._dropout_drop(key, L, C, r))
     for rate in (0.1, 0.999):
         kk = int(np.floor(rate * L))
-        all_methods = jax.jit(lambda key: {m: A._dropout_drop(key, L, C, rate, m) for m in A._DROPOUT_STATIC})
-        masks = {m: np.asarray(v) for m, v in all_methods(k).items()}
+        masks = {
+            "feistel": A._drop_feistel(k, L, C, kk),
+            "topk_threshold": A._drop_topk_threshold(k, L, C, kk),
+            "sort_threshold": jax.jit(A._drop_sort_threshold, static_argnums=(1, 2))(k, L, C, kk),  # k traced
+        }
+        masks = {m: np.asarray(v) for m, v in masks.items()}
         for m, mask in masks.items():
             np.testing.assert_array_equal(mask.sum(axis=0), np.full(C, kk), err_msg=m)
         # the two threshold formulations select the same positions from the same keys
@@ -134,6 +138,17 @@ def test_dropout_formulations_agree():
         # default (static and traced rate) is the Feistel formulation
         np.testing.assert_array_equal(np.asarray(traced(k, rate)), masks["feistel"])
         np.testing.assert_array_equal(np.asarray(A._dropout_drop(k, L, C, rate)), masks["feistel"])
+
+
+def test_dropout_without_feistel_factors_uses_the_key_threshold():
+    length = 4999  # prime: no divisor pair >= 8, so no Feistel network
+    assert A._feistel_factors(length) is None
+    k = jax.random.key(5)
+    static = np.asarray(A._dropout_drop(k, length, C, 0.1))
+    traced = np.asarray(jax.jit(lambda r: A._dropout_drop(k, length, C, r))(0.1))
+    np.testing.assert_array_equal(static.sum(axis=0), np.full(C, int(np.floor(np.float32(0.1) * length))))
+    np.testing.assert_array_equal(static, np.asarray(A._drop_topk_threshold(k, length, C, 499)))
+    np.testing.assert_array_equal(traced, static)
 
 
 @pytest.mark.parametrize("length", [5000, 2500, 1000, 64])
@@ -260,12 +275,10 @@ def test_time_warp_fixed_choices_match_numpy(xs, m, w):
     st = np.asarray(jax.vmap(lambda k: A._random_half(k, m, C))(keys(2, seed=m)))
     assert np.all(st.sum(axis=1) == m // 2)
     fused = jax.jit(jax.vmap(lambda x, s: A._time_warp_fixed(x, m, w, s)))(xs, st)
-    staged = jax.jit(jax.vmap(lambda x, s: A._time_warp_two_stage(x, m, w, s)))(xs, st)
     traced_w = jax.jit(jax.vmap(lambda x, s, ww: A._time_warp_fixed(x, m, ww, s), (0, 0, None)))(xs, st, w)
     for b in range(2):
         ref = np_time_warp(np.asarray(xs[b], np.float64), m, w, st[b])
         np.testing.assert_allclose(np.asarray(fused[b]), ref, atol=2e-5, rtol=0)
-        np.testing.assert_allclose(np.asarray(staged[b]), ref, atol=2e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(traced_w[b]), ref, atol=2e-5, rtol=0)
 
 
