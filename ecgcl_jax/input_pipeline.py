@@ -23,7 +23,8 @@ import numpy as np
 from ecgcl_jax import LEADS, parallel, splits
 from ecgcl_jax.errors import UserError
 
-# Keep whole datasets on the device up to this many bytes of int16 when data.resident == "auto".
+# data.resident == "auto" keeps the int16 pool on every device up to a quarter of the smallest device memory the
+# backend reports (the step needs the rest), or up to this many bytes where it reports none (CPU).
 RESIDENT_AUTO_LIMIT = 4 << 30
 
 
@@ -190,10 +191,24 @@ def patient_codes(patient_ids, records) -> np.ndarray:
   return inv.astype(np.int64)
 
 
-def choose_resident(setting: str, dataset, pool: np.ndarray) -> bool:
+def resident_limit(devices) -> int:
+  """Largest int16 pool in bytes that data.resident=auto keeps on the devices (replicated on each)."""
+  limits = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # backends without memory statistics
+      stats = None
+    if stats and stats.get("bytes_limit"):
+      limits.append(int(stats["bytes_limit"]))
+  return min(limits) // 4 if limits else RESIDENT_AUTO_LIMIT
+
+
+def choose_resident(setting: str, dataset, pool: np.ndarray, devices) -> bool:
+  """data.resident (auto | yes | no) -> whether the pool's int16 rows live on the devices."""
   if setting == "yes":
     return True
   if setting == "no":
     return False
   nbytes = len(pool) * int(np.prod(dataset.raw.shape[1:])) * 2
-  return nbytes <= RESIDENT_AUTO_LIMIT
+  return nbytes <= resident_limit(devices)

@@ -97,6 +97,31 @@ def test_streamed_equals_resident(tmp_path):
   np.testing.assert_allclose(losses["no"], losses["yes"], rtol=1e-5)
 
 
+def test_resident_auto_follows_the_devices_memory():
+  from types import SimpleNamespace
+  from ecgcl_jax import input_pipeline as ip
+
+  class Dev:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      if isinstance(self.stats, Exception):
+        raise self.stats
+      return self.stats
+
+  gpu80, gpu16 = Dev({"bytes_limit": 80 << 30}), Dev({"bytes_limit": 16 << 30})
+  assert ip.resident_limit([gpu80]) == 20 << 30
+  assert ip.resident_limit([gpu80, gpu16]) == 4 << 30  # the pool is replicated: the smallest device decides
+  assert ip.resident_limit([Dev(None)]) == ip.RESIDENT_AUTO_LIMIT  # CPU reports no memory statistics
+  assert ip.resident_limit([Dev(RuntimeError("unsupported"))]) == ip.RESIDENT_AUTO_LIMIT
+  ds = SimpleNamespace(raw=np.zeros((0, 5000, 12), np.int16))  # 120,000 bytes a record
+  pool = np.arange(100_000)  # 12 GB of int16
+  assert ip.choose_resident("auto", ds, pool, [gpu80]) and not ip.choose_resident("auto", ds, pool, [gpu16])
+  assert not ip.choose_resident("auto", ds, pool, [Dev(None)])
+  assert ip.choose_resident("yes", ds, pool, [gpu16]) and not ip.choose_resident("no", ds, pool[:1], [gpu80])
+
+
 def test_read_rows_equals_fancy_indexing(tmp_path):
   from ecgcl_jax.input_pipeline import read_rows
   a = np.lib.format.open_memmap(str(tmp_path / "a.npy"), "w+", np.int16, (20, 7, 3))
