@@ -229,13 +229,23 @@ class Conv1D(nn.Module):
     return jax.lax.conv_general_dilated(x, kernel, (self.stride,), padding, dimension_numbers=_CONV_DIMS)
 
 
-class Dropout(nn.Module):
-  """Inverted dropout: each element is zeroed with probability `rate`, survivors are scaled by 1/(1 - rate).
+def hash_dropout(key, x, rate: float):
+  """Inverted dropout of x: each element zeroed with probability `rate` (exact to 2**-32), survivors scaled by
+  1/(1 - rate). The mask comes from `hashing.hash_bits` keyed by 64 bits of `key`: about 0.4 ns per element on
+  XLA:CPU against about 10 ns for jax.random.bernoulli's threefry, which made dropout the largest cost of a CPU
+  training step."""
+  if rate == 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  threshold = min(int(round(rate * 2.0 ** 32)), (1 << 32) - 1)
+  keep = hashing.hash_bits(seed, x.shape) >= jnp.uint32(threshold)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
-  Same semantics as nn.Dropout (keep probability exact to 2**-32), but the mask comes from `hashing.hash_bits` keyed
-  by 64 bits of the module's 'dropout' rng: about 0.4 ns per element on XLA:CPU against about 10 ns for
-  jax.random.bernoulli's threefry, which made dropout the largest cost of a CPU training step.
-  """
+
+class Dropout(nn.Module):
+  """nn.Dropout's semantics with `hash_dropout`'s mask, drawn from the module's 'dropout' rng."""
   rate: float
   deterministic: bool = False
 
@@ -243,12 +253,20 @@ class Dropout(nn.Module):
   def __call__(self, x):
     if self.deterministic or self.rate == 0.0:
       return x
-    if self.rate >= 1.0:
-      return jnp.zeros_like(x)
-    seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-    threshold = min(int(round(self.rate * 2.0 ** 32)), (1 << 32) - 1)
-    keep = hashing.hash_bits(seed, x.shape) >= jnp.uint32(threshold)
-    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+    return hash_dropout(self.make_rng("dropout"), x, self.rate)
+
+
+def hash_dropout_attention(query, key, value, dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False,
+                           dtype=None, precision=None):
+  """nn.dot_product_attention (an `attention_fn` for nn.MultiHeadDotProductAttention) whose attention-weight
+  dropout is `hash_dropout`, one draw per weight (no broadcast over batch or heads).
+
+  query, key, value: (B, T, heads, head_dim) -> (B, T, heads, head_dim).
+  """
+  w = nn.dot_product_attention_weights(query, key, deterministic=True, dtype=dtype, precision=precision)
+  if not deterministic and dropout_rate > 0.0:
+    w = hash_dropout(dropout_rng, w, dropout_rate)
+  return jnp.einsum("...hqk,...khd->...qhd", w, value.astype(w.dtype), precision=precision)
 
 
 class AvgPool(nn.Module):
@@ -412,8 +430,8 @@ class TransformerLayer(nn.Module):
     d = x.shape[-1]
     a = nn.MultiHeadDotProductAttention(
         num_heads=self.heads, dtype=self.dtype, param_dtype=jnp.float32, dropout_rate=self.dropout,
-        broadcast_dropout=False, deterministic=not train, kernel_init=_TORCH_QKV, out_kernel_init=_TORCH_KERNEL,
-        name="attention")(x, x)
+        deterministic=not train, kernel_init=_TORCH_QKV, out_kernel_init=_TORCH_KERNEL,
+        attention_fn=hash_dropout_attention, name="attention")(x, x)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name="norm_1")(
         x + Dropout(self.dropout, deterministic=not train)(a))
     f = nn.relu(_dense(self.ff_dim, d, self.dtype, name="ff_1")(x))
