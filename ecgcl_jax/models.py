@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 
 from ecgcl_jax import hashing
 from ecgcl_jax.errors import UserError
@@ -256,17 +257,24 @@ class Dropout(nn.Module):
     return hash_dropout(self.make_rng("dropout"), x, self.rate)
 
 
-def hash_dropout_attention(query, key, value, dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False,
-                           dtype=None, precision=None):
-  """nn.dot_product_attention (an `attention_fn` for nn.MultiHeadDotProductAttention) whose attention-weight
-  dropout is `hash_dropout`, one draw per weight (no broadcast over batch or heads).
+def hash_dropout_attention(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
+                           dropout_rate: float = 0.0, deterministic: bool = False, dtype=None, precision=None,
+                           module=None):
+  """nn.dot_product_attention (an `attention_fn` for nn.MultiHeadDotProductAttention, same arguments and
+  semantics) whose attention-weight dropout mask comes from `hash_dropout` instead of threefry.
 
-  query, key, value: (B, T, heads, head_dim) -> (B, T, heads, head_dim).
+  query, key, value: (B, T, heads, head_dim) -> (B, T, heads, head_dim). broadcast_dropout: one mask shared by
+  the batch and the heads (flax's default) or one draw per weight.
   """
-  w = nn.dot_product_attention_weights(query, key, deterministic=True, dtype=dtype, precision=precision)
+  query, key, value = promote_dtype(query, key, value, dtype=dtype)
+  w = nn.dot_product_attention_weights(query, key, bias, mask, deterministic=True, dtype=dtype, precision=precision,
+                                       module=module)
   if not deterministic and dropout_rate > 0.0:
-    w = hash_dropout(dropout_rng, w, dropout_rate)
-  return jnp.einsum("...hqk,...khd->...qhd", w, value.astype(w.dtype), precision=precision)
+    if broadcast_dropout:
+      w = w * hash_dropout(dropout_rng, jnp.ones((1,) * (w.ndim - 2) + w.shape[-2:], w.dtype), dropout_rate)
+    else:
+      w = hash_dropout(dropout_rng, w, dropout_rate)
+  return jnp.einsum("...hqk,...khd->...qhd", w, value, precision=precision)
 
 
 class AvgPool(nn.Module):
@@ -430,7 +438,7 @@ class TransformerLayer(nn.Module):
     d = x.shape[-1]
     a = nn.MultiHeadDotProductAttention(
         num_heads=self.heads, dtype=self.dtype, param_dtype=jnp.float32, dropout_rate=self.dropout,
-        deterministic=not train, kernel_init=_TORCH_QKV, out_kernel_init=_TORCH_KERNEL,
+        broadcast_dropout=False, deterministic=not train, kernel_init=_TORCH_QKV, out_kernel_init=_TORCH_KERNEL,
         attention_fn=hash_dropout_attention, name="attention")(x, x)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name="norm_1")(
         x + Dropout(self.dropout, deterministic=not train)(a))

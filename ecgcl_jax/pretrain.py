@@ -401,10 +401,12 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   last_loss = _truncate_metrics(metrics_path, start) if main else float("nan")
 
-  resident = input_pipeline.choose_resident(config.data.resident, ds, pool, mesh.local_devices)
+  # every process must take the same path (the two feed the step differently): resident only if it fits everywhere
+  resident = not parallel.any_process(
+      not input_pipeline.choose_resident(config.data.resident, ds, pool, mesh.local_devices))
   pool_mb = len(pool) * int(np.prod(ds.raw.shape[1:])) * 2 / 2**20
-  log(f"data: {len(pool)} records ({pool_mb:.0f} MB int16) "
-      + ("resident on every device" if resident else f"streamed from {ds.path}, {config.data.prefetch} batches ahead"))
+  log(f"data: {len(pool)} records ({pool_mb:.0f} MB int16) " + ("resident on every device" if resident else
+      f"streamed from {getattr(ds, 'path', 'the dataset')}, {config.data.prefetch} batches ahead"))
   order = input_pipeline.BatchOrder(len(pool), batch, config.seed)
   source = input_pipeline.BatchSource(ds, pool, order, mesh, resident, config.data.prefetch)
   step_fn = jax.jit(make_pretrain_step(config, model, tx), donate_argnums=(0,),

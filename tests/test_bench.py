@@ -11,13 +11,16 @@ import statistics
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_augment  # noqa: E402
 import bench_pretrain  # noqa: E402
+from ecgcl_jax import augment  # noqa: E402
 
 TORCH_STUB = textwrap.dedent("""\
     import argparse, json, os, sys
@@ -59,7 +62,7 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
     assert r["ecg_per_s_min"] <= r["ecg_per_s_median"] <= r["ecg_per_s_max"] and r["ecg_per_s_min"] > 0
     assert r["step_ms"] == pytest.approx(1e3 * 8 / r["ecg_per_s_median"])
     assert r["loss_finite"] and np.isfinite(r["final_loss"])
-    assert r["num_devices_used"] == 8 and r["compile_s"] > 0
+    assert r["num_devices_used"] == jax.device_count() and r["compile_s"] > 0
   # the step counter advances across rounds: the same compiled case keeps training, it is not rebuilt
   for data in ("resident", "streamed"):
     steps = [r["steps_done"] for r in sorted(project, key=lambda r: r["round"]) if r["data"] == data]
@@ -91,9 +94,30 @@ def test_bench_pretrain_scaling_runs_every_device_count(tmp_path):
                             "--warmup", "0", "--records", "16", "--workdir", str(tmp_path / "data"), "--json", str(out)])
   assert rc == 0
   recs = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [(r["num_devices_used"], r["batch"]) for r in recs] == [(1, 2), (2, 4), (4, 8), (8, 16)]
+  counts = [1, 2, 4, 8]
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  assert [(r["num_devices_used"], r["batch"]) for r in recs] == [(n, 2 * n) for n in counts]
   base = recs[0]["ecg_per_s_median"]
   for r in recs:
     assert "error" not in r, r.get("error")
     assert r["kind"] == "scaling" and r["per_device_batch"] == 2 and r["loss_finite"]
     assert r["efficiency"] == pytest.approx(r["ecg_per_s_median"] / (r["num_devices_used"] * base))
+
+
+def test_bench_augment_alternatives_compute_the_library_results():
+  """The formulations bench_augment.py times against the library's must do the same work."""
+  x = jax.random.normal(jax.random.key(0), (1000, 3))
+  k = jax.random.key(1)
+  np.testing.assert_allclose(bench_augment.time_warp_two_stage(k, x, 4, 0.2), augment.time_warp(k, x, 4, 0.2),
+                             atol=2e-5)
+  for select in (True, False):
+    np.testing.assert_allclose(bench_augment.time_warp_time_major(k, x, 4, 0.2, select),
+                               augment.time_warp(k, x, 4, 0.2), atol=2e-5)
+  np.testing.assert_allclose(bench_augment.time_warp_jnp_interp(k, x, 4, 0.2), augment.time_warp(k, x, 4, 0.2),
+                             atol=2e-5)
+  np.testing.assert_array_equal(bench_augment.permute_flat_gather(k, x, 5), augment.permute_segments(k, x, 5))
+  np.testing.assert_array_equal(bench_augment.dropout_feistel_fused(k, x, 0.1), augment.dropout_mask(k, x, 0.1))
+  for name, drop in bench_augment.DROPOUT_MASKS.items():
+    np.testing.assert_array_equal(np.asarray(drop(k, 1000, 3, 100)).sum(axis=0), [100] * 3, err_msg=name)
+  noisy = np.asarray(bench_augment.gaussian_noise_threefry(k, x, 0.05)) - np.asarray(x)
+  np.testing.assert_allclose(noisy.std(axis=0) / np.asarray(x).std(axis=0, ddof=1), 0.05, rtol=0.15)

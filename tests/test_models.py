@@ -594,30 +594,39 @@ def test_dropout_modes_and_reproducibility():
   assert models.Dropout(0.5).apply({}, xb, rngs={"dropout": k}).dtype == jnp.bfloat16
 
 
-def test_attention_dropout_drops_single_weights_and_rescales():
+def test_attention_dropout_drops_weights_and_rescales():
   # query = key = 0: every attention weight is 1/T; value = one-hot over the T keys, so the output row of each
   # (example, query, head) is that row's weights after dropout.
   b, t, h, rate = 16, 37, 2, 0.3
   q = jnp.zeros((b, t, h, t))
   v = jnp.broadcast_to(jnp.eye(t)[None, :, None, :], (b, t, h, t))
-  out = np.asarray(models.hash_dropout_attention(q, q, v, jax.random.key(3), rate))
-  np.testing.assert_allclose(models.hash_dropout_attention(q, q, v, None, rate, deterministic=True), 1.0 / t, rtol=1e-6)
-  kept = out != 0
-  np.testing.assert_allclose(out[kept], 1.0 / t / (1.0 - rate), rtol=1e-5)
-  assert abs(kept.mean() - (1 - rate)) < 5 * math.sqrt(rate * (1 - rate) / out.size)
-  # one draw per weight: masks differ between examples and between heads (nn.MultiHeadDotProductAttention's
-  # broadcast_dropout=True would repeat them)
-  assert np.mean(kept[0] != kept[1]) > 0.3 and np.mean(kept[:, :, 0] != kept[:, :, 1]) > 0.3
+  att = lambda **kw: np.asarray(models.hash_dropout_attention(q, q, v, dropout_rng=jax.random.key(3),
+                                                              dropout_rate=rate, **kw))
+  np.testing.assert_allclose(att(deterministic=True), 1.0 / t, rtol=1e-6)
+  for broadcast in (False, True):
+    out = att(broadcast_dropout=broadcast)
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 1.0 / t / (1.0 - rate), rtol=1e-5)
+    n = t * t if broadcast else out.size  # independent draws
+    assert abs(kept.mean() - (1 - rate)) < 5 * math.sqrt(rate * (1 - rate) / n)
+    same_examples, same_heads = np.mean(kept[0] == kept[1]), np.mean(kept[:, :, 0] == kept[:, :, 1])
+    if broadcast:  # flax's default: one mask shared by the batch and the heads
+      assert same_examples == 1.0 and same_heads == 1.0
+    else:  # one draw per weight
+      assert same_examples < 0.7 and same_heads < 0.7
 
 
-def test_transformer_attention_dropout_follows_the_dropout_rng():
+def test_transformer_layer_drops_attention_weights_per_weight(monkeypatch):
+  calls = []
+  real = models.hash_dropout
+  monkeypatch.setattr(models, "hash_dropout", lambda key, x, rate: calls.append((x.shape, rate)) or real(key, x, rate))
   layer = models.TransformerLayer(2, 8, 0.2)
-  x = jax.random.normal(jax.random.key(0), (2, 9, 8))
+  x = jax.random.normal(jax.random.key(0), (3, 9, 8))
   v = layer.init(jax.random.key(1), x, train=False)
-  run = lambda k: np.asarray(layer.apply(v, x, train=True, rngs={"dropout": jax.random.key(k)}))
-  np.testing.assert_array_equal(run(5), run(5))
-  assert not np.allclose(run(5), run(6))
-  np.testing.assert_array_equal(layer.apply(v, x, train=False), layer.apply(v, x, train=False))
+  assert calls == []  # eval mode draws nothing
+  layer.apply(v, x, train=True, rngs={"dropout": jax.random.key(5)})
+  # the attention weights (batch, heads, query, key), then the three Dropout modules on (batch, steps, width)
+  assert sorted(calls) == sorted([((3, 2, 9, 9), 0.2)] + [((3, 9, 8), 0.2)] * 3)
 
 
 def test_hash_bits_do_not_depend_on_sharding():
