@@ -28,10 +28,13 @@ def main(argv):
   from ecgcl_jax import cli  # noqa: PLC0415
 
   return cli.run_entry(
-      "run_eval.py", lambda: __import__("ecgcl_jax.evaluate", fromlist=["run"]).run(_CONFIG.value, _WORKDIR.value),
+      "run_eval.py", lambda: __import__("ecgcl_jax.evaluate", fromlist=["run"]).run(cli.config_value(_CONFIG),
+                                                                       _WORKDIR.value),
       _WORKDIR.value)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  sys.exit(app.run(main))
+  from ecgcl_jax import cli  # noqa: E402
+
+  sys.exit(app.run(main, flags_parser=cli.flags_parser("run_eval.py")))

@@ -24,10 +24,13 @@ def main(argv):
   from ecgcl_jax import cli  # noqa: PLC0415
 
   return cli.run_entry(
-      "run_pretrain.py", lambda: __import__("ecgcl_jax.pretrain", fromlist=["run"]).run(_CONFIG.value, _WORKDIR.value),
+      "run_pretrain.py", lambda: __import__("ecgcl_jax.pretrain", fromlist=["run"]).run(cli.config_value(_CONFIG),
+                                                                          _WORKDIR.value),
       _WORKDIR.value, _DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  sys.exit(app.run(main))
+  from ecgcl_jax import cli  # noqa: E402
+
+  sys.exit(app.run(main, flags_parser=cli.flags_parser("run_pretrain.py")))

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
-from typing import Callable
+import traceback
+from typing import Any, Callable
 
 from ecgcl_jax.errors import UserError
 
@@ -44,3 +46,53 @@ def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool
     print(f"{prog}: interrupted before the first step; nothing to save", file=sys.stderr)
     return 130
   return 0
+
+
+def _last_line(e: BaseException) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _config_error(e: BaseException) -> str:
+  """One line for an exception raised while absl parsed --config / --config.* (file code or override)."""
+  if isinstance(e, SyntaxError):
+    return f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}"
+  here = os.path.dirname(os.path.abspath(__file__))
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages" not in f.filename
+            and not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(here)]
+  if frames:  # code in the config file raised: name its file and line
+    return f"{frames[-1].filename}:{frames[-1].lineno}: {type(e).__name__}: {_last_line(e)}"
+  if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):  # an override naming no field
+    lines = str(e.__context__.args[0] if e.__context__.args else "").splitlines() or ["?"]
+    hint = " ".join(ln.strip() for ln in lines[1:])
+    hint = f"; {hint[0].lower()}{hint[1:]}" if hint else ""
+    return f"--config.* override: the config has no field {lines[0]}{hint}"
+  return f"{type(e).__name__}: {_last_line(e)}"
+
+
+def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+  """An absl `app.run(flags_parser=...)` that turns flag and config-file errors into one line and exit code 2."""
+  from absl import flags  # noqa: PLC0415
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      msg = str(e)
+    except Exception as e:  # noqa: BLE001 - the config file's own code, or an override of a missing field
+      msg = _config_error(e)
+    print(f"{os.path.basename(prog)}: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+  return parse
+
+
+def config_value(holder) -> Any:
+  """The ConfigDict of a DEFINE_config_file flag; UserError when the file could not be loaded (ml_collections
+  defers that error to the first use of the config)."""
+  cfg = holder.value
+  try:
+    cfg.keys()
+  except OSError as e:
+    raise UserError(f"--config: {_last_line(e)}") from None
+  return cfg

@@ -229,6 +229,38 @@ def test_bad_config_is_one_line_error(tmp_path, override, needle):
   assert lines and needle in lines[-1], p.stderr[-2000:]
 
 
+CONFIG_FILE_ERRORS = {  # config file text (None: no file) and extra args -> what the one line must say
+    "missing": (None, [], "No such file or directory"),
+    "syntax": ("def get_config(:\n", [], ":1: SyntaxError"),
+    "raises": ("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict().nope\n", [],
+               ":3: AttributeError"),
+    "unknown override": ("from configs.cnn import get_config\n", ["--config.model.chanels=3"],
+                         "no field 'chanels'; did you mean \"channels\""),
+    "bad override value": ("from configs.cnn import get_config\n", ["--config.batch_size=abc"],
+                           "batch_size=abc: invalid literal"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FILE_ERRORS))
+@pytest.mark.parametrize("entry", ["run_pretrain.py", "run_eval.py"])
+def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
+  text, extra, needle = CONFIG_FILE_ERRORS[case]
+  cfg = tmp_path / "my_config.py"
+  if text is not None:
+    cfg.write_text(text)
+  if entry == "run_eval.py" and case in ("unknown override", "bad override value"):
+    cfg.write_text("from configs.eval import get_config\n")
+    extra = [a.replace("--config.", "--config.pretrain.") for a in extra]
+  p = subprocess.run([PY, os.path.join(ROOT, entry), "--config", str(cfg), "--workdir", str(tmp_path / "w"), *extra],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [line for line in p.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f"{entry}: error: ") and needle in lines[0], p.stderr[-2000:]
+  if case in ("missing", "syntax", "raises"):
+    assert "my_config.py" in lines[0]
+  assert not (tmp_path / "w").exists()  # nothing was started
+
+
 @pytest.mark.parametrize("cfg", ["configs/cnn.py", "configs/cnn_lstm.py", "configs/cnn_transformer.py",
                                  "configs/clocs_cmsc.py", "configs/clocs_cmlc.py", "configs/clocs_cmsmlc.py"])
 def test_every_config_pretrains_from_cli(tmp_path, cfg):
