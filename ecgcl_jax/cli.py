@@ -30,7 +30,8 @@ def on_stop_signals(handler: Callable):
 
 def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool = False,
               coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> int:
-  """Run ``fn`` and map outcomes to exit codes: 0 done or preempted, 2 user error."""
+  """Run ``fn`` and map outcomes to exit codes: 0 done or preempted, 2 user error (or an OSError: the path and the
+  reason, in one line)."""
   from absl import logging as absl_logging  # noqa: PLC0415
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
@@ -41,6 +42,10 @@ def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool
     fn()
   except UserError as e:
     print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except OSError as e:  # an unwritable workdir, a full disk, a file that vanished: the path and the reason
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr, flush=True)
     return 2
   except KeyboardInterrupt:
     print(f"{prog}: interrupted before the first step; nothing to save", file=sys.stderr)

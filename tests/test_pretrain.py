@@ -261,6 +261,14 @@ def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
   assert not (tmp_path / "w").exists()  # nothing was started
 
 
+def test_uncreatable_workdir_is_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  p = run_cli(["--config", "configs/cnn.py", "--workdir", str(tmp_path / "a_file" / "w"), "--config.num_steps=1"])
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines()[-1] == f"run_pretrain.py: error: {tmp_path / 'a_file' / 'w'}: Not a directory"
+  assert "Traceback" not in p.stderr
+
+
 @pytest.mark.parametrize("cfg", ["configs/cnn.py", "configs/cnn_lstm.py", "configs/cnn_transformer.py",
                                  "configs/clocs_cmsc.py", "configs/clocs_cmlc.py", "configs/clocs_cmsmlc.py"])
 def test_every_config_pretrains_from_cli(tmp_path, cfg):
