@@ -29,8 +29,7 @@ def main(argv):
 
   return cli.run_entry(
       "run_eval.py", lambda: __import__("ecgcl_jax.evaluate", fromlist=["run"]).run(cli.config_value(_CONFIG),
-                                                                       _WORKDIR.value),
-      _WORKDIR.value)
+                                                                       _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def main(argv):
   return cli.run_entry(
       "run_pretrain.py", lambda: __import__("ecgcl_jax.pretrain", fromlist=["run"]).run(cli.config_value(_CONFIG),
                                                                           _WORKDIR.value),
-      _WORKDIR.value, _DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
+      _DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
 
 
 if __name__ == "__main__":

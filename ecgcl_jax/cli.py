@@ -28,10 +28,19 @@ def on_stop_signals(handler: Callable):
       signal.signal(sig, h)
 
 
-def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool = False,
+def fail(prog: str, e: Exception) -> int:
+  """Print a UserError, or an OSError as "path: reason", as one line on stderr; returns the exit code 2."""
+  if isinstance(e, OSError):  # an unwritable workdir, a full disk, a file that vanished
+    msg = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+  else:
+    msg = str(e)
+  print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+  return 2
+
+
+def run_entry(prog: str, fn: Callable[[], dict], distributed: bool = False,
               coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> int:
-  """Run ``fn`` and map outcomes to exit codes: 0 done or preempted, 2 user error (or an OSError: the path and the
-  reason, in one line)."""
+  """Run ``fn`` and map outcomes to exit codes: 0 done or preempted, 2 user error or OSError (`fail`)."""
   from absl import logging as absl_logging  # noqa: PLC0415
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
@@ -40,13 +49,8 @@ def run_entry(prog: str, fn: Callable[[], dict], workdir: str, distributed: bool
       from ecgcl_jax import parallel  # noqa: PLC0415
       parallel.initialize_distributed(coordinator, num_processes, process_id)
     fn()
-  except UserError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-    return 2
-  except OSError as e:  # an unwritable workdir, a full disk, a file that vanished: the path and the reason
-    where = f"{e.filename}: " if e.filename else ""
-    print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr, flush=True)
-    return 2
+  except (UserError, OSError) as e:
+    return fail(prog, e)
   except KeyboardInterrupt:
     print(f"{prog}: interrupted before the first step; nothing to save", file=sys.stderr)
     return 130

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, input_pipeline
+from ecgcl_jax import checkpoint, cli, input_pipeline
 from ecgcl_jax.errors import UserError
 
 VIEWS = ("mean", "concat", "none")
@@ -113,9 +113,8 @@ def main(argv=None) -> int:
             for i in range(len(ds)):
                 y = float(ds.labels[i])
                 w.writerow([i, ds.records[i], ds.patient_ids[i], "" if y != y else int(y)])
-    except UserError as e:
-        print(f"ecgcl_jax.embed: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:
+        return cli.fail("python -m ecgcl_jax.embed", e)
     print(f"wrote {out} {tuple(z.shape)} float32 and {side}")
     return 0
 

@@ -215,10 +215,18 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(only_bad), "--out",
                         str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
     r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o3")], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such file or folder"
+    assert r.returncode != 0
+    assert r.stderr.strip() == f"python -m ecgcl_jax.data prepare: error: {tmp_path / 'nope'}: no such file or folder"
+
+    # an output folder that cannot be created: the path and the reason, one line
+    (tmp_path / "a_file").write_text("")
+    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src / "good"), "--out",
+                        str(tmp_path / "a_file" / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
 
 
 def test_corrupt_copies_of_the_shipped_sample(tmp_path):

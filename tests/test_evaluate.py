@@ -258,6 +258,11 @@ def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
     n = len(data.open_dataset(""))
     assert np.load(out).shape == (n, TINY["emb_dim"])
     assert len((tmp_path / "emb.records.csv").read_text().splitlines()) == n + 1
+    # an output path that cannot be written: one line with the path and the reason, exit code 2
+    (tmp_path / "a_file").write_text("")
+    assert embed.main(["--encoder", clean_encoder, "--out", str(tmp_path / "a_file" / "e.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"python -m ecgcl_jax.embed: error: {tmp_path / 'a_file'}: File exists"
     # a dataset in another format is refused with one line
     short = FakeDataset()
     short.raw = short.raw[:, :2500]

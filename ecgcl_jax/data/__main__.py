@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ecgcl_jax import cli
 from ecgcl_jax.data.build import CHOICES, PrepareOptions
 from ecgcl_jax.errors import UserError
 
@@ -79,12 +80,8 @@ def main(argv=None) -> int:
             print(repr(ds))
             if "summary" in ds.manifest:
                 print(format_summary(ds.manifest["summary"], ds.path))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. DIR not writable, disk full
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # OSError: e.g. DIR not writable, disk full
+        return cli.fail(f"python -m ecgcl_jax.data {args.cmd}", e)
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
