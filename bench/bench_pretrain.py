@@ -164,7 +164,8 @@ class ProjectCase:
     self.state = jax.jit(lambda k: pretrain.init_state(c, model, tx, k), out_shardings=repl)(init_key)
     self.key = jax.device_put(step_key, repl)
     order = input_pipeline.BatchOrder(len(pool), batch, c.seed)
-    self.source = input_pipeline.BatchSource(dataset, pool, order, mesh, data == "resident", c.data.prefetch)
+    self.source = input_pipeline.BatchSource(dataset, pool, order, mesh, data == "resident", c.data.prefetch,
+                                             input_pipeline.reader_threads(c.data.reader_threads))
     self.max_amp = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))  # as pretrain.run feeds it
     self._it = self.source.iterate(0, 1 << 40)
     self.conv = models.conv_formulation()

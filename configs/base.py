@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.domain = "time"      # time | frequency (|FFT|, first L/2 bins)
   c.data.resident = "auto"    # auto | yes | no: keep the whole int16 dataset on the device, or stream batches
   c.data.prefetch = 2         # batches assembled ahead by the host thread when streaming
+  c.data.reader_threads = 0   # threads gathering a streamed batch; 0 = auto (1 on CPU, min(8, CPUs) otherwise)
 
   c.augment = ml_collections.ConfigDict()
   # NAME[:PARAM]; NAME in gaussian_noise, dropout, zero_mask, permute, time_warp (PARAM m,w), mix, none.

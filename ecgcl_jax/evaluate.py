@@ -44,7 +44,8 @@ BASELINES = METHODS[1:]
 # Fields that may differ when an evaluation workdir is resumed (they cannot change a finished repeat).
 RESUMABLE_CHANGES = ("repeats", "seeds", "allow_leakage", "sweep.field", "sweep.choices", "sweep.metric",
                      "pretrain.log_every", "pretrain.checkpoint_every", "pretrain.keep_checkpoints",
-                     "pretrain.data.resident", "pretrain.data.prefetch", "data.resident", "data.prefetch")
+                     "pretrain.data.resident", "pretrain.data.prefetch", "data.resident", "data.prefetch",
+                     "pretrain.data.reader_threads", "data.reader_threads")
 
 
 class Interrupted(Exception):

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import queue
 import threading
 from typing import Iterator
@@ -112,9 +114,11 @@ class BatchSource:
   rows: (B,) int32 rows of the device-resident pool (``resident`` mode; the step gathers them).
   """
 
-  def __init__(self, dataset, pool: np.ndarray, order: BatchOrder, mesh, resident: bool, prefetch: int = 2):
+  def __init__(self, dataset, pool: np.ndarray, order: BatchOrder, mesh, resident: bool, prefetch: int = 2,
+               readers: int = 1):
     self.dataset, self.pool, self.order, self.mesh = dataset, np.asarray(pool), order, mesh
-    self.resident, self.prefetch = resident, max(1, prefetch)
+    self.resident, self.prefetch, self.readers = resident, max(1, prefetch), max(1, readers)
+    self._executor = None  # the reader threads, while `iterate` runs
     self.batch = order.batch_size
     self.slice = parallel.process_slice(mesh, self.batch)
     self.pool_ids = patient_codes(dataset.patient_ids, dataset.records)[self.pool]
@@ -132,7 +136,7 @@ class BatchSource:
     if self.resident:
       out["rows"] = self._sorted_pos[pos].astype(np.int32)
     else:
-      out["raw"] = read_rows(self.dataset.raw, self.pool[pos])
+      out["raw"] = read_rows(self.dataset.raw, self.pool[pos], self._executor, self.readers)
     return out
 
   def device_batch(self, step: int) -> dict[str, jax.Array]:
@@ -154,6 +158,8 @@ class BatchSource:
       except BaseException as e:  # surfaced in the consumer
         q.put(e)
 
+    if not self.resident and self.readers > 1:
+      self._executor = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="ecgcl-read")
     t = threading.Thread(target=work, daemon=True)
     t.start()
     try:
@@ -173,14 +179,32 @@ class BatchSource:
         t.join(0.05)
       while not q.empty():
         q.get_nowait()
+      if self._executor is not None:
+        self._executor.shutdown(wait=True)
+        self._executor = None
 
 
-def read_rows(raw, rows: np.ndarray) -> np.ndarray:
+def read_rows(raw, rows: np.ndarray, executor: concurrent.futures.Executor | None = None,
+              workers: int = 1) -> np.ndarray:
   """raw[rows] as a new (len(rows), ...) array, reading a memmap in file order, each row copied once
-  (fancy indexing would copy twice: into a temporary, then into batch order)."""
+  (fancy indexing would copy twice: into a temporary, then into batch order).
+
+  With an ``executor`` of ``workers`` threads, the file-ordered rows are split into that many contiguous runs
+  copied in parallel (numpy releases the GIL while it copies): one thread gathers about 2.5-3.3 GB/s from the
+  page cache, about 21-27k ECG/s, a fraction of what one GPU's step consumes.
+  """
   out = np.empty((len(rows),) + tuple(raw.shape[1:]), raw.dtype)
-  for i in np.argsort(rows, kind="stable"):
-    out[i] = raw[rows[i]]
+  order = np.argsort(rows, kind="stable")
+
+  def copy(part):
+    for i in part:
+      out[i] = raw[rows[i]]
+
+  if executor is None or workers < 2 or len(rows) < 2 * workers:
+    copy(order)
+  else:
+    for f in [executor.submit(copy, part) for part in np.array_split(order, workers)]:
+      f.result()
   return out
 
 
@@ -202,6 +226,14 @@ def resident_limit(devices) -> int:
     if stats and stats.get("bytes_limit"):
       limits.append(int(stats["bytes_limit"]))
   return min(limits) // 4 if limits else RESIDENT_AUTO_LIMIT
+
+
+def reader_threads(setting: int) -> int:
+  """data.reader_threads -> threads gathering a streamed batch: the setting, or for 0 (auto) 1 on the CPU backend
+  (the step needs the cores, and consumes a few hundred ECG/s) and min(8, CPU count) on accelerators."""
+  if setting > 0:
+    return int(setting)
+  return 1 if jax.default_backend() == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def choose_resident(setting: str, dataset, pool: np.ndarray, devices) -> bool:

@@ -42,7 +42,8 @@ MODES = input_pipeline.CONTRAST_MODES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resume.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
-                     "restart_if_unrestorable", "debug_nan_at_step", "data.resident", "data.prefetch")
+                     "restart_if_unrestorable", "debug_nan_at_step", "data.resident", "data.prefetch",
+                     "data.reader_threads")
 
 
 @flax.struct.dataclass
@@ -98,6 +99,9 @@ def validate_config(config, num_devices: int) -> None:
     raise UserError(f"config.data.domain: {config.data.domain!r} is not 'time' or 'frequency'")
   if config.data.resident not in ("auto", "yes", "no"):
     raise UserError(f"config.data.resident: {config.data.resident!r} is not auto, yes or no")
+  if not isinstance(config.data.reader_threads, int) or config.data.reader_threads < 0:
+    raise UserError(f"config.data.reader_threads: must be 0 (auto) or a positive integer, got "
+                    f"{config.data.reader_threads!r}")
   if config.on_nonfinite not in ("stop", "skip"):
     raise UserError(f"config.on_nonfinite: {config.on_nonfinite!r} is not 'stop' or 'skip'")
   for field in ("num_steps", "log_every", "checkpoint_every"):
@@ -404,11 +408,13 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   # every process must take the same path (the two feed the step differently): resident only if it fits everywhere
   resident = not parallel.any_process(
       not input_pipeline.choose_resident(config.data.resident, ds, pool, mesh.local_devices))
+  readers = input_pipeline.reader_threads(config.data.reader_threads)
   pool_mb = len(pool) * int(np.prod(ds.raw.shape[1:])) * 2 / 2**20
   log(f"data: {len(pool)} records ({pool_mb:.0f} MB int16) " + ("resident on every device" if resident else
-      f"streamed from {getattr(ds, 'path', 'the dataset')}, {config.data.prefetch} batches ahead"))
+      f"streamed from {getattr(ds, 'path', 'the dataset')}, {config.data.prefetch} batches ahead, "
+      f"{readers} reader thread(s)"))
   order = input_pipeline.BatchOrder(len(pool), batch, config.seed)
-  source = input_pipeline.BatchSource(ds, pool, order, mesh, resident, config.data.prefetch)
+  source = input_pipeline.BatchSource(ds, pool, order, mesh, resident, config.data.prefetch, readers)
   step_fn = jax.jit(make_pretrain_step(config, model, tx), donate_argnums=(0,),
                     out_shardings=(repl, repl), compiler_options=models.xla_compiler_options() or None)
 

@@ -128,10 +128,28 @@ def test_read_rows_equals_fancy_indexing(tmp_path):
   a[:] = np.arange(20 * 7 * 3).reshape(20, 7, 3)
   a.flush()
   mm = np.load(str(tmp_path / "a.npy"), mmap_mode="r")
-  for rows in ([5, 1, 19, 0, 7], [3], [4, 4, 2]):
-    got = read_rows(mm, np.asarray(rows))
-    assert got.dtype == np.int16 and got.shape == (len(rows), 7, 3)
-    np.testing.assert_array_equal(got, np.asarray(a)[rows])
+  import concurrent.futures
+  with concurrent.futures.ThreadPoolExecutor(3) as ex:
+    for rows in ([5, 1, 19, 0, 7], [3], [4, 4, 2], list(range(19, -1, -1)) + [6, 6]):
+      for executor, workers in ((None, 1), (ex, 3)):  # one reader, or three copying file-ordered runs in parallel
+        got = read_rows(mm, np.asarray(rows), executor, workers)
+        assert got.dtype == np.int16 and got.shape == (len(rows), 7, 3)
+        np.testing.assert_array_equal(got, np.asarray(a)[rows])
+
+
+def test_streamed_batches_are_the_same_with_several_reader_threads():
+  from ecgcl_jax import data, input_pipeline, parallel
+  ds = data.open_dataset("")
+  mesh = parallel.make_mesh()
+  pool = np.arange(3, len(ds))
+  batches = {}
+  for readers in (1, 3):
+    source = input_pipeline.BatchSource(ds, pool, input_pipeline.BatchOrder(len(pool), 16, 7), mesh, False, 2, readers)
+    batches[readers] = [np.asarray(b["raw"]) for _, b in source.iterate(0, 4)]
+    assert source._executor is None  # the reader threads end with the iteration
+  for a, b in zip(batches[1], batches[3]):
+    np.testing.assert_array_equal(a, b)
+  assert input_pipeline.reader_threads(0) == 1 and input_pipeline.reader_threads(5) == 5  # auto on CPU: 1
 
 
 @pytest.mark.parametrize("mode", ["simclr", "cmsc"])
@@ -220,6 +238,7 @@ def test_cli_attn_lstm_writes_metrics_and_checkpoints(tmp_path):
     ("--config.batch_size=12", "batch_size"),
     ("--config.data.path=/nonexistent/ecgs", "/nonexistent/ecgs"),
     ("--config.mode=cmxx", "mode"),
+    ("--config.data.reader_threads=-1", "reader_threads"),
 ])
 def test_bad_config_is_one_line_error(tmp_path, override, needle):
   p = run_cli(["--config", "configs/cnn.py", "--workdir", str(tmp_path / "w"), override])
