@@ -50,7 +50,9 @@ part() {
     pairs)     # every pair within 10% of the Gaussian pair; torch eager bf16 nhwc beside (no per-pair compiles)
       run --batch 2048 --precision bfloat16 "${PAIRS[@]}" --torch-args="--layout nhwc" ;;
     stream)    # streamed from the memory-mapped dataset vs resident on the device (target: within 10%)
-      run --batch 512,2048 --precision bfloat16 --data resident,streamed --no-torch ;;
+      run --batch 512,2048 --precision bfloat16 --data resident,streamed --no-torch
+      # the host gather alone, by reader threads: what streaming can deliver on this host
+      "$PY" bench/bench_read_rows.py --batch 2048 --json "$OUT/bench_read_rows.jsonl" 2>&1 | tee -a "$LOG" ;;
     encoders)  # every encoder, bf16, batch 512 (torch has cnn and cnn_lstm: eager nhwc beside them)
       run --batch 512 --precision bfloat16 --encoder cnn,cnn_lstm,cnn_attn_lstm,cnn_transformer,res_cnn_lstm \
           --torch-args="--layout nhwc" ;;
