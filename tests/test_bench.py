@@ -121,3 +121,14 @@ def test_bench_augment_alternatives_compute_the_library_results():
     np.testing.assert_array_equal(np.asarray(drop(k, 1000, 3, 100)).sum(axis=0), [100] * 3, err_msg=name)
   noisy = np.asarray(bench_augment.gaussian_noise_threefry(k, x, 0.05)) - np.asarray(x)
   np.testing.assert_allclose(noisy.std(axis=0) / np.asarray(x).std(axis=0, ddof=1), 0.05, rtol=0.15)
+
+
+def test_bench_read_rows_runs(tmp_path):
+  import bench_read_rows
+  out = tmp_path / "rr.jsonl"
+  assert bench_read_rows.main(["--records", "64", "--batch", "16,32", "--threads", "1,2", "--seconds", "0.1",
+                               "--rounds", "1", "--workdir", str(tmp_path), "--json", str(out)]) == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["batch"], r["threads"]) for r in recs] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+  for r in recs:
+    assert r["ecg_per_s_median"] > 0 and r["gb_per_s"] == pytest.approx(r["ecg_per_s_median"] * 120_000 / 1e9)
