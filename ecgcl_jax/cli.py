@@ -87,7 +87,7 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      msg = str(e)
+      msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     except Exception as e:  # noqa: BLE001 - the config file's own code, or an override of a missing field
       msg = _config_error(e)
     print(f"{os.path.basename(prog)}: error: {msg}", file=sys.stderr, flush=True)
