@@ -5,6 +5,7 @@ import contextlib
 import os
 import signal
 import sys
+import sysconfig
 import traceback
 from typing import Any, Callable
 
@@ -62,21 +63,39 @@ def _last_line(e: BaseException) -> str:
   return lines[-1] if lines else type(e).__name__
 
 
+def _library_dirs() -> tuple[str, ...]:
+  paths = sysconfig.get_paths()
+  dirs = {os.path.abspath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+  return tuple(dirs | {os.path.dirname(os.path.abspath(__file__))})
+
+
+def _user_frame(e: BaseException):
+  """The innermost traceback frame of ``e`` outside Python's and the installed libraries' files, or None."""
+  libs = _library_dirs()
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<")
+            and "-packages" not in f.filename and not os.path.abspath(f.filename).startswith(libs)]
+  return frames[-1] if frames else None
+
+
 def _config_error(e: BaseException) -> str:
   """One line for an exception raised while absl parsed --config / --config.* (file code or override)."""
   if isinstance(e, SyntaxError):
     return f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}"
-  here = os.path.dirname(os.path.abspath(__file__))
-  frames = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages" not in f.filename
-            and not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(here)]
-  if frames:  # code in the config file raised: name its file and line
-    return f"{frames[-1].filename}:{frames[-1].lineno}: {type(e).__name__}: {_last_line(e)}"
+  frame = _user_frame(e)
+  if frame is not None:  # code in the config file raised: name its file and line
+    return f"{frame.filename}:{frame.lineno}: {type(e).__name__}: {_last_line(e)}"
   if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):  # an override naming no field
     lines = str(e.__context__.args[0] if e.__context__.args else "").splitlines() or ["?"]
     hint = " ".join(ln.strip() for ln in lines[1:])
     hint = f"; {hint[0].lower()}{hint[1:]}" if hint else ""
     return f"--config.* override: the config has no field {lines[0]}{hint}"
   return f"{type(e).__name__}: {_last_line(e)}"
+
+
+def _innermost(e: BaseException) -> BaseException:
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  return e
 
 
 def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
@@ -87,7 +106,11 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+      inner = _innermost(e)
+      if isinstance(inner, SyntaxError) or _user_frame(inner) is not None:  # the config file's code, wrapped
+        msg = _config_error(inner)
+      else:
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     except Exception as e:  # noqa: BLE001 - the config file's own code, or an override of a missing field
       msg = _config_error(e)
     print(f"{os.path.basename(prog)}: error: {msg}", file=sys.stderr, flush=True)

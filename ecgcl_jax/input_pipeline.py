@@ -118,7 +118,6 @@ class BatchSource:
                readers: int = 1):
     self.dataset, self.pool, self.order, self.mesh = dataset, np.asarray(pool), order, mesh
     self.resident, self.prefetch, self.readers = resident, max(1, prefetch), max(1, readers)
-    self._executor = None  # the reader threads, while `iterate` runs
     self.batch = order.batch_size
     self.slice = parallel.process_slice(mesh, self.batch)
     self.pool_ids = patient_codes(dataset.patient_ids, dataset.records)[self.pool]
@@ -129,37 +128,38 @@ class BatchSource:
       # positions in the sorted pool copy
       self._sorted_pos = np.argsort(np.argsort(self.pool))
 
-  def host_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the global batch of ``step`` (numpy)."""
+  def host_batch(self, step: int, executor: concurrent.futures.Executor | None = None) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch of ``step`` (numpy); ``executor``: the reader threads."""
     pos = self.order(step)[self.slice]
     out = {"scale": self.pool_scales[pos], "ids": self.pool_ids[pos].astype(np.int32)}
     if self.resident:
       out["rows"] = self._sorted_pos[pos].astype(np.int32)
     else:
-      out["raw"] = read_rows(self.dataset.raw, self.pool[pos], self._executor, self.readers)
+      out["raw"] = read_rows(self.dataset.raw, self.pool[pos], executor, self.readers)
     return out
 
-  def device_batch(self, step: int) -> dict[str, jax.Array]:
-    host = self.host_batch(step)
+  def device_batch(self, step: int, executor: concurrent.futures.Executor | None = None) -> dict[str, jax.Array]:
+    host = self.host_batch(step, executor)
     return {k: parallel.global_batch_array(self.mesh, v, self.batch) for k, v in host.items()}
 
   def iterate(self, start: int, stop: int) -> Iterator[tuple[int, dict]]:
     """(step, device batch) for steps [start, stop), assembled ``prefetch`` steps ahead in a thread."""
     q: queue.Queue = queue.Queue(maxsize=self.prefetch)
     stop_flag = threading.Event()
+    executor = None
+    if not self.resident and self.readers > 1:
+      executor = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="ecgcl-read")
 
     def work():
       try:
         for s in range(start, stop):
           if stop_flag.is_set():
             return
-          q.put((s, self.device_batch(s)))
+          q.put((s, self.device_batch(s, executor)))
         q.put(None)
       except BaseException as e:  # surfaced in the consumer
         q.put(e)
 
-    if not self.resident and self.readers > 1:
-      self._executor = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="ecgcl-read")
     t = threading.Thread(target=work, daemon=True)
     t.start()
     try:
@@ -179,9 +179,8 @@ class BatchSource:
         t.join(0.05)
       while not q.empty():
         q.get_nowait()
-      if self._executor is not None:
-        self._executor.shutdown(wait=True)
-        self._executor = None
+      if executor is not None:
+        executor.shutdown(wait=True)
 
 
 def read_rows(raw, rows: np.ndarray, executor: concurrent.futures.Executor | None = None,
@@ -190,8 +189,8 @@ def read_rows(raw, rows: np.ndarray, executor: concurrent.futures.Executor | Non
   (fancy indexing would copy twice: into a temporary, then into batch order).
 
   With an ``executor`` of ``workers`` threads, the file-ordered rows are split into that many contiguous runs
-  copied in parallel (numpy releases the GIL while it copies): one thread gathers about 2.5-3.3 GB/s from the
-  page cache, about 21-27k ECG/s, a fraction of what one GPU's step consumes.
+  copied in parallel (numpy releases the GIL while it copies). One thread gathered 2.2-3.3 GB/s (18-27k ECG/s)
+  from the page cache on a 2-core VM, a fraction of what one GPU's step consumes (bench/bench_read_rows.py).
   """
   out = np.empty((len(rows),) + tuple(raw.shape[1:]), raw.dtype)
   order = np.argsort(rows, kind="stable")
@@ -233,7 +232,8 @@ def reader_threads(setting: int) -> int:
   (the step needs the cores, and consumes a few hundred ECG/s) and min(8, CPU count) on accelerators."""
   if setting > 0:
     return int(setting)
-  return 1 if jax.default_backend() == "cpu" else min(8, os.cpu_count() or 1)
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return 1 if jax.default_backend() == "cpu" else min(8, cpus)
 
 
 def choose_resident(setting: str, dataset, pool: np.ndarray, devices) -> bool:

@@ -137,18 +137,31 @@ def test_read_rows_equals_fancy_indexing(tmp_path):
         np.testing.assert_array_equal(got, np.asarray(a)[rows])
 
 
-def test_streamed_batches_are_the_same_with_several_reader_threads():
+def test_streamed_batches_are_the_same_with_several_reader_threads(monkeypatch):
+  import threading
   from ecgcl_jax import data, input_pipeline, parallel
   ds = data.open_dataset("")
   mesh = parallel.make_mesh()
   pool = np.arange(3, len(ds))
+  used, real = [], input_pipeline.read_rows
+  monkeypatch.setattr(input_pipeline, "read_rows",
+                      lambda raw, rows, ex=None, w=1: used.append((ex is not None, w)) or real(raw, rows, ex, w))
+  readers_alive = lambda: [t for t in threading.enumerate() if t.name.startswith("ecgcl-read")]  # noqa: E731
   batches = {}
   for readers in (1, 3):
     source = input_pipeline.BatchSource(ds, pool, input_pipeline.BatchOrder(len(pool), 16, 7), mesh, False, 2, readers)
     batches[readers] = [np.asarray(b["raw"]) for _, b in source.iterate(0, 4)]
-    assert source._executor is None  # the reader threads end with the iteration
+    assert not readers_alive()  # the reader threads end with the iteration
+  assert set(used[:4]) == {(False, 1)} and set(used[4:]) == {(True, 3)}  # the second source read in parallel
   for a, b in zip(batches[1], batches[3]):
     np.testing.assert_array_equal(a, b)
+  # an iteration abandoned after one batch also ends its reader threads
+  it = input_pipeline.BatchSource(ds, pool, input_pipeline.BatchOrder(len(pool), 16, 7), mesh, False, 2, 3).iterate(
+      0, 100)
+  next(it)
+  assert readers_alive()
+  it.close()
+  assert not readers_alive()
   assert input_pipeline.reader_threads(0) == 1 and input_pipeline.reader_threads(5) == 5  # auto on CPU: 1
 
 
@@ -253,6 +266,8 @@ CONFIG_FILE_ERRORS = {  # config file text (None: no file) and extra args -> wha
     "syntax": ("def get_config(:\n", [], ":1: SyntaxError"),
     "raises": ("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict().nope\n", [],
                ":3: AttributeError"),
+    "raises ValueError": ("def get_config():\n  raise ValueError('no such encoder here')\n", [],
+                          ":2: ValueError: no such encoder here"),
     "unknown override": ("from configs.cnn import get_config\n", ["--config.model.chanels=3"],
                          "no field 'chanels'; did you mean \"channels\""),
     "bad override value": ("from configs.cnn import get_config\n", ["--config.batch_size=abc"],
@@ -275,7 +290,7 @@ def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
   assert p.returncode == 2, p.stderr[-2000:]
   lines = [line for line in p.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(f"{entry}: error: ") and needle in lines[0], p.stderr[-2000:]
-  if case in ("missing", "syntax", "raises"):
+  if case in ("missing", "syntax", "raises", "raises ValueError"):
     assert "my_config.py" in lines[0]
   assert not (tmp_path / "w").exists()  # nothing was started
 
