@@ -308,6 +308,8 @@ def main(argv=None) -> int:
   ap.add_argument("--torch-device", default=None, help="cpu or cuda (default: follows the JAX backend)")
   ap.add_argument("--torch-timeout", type=float, default=1800.0)
   ap.add_argument("--scaling", action="store_true", help="device scaling 1, 2, 4, .., N devices (project only)")
+  ap.add_argument("--scaling-devices", default=None, help="device counts for --scaling, comma-separated "
+                  "(default 1, 2, 4, .., N)")
   ap.add_argument("--dataset", default=None, help="an existing prepared dataset (default: write a synthetic one)")
   ap.add_argument("--records", type=int, default=0, help="records of the synthetic dataset (default max(256, 2 x "
                   "largest global batch))")
@@ -359,7 +361,11 @@ def main(argv=None) -> int:
 
   ndev = len(jax.devices())
   dev_counts = [1]
-  if args.scaling:
+  if args.scaling and args.scaling_devices:
+    dev_counts = parse_list([args.scaling_devices], int)
+    if min(dev_counts) < 1 or max(dev_counts) > ndev:
+      ap.error(f"--scaling-devices {args.scaling_devices}: counts must be in 1..{ndev}")
+  elif args.scaling:
     while dev_counts[-1] * 2 < ndev:
       dev_counts.append(dev_counts[-1] * 2)
     if ndev > 1:
