@@ -30,8 +30,14 @@ def on_stop_signals(handler: Callable):
 
 
 def fail(prog: str, e: Exception) -> int:
-  """Print a UserError, or an OSError as "path: reason", as one line on stderr; returns the exit code 2."""
+  """Print a UserError, or an OSError as "path: reason", as one line on stderr; returns the exit code 2.
+
+  With ECGCL_JAX_TRACEBACK=1 in the environment an OSError's traceback comes first (to debug an OSError raised
+  inside a library rather than by a path you gave).
+  """
   if isinstance(e, OSError):  # an unwritable workdir, a full disk, a file that vanished
+    if os.environ.get("ECGCL_JAX_TRACEBACK", "") not in ("", "0"):
+      traceback.print_exception(e, file=sys.stderr)
     msg = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
   else:
     msg = str(e)

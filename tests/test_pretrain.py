@@ -301,6 +301,11 @@ def test_uncreatable_workdir_is_one_line(tmp_path):
   assert p.returncode == 2
   assert p.stderr.strip().splitlines()[-1] == f"run_pretrain.py: error: {tmp_path / 'a_file' / 'w'}: Not a directory"
   assert "Traceback" not in p.stderr
+  # ECGCL_JAX_TRACEBACK=1 shows where an OSError came from, before the same last line
+  p = run_cli(["--config", "configs/cnn.py", "--workdir", str(tmp_path / "a_file" / "w"), "--config.num_steps=1"],
+              env=dict(os.environ, ECGCL_JAX_TRACEBACK="1"))
+  assert p.returncode == 2 and "Traceback" in p.stderr and "makedirs" in p.stderr
+  assert p.stderr.strip().splitlines()[-1] == f"run_pretrain.py: error: {tmp_path / 'a_file' / 'w'}: Not a directory"
 
 
 @pytest.mark.parametrize("cfg", ["configs/cnn.py", "configs/cnn_lstm.py", "configs/cnn_transformer.py",
