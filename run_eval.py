@@ -25,8 +25,6 @@ def main(argv):
   xla_flags = os.environ.get("XLA_FLAGS", "")
   if _DETERMINISTIC.value and "xla_gpu_deterministic_ops" not in xla_flags:
     os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()  # before JAX starts a backend
-  from ecgcl_jax import cli  # noqa: PLC0415
-
   return cli.run_entry(
       "run_eval.py", lambda: __import__("ecgcl_jax.evaluate", fromlist=["run"]).run(cli.config_value(_CONFIG),
                                                                        _WORKDIR.value))

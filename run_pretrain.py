@@ -21,8 +21,6 @@ _PID = flags.DEFINE_integer("process_id", -1, "This process's id (multi-process 
 
 def main(argv):
   del argv
-  from ecgcl_jax import cli  # noqa: PLC0415
-
   return cli.run_entry(
       "run_pretrain.py", lambda: __import__("ecgcl_jax.pretrain", fromlist=["run"]).run(cli.config_value(_CONFIG),
                                                                           _WORKDIR.value),

@@ -21,11 +21,9 @@ import time
 
 import numpy as np
 
-from bench_pretrain import cpu_name  # bench/ is the script's folder, on sys.path
-from ecgcl_jax import LEADS
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from ecgcl_jax import LEADS  # noqa: E402
 
 
 
@@ -110,6 +108,8 @@ def main() -> None:
         import wfdb
 
         import ecgcl_jax
+
+        from bench_pretrain import cpu_name  # bench/ is the script's folder; imported late: it imports jax
 
         cpu = cpu_name()
         rec = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "records": args.records, "distinct": args.distinct,

@@ -72,7 +72,9 @@ def machine_info() -> dict:
   import optax
 
   devs = jax.devices()
-  ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  from ecgcl_jax.input_pipeline import available_cpus
+
+  ncpu = available_cpus()
   info = {"backend": jax.default_backend(), "device_kind": devs[0].device_kind, "num_devices": len(devs),
           "cpu": f"{cpu_name()} ({ncpu} CPUs)", "python": platform.python_version(), "jax": jax.__version__,
           "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,

@@ -41,13 +41,13 @@ def main(argv=None) -> int:
 
   from bench_pretrain import machine_info, write_synthetic_dataset
   from ecgcl_jax.data import open_dataset
-  from ecgcl_jax.input_pipeline import read_rows
+  from ecgcl_jax.input_pipeline import available_cpus, read_rows
 
   ds = open_dataset(args.dataset or write_synthetic_dataset(
       os.path.join(args.workdir, f"synthetic_{args.records}"), args.records))
   raw, n = ds.raw, len(ds)
   batches = [int(b) for b in args.batch.split(",")]
-  cpus = os.cpu_count() or 1
+  cpus = available_cpus()
   threads = ([int(t) for t in args.threads.split(",")] if args.threads else
              sorted({1 << i for i in range(cpus.bit_length()) if 1 << i <= cpus} | {cpus}))
   if max(batches) > n:

@@ -227,13 +227,22 @@ def resident_limit(devices) -> int:
   return min(limits) // 4 if limits else RESIDENT_AUTO_LIMIT
 
 
+def available_cpus() -> int:
+  """CPUs this process may run on (its affinity mask where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pool_nbytes(dataset, pool: np.ndarray) -> int:
+  """Bytes of the pool's int16 rows."""
+  return len(pool) * int(np.prod(dataset.raw.shape[1:])) * 2
+
+
 def reader_threads(setting: int) -> int:
   """data.reader_threads -> threads gathering a streamed batch: the setting, or for 0 (auto) 1 on the CPU backend
   (the step needs the cores, and consumes a few hundred ECG/s) and min(8, CPU count) on accelerators."""
   if setting > 0:
     return int(setting)
-  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-  return 1 if jax.default_backend() == "cpu" else min(8, cpus)
+  return 1 if jax.default_backend() == "cpu" else min(8, available_cpus())
 
 
 def choose_resident(setting: str, dataset, pool: np.ndarray, devices) -> bool:
@@ -242,5 +251,4 @@ def choose_resident(setting: str, dataset, pool: np.ndarray, devices) -> bool:
     return True
   if setting == "no":
     return False
-  nbytes = len(pool) * int(np.prod(dataset.raw.shape[1:])) * 2
-  return nbytes <= resident_limit(devices)
+  return pool_nbytes(dataset, pool) <= resident_limit(devices)

@@ -329,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
       return _admit_workdir(config, workdir, ds, pool, batch)
     max_amp = parallel.on_main(admit, workdir)
     finished = _already_exported(config, workdir, batch, max_amp, log)
-    if finished is not None:
+    if not parallel.any_process(finished is None):  # every process returns here, or none does
       return finished
     return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp)
 
@@ -409,7 +409,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   resident = not parallel.any_process(
       not input_pipeline.choose_resident(config.data.resident, ds, pool, mesh.local_devices))
   readers = input_pipeline.reader_threads(config.data.reader_threads)
-  pool_mb = len(pool) * int(np.prod(ds.raw.shape[1:])) * 2 / 2**20
+  pool_mb = input_pipeline.pool_nbytes(ds, pool) / 2**20
   log(f"data: {len(pool)} records ({pool_mb:.0f} MB int16) " + ("resident on every device" if resident else
       f"streamed from {getattr(ds, 'path', 'the dataset')}, {config.data.prefetch} batches ahead, "
       f"{readers} reader thread(s)"))
@@ -425,7 +425,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   t_last, n_last = time.perf_counter(), start
   t0, steps_timed = None, 0
   if start >= int(config.num_steps):
-    log(f"{workdir}: already trained for {start} steps (num_steps={config.num_steps}); nothing to do "
+    log(f"{workdir}: already trained for {start} steps (num_steps={config.num_steps}); exporting the encoder "
         "(raise --config.num_steps to train longer)")
   step = start
   with open(metrics_path, "a") if main else _NullFile() as mfile:
@@ -438,7 +438,8 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
       done = step + 1
       last = done == num_steps
       if done % config.log_every == 0 or last:
-        ls = np.asarray(parallel.to_host(pending), np.float64)  # the logged steps' losses in one transfer
+        ls, nonfinite = parallel.to_host((pending, state.nonfinite))  # the logged losses and the count, one transfer
+        ls, nonfinite = np.asarray(ls, np.float64), int(nonfinite)
         pending = []
         now = time.perf_counter()
         ecg_s = (done - n_last) * batch / max(now - t_last, 1e-9)
@@ -447,7 +448,6 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
         rate = (done - steps_timed) / (now - t0) if done > steps_timed else float("nan")
         eta = (num_steps - done) / rate if rate and rate == rate and rate > 0 else float("nan")
         t_last, n_last = now, done
-        nonfinite = int(parallel.to_host(state.nonfinite))
         last_loss = float(ls[-1])
         rec = {"step": done, "loss": last_loss, "loss_mean": float(np.mean(ls)), "ecg_per_s": round(ecg_s, 2),
                "batch_size": batch, "nonfinite_steps": nonfinite, "time": round(time.time(), 3)}
