@@ -380,30 +380,46 @@ class BiLSTM(nn.Module):
 
   Like torch.nn.LSTM(bidirectional=True, batch_first=True), no dropout between layers. Flax's cell has one bias
   per gate (PyTorch has two), so each direction holds 4*hidden*(in + hidden + 1) parameters.
+  With `last_step_only` it returns only the top layer's output at the last step, (B, 2 * hidden), the same numbers
+  as `[:, -1]` of the full output for half the top layer's work (see BiLSTMLayer).
   """
   hidden: int
   layers: int = 1
+  last_step_only: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.layers):
-      x = BiLSTMLayer(self.hidden, self.dtype, name=f"layer_{i}")(x)
+      last = self.last_step_only and i == self.layers - 1
+      x = BiLSTMLayer(self.hidden, last, self.dtype, name=f"layer_{i}")(x)
     return x.astype(self.dtype)
 
 
 class BiLSTMLayer(nn.Module):
-  """One bidirectional LSTM layer: (B, T, D) -> (B, T, 2 * hidden); params under 'forward' / 'backward'."""
+  """One bidirectional LSTM layer: (B, T, D) -> (B, T, 2 * hidden); params under 'forward' / 'backward'.
+
+  With `last_step_only`: (B, T, D) -> (B, 2 * hidden), the output at step T - 1. The backward direction starts at
+  T - 1, so its output there is one cell step from the zero state on x[:, -1]; only the forward direction scans.
+  """
   hidden: int
+  last_step_only: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     init = _sym_uniform(1.0 / math.sqrt(self.hidden))
-    cells = [nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
-                                  recurrent_kernel_init=init, bias_init=init, name=name)
-             for name in ("forward", "backward")]
-    return nn.Bidirectional(nn.RNN(cells[0]), nn.RNN(cells[1]))(x)
+    forward, backward = [
+        nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
+                             recurrent_kernel_init=init, bias_init=init, name=name)
+        for name in ("forward", "backward")]
+    if not self.last_step_only:
+      return nn.Bidirectional(nn.RNN(forward), nn.RNN(backward))(x)
+    h_forward = nn.RNN(forward)(x)[:, -1]
+    x_last = x[:, -1]
+    zeros = jnp.zeros(x_last.shape[:-1] + (self.hidden,), jnp.float32)  # nn.RNN's initial (c, h)
+    _, h_backward = backward((zeros, zeros), x_last)
+    return jnp.concatenate([h_forward, h_backward], axis=-1)
 
 
 class AdditivePooling(nn.Module):
@@ -489,11 +505,11 @@ class LSTMEncoder(Encoder):
   @nn.compact
   def __call__(self, x, train: bool):
     s = self.trunk(self.residual)(x, train)
-    o = BiLSTM(self.emb_dim // 2, self.lstm_layers, self.dtype, name="lstm")(s)
     if self.attention:
+      o = BiLSTM(self.emb_dim // 2, self.lstm_layers, dtype=self.dtype, name="lstm")(s)
       h = AdditivePooling(self.attention_dim or self.emb_dim, self.dtype, name="attention")(o)
-    else:
-      h = o[:, -1, :]  # forward's final state and backward's state at the last step, as torch's out[:, -1]
+    else:  # torch's out[:, -1]: forward's final state and backward's state at the last step
+      h = BiLSTM(self.emb_dim // 2, self.lstm_layers, last_step_only=True, dtype=self.dtype, name="lstm")(s)
     h = Dropout(self.dropout, deterministic=not train)(h)
     h = EmbeddingHead(self.emb_dim, self.dropout, self.dtype, name="head")(h, train)
     return h, self.project(h)

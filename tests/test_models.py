@@ -287,6 +287,30 @@ def test_encoder_matches_numpy_float64_and_modes(c):
     assert not np.allclose(old, new)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bilstm_last_step_only_is_the_last_step_of_the_full_output(layers):
+  """The last-step path scans only forward in its top layer; same parameters, values and gradients as [:, -1]."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 9, 5)), jnp.float32)
+  full, last = models.BiLSTM(4, layers), models.BiLSTM(4, layers, last_step_only=True)
+  v = full.init(KEYS, x)
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(last.init(KEYS, x))
+
+  def loss(module, take_last):
+    def f(v, x):
+      o = module.apply(v, x)
+      o = o[:, -1] if take_last else o
+      return jnp.sum(jnp.sin(3.0 * o)), o
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(v, x)
+
+  (l_full, o_full), g_full = loss(full, True)
+  (l_last, o_last), g_last = loss(last, False)
+  assert o_last.shape == (3, 8)
+  np.testing.assert_allclose(o_last, o_full, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(l_last, l_full, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_last), jax.tree_util.tree_leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_init_is_float32_and_pytorch_like():
   c = cfg("cnn_attn_lstm", emb_dim=8, proj_dim=3, **TINY)
   model = models.build_encoder(c, dtype=jnp.bfloat16)
