@@ -370,8 +370,17 @@ def _already_exported(config, workdir: str, batch: int, max_amp: float, log) -> 
   last_loss = _last_logged_loss(os.path.join(workdir, "metrics.jsonl"))
   log(f"{workdir}: already trained for {steps} steps (num_steps={config.num_steps}); encoder in {workdir}/encoder "
       "(raise --config.num_steps to train longer)")
-  return {"status": "done", "steps": steps, "final_loss": last_loss, "batch_size": batch, "max_amp": max_amp,
-          "workdir": workdir, "encoder_dir": os.path.join(workdir, "encoder")}
+  return _summary("done", steps, last_loss, batch, max_amp, workdir, os.path.join(workdir, "encoder"))
+
+
+def _summary(status: str, steps: int, final_loss: float, batch: int, max_amp: float, workdir: str,
+             encoder_dir: str | None = None) -> dict:
+  """What run() returns; encoder_dir only when the encoder was exported ("" on processes other than 0)."""
+  out = {"status": status, "steps": steps, "final_loss": final_loss, "batch_size": batch, "max_amp": max_amp,
+         "workdir": workdir}
+  if encoder_dir is not None:
+    out["encoder_dir"] = encoder_dir
+  return out
 
 
 def _read_json(path: str) -> dict:
@@ -476,12 +485,12 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   manager.wait_until_finished()
   manager.close()
 
-  result = {"status": status, "steps": int(parallel.to_host(state.step)), "final_loss": last_loss,
-            "batch_size": batch, "max_amp": max_amp, "workdir": workdir}
-  if status == "done":
-    result["encoder_dir"] = export(config, workdir, state, ds, pool, max_amp) if main else ""
-    log(f"done: {result['steps']} steps, final loss {last_loss:.4f}; encoder exported to {workdir}/encoder")
-  return result
+  steps = int(parallel.to_host(state.step))
+  if status != "done":
+    return _summary(status, steps, last_loss, batch, max_amp, workdir)
+  encoder_dir = export(config, workdir, state, ds, pool, max_amp) if main else ""
+  log(f"done: {steps} steps, final loss {last_loss:.4f}; encoder exported to {workdir}/encoder")
+  return _summary(status, steps, last_loss, batch, max_amp, workdir, encoder_dir)
 
 
 def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) -> str:
