@@ -393,7 +393,7 @@ def test_odd_emb_dim_for_non_lstm_encoders(encoder):
   assert out[0].shape == (2, 33) and out[1].shape == (2, 5)
 
 
-@pytest.mark.parametrize("encoder", ["cnn_attn_lstm", "cnn_transformer"])
+@pytest.mark.parametrize("encoder", ["cnn_lstm", "cnn_attn_lstm", "cnn_transformer"])
 def test_bfloat16_compute(encoder):
   model = models.build_encoder(cfg(encoder, emb_dim=32, proj_dim=8), dtype="bfloat16")
   f32 = dataclasses.replace(model, dtype=jnp.float32)
