@@ -2,7 +2,7 @@
 # GPU suite of the pretraining benchmark: ecgcl-jax beside torch_reference.py on the same GPU, same invocation.
 #
 #   bash bench/run_gpu.sh main       # CNN bf16, batch 128/512/2048, vs torch compiled bf16 nhwc (issue 5's targets)
-#   bash bench/run_gpu.sh PART ...   # parts: main fp32 pairs stream encoders conv scaling; "all" = every part
+#   bash bench/run_gpu.sh PART ...   # parts: main profile fp32 pairs stream encoders conv scaling; "all" = all
 #
 # Each part fits a 10-minute command on one H100 (main is the longest: torch.compile compiles each batch size).
 # Env: OUT (results folder; default /tmp/ecgcl_bench_gpu), PY (python with jax[cuda], flax, optax; default python3),
@@ -62,12 +62,18 @@ part() {
           run --batch 512,2048 --precision bfloat16 --conv "$c" --rounds 1 --no-torch
         done
       done ;;
+    profile)   # where the step's time goes: ms per step by HLO op and by model scope (about a minute)
+      for a in "--pair gaussian_noise:0.05+gaussian_noise:0.25" "--pair time_warp:4,0.2+dropout:0.1"; do
+        # shellcheck disable=SC2086
+        "$PY" bench/profile_step.py --batch 2048 --precision bfloat16 $a --top 30 \
+            --trace-dir "$OUT/trace" --json "$OUT/profile_step.jsonl" 2>&1 | tee -a "$LOG"
+      done ;;
     scaling)   # 1, 2, 4, .. N devices, per-device batch fixed (needs more than one GPU)
       run --scaling --batch 256,1024 --precision bfloat16 --no-torch ;;
     all)
-      for p in main fp32 pairs stream encoders conv scaling; do part "$p"; done ;;
+      for p in main profile fp32 pairs stream encoders conv scaling; do part "$p"; done ;;
     *)
-      echo "run_gpu.sh: unknown part '$1' (main fp32 pairs stream encoders conv scaling all)" >&2
+      echo "run_gpu.sh: unknown part '$1' (main profile fp32 pairs stream encoders conv scaling all)" >&2
       return 2 ;;
   esac
 }

@@ -131,3 +131,41 @@ def test_bench_read_rows_runs(tmp_path):
   assert [(r["batch"], r["threads"]) for r in recs] == [(16, 1), (16, 2), (32, 1), (32, 2)]
   for r in recs:
     assert r["ecg_per_s_median"] > 0 and r["gb_per_s"] == pytest.approx(r["ecg_per_s_median"] * 120_000 / 1e9)
+
+
+def test_profile_step_scopes_by_hand():
+  import profile_step
+  assert profile_step.scope_of("jit(step)/transpose(jvp(CNNEncoder))/trunk/layer_0/conv/conv_general_dilated") \
+      == "CNNEncoder/trunk/layer_0 [bwd]"
+  assert profile_step.scope_of("jit(step)/jvp(CNNEncoder)/trunk/layer_1/Dropout_0/jit(_where)/select_n") \
+      == "CNNEncoder/trunk/layer_1 [fwd]"
+  assert profile_step.scope_of("jit(step)/vmap()/add") == "vmap [fwd]"
+  assert profile_step.scope_of("jit(step)/jvp(LSTMEncoder)/lstm/layer_0/forward/dot", depth=2) \
+      == "LSTMEncoder/lstm [fwd]"
+  hlo = textwrap.dedent("""\
+      %fused_computation.1 (p: f32[4]) -> f32[4] {
+        %p = f32[4]{0} parameter(0)
+        ROOT %neg.1 = f32[4]{0} negate(%p), metadata={op_name="jit(step)/jvp(M)/a/neg"}
+      }
+      ENTRY %main {
+        %fusion.3 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(step)/b/c"}
+        %copy.2 = f32[4]{0} copy(%fusion.3)
+      }
+      """)
+  assert profile_step.op_names(hlo) == {"p": "", "neg.1": "jit(step)/jvp(M)/a/neg", "fusion.3": "jit(step)/b/c",
+                                        "copy.2": ""}
+
+
+def test_profile_step_runs_and_its_scopes_add_up(tmp_path):
+  # its own process: XLA:CPU's per-op events need a flag before jax starts
+  import subprocess
+  out = tmp_path / "prof.jsonl"
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--batch", "8", "--steps", "2",
+                      "--json", str(out), "--trace-dir", str(tmp_path / "trace"), "--workdir", str(tmp_path)],
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rec = json.loads(out.read_text().splitlines()[-1])
+  assert rec["batch"] == 8 and rec["op_ms_per_step"] > 0 and rec["top_ops"]
+  assert sum(rec["scopes"].values()) == pytest.approx(rec["op_ms_per_step"], rel=1e-3)
+  assert any(s.startswith("CNNEncoder/trunk/layer_0 [bwd]") for s in rec["scopes"])
+  assert any(s.startswith("vmap [fwd]") for s in rec["scopes"])
