@@ -7,7 +7,9 @@ It builds the step exactly as bench_pretrain.py times it (`bench_pretrain.Projec
   CPU  XLA:CPU's per-op events, which need XLA_FLAGS=--xla_cpu_enable_xprof_traceme before jax starts (this script
        adds it when jax is not imported yet). On CPU the ops run on several threads, so the op times add up to
        thread-time, not wall time, and the work inside library calls (convolutions, dots) may not be traced.
-Each op is named by its HLO instruction, and attributed to a scope from its metadata op_name (e.g.
+Control-flow ops (while, call) are left out: their events enclose the ops they run. With several devices the
+figures are means over them. Each op is named by its HLO instruction, and attributed to a scope from its metadata
+op_name (e.g.
 "CNNEncoder/trunk/layer_0 [bwd]": forward or backward, model path). Prints the top ops and the scopes, in ms per
 step, and appends one JSON line to --json. The trace itself stays in --trace-dir for TensorBoard / xprof.
 
@@ -39,19 +41,24 @@ import bench_pretrain as bp  # noqa: E402  (puts the repo on sys.path, imports j
 import jax  # noqa: E402
 
 _WRAPPER = re.compile(r"^(?:transpose|jvp|vmap|remat\d*|checkpoint|custom_jvp_call|custom_vjp_call)\((.*)\)$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
+_OPCODE = re.compile(r"\s([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r"op_name=\"([^\"]*)\"")
+# ops whose trace event encloses the events of the ops they run (a scan's body, a called computation): counting them
+# too would count that time twice
+CONTROL_OPS = frozenset({"while", "call", "conditional"})
 
 
-def op_names(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> its metadata op_name ("" when it has none, e.g. a layout copy), from a compiled
-  module's text."""
-  out: dict[str, str] = {}
+def parse_hlo(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """HLO instruction name -> (opcode, metadata op_name), from a compiled module's text; op_name is "" when the
+  instruction has none (e.g. a layout copy)."""
+  out: dict[str, tuple[str, str]] = {}
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
-    if m and not out.get(m.group(1)):
+    if m and not (m.group(1) in out and out[m.group(1)][1]):
+      opcode = _OPCODE.search(" " + m.group(2))
       meta = _OP_NAME.search(line)
-      out[m.group(1)] = meta.group(1) if meta else ""
+      out[m.group(1)] = (opcode.group(1) if opcode else "", meta.group(1) if meta else "")
   return out
 
 
@@ -74,32 +81,36 @@ def scope_of(op_name: str, depth: int = 3) -> str:
   return f"{'/'.join(names[:depth]) or '(step)'} [{phase}]"
 
 
-def op_events(xspace_path: str, known: dict[str, str]) -> tuple[collections.Counter, str]:
-  """Summed duration (ns) per HLO op name from a trace, and where they came from."""
+def op_events(xspace_path: str, hlo: dict[str, tuple[str, str]]) -> tuple[collections.Counter, int, str]:
+  """Summed duration (ns) per HLO op name from a trace, the number of devices it was summed over, and its source.
+  Control-flow ops (CONTROL_OPS) are left out: their events enclose those of the ops inside them."""
   pd = jax.profiler.ProfileData.from_file(xspace_path)
   totals: collections.Counter = collections.Counter()
-  device_lines = [line for plane in pd.planes if plane.name.startswith("/device:")
-                  for line in plane.lines if line.name == "XLA Ops"]
-  if device_lines:
-    for line in device_lines:
+
+  def add(name, ns):
+    name = str(name).lstrip("%")
+    if hlo.get(name, ("", ""))[0] not in CONTROL_OPS:
+      totals[name] += ns
+
+  devices = [plane for plane in pd.planes if plane.name.startswith("/device:")]
+  op_lines = [(plane, line) for plane in devices for line in plane.lines if line.name == "XLA Ops"]
+  if op_lines:
+    for _, line in op_lines:
       for ev in line.events:
-        totals[ev.name.lstrip("%")] += ev.duration_ns
-    return totals, "device 'XLA Ops' lines"
-  stream_lines = [line for plane in pd.planes if plane.name.startswith("/device:")
-                  for line in plane.lines if line.name.startswith("Stream")]
+        add(ev.name, ev.duration_ns)
+    return totals, len({p.name for p, _ in op_lines}), "device 'XLA Ops' lines"
+  stream_lines = [(plane, line) for plane in devices for line in plane.lines if line.name.startswith("Stream")]
   if stream_lines:  # raw GPU trace: kernels and copies per stream, each kernel tagged with its HLO op
-    for line in stream_lines:
+    for _, line in stream_lines:
       for ev in line.events:
-        stats = dict(ev.stats)
-        totals[str(stats.get("hlo_op", ev.name)).lstrip("%")] += ev.duration_ns
-    return totals, "device stream lines (kernels by hlo_op)"
+        add(dict(ev.stats).get("hlo_op", ev.name), ev.duration_ns)
+    return totals, len({p.name for p, _ in stream_lines}), "device stream lines (kernels by hlo_op)"
   for plane in pd.planes:
     for line in plane.lines:
       for ev in line.events:
-        name = ev.name.lstrip("%")
-        if name in known:
-          totals[name] += ev.duration_ns
-  return totals, "host op events (thread-time)"
+        if ev.name.lstrip("%") in hlo:
+          add(ev.name, ev.duration_ns)
+  return totals, 1, "host op events (thread time)"
 
 
 def main(argv=None) -> int:
@@ -120,6 +131,9 @@ def main(argv=None) -> int:
   ap.add_argument("--json", default=None, help="append the summary here (default $OUT/profile_step.jsonl if $OUT "
                   "is set, else bench/results_profile.jsonl)")
   args = ap.parse_args(argv)
+  if jax.default_backend() == "cpu" and "--xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+    print("profile_step.py: jax started without XLA_FLAGS=--xla_cpu_enable_xprof_traceme, so the CPU trace has no "
+          "per-op events; run this script as its own process", file=sys.stderr)
 
   from ecgcl_jax import models, parallel
   from ecgcl_jax.data import open_dataset
@@ -151,9 +165,12 @@ def main(argv=None) -> int:
   if not files:
     print(f"profile_step.py: no trace written under {trace_dir}", file=sys.stderr)
     return 1
-  known = op_names(case.step.as_text())
-  totals, source = op_events(files[-1], known)
-  per_step = {k: v / 1e6 / args.steps for k, v in totals.items()}
+  hlo = parse_hlo(case.step.as_text())
+  known = {k: op_name for k, (_, op_name) in hlo.items()}
+  totals, n_devices, source = op_events(files[-1], hlo)
+  if n_devices > 1:
+    source += f", mean over {n_devices} devices"
+  per_step = {k: v / 1e6 / args.steps / n_devices for k, v in totals.items()}
   op_ms = sum(per_step.values())
   scopes: collections.Counter = collections.Counter()
   for k, v in per_step.items():

@@ -386,14 +386,14 @@ class BiLSTM(nn.Module):
   """
   hidden: int
   layers: int = 1
-  last_step_only: bool = False
   dtype: Any = jnp.float32
+  last_step_only: bool = False
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.layers):
       last = self.last_step_only and i == self.layers - 1
-      x = BiLSTMLayer(self.hidden, last, self.dtype, name=f"layer_{i}")(x)
+      x = BiLSTMLayer(self.hidden, self.dtype, last_step_only=last, name=f"layer_{i}")(x)
     return x.astype(self.dtype)
 
 
@@ -404,8 +404,8 @@ class BiLSTMLayer(nn.Module):
   T - 1, so its output there is one cell step from the zero state on x[:, -1]; only the forward direction scans.
   """
   hidden: int
-  last_step_only: bool = False
   dtype: Any = jnp.float32
+  last_step_only: bool = False
 
   @nn.compact
   def __call__(self, x):
