@@ -81,15 +81,19 @@ def scope_of(op_name: str, depth: int = 3) -> str:
   return f"{'/'.join(names[:depth]) or '(step)'} [{phase}]"
 
 
-def op_events(xspace_path: str, hlo: dict[str, tuple[str, str]]) -> tuple[collections.Counter, int, str]:
-  """Summed duration (ns) per HLO op name from a trace, the number of devices it was summed over, and its source.
-  Control-flow ops (CONTROL_OPS) are left out: their events enclose those of the ops inside them."""
+def op_events(xspace_path: str, hlo: dict[str, tuple[str, str]]) -> tuple[collections.Counter, int, int, str]:
+  """Summed duration (ns) per HLO op name from a trace; the duration (ns) of the control-flow ops (CONTROL_OPS) left
+  out, since their events enclose those of the ops inside them; the number of devices summed over; the source."""
   pd = jax.profiler.ProfileData.from_file(xspace_path)
   totals: collections.Counter = collections.Counter()
+  left_out = 0
 
   def add(name, ns):
+    nonlocal left_out
     name = str(name).lstrip("%")
-    if hlo.get(name, ("", ""))[0] not in CONTROL_OPS:
+    if hlo.get(name, ("", ""))[0] in CONTROL_OPS:
+      left_out += ns
+    else:
       totals[name] += ns
 
   devices = [plane for plane in pd.planes if plane.name.startswith("/device:")]
@@ -98,19 +102,19 @@ def op_events(xspace_path: str, hlo: dict[str, tuple[str, str]]) -> tuple[collec
     for _, line in op_lines:
       for ev in line.events:
         add(ev.name, ev.duration_ns)
-    return totals, len({p.name for p, _ in op_lines}), "device 'XLA Ops' lines"
+    return totals, left_out, len({p.name for p, _ in op_lines}), "device 'XLA Ops' lines"
   stream_lines = [(plane, line) for plane in devices for line in plane.lines if line.name.startswith("Stream")]
   if stream_lines:  # raw GPU trace: kernels and copies per stream, each kernel tagged with its HLO op
     for _, line in stream_lines:
       for ev in line.events:
         add(dict(ev.stats).get("hlo_op", ev.name), ev.duration_ns)
-    return totals, len({p.name for p, _ in stream_lines}), "device stream lines (kernels by hlo_op)"
+    return totals, left_out, len({p.name for p, _ in stream_lines}), "device stream lines (kernels by hlo_op)"
   for plane in pd.planes:
     for line in plane.lines:
       for ev in line.events:
         if ev.name.lstrip("%") in hlo:
           add(ev.name, ev.duration_ns)
-  return totals, 1, "host op events (thread time)"
+  return totals, left_out, 1, "host op events (thread time)"
 
 
 def main(argv=None) -> int:
@@ -166,15 +170,16 @@ def main(argv=None) -> int:
     print(f"profile_step.py: no trace written under {trace_dir}", file=sys.stderr)
     return 1
   hlo = parse_hlo(case.step.as_text())
-  known = {k: op_name for k, (_, op_name) in hlo.items()}
-  totals, n_devices, source = op_events(files[-1], hlo)
+  totals, left_out, n_devices, source = op_events(files[-1], hlo)
   if n_devices > 1:
     source += f", mean over {n_devices} devices"
   per_step = {k: v / 1e6 / args.steps / n_devices for k, v in totals.items()}
+  ranked = sorted(per_step.items(), key=lambda kv: -kv[1])
+  scope = {k: scope_of(hlo[k][1], args.depth) if k in hlo else "(unattributed)" for k in per_step}
   op_ms = sum(per_step.values())
   scopes: collections.Counter = collections.Counter()
   for k, v in per_step.items():
-    scopes[scope_of(known[k], args.depth) if k in known else "(unattributed)"] += v
+    scopes[scope[k]] += v
 
   info = bp.machine_info()
   print(f"# {info['device_kind']} x{mesh.size} | jax {info['jax']} | commit {info.get('git_commit', '?')} | "
@@ -182,16 +187,16 @@ def main(argv=None) -> int:
   print(f"# step {wall_ms:.1f} ms wall before tracing ({batch / wall_ms * 1e3:,.0f} ECG/s; on CPU the per-op events "
         f"themselves slow it); traced ops {op_ms:.1f} ms per step from {source}; trace in {trace_dir}")
   print(f"{'ms/step':>9} {'%':>6}  op / scope")
-  for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]:
-    print(f"{v:9.2f} {100 * v / op_ms:6.1f}  {k}  ({scope_of(known[k], args.depth) if k in known else '?'})")
+  for k, v in ranked[:args.top]:
+    print(f"{v:9.2f} {100 * v / op_ms:6.1f}  {k}  ({scope[k]})")
   print(f"\n{'ms/step':>9} {'%':>6}  scope")
   for k, v in scopes.most_common():
     print(f"{v:9.2f} {100 * v / op_ms:6.1f}  {k}")
   rec = dict(info, kind="profile_step", encoder=args.encoder, aug_pair=args.pair, precision=precision,
              data=args.data, batch=batch, num_devices_used=mesh.size, conv=models.conv_formulation(),
              steps=args.steps, step_ms_wall=round(wall_ms, 3), op_ms_per_step=round(op_ms, 3), source=source,
-             top_ops=[[k, round(v, 4), known.get(k, "")] for k, v in
-                      sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]],
+             control_ops_ms_left_out=round(left_out / 1e6 / args.steps / n_devices, 4),
+             top_ops=[[k, round(v, 4), hlo.get(k, ("", ""))[1]] for k, v in ranked[:args.top]],
              scopes={k: round(v, 4) for k, v in scopes.most_common()},
              date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
   with open(json_path, "a") as f:

@@ -506,11 +506,10 @@ class LSTMEncoder(Encoder):
   @nn.compact
   def __call__(self, x, train: bool):
     s = self.trunk(self.residual)(x, train)
+    # without attention only torch's out[:, -1] is used: forward's final state, backward's state at the last step
+    h = BiLSTM(self.emb_dim // 2, self.lstm_layers, self.dtype, last_step_only=not self.attention, name="lstm")(s)
     if self.attention:
-      o = BiLSTM(self.emb_dim // 2, self.lstm_layers, dtype=self.dtype, name="lstm")(s)
-      h = AdditivePooling(self.attention_dim or self.emb_dim, self.dtype, name="attention")(o)
-    else:  # torch's out[:, -1]: forward's final state and backward's state at the last step
-      h = BiLSTM(self.emb_dim // 2, self.lstm_layers, last_step_only=True, dtype=self.dtype, name="lstm")(s)
+      h = AdditivePooling(self.attention_dim or self.emb_dim, self.dtype, name="attention")(h)
     h = Dropout(self.dropout, deterministic=not train)(h)
     h = EmbeddingHead(self.emb_dim, self.dropout, self.dtype, name="head")(h, train)
     return h, self.project(h)
