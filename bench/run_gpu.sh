@@ -7,6 +7,8 @@
 # Each part fits a 10-minute command on one H100 (main is the longest: torch.compile compiles each batch size).
 # Env: OUT (results folder; default /tmp/ecgcl_bench_gpu), PY (python with jax[cuda], flax, optax; default python3),
 # TORCH_PY (python with torch; default $PY), BENCH_SECONDS (timed seconds per measurement, default 3), ROUNDS (2).
+# SMOKE=1: every batch size becomes 8 (2 per device with --scaling), 0.5 s and 1 round per measurement, so that
+# every part's command line runs end to end in minutes on a CPU, before device time is spent on it.
 # JSON lines go to $OUT/bench_pretrain.jsonl, the log to $OUT/bench_pretrain.log. torch_reference.py is looked for
 # in ../shared/bench/ and .bench_shared/ (or set TORCH_REF).
 set -uo pipefail
@@ -30,6 +32,9 @@ fi
 LOG="$OUT/bench_pretrain.log"
 "$PY" -c "import jax; print('# jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$LOG"
+if [ -n "${SMOKE:-}" ]; then BENCH_SECONDS=${BENCH_SECONDS:-0.5}; ROUNDS=${ROUNDS:-1}; fi
+# batch sizes: as given, or SMOKE's small one
+bs() { if [ -n "${SMOKE:-}" ]; then echo "${2:-8}"; else echo "$1"; fi; }
 COMMON=(--torch-python "$TORCH_PY" --seconds "${BENCH_SECONDS:-3}" --rounds "${ROUNDS:-2}"
         --json "$OUT/bench_pretrain.jsonl" --workdir /tmp/ecgcl_bench_data)
 [ -n "${TORCH_REF:-}" ] && COMMON+=(--torch-ref "$TORCH_REF")
@@ -44,32 +49,32 @@ PAIRS=(--pair gaussian_noise:0.05+gaussian_noise:0.25 --pair gaussian_noise:0.05
 part() {
   case "$1" in
     main)      # targets: >= 1.5x torch compiled at 512, >= 1.2x at 2048, >= 200k ECG/s at 2048 bf16, <= 20 GB
-      run --batch 128,512,2048 --precision bfloat16 --torch-args="$TORCH_BEST" ;;
+      run --batch "$(bs 128,512,2048)" --precision bfloat16 --torch-args="$TORCH_BEST" ;;
     fp32)      # float32 against torch fp32 eager ncl (its plain variant) at the same batches
-      run --batch 128,512,2048 --precision float32 --torch-args="--layout ncl" ;;
+      run --batch "$(bs 128,512,2048)" --precision float32 --torch-args="--layout ncl" ;;
     pairs)     # every pair within 10% of the Gaussian pair; torch eager bf16 nhwc beside (no per-pair compiles)
-      run --batch 2048 --precision bfloat16 "${PAIRS[@]}" --torch-args="--layout nhwc" ;;
+      run --batch "$(bs 2048)" --precision bfloat16 "${PAIRS[@]}" --torch-args="--layout nhwc" ;;
     stream)    # streamed from the memory-mapped dataset vs resident on the device (target: within 10%)
-      run --batch 512,2048 --precision bfloat16 --data resident,streamed --no-torch
+      run --batch "$(bs 512,2048)" --precision bfloat16 --data resident,streamed --no-torch
       # the host gather alone, by reader threads: what streaming can deliver on this host
-      "$PY" bench/bench_read_rows.py --batch 2048 --json "$OUT/bench_read_rows.jsonl" 2>&1 | tee -a "$LOG" ;;
+      "$PY" bench/bench_read_rows.py --batch "$(bs 2048)" --seconds "${BENCH_SECONDS:-3}" --rounds "${ROUNDS:-2}" --json "$OUT/bench_read_rows.jsonl" 2>&1 | tee -a "$LOG" ;;
     encoders)  # every encoder, bf16, batch 512 (torch has cnn and cnn_lstm: eager nhwc beside them)
-      run --batch 512 --precision bfloat16 --encoder cnn,cnn_lstm,cnn_attn_lstm,cnn_transformer,res_cnn_lstm \
+      run --batch "$(bs 512)" --precision bfloat16 --encoder cnn,cnn_lstm,cnn_attn_lstm,cnn_transformer,res_cnn_lstm \
           --torch-args="--layout nhwc" ;;
     conv)      # stride-2 conv formulation on this GPU: strided (default off-CPU) vs paired, alternating
       for r in 1 2; do
         for c in strided paired; do
-          run --batch 512,2048 --precision bfloat16 --conv "$c" --rounds 1 --no-torch
+          run --batch "$(bs 512,2048)" --precision bfloat16 --conv "$c" --rounds 1 --no-torch
         done
       done ;;
     profile)   # where the step's time goes: ms per step by HLO op and by model scope (about a minute)
       for a in "--pair gaussian_noise:0.05+gaussian_noise:0.25" "--pair time_warp:4,0.2+dropout:0.1"; do
         # shellcheck disable=SC2086
-        "$PY" bench/profile_step.py --batch 2048 --precision bfloat16 $a --top 30 \
+        "$PY" bench/profile_step.py --batch "$(bs 2048)" --precision bfloat16 $a --top 30 \
             --trace-dir "$OUT/trace" --json "$OUT/profile_step.jsonl" 2>&1 | tee -a "$LOG"
       done ;;
     scaling)   # 1, 2, 4, .. N devices, per-device batch fixed (needs more than one GPU)
-      run --scaling --batch 256,1024 --precision bfloat16 --no-torch ;;
+      run --scaling --batch "$(bs 256,1024 2)" --precision bfloat16 --no-torch ;;
     all)
       for p in main profile fp32 pairs stream encoders conv scaling; do part "$p"; done ;;
     *)

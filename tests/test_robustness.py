@@ -128,3 +128,30 @@ def test_changed_config_on_resume_is_refused(tmp_path):
     pretrain.run(small_config("cnn_lstm", num_steps=4), wd)
   # cadence and length changes are fine
   assert pretrain.run(small_config(num_steps=3, log_every=3, checkpoint_every=1), wd)["steps"] == 3
+
+
+def test_checkpoint_of_a_replicated_state_compiles_nothing_and_restores_exactly(tmp_path):
+  """orbax's replica-parallel writes would compile a slice program per array shape and device at the first save."""
+  import jax
+  import jax.monitoring
+  from ecgcl_jax import checkpoint, parallel
+  mesh = parallel.make_mesh(8)
+  rng = np.random.default_rng(0)
+  host = {f"w{n}": rng.normal(size=(n + 1, 7 * n + 3)).astype(np.float32) for n in range(6)}  # distinct shapes
+  state = {k: parallel.replicate_from_host(mesh, v) for k, v in host.items()}
+  jax.block_until_ready(state)
+  compiles = []
+  listener = lambda event, secs, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    manager = checkpoint.make_manager(str(tmp_path / "ck"), keep=1)
+    checkpoint.save(manager, 1, state, wait=True)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+  step, back = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path / "ck"), keep=1), abstract)
+  assert step == 1
+  for k, v in host.items():
+    assert back[k].sharding == state[k].sharding
+    np.testing.assert_array_equal(np.asarray(back[k]), v)
