@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -26,14 +27,27 @@ from ecgcl_jax.errors import UserError
 
 
 def _one_writer_per_array() -> None:
-  """Each replicated array is written whole by one replica. orbax's default on CPU and TPU, replica-parallel
-  writes, slices every array into one piece per replica: a slice program compiled per array shape and device
-  (80 compiles, about 5 s, at the first save of an 8-device CPU run) to split states of a few MB."""
-  try:
-    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
-  except TypeError:  # an orbax without the option writes whole arrays anyway
+  """Each replicated array is written whole by one replica (process-wide, in orbax's handler registry).
+
+  orbax's default on CPU and TPU, replica-parallel writes, slices every array into one piece per replica: a slice
+  program compiled per array shape and device (80 compiles, about 5 s, at the first save of an 8-device CPU run)
+  to split states of a few MB. Everything else stays as orbax registered it (its array metadata store included).
+  """
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if not getattr(current, "_use_replica_parallel", False):  # GPU default, done already, or an orbax without it
     return
-  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  try:
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                             array_metadata_store=getattr(current, "_array_metadata_store", None))
+  except TypeError:
+    return
+  absl_log = logging.getLogger("absl")  # orbax logs a warning for every override; this one is meant
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_log.setLevel(level)
 
 
 def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
