@@ -116,6 +116,17 @@ def op_events(xspace_path: str, hlo: dict[str, tuple[str, str]]) -> tuple[collec
   return totals, left_out, 1, "host op events (thread time)"
 
 
+def trace_outline(xspace_path: str, max_lines: int = 8) -> str:
+  """'plane: line, line, ...; plane: ...' of a trace, for saying what a trace holds when no op events were found."""
+  pd = jax.profiler.ProfileData.from_file(xspace_path)
+  parts = []
+  for plane in pd.planes:
+    names = [line.name for line in plane.lines]
+    more = f", ... ({len(names)} lines)" if len(names) > max_lines else ""
+    parts.append(f"{plane.name}: {', '.join(names[:max_lines])}{more}")
+  return "; ".join(parts)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +181,10 @@ def main(argv=None) -> int:
     return 1
   hlo = parse_hlo(case.step.as_text())
   totals, left_out, n_devices, source = op_events(files[-1], hlo)
+  if not totals:
+    print(f"profile_step.py: no op events of the step in {files[-1]}; the trace holds {trace_outline(files[-1])}",
+          file=sys.stderr)
+    return 1
   if n_devices > 1:
     source += f", mean over {n_devices} devices"
   per_step = {k: v / 1e6 / args.steps / n_devices for k, v in totals.items()}

@@ -5,6 +5,7 @@ The torch side is a stand-in script that speaks torch_reference.py's command lin
 benchmark-only dependency, absent in CI); it reports a different rate in each round, so the ratios and their median
 are checked against a recomputation from the records.
 """
+import glob
 import json
 import os
 import statistics
@@ -176,3 +177,20 @@ def test_profile_step_runs_and_counts_no_enclosing_op(tmp_path):
   assert not any(name.split(".")[0] in ("while", "call") for name, _, _ in rec["top_ops"])
   assert any(s.startswith("CNNEncoder/trunk/layer_0 [bwd]") for s in rec["scopes"])
   assert any(s.startswith("vmap [fwd]") for s in rec["scopes"])
+
+
+def test_profile_step_outlines_a_trace_without_op_events(tmp_path):
+  # a trace whose events name none of the step's HLO ops (as a GPU trace would if its layout were not the one
+  # op_events reads) counts nothing, and the outline says what the trace holds instead
+  import jax.numpy as jnp
+  import profile_step
+  f = jax.jit(lambda x: jnp.sin(x) * 2)
+  f(jnp.ones(8)).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    f(jnp.ones(8)).block_until_ready()
+  [path] = glob.glob(os.path.join(str(tmp_path), "**", "*.xplane.pb"), recursive=True)
+  hlo = profile_step.parse_hlo(f.lower(jnp.ones(8)).compile().as_text())
+  assert sum(profile_step.op_events(path, hlo)[0].values()) > 0  # the fused op's event is found by its name
+  assert not profile_step.op_events(path, {"other_fusion": ("fusion", "")})[0]
+  outline = profile_step.trace_outline(path)
+  assert "/host:CPU" in outline, outline
