@@ -4,7 +4,8 @@
   python run_eval.py --config configs/eval.py:clocs_cmsc --workdir runs/eval_cmsc   # another pretraining config
 
 The optional argument after ':' names the nested pretraining config module in configs/ (default
-cnn_attn_lstm); for a CLOCS contrast mode (cmsc, cmlc, cmsmlc) the split defaults to 60/20/20 as in CLOCS.
+cnn_attn_lstm); with a CLOCS contrast mode (cmsc, cmlc, cmsmlc), however it is set, the split defaults to
+60/20/20 as in CLOCS.
 
 The data section is shared: `config.data` IS `config.pretrain.data` (one ConfigDict under two names), so
 `--config.data.path=DIR` / `--config.data.label=COLUMN` reach the nested pretraining as well (and
@@ -13,6 +14,7 @@ The data section is shared: `config.data` IS `config.pretrain.data` (one ConfigD
 import importlib
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import cnn_attn_lstm
 
@@ -35,11 +37,13 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
   c.encoder_checkpoint = ""   # exported encoder (run_pretrain.py WORKDIR or WORKDIR/encoder); "" = pretrain per repeat
   c.allow_leakage = False     # evaluate a loaded encoder even if it saw this repeat's val/test patients
 
-  clocs = c.pretrain.mode != "simclr"  # the CLOCS family: 60/20/20 as in its paper
+  # Patient-level, stratified on the patient label (train/rest, then rest into val/test). Unset = chosen when the
+  # run starts: 0.7/0.15/0.15, or 0.6/0.2/0.2 (the CLOCS paper's) when the pretraining mode, or a loaded encoder's,
+  # is a CLOCS mode; so --config.pretrain.mode=cmsc gets the CLOCS split too.
   c.split = ml_collections.ConfigDict()
-  c.split.train = 0.6 if clocs else 0.7   # patient-level, stratified on the patient label
-  c.split.val = 0.2 if clocs else 0.15    # one ECG per patient
-  c.split.test = 0.2 if clocs else 0.15   # one ECG per patient
+  c.split.train = config_dict.placeholder(float)
+  c.split.val = config_dict.placeholder(float)    # one ECG per patient
+  c.split.test = config_dict.placeholder(float)   # one ECG per patient
   c.label_fraction = 1.0      # fine-tune on this stratified fraction of the training patients (val/test unchanged)
 
   c.finetune = ml_collections.ConfigDict()

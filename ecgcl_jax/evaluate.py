@@ -126,6 +126,21 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def resolve_split(config, exported=None):
+    """The config with its unset split fractions (None) chosen: splits.CLOCS_FRACTIONS when the pretraining mode,
+    or the loaded encoder's, is a CLOCS mode, else splits.FRACTIONS. A copy when anything is filled in."""
+    names = ("train", "val", "test")
+    if all(config.split[n] is not None for n in names):
+        return config
+    mode = exported.preprocessing.get("mode", "simclr") if exported is not None else config.pretrain.mode
+    preset = splits.FRACTIONS if mode == "simclr" else splits.CLOCS_FRACTIONS
+    config = copy.deepcopy(config)
+    for name, value in zip(names, preset):
+        if config.split[name] is None:
+            config.split[name] = value
+    return config
+
+
 def validate(config) -> None:
     """Checks of the evaluation fields (the nested pretraining config is checked by pretrain)."""
     splits.check_fractions((config.split.train, config.split.val, config.split.test), "config.split")
@@ -368,13 +383,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
         return run_sweep(config, workdir, dataset)
     if not workdir:
         raise UserError("--workdir: required")
+    exported = checkpoint.load_encoder(config.encoder_checkpoint) if config.encoder_checkpoint else None
+    config = resolve_split(config, exported)
     validate(config)
     seeds = resolve_seeds(config)
     ds = open_data(config, dataset)
-    exported = None
-    if config.encoder_checkpoint:
-        exported = checkpoint.load_encoder(config.encoder_checkpoint)
-    else:
+    if exported is None:
         from ecgcl_jax import parallel, pretrain  # noqa: PLC0415
         pretrain.validate_config(config.pretrain, parallel.make_mesh().size)
     os.makedirs(workdir, exist_ok=True)
@@ -524,7 +538,9 @@ def _run_sweep_locked(config, workdir: str, ds, field: str, fields: list[str], v
         variant.sweep.field = ""
         sub = os.path.join(workdir, variant_name(field, value))
         _log(f"sweep {field} = {value!r} -> {sub}")
-        res = run(variant, sub, dataset=ds, pretrain_root=pretrain_root)
+        # a variant on another dataset (a swept data.path) opens its own
+        same_data = str(variant.data.path) == str(config.data.path)
+        res = run(variant, sub, dataset=ds if same_data else None, pretrain_root=pretrain_root)
         if res.get("status") != "done":
             _log(f"sweep interrupted at {field} = {value!r}; run the same command to continue")
             break

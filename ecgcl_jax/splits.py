@@ -9,9 +9,11 @@ Rules (SPEC "Fine-tuning and evaluation protocol", issue 7):
 - A patient's label is the rounded mean of the known labels of its ECGs (NaN = unknown, ignored). A mean of
   exactly 0.5 rounds to 0, as `numpy.round` (round half to even) does; patients with no known label are not in
   the labeled splits (their ECGs still go to the pretraining pool).
-- Labeled patients are split train/val/test with stratification on the patient label, per class: the class's
-  patients are shuffled (seeded) and `round(n_c * val_fraction)` go to validation, `round(n_c * test_fraction)`
-  to test, the rest to train; a class with at least 3 patients gives at least one to validation and one to test.
+- Labeled patients are split as the SPEC's train/rest 70/30, then rest 50/50 into validation/test, with
+  stratification on the patient label, per class: the class's patients are shuffled (seeded);
+  n_rest = nearest(n_c * (val + test)) leave training, and of those n_test = nearest(n_rest * test / (val + test))
+  go to test, the others to validation (nearest rounds halves up, so with 50/50 an odd rest gives test the extra
+  patient); a class with at least 3 patients gives at least one to validation and one to test.
 - Training uses every labeled ECG of its patients, each with its own label; validation and test keep one labeled
   ECG per patient (a seeded choice), scored with that ECG's own label.
 - Label fraction: a stratified subset of the training patients, `ceil(fraction * n_c)` per class (at least one).
@@ -28,6 +30,9 @@ from typing import Sequence
 import numpy as np
 
 from ecgcl_jax.errors import UserError
+
+FRACTIONS = (0.7, 0.15, 0.15)        # train, val, test: the SPEC's 70/30, then the rest 50/50
+CLOCS_FRACTIONS = (0.6, 0.2, 0.2)    # the CLOCS variant's
 
 
 class LeakageError(UserError):
@@ -112,6 +117,12 @@ class Split:
         return out
 
 
+def _nearest(x: float) -> int:
+    """x >= 0 rounded to the nearest integer, halves up; products like 10 * 0.15 land a hair off .5, so 1e-9 of
+    slack keeps a half a half."""
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
 def _stratified_partition(patients_by_class: dict[int, list[str]], rng: np.random.Generator,
                           val_fraction: float, test_fraction: float):
     train, val, test = [], [], []
@@ -119,8 +130,9 @@ def _stratified_partition(patients_by_class: dict[int, list[str]], rng: np.rando
         members = list(patients_by_class[c])
         rng.shuffle(members)
         n = len(members)
-        n_val = int(round(n * val_fraction))
-        n_test = int(round(n * test_fraction))
+        n_rest = _nearest(n * (val_fraction + test_fraction))
+        n_test = _nearest(n_rest * test_fraction / (val_fraction + test_fraction))
+        n_val = n_rest - n_test
         if n >= 3:
             n_val, n_test = max(n_val, 1), max(n_test, 1)
         while n_val + n_test > n - 1 and n_val + n_test > 0 and n > 1:  # keep >= 1 training patient
@@ -157,7 +169,7 @@ def label_fraction_subset(train_patients: Sequence[str], plabels: dict[str, int]
 
 
 def make_split(patient_ids: Sequence[str], labels: Sequence[float], records: Sequence[str], seed: int,
-               fractions: Sequence[float] = (0.7, 0.15, 0.15), label_fraction: float = 1.0) -> Split:
+               fractions: Sequence[float] = FRACTIONS, label_fraction: float = 1.0) -> Split:
     """Patient-level stratified split of one repeat.
 
     patient_ids: (N,) str ("" = unknown); labels: (N,) float 1/0/NaN; records: (N,) str unique record paths.
@@ -236,6 +248,6 @@ def check_split(split: Split, keys: np.ndarray) -> None:
                where=f"split seed {split.seed}: pretraining pool")
 
 
-def split_dataset(dataset, seed: int, fractions=(0.7, 0.15, 0.15), label_fraction: float = 1.0) -> Split:
+def split_dataset(dataset, seed: int, fractions=FRACTIONS, label_fraction: float = 1.0) -> Split:
     """`make_split` on an `ecgcl_jax.data.Dataset` (its patient_ids, labels, records)."""
     return make_split(dataset.patient_ids, dataset.labels, dataset.records, seed, fractions, label_fraction)

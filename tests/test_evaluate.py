@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import ml_collections
@@ -170,6 +171,45 @@ def test_label_fraction_sweep(tmp_path, ds, clean_encoder):
     assert len(rows) == 1 + 2 * 2 * len(METRIC_KEYS)  # header + values x methods x metrics
     again = evaluate.run(cfg, str(tmp_path), dataset=ds)  # resumable: everything is already done
     assert again["rows"] == out["rows"]
+
+
+def test_split_fractions_follow_the_mode_however_it_is_set():
+    from configs import eval as eval_cfg
+    simclr, clocs = splits.FRACTIONS, splits.CLOCS_FRACTIONS
+    assert (simclr, clocs) == ((0.7, 0.15, 0.15), (0.6, 0.2, 0.2))  # the SPEC's 70/30 and the CLOCS 60/20/20
+
+    def fractions(c, exported=None):
+        r = evaluate.resolve_split(c, exported)
+        return r.split.train, r.split.val, r.split.test
+
+    c = eval_cfg.get_config()
+    assert fractions(c) == simclr
+    c.pretrain.mode = "cmsc"  # as --config.pretrain.mode=cmsc on the command line
+    assert fractions(c) == clocs
+    assert c.split.train is None  # the caller's config is left as it was
+    assert fractions(eval_cfg.get_config("clocs_cmlc")) == clocs
+    c.split.val, c.split.test, c.split.train = 0.25, 0.25, 0.5  # set by the user: kept
+    assert fractions(c) == (0.5, 0.25, 0.25)
+    # a loaded encoder's own mode decides, not the unused pretraining section's
+    exported = types.SimpleNamespace(preprocessing={"mode": "cmsmlc"})
+    assert fractions(eval_cfg.get_config(), exported) == clocs
+
+
+def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_encoder, monkeypatch):
+    # every variant used to get the base config's opened dataset, so a swept data.path was never read
+    seen = []
+
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None):
+        seen.append((variant.data.path, variant.pretrain.data.path, dataset))
+        one = {k: 0.5 for k in ("mean", "min", "max")} | {k: 0.0 for k in ("ci95", "ci95_normal", "sd")} | {"n": 1}
+        return {"status": "done", "baselines": {}, "summary": {m: dict(one) for m in METRIC_KEYS}}
+
+    monkeypatch.setattr(evaluate, "run", fake_run)
+    cfg = eval_config(clean_encoder, **{"sweep.field": "data.path", "sweep.choices": ("", str(tmp_path / "other"))})
+    out = evaluate.run_sweep(cfg, str(tmp_path / "sweep"), dataset=ds)
+    assert out["status"] == "done"
+    assert [(a, b) for a, b, _ in seen] == [("", ""), (str(tmp_path / "other"),) * 2]
+    assert seen[0][2] is not None and seen[1][2] is None  # the base data for the base path; the other opens its own
 
 
 def _check_method(block, seeds):

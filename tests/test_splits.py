@@ -70,16 +70,24 @@ def test_split_invariants():
     assert set(s.val_patients) == va and set(s.test_patients) == te and set(s.train_patients) == tr
 
 
-def test_stratification_counts():
-    pids, labels, records, truth = make_table(n_pos=12, n_neg=28)
-    n_pos = sum(truth.values())        # 12 + 2 id-less positives = 14
-    n_neg = len(truth) - n_pos         # 28 + 4 = 32
+def _class_counts(s, truth):
+    """(val, test, train) patient counts of each class: {label: (n_val, n_test, n_train)}."""
+    return {c: tuple(sum(truth[p] == c for p in pats) for pats in (s.val_patients, s.test_patients,
+                                                                    s.train_patients)) for c in (0, 1)}
+
+
+def test_stratification_counts_by_hand():
+    # SPEC: train/rest 70/30, then rest 50/50 into val/test, per class. Worked by hand:
+    #   positives 8 + 2 id-less = 10: rest = nearest(3.0) = 3, test = nearest(1.5) = 2, val 1, train 7
+    #   negatives 18 + 4 id-less = 22: rest = nearest(6.6) = 7, test = nearest(3.5) = 4, val 3, train 15
+    pids, labels, records, truth = make_table(n_pos=8, n_neg=18)
     for seed in (321, 123, 51):
         s = splits.make_split(pids, labels, records, seed=seed)
-        for pats, frac in ((s.val_patients, 0.15), (s.test_patients, 0.15)):
-            assert sum(truth[p] for p in pats) == round(n_pos * frac)
-            assert sum(1 - truth[p] for p in pats) == round(n_neg * frac)
-        assert sum(truth[p] for p in s.train_patients) == n_pos - 2 * round(n_pos * 0.15)
+        assert _class_counts(s, truth) == {1: (1, 2, 7), 0: (3, 4, 15)}
+    #   positives 14: rest = nearest(4.2) = 4 -> 2 / 2, train 10; negatives 32: rest = nearest(9.6) = 10 -> 5 / 5
+    pids, labels, records, truth = make_table(n_pos=12, n_neg=28)
+    s = splits.make_split(pids, labels, records, seed=321)
+    assert _class_counts(s, truth) == {1: (2, 2, 10), 0: (5, 5, 22)}
 
 
 def test_custom_fractions_and_small_class():
@@ -88,8 +96,13 @@ def test_custom_fractions_and_small_class():
     # every class with >= 3 patients reaches validation and test
     for pats in (s.val_patients, s.test_patients):
         assert {truth[p] for p in pats} == {0, 1}
-    n_neg = len(truth) - sum(truth.values())
-    assert sum(1 - truth[p] for p in s.test_patients) == round(n_neg * 0.2)
+    # by hand: positives 3 + 2 = 5: rest = nearest(2.0) = 2 -> 1 / 1; negatives 40 + 4 = 44: rest = nearest(17.6)
+    # = 18 -> 9 / 9
+    assert _class_counts(s, truth) == {1: (1, 1, 3), 0: (9, 9, 26)}
+    # a small class still gives one patient to each of val and test: 3 patients, rest = nearest(0.9) = 1 -> 1 / 1
+    pids, labels, records, truth = make_table(n_pos=1, n_neg=40)
+    s = splits.make_split(pids, labels, records, seed=1)
+    assert _class_counts(s, truth)[1] == (1, 1, 1)
 
 
 def test_seeded_reproducible_and_seed_dependent():
