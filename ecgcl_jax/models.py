@@ -592,7 +592,8 @@ class Classifier(nn.Module):
   """Encoder + binary head for fine-tuning. params = {'encoder': <encoder params>, 'head': ...}.
 
   x: (B, L, C) when `aggregate` is None, else (B, V, L, C) with V = num_views views (CLOCS: the two 2500-sample
-  halves, or each lead as a (L, 1) input) run through the shared encoder and aggregated. Returns logits (B,)
+  halves, or each lead as a (L, 1) input) run through the shared encoder one view at a time (BatchNorm statistics
+  per view, as in pretraining) and aggregated. Returns logits (B,)
   float32 (apply the sigmoid in the loss / metrics). With `linear_probe` the encoder runs in eval mode (running
   BatchNorm statistics, no dropout) behind a stop_gradient and the head is a single Dense(1); freeze the encoder
   params in the optimizer too (e.g. optax.multi_transform on the top-level 'encoder' / 'head' keys).
@@ -624,12 +625,13 @@ class Classifier(nn.Module):
         raise ValueError(f"Classifier with aggregate={self.aggregate!r} expects (batch, {self.num_views}, length, "
                          f"leads), got shape {x.shape}")
       views = x
-    b, v = views.shape[:2]
     enc_train = train and not self.linear_probe
-    e, _ = self.encoder(views.reshape((b * v,) + views.shape[2:]), enc_train)
+    # one encoder call per view, as in pretraining: in training each view is normalised with its own BatchNorm
+    # statistics (one call on all B * V inputs would pool, e.g., lead II with aVR) and updates the running ones
+    e = jnp.stack([self.encoder(views[:, i], enc_train)[0] for i in range(views.shape[1])], axis=1)
     if self.linear_probe:
       e = jax.lax.stop_gradient(e)
-    return self.head(e.reshape(b, v, -1), train)
+    return self.head(e, train)
 
 
 def plug_encoder(classifier_variables: Mapping, encoder_variables: Mapping) -> dict:

@@ -484,6 +484,31 @@ def test_pretrained_encoder_plugs_into_classifier():
     models.plug_encoder(clf_vars, jax.eval_shape(lambda: other.init(KEYS, x[:, 0], train=False)))
 
 
+def test_classifier_normalises_each_view_with_its_own_batch_statistics():
+  # the views differ 10x in amplitude (as leads do): pooled BatchNorm statistics would give other logits
+  c = cfg("cnn", emb_dim=16, proj_dim=8, dropout=0.0)
+  x = jax.random.normal(jax.random.key(6), (6, 2, 2500, 1)) * jnp.array([1.0, 10.0])[None, :, None, None]
+  clf = models.Classifier(c, head_dropout=0.0, aggregate="concat", num_views=2)
+  v = random_variables(clf, x)
+  logits, new = clf.apply(v, x, train=True, rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])
+  # reference: the encoder applied view by view, its running statistics updated after each view, then the head
+  encoder, head = models.build_encoder(c), models.ClassifierHead(16, 0.0, "concat")
+  bs, embs = v["batch_stats"]["encoder"], []
+  for i in range(2):
+    (e, _), upd = encoder.apply({"params": v["params"]["encoder"], "batch_stats": bs}, x[:, i], train=True,
+                                mutable=["batch_stats"])
+    bs = upd["batch_stats"]
+    embs.append(e)
+  want = head.apply({"params": v["params"]["head"]}, jnp.stack(embs, 1), train=False)
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         new["batch_stats"]["encoder"], bs)
+  (pooled, _), _ = encoder.apply({"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
+                                 x.reshape((12, 2500, 1)), train=True, mutable=["batch_stats"])
+  pooled_logits = head.apply({"params": v["params"]["head"]}, pooled.reshape(6, 2, -1), train=False)
+  assert np.max(np.abs(np.asarray(pooled_logits) - np.asarray(logits))) > 1e-2
+
+
 def test_linear_probe_freezes_encoder():
   clf = models.Classifier(SMALL, linear_probe=True)
   x = jax.random.normal(jax.random.key(5), (4, 2500, 12))
