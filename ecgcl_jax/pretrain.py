@@ -3,7 +3,7 @@
 Data flow of one step (all inside one ``jax.jit``, state donated)::
 
     int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
-      ── views (augment, keyed by fold_in(fold_in(key, step), example)) ──▶ V views
+      ── views (augment, example i keyed by fold_in(k_aug, i), k_aug split from fold_in(key, step)) ──▶ V views
       ── encoder + projector, one forward per view (BatchNorm statistics per view, global batch) ──▶ z
       ── NT-Xent / CLOCS loss (float32) ──▶ grad ──▶ L2 + Adam ──▶ new state
 
