@@ -387,3 +387,72 @@ def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp
   assert os.stat(enc).st_mtime_ns == stamp and read_metrics(wd) == lines
   with pytest.raises(Exception, match="changed fields"):  # the workdir check still runs first
     pretrain.run(small_config(num_steps=2, **{"model.emb_dim": 16}), wd)
+
+
+@pytest.mark.parametrize("mode", ["cmsc", "cmlc", "cmsmlc"])
+def test_make_views_routes_halves_leads_and_augmentations(mode):
+  """Which half and lead each view holds, which augmentation it gets, and one key per lead: view1 adds noise,
+  view2 is the identity, and every lead of x is the same signal, so a view equals its raw slice exactly where no
+  noise was drawn and two noised leads differ only through their keys."""
+  import jax
+  import ecgcl_jax
+  from ecgcl_jax import pretrain
+  cfg = small_config("cnn", mode=mode, **{"augment.view1": "gaussian_noise:0.5", "augment.view2": "none"})
+  x = np.repeat(np.random.default_rng(0).normal(size=(3, 5000, 1)).astype(np.float32), 12, axis=2)
+  views = [np.asarray(v) for v in pretrain.make_views(cfg, jax.random.PRNGKey(7), x)]
+  h1, h2 = x[:, :2500], x[:, 2500:]
+  cols = [ecgcl_jax.LEADS.index(name) for name in cfg.clocs_leads]
+  if mode == "cmsc":  # [h1 view1, h1 view2, h2 view1, h2 view2]
+    want = [(h1, True), (h1, False), (h2, True), (h2, False)]
+  elif mode == "cmlc":  # each selected lead of the whole ECG, view1
+    want = [(x[:, :, c:c + 1], True) for c in cols]
+  else:  # each selected lead of half 1 under view1, then of half 2 under view2
+    want = [(h1[:, :, c:c + 1], True) for c in cols] + [(h2[:, :, c:c + 1], False) for c in cols]
+  assert len(views) == len(want)
+  noised = []
+  for v, (raw, noisy) in zip(views, want):
+    assert v.shape == raw.shape
+    if noisy:
+      ratio = np.std(v - raw) / np.std(raw)
+      assert 0.4 < ratio < 0.6, ratio  # N(0, 1) * 0.5 * std, per ECG and lead
+      noised.append(v)
+    else:
+      np.testing.assert_array_equal(v, raw)
+  if mode != "cmsc":  # the single-lead views of one half: same signal, different keys, different noise
+    for a in range(len(cols)):
+      for b in range(a + 1, len(cols)):
+        assert not np.allclose(noised[a], noised[b])
+
+
+def test_step_runs_one_encoder_forward_per_view():
+  """The step's loss equals the encoder applied to each view on its own (BatchNorm statistics per view, running
+  statistics chained) followed by the contrastive loss; one forward over the stacked views would not."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from ecgcl_jax import input_pipeline, models, pretrain
+  cfg = small_config("cnn", mode="cmsc", **{"model.dropout": 0.0, "augment.view1": "none",
+                                             "augment.view2": "none"})
+  model, tx = models.build_encoder(cfg.model), optax.sgd(0.0)
+  state = pretrain.init_state(cfg, model, tx, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(1)
+  raw = rng.integers(-800, 800, size=(8, 5000, 12)).astype(np.int16)
+  raw[:4] *= 3  # amplitudes that differ between ECGs and halves make pooled statistics differ from per-view ones
+  raw[:, 2500:] //= 4
+  batch = {"raw": raw, "scale": np.full(8, 1e-3, np.float32), "ids": np.arange(8, dtype=np.int32),
+           "max_amp": np.float32(3.0)}
+  new, m = jax.jit(pretrain.make_pretrain_step(cfg, model, tx))(state, batch, jax.random.PRNGKey(1))
+  x = input_pipeline.normalize(jnp.asarray(raw, jnp.float32) * 1e-3, jnp.float32(3.0))
+  views = pretrain.make_views(cfg, jax.random.PRNGKey(0), x)  # identity augmentations: the key does not matter
+  bs, zs = state.batch_stats, []
+  for v in views:
+    (_, z), upd = model.apply({"params": state.params, "batch_stats": bs}, v, train=True, mutable=["batch_stats"])
+    bs = upd["batch_stats"]
+    zs.append(z)
+  want = float(pretrain.contrastive_loss(cfg, zs, None))
+  np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.batch_stats, bs)
+  (_, pooled), _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                               jnp.concatenate(views), train=True, mutable=["batch_stats"])
+  pooled_loss = float(pretrain.contrastive_loss(cfg, list(jnp.split(pooled, len(views))), None))
+  assert abs(pooled_loss - want) > 1e-3
