@@ -115,7 +115,8 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
 
 
 def _kill_second_repeat(monkeypatch):
-    """Deliver a real SIGTERM while the second repeat is running."""
+    """Deliver a real SIGTERM as the second repeat starts (it lands before that repeat does any work; a SIGTERM
+    inside a repeat's pretraining is the next test's case)."""
     real = evaluate.run_repeat
     calls = []
 
@@ -137,7 +138,7 @@ def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeyp
     b = evaluate.run(eval_config(clean_encoder), str(tmp_path / "b"), dataset=ds)
     assert (tmp_path / "a" / "results.json").read_text() == (tmp_path / "b" / "results.json").read_text()
     assert b["summary"] == a["summary"]
-    # killed during the second repeat: the first one is kept, a re-run finishes with identical results.json
+    # killed as the second repeat starts: the first one is kept, a re-run finishes with identical results.json
     calls = _kill_second_repeat(monkeypatch)
     c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds)
     assert c["status"] == "preempted" and len(c["repeats"]) == 1 and calls == [321, 123]
@@ -171,6 +172,39 @@ def test_label_fraction_sweep(tmp_path, ds, clean_encoder):
     assert len(rows) == 1 + 2 * 2 * len(METRIC_KEYS)  # header + values x methods x metrics
     again = evaluate.run(cfg, str(tmp_path), dataset=ds)  # resumable: everything is already done
     assert again["rows"] == out["rows"]
+
+
+def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(tmp_path, monkeypatch):
+    """A SIGTERM that lands inside a repeat's pretraining (not between repeats): the pretraining checkpoints and
+    stops, the evaluation reports itself preempted, and the same command resumes that pretraining from its
+    checkpoint and ends with the results.json of an uninterrupted run."""
+    from ecgcl_jax import pretrain
+    over = {"repeats": 1, "finetune.num_epochs": 1, "baselines": ("random_init",), "data.label": "normal",
+            "pretrain.num_steps": 4, "pretrain.checkpoint_every": 2, "pretrain.log_every": 1,
+            "pretrain.batch_size": 8, "pretrain.model.encoder": "cnn", "pretrain.model.emb_dim": 16,
+            "pretrain.model.channels": (4, 4, 4, 4, 4), "pretrain.augment.view1": "gaussian_noise:0.05",
+            "pretrain.augment.view2": "dropout:0.1"}
+    a = evaluate.run(eval_config(**over), str(tmp_path / "a"))
+    assert a["status"] == "done"
+    real, checks = pretrain._stop_requested, []
+
+    def stop_after_step_2(preempt, sync_point):
+        checks.append(sync_point)
+        if len(checks) == 2:  # the check after the second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(preempt, sync_point)
+
+    monkeypatch.setattr(pretrain, "_stop_requested", stop_after_step_2)
+    b = evaluate.run(eval_config(**over), str(tmp_path / "b"))
+    monkeypatch.undo()
+    assert b["status"] == "preempted" and not b["repeats"]
+    ckpts = tmp_path / "b" / "repeat_321" / "pretrain" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["2"] and not (tmp_path / "b" / "repeat_321" / "repeat.json").exists()
+    b = evaluate.run(eval_config(**over), str(tmp_path / "b"))
+    assert b["status"] == "done"
+    metrics_b = (tmp_path / "b" / "repeat_321" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in metrics_b] == [1, 2, 3, 4]  # resumed at step 2, not started again
+    assert (tmp_path / "b" / "results.json").read_text() == (tmp_path / "a" / "results.json").read_text()
 
 
 def test_split_fractions_follow_the_mode_however_it_is_set():
