@@ -116,7 +116,7 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
 
 def _kill_second_repeat(monkeypatch):
     """Deliver a real SIGTERM as the second repeat starts (it lands before that repeat does any work; a SIGTERM
-    inside a repeat's pretraining is the next test's case)."""
+    inside a repeat's pretraining: test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results)."""
     real = evaluate.run_repeat
     calls = []
 
