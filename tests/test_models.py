@@ -707,3 +707,18 @@ def test_xla_compiler_options_keep_barriers_and_change_no_result():
   if jax.default_backend() == "cpu":  # the barrier on the paired input survives into the optimised program
     assert "opt-barrier" in kept.lower(v, x).compile().as_text()
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain(v, x), kept(v, x))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25])
+def test_embedding_head_drops_at_twice_the_trunk_rate(p):
+  # SPEC: dropout p in the trunk, 2p in the embedding head. 64 x 4096 outputs: the dropped fraction is within
+  # 5 binomial standard deviations of 2p, and survivors are scaled by 1 / (1 - 2p)
+  head = models.EmbeddingHead(emb_dim=4096, dropout=p)
+  h = jax.random.normal(jax.random.key(0), (64, 32))
+  v = head.init(KEYS, h, train=False)
+  plain = np.asarray(head.apply(v, h, train=False))
+  out = np.asarray(head.apply(v, h, train=True, rngs={"dropout": jax.random.key(3)}))
+  dropped = (out == 0) & (plain != 0)
+  n, q = plain.size, 2 * p
+  assert abs(dropped.mean() - q) < 5 * np.sqrt(q * (1 - q) / n), dropped.mean()
+  np.testing.assert_allclose(out[~dropped], plain[~dropped] / (1 - q), rtol=1e-5, atol=1e-6)
