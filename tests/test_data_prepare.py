@@ -132,6 +132,30 @@ def test_missing_lead_dropped_or_zero_filled(tmp_path):
     assert ds.meta["missing_leads"].iloc[0] == "V4"
 
 
+def test_inverted_lead_is_negated(tmp_path):
+    # a Cabrera-style record stores -aVR; what lands in the dataset is aVR itself, like the plain record's
+    src = tmp_path / "src"
+    x = ecg_like(5000, 12, 500, seed=9)
+    plain = write_record(str(src / "plain"), "plain", signal=x)
+    cabrera = x.copy()
+    avr = LEADS.index("aVR")
+    cabrera[:, avr] *= -1
+    leads = ["-aVR" if l == "aVR" else l for l in STD_LEADS]
+    cab = write_record(str(src / "cab"), "cab", leads=leads, signal=cabrera)
+    _prep(src, tmp_path / "out")
+    ds = open_dataset(str(tmp_path / "out"))
+    rows = {n: i for i, n in enumerate(ds.names)}
+    ref_plain, _, _ = read_reference(plain)
+    ref_cab, names, _ = read_reference(cab)  # as wfdb reads it: -aVR in column 3
+    assert names[avr] == "-aVR"
+    ref_cab[:, avr] *= -1
+    for name, ref in (("plain", ref_plain), ("cab", ref_cab)):
+        np.testing.assert_allclose(ds.signals[rows[name]], ref, atol=float(ds.scales[rows[name]]))
+    # the two files quantise x and -x separately: equal to within their ADC steps
+    np.testing.assert_allclose(ds.signals[rows["cab"]], ds.signals[rows["plain"]], atol=2e-4)
+    assert ds.meta["leads_original"].iloc[rows["cab"]].split(",")[avr] == "-aVR"
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _corrupt_set(tmp_path):
     """Good generated records plus every kind of broken input; returns (src, expected bad -> reason word)."""

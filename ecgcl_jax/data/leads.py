@@ -18,32 +18,47 @@ for _k in range(1, 7):
 _STRIP = re.compile(r"[\s_\-\.'\"]+")
 
 
-def normalise_lead(name: str) -> str | None:
-    """Return the standard lead name for `name` (any case, `AVR`, `lead_II`, `-aVR`...), or None if unknown."""
-    key = _STRIP.sub("", str(name)).lower()
+_MINUS = ("-", "\u2212")
+
+
+def parse_lead(name: str) -> tuple[str | None, bool]:
+    """(standard lead name or None if unknown, inverted) for a channel name: any case, `AVR`, `lead_II`, ...; a
+    leading minus sign marks an inverted lead, e.g. `-aVR` of the Cabrera display, which is -1 x aVR."""
+    s = str(name).strip()
+    inverted = s[:1] in _MINUS
+    key = _STRIP.sub("", s[1:] if inverted else s).lower()
     if key.startswith("lead"):
         key = key[4:]
-    return _ALIASES.get(key)
+    return _ALIASES.get(key), inverted
 
 
-def lead_index(names: list[str]) -> tuple[dict[str, int], list[str], list[str]]:
+def normalise_lead(name: str) -> str | None:
+    """The standard lead name for `name` (see parse_lead; `-aVR` gives aVR), or None if unknown."""
+    return parse_lead(name)[0]
+
+
+def lead_index(names: list[str]) -> tuple[dict[str, int], list[str], list[str], set[str]]:
     """Map standard lead -> column index in a record with channel `names`.
 
-    Returns (mapping, unknown_names, duplicated_standard_leads). Channels whose name is not a
-    standard lead (e.g. PTB's vx, vy, vz) are listed as unknown and not used.
+    Returns (mapping, unknown_names, duplicated_standard_leads, inverted): channels whose name is not a
+    standard lead (e.g. PTB's vx, vy, vz) are listed as unknown and not used; `inverted` holds the standard
+    leads whose mapped channel is stored with the opposite sign (`-aVR`), to be negated.
     """
     mapping: dict[str, int] = {}
     unknown: list[str] = []
     dup: list[str] = []
+    inverted: set[str] = set()
     for j, n in enumerate(names):
-        std = normalise_lead(n)
+        std, neg = parse_lead(n)
         if std is None:
             unknown.append(str(n))
         elif std in mapping:
             dup.append(std)
         else:
             mapping[std] = j
-    return mapping, unknown, dup
+            if neg:
+                inverted.add(std)
+    return mapping, unknown, dup, inverted
 
 
 def missing_leads(mapping: dict[str, int]) -> list[str]:

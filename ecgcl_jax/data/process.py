@@ -79,7 +79,7 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
         raise SkipRecord("zero-length record")
     if len(sig.names) != x.shape[1]:
         raise SkipRecord(f"{x.shape[1]} signal columns but {len(sig.names)} lead names")
-    mapping, unknown, dup = lead_index(sig.names)
+    mapping, unknown, dup, inverted = lead_index(sig.names)
     miss = missing_leads(mapping)
     if miss and (opts.missing_leads == "drop" or len(miss) == len(LEADS)):
         why = f"missing leads {','.join(miss)}"
@@ -96,7 +96,7 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
     std = np.zeros((x.shape[0], len(LEADS)), np.float64)
     for i, c in enumerate(cols):
         if c is not None:
-            std[:, i] = x[:, c]
+            std[:, i] = -x[:, c] if LEADS[i] in inverted else x[:, c]
     gains = None
     if sig.gains is not None:
         gains = [sig.gains[c] for c in cols if c is not None]
