@@ -156,6 +156,22 @@ def test_inverted_lead_is_negated(tmp_path):
     assert ds.meta["leads_original"].iloc[rows["cab"]].split(",")[avr] == "-aVR"
 
 
+def test_header_label_is_the_default_label_and_kept_when_another_is_picked(tmp_path):
+    # the header states Label: 0 and a Dx of sinus rhythm alone (normal = 1)
+    src = tmp_path / "src"
+    write_record(str(src), "h1", comments=["Label: 0", "Dx: 426783006"], seed=1)
+    write_record(str(src), "h2", comments=["Label: 1", "Dx: 164934002"], seed=2)
+    _prep(src, tmp_path / "a")
+    a = open_dataset(str(tmp_path / "a"))
+    order = np.argsort(a.names)
+    np.testing.assert_array_equal(a.labels[order], [0.0, 1.0])  # the stated label, not one derived from Dx
+    _prep(src, tmp_path / "b", label_column="normal")
+    b = open_dataset(str(tmp_path / "b"))
+    order = np.argsort(b.names)
+    np.testing.assert_array_equal(b.labels[order], [1.0, 0.0])
+    np.testing.assert_array_equal(b.with_label("source_label").labels[order], [0.0, 1.0])  # not lost
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _corrupt_set(tmp_path):
     """Good generated records plus every kind of broken input; returns (src, expected bad -> reason word)."""

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--labels", metavar="TABLE.csv", help="label table: a 'record' column and label columns")
     q.add_argument("--label-column", metavar="NAME",
                    help="column that becomes the binary label (default: the table's only label column; "
-                        "without a table 'normal')")
+                        "without a table 'label' where the sources give one, else 'normal')")
     q.add_argument("--no-auto-labels", action="store_true",
                    help="do not attach a labels.csv / records.csv found at the top of a SRC folder")
     q.add_argument("--length", choices=CHOICES["length"], default=D.length,

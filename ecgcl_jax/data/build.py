@@ -535,11 +535,15 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
     elif picked and (opts.label_column is None or opts.label_column == picked[0]):
         column = picked[0]
     else:
-        column = opts.label_column or next((c for c in ("normal", "label") if c in meta.columns and
+        # a label the source states (a header's `Label:`, an array CSV's `label`) before one derived from Dx codes
+        column = opts.label_column or next((c for c in ("label", "normal") if c in meta.columns and
                                             pd.to_numeric(meta[c], errors="coerce").notna().any()), "normal")
         if column not in meta.columns:
             raise UserError(f"--label-column: no column '{column}' in the prepared records "
                             f"(columns: {', '.join(meta.columns)})")
+    if column != "label" and "label" in meta.columns and meta["label"].astype(str).str.strip().replace(
+            "nan", "").ne("").any():
+        meta["source_label"] = meta["label"]  # the source's own `label`, kept: `label` becomes the chosen column
     meta["label"] = binary_column(meta[column].tolist(), f"--label-column {column}", meta["record"].tolist())
     manifest["options"]["label_column"] = column
     front = ["record", "name", "patient_id", "label", "window", "valid_length", "fs_original",
