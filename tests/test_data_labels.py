@@ -160,3 +160,28 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
     assert (plain.patient_ids == "").all()  # the headers carry no patient ids
     by = dict(zip(plain.names, plain.labels))
     assert by["HR00001"] == 0.0  # header #Dx has more than sinus rhythm; records.csv (PTB-XL NORM) says 1
+
+
+def test_two_rows_naming_one_record_by_the_same_kind_of_key_are_refused(tmp_path):
+  # ids 841 and 00841 are one PTB-XL ecg_id: the table is ambiguous for record 00841_hr
+  from data_fixtures import write_record
+  write_record(str(tmp_path / "src"), "00841_hr", seed=1)
+  table = tmp_path / "t.csv"
+  pd.DataFrame({"record": ["841", "00841"], "lvh": ["1", "0"]}).to_csv(table, index=False)
+  with pytest.raises(UserError, match=r"rows '841' and '00841' both name record .*00841_hr"):
+    prepare([str(tmp_path / "src")], str(tmp_path / "out"), PrepareOptions(labels=str(table), label_column="lvh"),
+            workers=1, stream=open(os.devnull, "w"))
+
+
+def test_a_row_labelling_several_records_is_reported(tmp_path):
+  from data_fixtures import write_record
+  for folder, seed in (("a", 1), ("b", 2)):
+    write_record(str(tmp_path / "src" / folder), "same", seed=seed)
+  write_record(str(tmp_path / "src" / "a"), "other", seed=3)
+  table = tmp_path / "t.csv"
+  pd.DataFrame({"record": ["same", "other"], "lvh": ["1", "0"]}).to_csv(table, index=False)
+  s = prepare([str(tmp_path / "src")], str(tmp_path / "out"), PrepareOptions(labels=str(table), label_column="lvh"),
+              workers=1, stream=open(os.devnull, "w"))
+  t = s["label_table"]
+  assert t["records_matched"] == 3 and t["table_rows_matching_several_records"] == 1
+  assert t["several_examples"] == ["same"]

@@ -606,4 +606,8 @@ def format_summary(s: dict, out: str) -> str:
                      f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
                      "nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"]
                                   else ""))
+        if t.get("table_rows_matching_several_records"):
+            lines.append(f"label table {t['table']}: table rows that label more than one record each: "
+                         f"{t['table_rows_matching_several_records']} (e.g. {', '.join(t['several_examples'])}); "
+                         "a path in the record column picks one")
     return "\n".join(lines)

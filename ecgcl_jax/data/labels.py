@@ -120,7 +120,10 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
 
 
 def match_rows(table: LabelTable, meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """For each meta row the matching table row index (-1 if none), and per table row whether it matched."""
+    """For each meta row the matching table row index (-1 if none), and per table row whether it matched.
+
+    A record is matched by its most specific key (path, then name, then id, then a trailing part of the path);
+    two table rows that match one record by keys of the same kind (e.g. ids `841` and `00841`) are a UserError."""
     by: dict[str, dict[str, list[int]]] = {"relpath": {}, "name": {}, "id": {}, "suffix": {}}
     for i, (rel, name, sid) in enumerate(zip(meta["relpath"], meta["name"], meta["source_id"])):
         rel = normalise_key(rel)
@@ -144,6 +147,9 @@ def match_rows(table: LabelTable, meta: pd.DataFrame) -> tuple[np.ndarray, np.nd
                 for i in hits:
                     if rank[kind] < best[i]:
                         best[i], row_of[i] = rank[kind], t
+                    elif rank[kind] == best[i] and row_of[i] != t:
+                        raise UserError(f"{table.path}: rows '{table.df['record'].iloc[row_of[i]]}' and '{key}' "
+                                        f"both name record {meta['record'].iloc[i]} (by {kind}); keep one")
                 break
     return row_of, used
 
@@ -168,9 +174,16 @@ def apply_label_table(table: LabelTable, meta: pd.DataFrame) -> tuple[pd.DataFra
             meta[f"source_{col}"] = meta[col]
         meta[col] = new
     unmatched = table.df["record"][~used].tolist()
+    # a row that labels several records (the same file name in two folders; windows of one record are one record)
+    records_of: dict[int, set] = {}
+    for t, rec in zip(row_of, meta["record"]):
+        if t >= 0:
+            records_of.setdefault(int(t), set()).add(str(rec))
+    several = [table.df["record"].iloc[t] for t, recs in sorted(records_of.items()) if len(recs) > 1]
     stats = {"table": table.path, "label_column": table.label_column, "records_matched": int(matched.sum()),
              "records_unmatched": int((~matched).sum()), "table_rows": int(len(table.df)),
-             "table_rows_unmatched": len(unmatched), "unmatched_examples": unmatched[:5]}
+             "table_rows_unmatched": len(unmatched), "unmatched_examples": unmatched[:5],
+             "table_rows_matching_several_records": len(several), "several_examples": several[:5]}
     return meta, stats
 
 
