@@ -389,6 +389,20 @@ def test_npy_npz_with_csv(tmp_path):
         assert np.max(np.abs(ds.signals[row] - ref)) < 0.05 * amp  # the edges too, more loosely
 
 
+def test_array_csv_of_another_length_skips_the_file(tmp_path):
+    # a CSV with more (or fewer) lines than the array has rows cannot say which line belongs to which row
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "x.npy", np.zeros((4, 5000, 12)) + 0.1)
+    pd.DataFrame({"record": list("abcdef"), "label": ["1"] * 6}).to_csv(src / "x.csv", index=False)
+    np.save(src / "y.npy", np.zeros((2, 5000, 12)) + 0.1)
+    pd.DataFrame({"record": ["p", "q"], "label": ["1", "0"]}).to_csv(src / "y.csv", index=False)
+    _prep(src, tmp_path / "out", array_fs=500)
+    assert list(open_dataset(str(tmp_path / "out")).names) == ["p", "q"]
+    rep = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert len(rep) == 4 and all("x.csv has 6 lines for 4 array rows" in r for r in rep.reason)  # each row of x
+
+
 def test_parquet_without_pyarrow_is_one_line_error(tmp_path, monkeypatch):
     import ecgcl_jax.data.arrays as A
 

@@ -71,8 +71,6 @@ def _row_meta(side: pd.DataFrame | None, i: int, stem: str) -> dict:
     m = {"name": f"{stem}_{i}", "patient_id": ""}
     if side is None:
         return m
-    if i >= len(side):
-        raise SkipRecord(f"row {i} has no line in {stem}.csv")
     row = side.iloc[i]
     for c in side.columns:
         v = str(row[c])
@@ -108,6 +106,8 @@ def iter_array_records(path: str, rows: list[int] | None, fs: float, units: str,
         if arr.ndim != 3:
             raise SkipRecord(f"array of shape {arr.shape} (expected (N, length, leads))")
         side = _side_csv(path)
+        if side is not None and len(side) != arr.shape[0]:  # ids and labels would not line up with the rows
+            raise SkipRecord(f"{stem}.csv has {len(side)} lines for {arr.shape[0]} array rows (one line per row)")
         fac = unit_factor(units)
     except SkipRecord as e:
         yield None, e, {"name": stem}
