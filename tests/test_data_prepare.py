@@ -396,9 +396,12 @@ def test_array_csv_of_another_length_skips_the_file(tmp_path):
     np.save(src / "x.npy", np.zeros((4, 5000, 12)) + 0.1)
     pd.DataFrame({"record": list("abcdef"), "label": ["1"] * 6}).to_csv(src / "x.csv", index=False)
     np.save(src / "y.npy", np.zeros((2, 5000, 12)) + 0.1)
-    pd.DataFrame({"record": ["p", "q"], "label": ["1", "0"]}).to_csv(src / "y.csv", index=False)
+    pd.DataFrame({"record": ["p", "q"], "label": ["1", "0"], "patient_id": ["3.0", "P7"]}).to_csv(src / "y.csv",
+                                                                                                   index=False)
     _prep(src, tmp_path / "out", array_fs=500)
-    assert list(open_dataset(str(tmp_path / "out")).names) == ["p", "q"]
+    ds = open_dataset(str(tmp_path / "out"))
+    assert list(ds.names) == ["p", "q"]
+    assert list(ds.patient_ids) == ["3", "P7"]  # 3.0 as pandas writes an integer id: the id a header gives as 3
     rep = pd.read_csv(tmp_path / "out" / "skipped.csv")
     assert len(rep) == 4 and all("x.csv has 6 lines for 4 array rows" in r for r in rep.reason)  # each row of x
 
@@ -421,11 +424,11 @@ def test_parquet_reference_schema(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(0, 0.3, (3, 5000, 12))
     cols = {f"full_lead_{l}": [list(x[i, :, j]) for i in range(3)] for j, l in enumerate(LEADS)}
-    cols.update(patient_id=["a", "b", "c"], label=[1, 0, 1])
+    cols.update(patient_id=[3.0, 4.0, None], label=[1, 0, 1])  # a float column, as pandas stores ids with gaps
     pq.write_table(pa.table(cols), tmp_path / "ref.parquet")
     _prep(tmp_path, tmp_path / "out", label_column="label")
     ds = open_dataset(str(tmp_path / "out"))
-    assert list(ds.patient_ids) == ["a", "b", "c"] and list(ds.labels) == [1.0, 0.0, 1.0]
+    assert list(ds.patient_ids) == ["3", "4", ""] and list(ds.labels) == [1.0, 0.0, 1.0]
     np.testing.assert_allclose(ds.signals[2], x[2], atol=float(ds.scales[2]))
 
 

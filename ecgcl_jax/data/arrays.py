@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from ecgcl_jax.data.header_meta import clean_id
 from ecgcl_jax.data.wfdb_io import RawSignal, SkipRecord, unit_factor
 from ecgcl_jax.errors import UserError
 
@@ -78,7 +79,7 @@ def _row_meta(side: pd.DataFrame | None, i: int, stem: str) -> dict:
             if v.strip():
                 m["name"] = v.strip()
         elif c == "patient_id":
-            m["patient_id"] = v.strip()
+            m["patient_id"] = clean_id(v)
         else:
             m[c] = v
     return m
@@ -144,7 +145,7 @@ def iter_parquet_records(path: str, fs: float, units: str, prefix: str, patient_
     labs = table.column(label_col).to_pylist() if label_col in table.column_names else None
     fac = unit_factor(units)
     for i in range(table.num_rows):
-        meta = {"name": f"{stem}_{i}", "patient_id": "" if pids is None or pids[i] is None else str(pids[i])}
+        meta = {"name": f"{stem}_{i}", "patient_id": "" if pids is None or pids[i] is None else clean_id(str(pids[i]))}
         if labs is not None:
             meta[label_col] = "" if labs[i] is None else str(labs[i])
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ecgcl_jax.data.header_meta import parse_binary
+from ecgcl_jax.data.header_meta import clean_id, parse_binary
 from ecgcl_jax.errors import UserError
 
 _EXTS = (".hea", ".dat", ".mat", ".npy", ".npz", ".parquet")
@@ -167,7 +167,8 @@ def apply_label_table(table: LabelTable, meta: pd.DataFrame) -> tuple[pd.DataFra
         vals = table.df[col].to_numpy(dtype=object)
         new = np.where(matched, vals[np.maximum(row_of, 0)], "")
         if col == "patient_id":
-            new = [str(n) if (m and str(n).strip()) else str(o) for n, m, o in zip(new, matched, meta["patient_id"])]
+            new = [clean_id(str(n)) if (m and clean_id(str(n))) else str(o)
+                   for n, m, o in zip(new, matched, meta["patient_id"])]
             meta["patient_id"] = new
             continue
         if col in meta.columns:
