@@ -45,11 +45,13 @@ class Signals:
         return self._raw.shape[0]
 
     def __getitem__(self, key):
-        rest = ()
-        if isinstance(key, tuple):
-            key, rest = key[0], key[1:]
-        raw = np.asarray(self._raw[key])
-        s = self._scales[key]
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):  # spell `...` out against the 3 axes (record, time, lead)
+            i = next(j for j, k in enumerate(key) if k is Ellipsis)
+            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1:]
+        first, rest = key[0], key[1:]
+        raw = np.asarray(self._raw[first])
+        s = self._scales[first]
         x = raw.astype(np.float32) * (np.asarray(s, np.float32)[..., None, None] if np.ndim(s) else np.float32(s))
         return x[(slice(None),) * (x.ndim - 2) + rest] if rest else x
 
