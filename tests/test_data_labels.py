@@ -185,3 +185,14 @@ def test_a_row_labelling_several_records_is_reported(tmp_path):
   t = s["label_table"]
   assert t["records_matched"] == 3 and t["table_rows_matching_several_records"] == 1
   assert t["several_examples"] == ["same"]
+
+
+def test_bad_value_in_a_label_column_of_a_table_found_in_src_stops_before_any_work(tmp_path):
+  from data_fixtures import write_record
+  src = tmp_path / "src"
+  write_record(str(src), "r1", seed=1)
+  write_record(str(src), "r2", seed=2)
+  pd.DataFrame({"record": ["r1", "r2"], "normal": ["1", "2"]}).to_csv(src / "records.csv", index=False)
+  with pytest.raises(UserError, match=r"records.csv: column 'normal' .*row 2 \(record 'r2'\): invalid label value '2'"):
+    prepare([str(src)], str(tmp_path / "out"), PrepareOptions(), workers=1, stream=open(os.devnull, "w"))
+  assert not (tmp_path / "out" / "meta.csv").exists()
