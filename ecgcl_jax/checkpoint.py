@@ -9,10 +9,13 @@ Exported encoder: ``WORKDIR/encoder/`` = ``variables.msgpack`` (encoder params +
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -67,27 +70,58 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    log: Callable[[str], None] = print) -> tuple[int, Any] | None:
   """(step, state) of the newest checkpoint that restores, or None when there is none at all.
 
-  Raises UserError when checkpoints exist but none restores.
+  Newer checkpoints that do not restore are moved to corrupt_checkpoints/ once an older one has restored. When
+  none restores, UserError, and every checkpoint stays where it is: the next run refuses the same way rather
+  than starting over (see quarantine_all for starting over).
   """
   manager.reload()
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
+  failed = []
   for step in steps:
+    # A failing restore leaves orbax's pending reads calling back into its closed event loop, and each prints a
+    # traceback (hundreds of lines); the failure's own reason is the exception. Kept only when the restore works.
+    printed = io.StringIO()
     try:
-      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      with contextlib.redirect_stderr(printed):
+        try:
+          state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception:
+          _until_quiet(printed)  # the callbacks print from other threads for a moment after the failure
+          raise
       _check_finite_tree(state)
-      if step != steps[0]:
-        manager.reload()
-      return step, state
     except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
       msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-      moved = _quarantine(os.fspath(manager.directory), step)
-      log(f"checkpoint {manager.directory}/{step} does not restore ({type(e).__name__}: {msg}); "
-          f"moved to {moved}; trying an older one")
+      failed.append((step, f"{type(e).__name__}: {msg}"))
+      continue
+    sys.stderr.write(printed.getvalue())
+    for bad, why in failed:
+      moved = _quarantine(os.fspath(manager.directory), bad)
+      log(f"checkpoint {manager.directory}/{bad} does not restore ({why}); moved to {moved}; using step {step}")
+    if failed:
+      manager.reload()
+    return step, state
   manager.reload()
-  raise UserError(f"{manager.directory}: no checkpoint restores (tried steps {steps}); "
-                  "remove it or pass --config.restart_if_unrestorable=True to start from scratch")
+  raise UserError(f"{manager.directory}: no checkpoint restores (tried steps {steps}; step {failed[0][0]}: "
+                  f"{failed[0][1]}); they are left in place: fix or remove them, or pass "
+                  "--config.restart_if_unrestorable=True to move them aside and start from scratch")
+
+
+def _until_quiet(buffer: io.StringIO, quiet_s: float = 0.2, limit_s: float = 3.0) -> None:
+  """Returns once nothing has been written to `buffer` for quiet_s seconds (at most limit_s in all)."""
+  deadline, size = time.monotonic() + limit_s, -1
+  while time.monotonic() < deadline and len(buffer.getvalue()) != size:
+    size = len(buffer.getvalue())
+    time.sleep(quiet_s)
+
+
+def quarantine_all(manager: ocp.CheckpointManager) -> list[str]:
+  """Moves every checkpoint step to corrupt_checkpoints/ (a restart from scratch must not meet them again)."""
+  manager.reload()
+  moved = [_quarantine(os.fspath(manager.directory), step) for step in manager.all_steps()]
+  manager.reload()
+  return moved
 
 
 def _quarantine(directory: str, step: int) -> str:

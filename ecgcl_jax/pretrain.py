@@ -405,7 +405,9 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
   except UserError:
     if not config.restart_if_unrestorable:
       raise
-    log(f"{workdir}/checkpoints: no checkpoint restores; starting from scratch as asked")
+    moved = checkpoint.quarantine_all(manager)
+    log(f"{workdir}/checkpoints: no checkpoint restores; {len(moved)} moved to {workdir}/corrupt_checkpoints; "
+        "starting from scratch as asked")
     restored = None
   start = 0
   if restored is not None:
