@@ -24,6 +24,7 @@ import fcntl
 import json
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -240,10 +241,16 @@ def _stop_requested(preempt, sync_point: bool) -> bool:
 
 
 class _Preemption:
-  """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+  """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns (and sets `acted`).
+
+  A signal that came after the loop's last check (during the final save or the export) is passed on when the
+  block ends to the handler it replaced, if that is a Python function (run_eval's, which stops the evaluation);
+  with the default handlers the finished run simply returns. Single process only: with several, one process
+  stopping on its own would leave the others waiting in a collective.
+  """
 
   def __init__(self):
-    self.requested = False
+    self.requested, self.acted, self.signum = False, False, None
     self._signals = cli.on_stop_signals(self._handle)
 
   def __enter__(self):
@@ -251,10 +258,15 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    self.requested, self.signum = True, signum
 
   def __exit__(self, *exc):
-    return self._signals.__exit__(*exc)
+    out = self._signals.__exit__(*exc)
+    if self.requested and not self.acted and exc[0] is None and jax.process_count() == 1:
+      previous = signal.getsignal(self.signum)  # restored just now
+      if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
+        previous(self.signum, None)
+    return out
 
 
 class WorkdirLock:
@@ -482,7 +494,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
         manager.wait_until_finished()
         log(f"interrupted: checkpoint written at step {done} in {workdir}/checkpoints/{done}; "
             "run the same command to resume")
-        status = "preempted"
+        status, preempt.acted = "preempted", True
         break
   manager.wait_until_finished()
   manager.close()

@@ -169,3 +169,34 @@ def test_checkpoint_of_a_replicated_state_compiles_nothing_and_restores_exactly(
   for k, v in host.items():
     assert back[k].sharding == state[k].sharding
     np.testing.assert_array_equal(np.asarray(back[k]), v)
+
+
+def test_a_stop_signal_during_the_export_reaches_the_callers_handler(tmp_path, monkeypatch):
+  # run_eval's handler raises to stop the evaluation; a SIGTERM that lands after the loop's last check (here in
+  # the export) used to be swallowed, and the evaluation went on
+  from ecgcl_jax import pretrain
+
+  class Stop(Exception):
+    pass
+
+  def caller_handler(signum, frame):
+    raise Stop(signum)
+
+  real_export = pretrain.export
+
+  def export_then_signal(*a, **k):
+    out = real_export(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(pretrain, "export", export_then_signal)
+  old = signal.signal(signal.SIGTERM, caller_handler)
+  try:
+    with pytest.raises(Stop):
+      pretrain.run(small_config(num_steps=3, checkpoint_every=3), str(tmp_path / "wd"))
+    assert signal.getsignal(signal.SIGTERM) is caller_handler
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  # the run itself was complete: final checkpoint and export are there
+  assert os.path.isdir(tmp_path / "wd" / "checkpoints" / "3")
+  assert os.path.exists(tmp_path / "wd" / "encoder" / "encoder.json")
