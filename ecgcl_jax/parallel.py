@@ -105,6 +105,20 @@ def on_main(fn: Callable[[], float], what: str) -> float:
   return value if is_main_process() else float(out[1])
 
 
+def all_succeeded(err: Exception | None, what: str) -> None:
+  """A collective after a step every process takes on its own (config checks, opening its data): re-raises
+  ``err`` where it happened, and stops every other process with a one-line error naming the failed ones,
+  instead of leaving them waiting in the next collective until the runtime times out."""
+  if jax.process_count() > 1:
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.asarray([err is not None], np.int32)).reshape(-1))
+  else:
+    failed = []
+  if err is not None:
+    raise err
+  if len(failed):
+    raise UserError(f"{what}: process {', '.join(map(str, failed))} stopped with an error (see its log)")
+
+
 def any_process(flag: bool) -> bool:
   """True on every process when ``flag`` is true on at least one (a collective: call it on all)."""
   if jax.process_count() == 1:

@@ -322,15 +322,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
   main = parallel.is_main_process()
   log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  validate_config(config, mesh.size)
-
-  ds = dataset if dataset is not None else data_lib.open_dataset(config.data.path)
-  if config.data.label and hasattr(ds, "with_label"):
-    ds = ds.with_label(config.data.label)
-  pool = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
-  if len(pool) == 0:
-    raise UserError("pretraining pool is empty")
-  batch, note = input_pipeline.effective_batch_size(config.batch_size, len(pool), mesh.size)
+  err = None
+  try:  # on every process, each with its own files: all go on, or all stop
+    validate_config(config, mesh.size)
+    ds = dataset if dataset is not None else data_lib.open_dataset(config.data.path)
+    if config.data.label and hasattr(ds, "with_label"):
+      ds = ds.with_label(config.data.label)
+    pool = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(pool) == 0:
+      raise UserError("pretraining pool is empty")
+    batch, note = input_pipeline.effective_batch_size(config.batch_size, len(pool), mesh.size)
+  except Exception as e:  # noqa: BLE001 - re-raised by all_succeeded, after the other processes heard of it
+    err = e
+  parallel.all_succeeded(err, "setting up the run")
   if note:
     log(note)
 

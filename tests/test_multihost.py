@@ -75,6 +75,23 @@ def test_refusal_on_process_zero_stops_every_process(tmp_path):
   assert not os.path.exists(os.path.join(wd, "config.json"))
 
 
+def test_error_on_another_process_stops_process_zero_with_one_line(tmp_path):
+  """Process 1 cannot open its data (a path missing on that host): it stops with its own one-line error, and
+  process 0 with one naming process 1, at once, instead of a traceback when the runtime's wait times out."""
+  port = _free_port()
+  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", str(tmp_path / "wd"),
+         f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"] + (["--config.data.path=/nonexistent/ptbxl"] if i else []),
+                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in (0, 1)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  errs = [[l for l in e.splitlines() if l.startswith("run_pretrain.py: error:")] for _, e in outs]
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert not any("Traceback" in e for _, e in outs), outs
+  assert len(errs[1]) == 1 and "/nonexistent/ptbxl" in errs[1][0], outs[1]
+  assert len(errs[0]) == 1 and "process 1 stopped with an error" in errs[0][0], outs[0]
+
+
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   """A checkpoint is a collective: when only one host is told to stop, all agree on the step, save it once
   and exit 0."""
