@@ -455,6 +455,8 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
     log(f"{workdir}: already trained for {start} steps (num_steps={config.num_steps}); exporting the encoder "
         "(raise --config.num_steps to train longer)")
   step = start
+  # steps skipped before this run (by on_nonfinite=skip, which may since have become stop): not this run's to judge
+  skipped_before, first_before = (int(v) for v in parallel.to_host((state.nonfinite, state.first_nonfinite)))
   with open(metrics_path, "a") if main else _NullFile() as mfile:
     for step, b in source.iterate(start, num_steps):
       if resident:
@@ -474,6 +476,7 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
           t0, steps_timed = now, done
         rate = (done - steps_timed) / (now - t0) if done > steps_timed else float("nan")
         eta = (num_steps - done) / rate if rate and rate == rate and rate > 0 else float("nan")
+        since = n_last
         t_last, n_last = now, done
         last_loss = float(ls[-1])
         rec = {"step": done, "loss": last_loss, "loss_mean": float(np.mean(ls)), "ecg_per_s": round(ecg_s, 2),
@@ -482,14 +485,16 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
         mfile.flush()
         log(f"step {done}/{num_steps}  loss {last_loss:.4f}  {ecg_s:,.1f} ECG/s  ETA {_fmt_eta(eta)}"
             + (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else ""))
-        if nonfinite and config.on_nonfinite == "stop":
-          bad = int(parallel.to_host(state.first_nonfinite))
+        if nonfinite > skipped_before and config.on_nonfinite == "stop":
+          where = (f"at step {int(parallel.to_host(state.first_nonfinite)) + 1}" if first_before < 0
+                   else f"between steps {since} and {done}")
           manager.wait_until_finished()
           kept = manager.latest_step()
-          raise UserError(f"non-finite loss or gradient at step {bad + 1}; stopped. Last good checkpoint: "
-                          f"{workdir}/checkpoints/{kept} (lower optim.learning_rate, or set on_nonfinite=skip)")
+          good = f"{workdir}/checkpoints/{kept}" if kept is not None else "none written yet"
+          raise UserError(f"non-finite loss or gradient {where}; stopped. Last good checkpoint: {good} "
+                          "(lower optim.learning_rate, or set on_nonfinite=skip)")
       if done % config.checkpoint_every == 0 or last:
-        if config.on_nonfinite == "stop" and int(parallel.to_host(state.nonfinite)):
+        if config.on_nonfinite == "stop" and int(parallel.to_host(state.nonfinite)) > skipped_before:
           continue  # caught at the log line above; never checkpoint a state that saw a bad step
         checkpoint.save(manager, done, state)
       if _stop_requested(preempt, done % config.log_every == 0 or last):

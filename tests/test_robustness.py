@@ -131,6 +131,16 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert r["steps"] == 8
   m = read_metrics(wd2)
   assert m[-1]["nonfinite_steps"] == 1 and np.isfinite(m[-1]["loss"])
+  # back to stop mode (a resumable change): the step skipped earlier is not held against the new steps ...
+  r = pretrain.run(small_config(num_steps=10, checkpoint_every=2, debug_nan_at_step=4), wd2)
+  assert r["steps"] == 10
+  # ... a new bad step is, named by the log interval it fell in (the state records only the first bad step)
+  with pytest.raises(UserError, match=r"non-finite loss or gradient between steps 11 and 12; stopped.*"
+                                      r"checkpoints/10"):
+    pretrain.run(small_config(num_steps=12, checkpoint_every=2, debug_nan_at_step=11), wd2)
+  # a bad first step: no checkpoint to point to yet
+  with pytest.raises(UserError, match=r"at step 1; stopped. Last good checkpoint: none written yet"):
+    pretrain.run(small_config(num_steps=4, checkpoint_every=2, debug_nan_at_step=0), str(tmp_path / "nan0"))
 
 
 def test_changed_config_on_resume_is_refused(tmp_path):
