@@ -542,7 +542,7 @@ def _last_logged_loss(path: str) -> float:
 
 
 def _truncate_metrics(path: str, step: int) -> float:
-  """On resume, drop metric lines past the restored step (they will be logged again, identically); returns the
+  """On resume, drop metric lines past the restored step (logged again with the same losses); returns the
   last kept loss (NaN if none)."""
   if not os.path.exists(path):
     return float("nan")
