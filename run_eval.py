@@ -25,9 +25,13 @@ def main(argv):
   xla_flags = os.environ.get("XLA_FLAGS", "")
   if _DETERMINISTIC.value and "xla_gpu_deterministic_ops" not in xla_flags:
     os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()  # before JAX starts a backend
-  return cli.run_entry(
-      "run_eval.py", lambda: __import__("ecgcl_jax.evaluate", fromlist=["run"]).run(cli.config_value(_CONFIG),
-                                                                       _WORKDIR.value))
+
+  def run():
+    from configs import eval as eval_config  # noqa: PLC0415 - every evaluation field, to check the config file
+    from ecgcl_jax import evaluate  # noqa: PLC0415
+    return evaluate.run(cli.config_value(_CONFIG, eval_config.get_config), _WORKDIR.value)
+
+  return cli.run_entry("run_eval.py", run)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ _PID = flags.DEFINE_integer("process_id", -1, "This process's id (multi-process 
 
 def main(argv):
   del argv
-  return cli.run_entry(
-      "run_pretrain.py", lambda: __import__("ecgcl_jax.pretrain", fromlist=["run"]).run(cli.config_value(_CONFIG),
-                                                                          _WORKDIR.value),
-      _DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
+
+  def run():
+    from configs import base  # noqa: PLC0415 - every pretraining field, to check the config file has them all
+    from ecgcl_jax import pretrain  # noqa: PLC0415
+    return pretrain.run(cli.config_value(_CONFIG, base.get_config), _WORKDIR.value)
+
+  return cli.run_entry("run_pretrain.py", run, _DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
 
 
 if __name__ == "__main__":

@@ -125,12 +125,26 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
   return parse
 
 
-def config_value(holder) -> Any:
+def config_value(holder, reference: Callable[[], Any] | None = None) -> Any:
   """The ConfigDict of a DEFINE_config_file flag; UserError when the file could not be loaded (ml_collections
-  defers that error to the first use of the config)."""
+  defers that error to the first use of the config), or when it lacks a field that `reference()` (the
+  project's own config of that kind) has: a config written for an older version would fail deep inside."""
   cfg = holder.value
   try:
     cfg.keys()
   except OSError as e:
     raise UserError(f"--config: {_last_line(e)}") from None
+  if reference is not None:
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    from ecgcl_jax import configdiff  # noqa: PLC0415
+    have, want = configdiff.flatten(cfg.to_dict()), configdiff.flatten(reference().to_dict())
+    missing = sorted(k for k in want if k not in have and not any(h.startswith(k + ".") for h in have))
+    if missing:
+      path = config_flags.get_config_filename(flags.FLAGS[holder.name])
+      raise UserError(f"{path}: the config lacks field(s) {', '.join(missing[:8])}"
+                      f"{' ...' if len(missing) > 8 else ''} (written for another version? every field is declared "
+                      "in configs/base.py)")
   return cfg
+

@@ -272,6 +272,10 @@ CONFIG_FILE_ERRORS = {  # config file text (None: no file) and extra args -> wha
                          "no field 'chanels'; did you mean \"channels\""),
     "bad override value": ("from configs.cnn import get_config\n", ["--config.batch_size=abc"],
                            "batch_size=abc: invalid literal"),
+    # a config written for an older version, without a field added since
+    "field missing": ("from configs.cnn import get_config as full\n\ndef get_config():\n  c = full()\n"
+                      "  c.unlock()\n  del c.data['reader_threads']\n  return c\n", [],
+                      "lacks field(s) data.reader_threads"),
 }
 
 
@@ -285,12 +289,15 @@ def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
   if entry == "run_eval.py" and case in ("unknown override", "bad override value"):
     cfg.write_text("from configs.eval import get_config\n")
     extra = [a.replace("--config.", "--config.pretrain.") for a in extra]
+  if entry == "run_eval.py" and case == "field missing":
+    cfg.write_text(text.replace("configs.cnn", "configs.eval").replace("c.data[", "c.pretrain.data["))
+    needle = "pretrain.data.reader_threads"  # config.data is config.pretrain.data: named under both
   p = subprocess.run([PY, os.path.join(ROOT, entry), "--config", str(cfg), "--workdir", str(tmp_path / "w"), *extra],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2, p.stderr[-2000:]
   lines = [line for line in p.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(f"{entry}: error: ") and needle in lines[0], p.stderr[-2000:]
-  if case in ("missing", "syntax", "raises", "raises ValueError"):
+  if case in ("missing", "syntax", "raises", "raises ValueError", "field missing"):
     assert "my_config.py" in lines[0]
   assert not (tmp_path / "w").exists()  # nothing was started
 
