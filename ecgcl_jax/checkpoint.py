@@ -182,9 +182,37 @@ def load_encoder(directory: str) -> ExportedEncoder:
       variables = serialization.msgpack_restore(f.read())
   except Exception as e:  # noqa: BLE001
     raise UserError(f"{directory}: cannot read the exported encoder ({type(e).__name__}: {e})") from None
-  return ExportedEncoder(model_config=ml_collections.ConfigDict(meta["model_config"]), variables=variables,
-                         preprocessing=meta["preprocessing"], pretrain_patients=meta["pretrain_patients"],
-                         pretrain_records=meta["pretrain_records"], extra=meta.get("extra", {}))
+  need = ("model_config", "preprocessing", "pretrain_patients", "pretrain_records")
+  lacking = [k for k in need if not isinstance(meta, dict) or k not in meta]
+  if lacking:
+    raise UserError(f"{meta_path}: not an exported encoder's metadata (no {', '.join(lacking)})")
+  enc = ExportedEncoder(model_config=ml_collections.ConfigDict(meta["model_config"]), variables=variables,
+                        preprocessing=meta["preprocessing"], pretrain_patients=meta["pretrain_patients"],
+                        pretrain_records=meta["pretrain_records"], extra=meta.get("extra", {}))
+  _check_variables_fit(enc, directory)
+  return enc
+
+
+def _check_variables_fit(enc: ExportedEncoder, directory: str) -> None:
+  """UserError unless the variables have exactly the shapes the model config builds for the recorded input."""
+  from ecgcl_jax import models  # noqa: PLC0415
+
+  try:
+    model = models.build_encoder(enc.model_config)
+    x = jax.ShapeDtypeStruct((1, int(enc.preprocessing["input_length"]), int(enc.preprocessing["in_leads"])),
+                             np.float32)
+    keys = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+    want = jax.eval_shape(lambda x: model.init(keys, x, train=False), x)
+  except Exception as e:  # noqa: BLE001 - a config this version cannot build
+    raise UserError(f"{directory}/encoder.json: its model config does not build ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  shapes = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))  # noqa: E731
+                         for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, expected = shapes(enc.variables), shapes(want)
+  if got != expected:
+    diff = sorted(set(got.items()) ^ set(expected.items()))
+    raise UserError(f"{directory}: variables.msgpack does not fit the model config in encoder.json "
+                    f"(first difference: {diff[0][0]})")
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -481,7 +481,8 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
         last_loss = float(ls[-1])
         rec = {"step": done, "loss": last_loss, "loss_mean": float(np.mean(ls)), "ecg_per_s": round(ecg_s, 2),
                "batch_size": batch, "nonfinite_steps": nonfinite, "time": round(time.time(), 3)}
-        mfile.write(json.dumps(rec) + "\n")
+        mfile.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON
+                                for k, v in rec.items()}) + "\n")
         mfile.flush()
         log(f"step {done}/{num_steps}  loss {last_loss:.4f}  {ecg_s:,.1f} ECG/s  ETA {_fmt_eta(eta)}"
             + (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else ""))
@@ -536,9 +537,14 @@ def _last_logged_loss(path: str) -> float:
   try:
     with open(path) as f:
       lines = [l for l in f if l.strip()]
-    return float(json.loads(lines[-1])["loss"]) if lines else float("nan")
+    return _loss_of(json.loads(lines[-1])) if lines else float("nan")
   except (OSError, ValueError, KeyError):
     return float("nan")
+
+
+def _loss_of(rec: dict) -> float:
+  """A metrics line's loss; null (a non-finite loss, written as null) is NaN."""
+  return float("nan") if rec["loss"] is None else float(rec["loss"])
 
 
 def _truncate_metrics(path: str, step: int) -> float:
@@ -554,7 +560,7 @@ def _truncate_metrics(path: str, step: int) -> float:
       rec = json.loads(l)
       if rec["step"] <= step:
         keep.append(l)
-        last = float(rec["loss"])
+        last = _loss_of(rec)
     except (ValueError, KeyError):
       pass
   checkpoint.atomic_write(path, "".join(keep).encode())  # a crash here keeps the old file, not half of it

@@ -207,6 +207,20 @@ def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(tm
     assert (tmp_path / "b" / "results.json").read_text() == (tmp_path / "a" / "results.json").read_text()
 
 
+def test_damaged_exported_encoder_is_one_line_error(tmp_path):
+    good = export_tiny_encoder(tmp_path / "enc", ["p"])
+    assert checkpoint.load_encoder(good).model_config.emb_dim == TINY["emb_dim"]
+    meta_path = os.path.join(good, "encoder.json")
+    meta = json.loads(open(meta_path).read())
+    # a model config that is not the one the weights were trained with
+    json.dump(dict(meta, model_config=dict(meta["model_config"], emb_dim=TINY["emb_dim"] + 1)), open(meta_path, "w"))
+    with pytest.raises(UserError, match=r"variables.msgpack does not fit the model config in encoder.json"):
+        checkpoint.load_encoder(good)
+    json.dump({k: v for k, v in meta.items() if k != "model_config"}, open(meta_path, "w"))
+    with pytest.raises(UserError, match=r"encoder.json: not an exported encoder's metadata \(no model_config\)"):
+        checkpoint.load_encoder(good)
+
+
 def test_split_fractions_follow_the_mode_however_it_is_set():
     from configs import eval as eval_cfg
     simclr, clocs = splits.FRACTIONS, splits.CLOCS_FRACTIONS

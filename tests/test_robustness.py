@@ -1,4 +1,5 @@
 """Runs that cannot be lost (issue 8): preemption, corrupt checkpoints, divergence, one writer, config drift."""
+import json
 import os
 import signal
 import subprocess
@@ -131,6 +132,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert r["steps"] == 8
   m = read_metrics(wd2)
   assert m[-1]["nonfinite_steps"] == 1 and np.isfinite(m[-1]["loss"])
+  with open(os.path.join(wd2, "metrics.jsonl")) as f:  # strict JSON: the bad step's NaN loss is written as null
+    strict = [json.loads(l, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for l in f]
+  assert [r["loss"] for r in strict if r["step"] == 5] == [None]
   # back to stop mode (a resumable change): the step skipped earlier is not held against the new steps ...
   r = pretrain.run(small_config(num_steps=10, checkpoint_every=2, debug_nan_at_step=4), wd2)
   assert r["steps"] == 10
