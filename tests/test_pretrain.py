@@ -439,7 +439,7 @@ def test_step_runs_one_encoder_forward_per_view():
   import optax
   from ecgcl_jax import input_pipeline, models, pretrain
   cfg = small_config("cnn", mode="cmsc", **{"model.dropout": 0.0, "augment.view1": "none",
-                                             "augment.view2": "none"})
+                                             "augment.view2": "none", "model.channels": (4, 4, 4, 4, 4)})
   model, tx = models.build_encoder(cfg.model), optax.sgd(0.0)
   state = pretrain.init_state(cfg, model, tx, jax.random.PRNGKey(0))
   rng = np.random.default_rng(1)
@@ -449,17 +449,22 @@ def test_step_runs_one_encoder_forward_per_view():
   batch = {"raw": raw, "scale": np.full(8, 1e-3, np.float32), "ids": np.arange(8, dtype=np.int32),
            "max_amp": np.float32(3.0)}
   new, m = jax.jit(pretrain.make_pretrain_step(cfg, model, tx))(state, batch, jax.random.PRNGKey(1))
-  x = input_pipeline.normalize(jnp.asarray(raw, jnp.float32) * 1e-3, jnp.float32(3.0))
-  views = pretrain.make_views(cfg, jax.random.PRNGKey(0), x)  # identity augmentations: the key does not matter
-  bs, zs = state.batch_stats, []
-  for v in views:
-    (_, z), upd = model.apply({"params": state.params, "batch_stats": bs}, v, train=True, mutable=["batch_stats"])
-    bs = upd["batch_stats"]
-    zs.append(z)
-  want = float(pretrain.contrastive_loss(cfg, zs, None))
-  np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+
+  @jax.jit
+  def reference(params, batch_stats, raw):
+    x = input_pipeline.normalize(raw.astype(jnp.float32) * 1e-3, jnp.float32(3.0))
+    views = pretrain.make_views(cfg, jax.random.PRNGKey(0), x)  # identity augmentations: the key does not matter
+    bs, zs = batch_stats, []
+    for v in views:
+      (_, z), upd = model.apply({"params": params, "batch_stats": bs}, v, train=True, mutable=["batch_stats"])
+      bs = upd["batch_stats"]
+      zs.append(z)
+    (_, pooled), _ = model.apply({"params": params, "batch_stats": batch_stats}, jnp.concatenate(views), train=True,
+                                 mutable=["batch_stats"])
+    return (pretrain.contrastive_loss(cfg, zs, None), bs,
+            pretrain.contrastive_loss(cfg, list(jnp.split(pooled, len(views))), None))
+
+  want, bs, pooled_loss = reference(state.params, state.batch_stats, raw)
+  np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.batch_stats, bs)
-  (_, pooled), _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                               jnp.concatenate(views), train=True, mutable=["batch_stats"])
-  pooled_loss = float(pretrain.contrastive_loss(cfg, list(jnp.split(pooled, len(views))), None))
-  assert abs(pooled_loss - want) > 1e-3
+  assert abs(float(pooled_loss) - float(want)) > 1e-3
