@@ -52,44 +52,40 @@ def test_two_processes_equal_one(tmp_path):
   assert os.path.exists(os.path.join(mh, "encoder", "variables.msgpack"))
 
 
+def _two_processes_failing(wd, extra=((), ())):
+  """Runs the two processes of a pretraining in ``wd`` (process i with extra[i] flags) and checks that both end
+  with exit code 2, no traceback and exactly one of our error lines each; returns those two lines."""
+  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", wd,
+         f"--coordinator=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}", *extra[i]], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  # our one-line errors; the runtime's own shutdown logging (C++, e.g. from the coordination service) may add
+  # lines that are not ours, so only a traceback counts against the rule
+  errs = [[l for l in e.splitlines() if l.startswith("run_pretrain.py: error:")] for _, e in outs]
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert not any("Traceback" in e for _, e in outs), outs
+  assert [len(e) for e in errs] == [1, 1], outs
+  return errs[0][0], errs[1][0]
+
+
 def test_refusal_on_process_zero_stops_every_process(tmp_path):
   """Process 0 alone checks the workdir; when it refuses (here: a live run holds the lock), the other
   process stops with a one-line error too instead of hanging in its next collective."""
   from ecgcl_jax.pretrain import WorkdirLock
   wd = str(tmp_path / "busy")
   os.makedirs(wd)
-  port = _free_port()
-  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", wd,
-         f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
   with WorkdirLock(wd):
-    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-    outs = [p.communicate(timeout=300) for p in procs]
-  # our one-line errors; the runtime's own shutdown logging (C++, e.g. from the coordination service) may add
-  # lines that are not ours, so only a traceback counts against the rule
-  errs = [[l for l in e.splitlines() if l.startswith("run_pretrain.py: error:")] for _, e in outs]
-  assert [p.returncode for p in procs] == [2, 2], outs
-  assert not any("Traceback" in e for _, e in outs), outs
-  assert len(errs[0]) == 1 and "in use by another live run" in errs[0][0], outs[0]
-  assert len(errs[1]) == 1 and "process 0 stopped" in errs[1][0], outs[1]
+    err0, err1 = _two_processes_failing(wd)
+  assert "in use by another live run" in err0 and "process 0 stopped" in err1
   assert not os.path.exists(os.path.join(wd, "config.json"))
 
 
 def test_error_on_another_process_stops_process_zero_with_one_line(tmp_path):
   """Process 1 cannot open its data (a path missing on that host): it stops with its own one-line error, and
   process 0 with one naming process 1, at once, instead of a traceback when the runtime's wait times out."""
-  port = _free_port()
-  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", str(tmp_path / "wd"),
-         f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"] + (["--config.data.path=/nonexistent/ptbxl"] if i else []),
-                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in (0, 1)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  errs = [[l for l in e.splitlines() if l.startswith("run_pretrain.py: error:")] for _, e in outs]
-  assert [p.returncode for p in procs] == [2, 2], outs
-  assert not any("Traceback" in e for _, e in outs), outs
-  assert len(errs[1]) == 1 and "/nonexistent/ptbxl" in errs[1][0], outs[1]
-  assert len(errs[0]) == 1 and "process 1 stopped with an error" in errs[0][0], outs[0]
+  err0, err1 = _two_processes_failing(str(tmp_path / "wd"), ((), ("--config.data.path=/nonexistent/ptbxl",)))
+  assert "/nonexistent/ptbxl" in err1 and "process 1 stopped with an error" in err0
 
 
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
