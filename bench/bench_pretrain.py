@@ -84,6 +84,8 @@ def machine_info() -> dict:
                                         text=True, timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     pass
+  if not info.get("git_commit"):  # a copy of the tree without .git (a device machine): say it from outside
+    info["git_commit"] = os.environ.get("ECGCL_GIT_COMMIT", "")
   return info
 
 
@@ -459,7 +461,9 @@ def summary(args, results, batches, run_id, common, log, emit):
     disturbed = any(x.get("ecg_per_s_min") and x["ecg_per_s_min"] < 0.6 * x["ecg_per_s_median"]
                     for x in r["project"] + r["torch"])
     static = last.get("static_peak_bytes")
-    peak = last.get("device_peak_bytes_in_use")
+    # the device's peak is cumulative over the process: take it after this case's first round, when only the cases
+    # before it (smaller batches first) had run, not after the last round, when every case had
+    peak = r["project"][0].get("device_peak_bytes_in_use")
     fmt = lambda v, f: format(v, f) if v is not None else format("-", ">" + f.split(".")[0])  # noqa: E731
     log(f"{enc:9} {pair[:46]:46} {prec:8} {data:9} {b:>6} {fmt(pm, '10.1f')} {fmt(tm, '9.1f')} {fmt(rm, '6.2f')} "
         f"{','.join(f'{x:.2f}' for x in ratios):>16} {fmt(last.get('compile_s'), '9.1f')} "
@@ -467,7 +471,7 @@ def summary(args, results, batches, run_id, common, log, emit):
         f"{fmt(load, '8.2f')}{'  disturbed?' if disturbed else ''}")
     emit(dict(common, kind="summary", encoder=enc, aug_pair=pair, precision=prec, data=data, batch=b,
               project_ecg_per_s=pm, torch_ecg_per_s=tm, ratio_median=rm, ratios=ratios, torch_variant=variant,
-              max_load1=load, disturbed=disturbed,
+              max_load1=load, disturbed=disturbed, static_peak_bytes=static, device_peak_bytes_round1=peak,
               torch_args=args.torch_args if args.torch else None, rounds=args.rounds))
   # every pair against the Gaussian pair, and streamed against resident (issue 5's 10% targets)
   gauss = {k[:1] + k[2:]: v for k, v in results.items() if k[1] == DEFAULT_PAIR}

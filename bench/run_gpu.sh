@@ -6,7 +6,8 @@
 #
 # Each part fits a 10-minute command on one H100 (main is the longest: torch.compile compiles each batch size).
 # Env: OUT (results folder; default /tmp/ecgcl_bench_gpu), PY (python with jax[cuda], flax, optax; default python3),
-# TORCH_PY (python with torch; default $PY), BENCH_SECONDS (timed seconds per measurement, default 3), ROUNDS (2).
+# TORCH_PY (python with torch; default $PY), BENCH_SECONDS (timed seconds per measurement, default 3), ROUNDS (2),
+# TORCH_TIMEOUT (s per torch_reference.py invocation, 300), ECGCL_GIT_COMMIT (recorded when the copy has no .git).
 # SMOKE=1: every batch size becomes 8 (2 per device with --scaling), 0.5 s and 1 round per measurement, so that
 # every part's command line runs end to end in minutes on a CPU, before device time is spent on it.
 # JSON lines go to $OUT/bench_pretrain.jsonl, the log to $OUT/bench_pretrain.log. torch_reference.py is looked for
@@ -32,11 +33,25 @@ fi
 LOG="$OUT/bench_pretrain.log"
 "$PY" -c "import jax; print('# jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$LOG"
-if [ -n "${SMOKE:-}" ]; then BENCH_SECONDS=${BENCH_SECONDS:-0.5}; ROUNDS=${ROUNDS:-1}; fi
+if [ -n "${SMOKE:-}" ]; then
+  BENCH_SECONDS=${BENCH_SECONDS:-0.5}; ROUNDS=${ROUNDS:-1}
+elif [ "$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null)" != "gpu" ]; then
+  # a CUDA plugin that failed to start leaves jax on the CPU with only a warning: batch 2048 there would use up
+  # the device time measuring nothing
+  echo "run_gpu.sh: jax's backend is not a GPU (SMOKE=1 runs the suite on a CPU as a check)" | tee -a "$LOG" >&2
+  exit 1
+fi
+# torch_reference.py: where bench_pretrain.py looks (../shared/bench beside the checkout does not travel to a
+# device machine: copy it into .bench_shared/ first), or TORCH_REF
+if [ -z "${TORCH_REF:-}" ] && [ ! -f ../shared/bench/torch_reference.py ] && [ ! -f .bench_shared/torch_reference.py ]; then
+  echo "run_gpu.sh: torch_reference.py not found (copy ../shared/bench/torch_reference.py to .bench_shared/, or set" \
+       "TORCH_REF); the parts beside torch will fail, the others run" | tee -a "$LOG" >&2
+fi
 # batch sizes: as given, or SMOKE's small one
 bs() { if [ -n "${SMOKE:-}" ]; then echo "${2:-8}"; else echo "$1"; fi; }
+# torch's time limit per invocation: a hung torch.compile must not take the whole 10-minute command
 COMMON=(--torch-python "$TORCH_PY" --seconds "${BENCH_SECONDS:-3}" --rounds "${ROUNDS:-2}"
-        --json "$OUT/bench_pretrain.jsonl" --workdir /tmp/ecgcl_bench_data)
+        --json "$OUT/bench_pretrain.jsonl" --workdir /tmp/ecgcl_bench_data --torch-timeout "${TORCH_TIMEOUT:-300}")
 [ -n "${TORCH_REF:-}" ] && COMMON+=(--torch-ref "$TORCH_REF")
 run() {
   echo "### $(date -u +%H:%M:%S) bench_pretrain.py $*" | tee -a "$LOG"
@@ -83,5 +98,9 @@ part() {
   esac
 }
 [ $# -eq 0 ] && set -- all
-for p in "$@"; do part "$p" || exit $?; done
+rc=0
+for p in "$@"; do  # a failed part is reported, and the next one still runs
+  part "$p" || { rc=$?; echo "run_gpu.sh: part $p failed (exit $rc)" | tee -a "$LOG" >&2; }
+done
 echo "results: $OUT/bench_pretrain.jsonl, log: $LOG"
+exit $rc
