@@ -152,6 +152,13 @@ class ExportedEncoder:
   pretrain_records: list
   extra: dict
 
+  def __repr__(self) -> str:  # not every weight and record path
+    n = sum(int(np.size(v)) for v in jax.tree.leaves(self.variables.get("params", {})))
+    return (f"ExportedEncoder(encoder={self.model_config.get('encoder')!r}, "
+            f"emb_dim={self.model_config.get('emb_dim')}, mode={self.preprocessing.get('mode')!r}, "
+            f"params={n:,}, pretrain_patients={len(self.pretrain_patients)}, "
+            f"pretrain_records={len(self.pretrain_records)}, steps={self.extra.get('steps')})")
+
 
 def export_encoder(directory: str, model_config, variables: dict, preprocessing: dict,
                    pretrain_patients, pretrain_records, extra: dict | None = None) -> None:

@@ -209,7 +209,11 @@ def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(tm
 
 def test_damaged_exported_encoder_is_one_line_error(tmp_path):
     good = export_tiny_encoder(tmp_path / "enc", ["p"])
-    assert checkpoint.load_encoder(good).model_config.emb_dim == TINY["emb_dim"]
+    enc = checkpoint.load_encoder(good)
+    assert enc.model_config.emb_dim == TINY["emb_dim"]
+    n_params = sum(int(np.size(v)) for v in jax.tree.leaves(enc.variables["params"]))
+    assert repr(enc) == (f"ExportedEncoder(encoder='cnn', emb_dim={TINY['emb_dim']}, mode='simclr', "
+                         f"params={n_params:,}, pretrain_patients=1, pretrain_records=0, steps=None)")
     meta_path = os.path.join(good, "encoder.json")
     meta = json.loads(open(meta_path).read())
     # a model config that is not the one the weights were trained with
