@@ -196,3 +196,37 @@ def test_bad_value_in_a_label_column_of_a_table_found_in_src_stops_before_any_wo
   with pytest.raises(UserError, match=r"records.csv: column 'normal' .*row 2 \(record 'r2'\): invalid label value '2'"):
     prepare([str(src)], str(tmp_path / "out"), PrepareOptions(), workers=1, stream=open(os.devnull, "w"))
   assert not (tmp_path / "out" / "meta.csv").exists()
+
+
+def test_tables_not_applied_and_missing_patient_ids_are_said(tmp_path):
+  import io
+  from data_fixtures import write_record
+  sub = tmp_path / "src" / "sub"
+  write_record(str(sub), "r1", seed=1)
+  write_record(str(sub), "r2", seed=2)
+  pd.DataFrame({"record": ["r1", "r2"], "patient_id": ["P1", "P1"], "lvh": ["1", "0"]}).to_csv(
+      sub / "records.csv", index=False)
+
+  def prep(src, out, **kw):
+    text = io.StringIO()
+    s = prepare([str(src)], str(tmp_path / out), PrepareOptions(**kw), workers=1, stream=text)
+    return s, text.getvalue()
+
+  # the parent folder: the table one level down is not applied, and the run says so
+  s, text = prep(tmp_path / "src", "parent")
+  assert [t["table"] for t in s["label_tables_not_used"]] == [str(sub / "records.csv")]
+  assert f"note: label table {sub / 'records.csv'} was not used (in a subfolder of SRC" in text
+  assert "note: no record has a patient id" in text
+  # the folder itself: applied, patients known, nothing to say
+  s, text = prep(sub, "sub")
+  assert s["patients"] == 1 and not s["label_tables_not_used"] and "note:" not in text
+  # --labels replaces the table found in SRC, patient ids included: said too
+  other = tmp_path / "other.csv"
+  pd.DataFrame({"record": ["r1"], "lvh": ["1"]}).to_csv(other, index=False)
+  s, text = prep(sub, "given", labels=str(other), label_column="lvh")
+  assert "(--labels was given; its patient ids are not applied either)" in text
+  # a table that matches no record at all is a loud warning
+  none = tmp_path / "none.csv"
+  pd.DataFrame({"record": ["no_such"], "lvh": ["1"]}).to_csv(none, index=False)
+  s, text = prep(sub, "nomatch", labels=str(none), label_column="lvh")
+  assert f"WARNING: label table {none} matched no record" in text

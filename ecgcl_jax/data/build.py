@@ -27,7 +27,8 @@ from ecgcl_jax import LEADS, NUM_SAMPLES
 from ecgcl_jax.data import arrays
 from ecgcl_jax.data.dataset import FORMAT, FORMAT_VERSION
 from ecgcl_jax.data.header_meta import clean_id, parse_comments, ptbxl_rate_tag, source_id
-from ecgcl_jax.data.labels import apply_label_table, binary_column, find_auto_table, load_label_table, patient_conflicts
+from ecgcl_jax.data.labels import (apply_label_table, binary_column, find_auto_table, find_nested_tables,
+                                   load_label_table, patient_conflicts)
 from ecgcl_jax.data.leads import normalise_lead
 from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
 from ecgcl_jax.data.wfdb_io import SkipRecord, read_wfdb
@@ -386,11 +387,17 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     sources = [str(s) for s in sources]
     if not sources:
         raise UserError("prepare: give at least one SRC")
+    unused = []  # label tables in SRC that are not applied, and why (said in the summary)
     if opts.labels:
         tables = [(None, load_label_table(opts.labels, opts.label_column))]
+        unused = [(p, "--labels was given; its patient ids are not applied either")
+                  for p in (find_auto_table(s) for s in sources) if p]
     else:
         found = [(si, find_auto_table(s)) for si, s in enumerate(sources)] if opts.auto_labels else []
         tables = [(si, load_label_table(p, opts.label_column, auto=True)) for si, p in found if p]
+        if opts.auto_labels:
+            unused = [(p, "in a subfolder of SRC: give that folder as SRC, or the table with --labels")
+                      for si, s in enumerate(sources) if not found[si][1] for p in find_nested_tables(s, skip=out)]
     inputs = discover(sources, opts.dedupe, out)
     n_items = len(inputs.items)
     chunk = _chunk_size(n_items)
@@ -475,6 +482,7 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
                          for hr, (_, lr) in sorted(inputs.twins.items()) if lr not in used]
     prog.close()
     summary = _assemble(out, chunks, results, inputs, opts, tables, sources, manifest, stream)
+    summary["label_tables_not_used"] = [{"table": p, "why": why} for p, why in unused]
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["records_per_s"] = round(n_items / max(summary["seconds"], 1e-9), 1)
     manifest["summary"] = summary
@@ -606,8 +614,16 @@ def format_summary(s: dict, out: str) -> str:
                      f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
                      "nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"]
                                   else ""))
+        if t["records_matched"] == 0:
+            lines.append(f"WARNING: label table {t['table']} matched no record, so its labels and patient ids are "
+                         "not in the dataset; check its record column against the records' names or paths")
         if t.get("table_rows_matching_several_records"):
             lines.append(f"label table {t['table']}: table rows that label more than one record each: "
                          f"{t['table_rows_matching_several_records']} (e.g. {', '.join(t['several_examples'])}); "
                          "a path in the record column picks one")
+    for t in s.get("label_tables_not_used", []):
+        lines.append(f"note: label table {t['table']} was not used ({t['why']})")
+    if s["rows"] and s["patients"] == 0:
+        lines.append("note: no record has a patient id, so the evaluation counts every ECG as its own patient "
+                     "(a label table's patient_id column, or header comments, give them)")
     return "\n".join(lines)
