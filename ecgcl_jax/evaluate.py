@@ -323,8 +323,11 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
     """results.md, results.csv and the plots."""
     methods = {"finetune": results, **results["baselines"]}
     k = results["protocol"]["repeats_done"]
+    data = results["protocol"].get("dataset") or {}
     notes = [
         "",
+        *([f"Data: {data.get('path')} ({data.get('records')} records, label column '{data.get('label')}')."]
+          if data else []),
         f"K = {k} repeats (seeds {', '.join(str(r['seed']) for r in results['repeats'])}); patient-level "
         f"split {config.split.train:g}/{config.split.val:g}/{config.split.test:g}; label fraction "
         f"{config.label_fraction:g}; {config.finetune.num_epochs} epochs, best validation AUROC epoch.",
@@ -432,6 +435,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
         if not records:
             return {"status": status, "repeats": []}
         results = assemble(config, records, seeds)
+        results["protocol"]["dataset"] = dict(current["dataset"], path=str(config.data.path) or "(embedded sample)")
         write_json(os.path.join(workdir, "results.json"), results)
         write_json(os.path.join(workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records})
         write_reports(workdir, config, results, records)

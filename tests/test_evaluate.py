@@ -314,6 +314,9 @@ def test_run_eval_cli_end_to_end(tmp_path):
                                           / "encoder"))
         assert not set(enc.pretrain_patients) & (va | te)
     assert "± " in (wd / "results.md").read_text()
+    # which data and label the table is about
+    assert "Data: (embedded sample) (52 records, label column 'normal')." in (wd / "results.md").read_text()
+    assert res["protocol"]["dataset"]["records"] == 52 and res["protocol"]["dataset"]["label"] == "normal"
     # every test ECG has a prediction, and the reported test AUROC is that of the saved predictions
     import csv
     from sklearn.metrics import roc_auc_score
