@@ -79,6 +79,7 @@ def main(argv=None) -> int:
             ds = open_dataset(args.path)
             print(repr(ds))
             if "summary" in ds.manifest:
+                print("its prepare run's summary, as recorded then:")
                 print(format_summary(ds.manifest["summary"], ds.path))
     except (UserError, OSError) as e:  # OSError: e.g. DIR not writable, disk full
         return cli.fail(f"python -m ecgcl_jax.data {args.cmd}", e)

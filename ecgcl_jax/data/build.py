@@ -601,7 +601,7 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
 def format_summary(s: dict, out: str) -> str:
     lab = s["labels"]
     lines = [f"prepared {s['rows']} rows from {s['records']} records into {out} "
-             f"({s.get('seconds', 0):.1f} s, {s.get('records_per_s', 0):.0f} records/s); skipped {s['skipped']}"
+             f"({s.get('seconds', 0):.2f} s, {s.get('records_per_s', 0):.0f} inputs/s); skipped {s['skipped']}"
              + (": " + ", ".join(f"{k} {v}" for k, v in s["skipped_by_reason"].items()) if s["skipped"] else "")
              + (f"; {s['duplicates']} lower-rate duplicates left out" if s.get("duplicates") else ""),
              f"patients: {s['patients']} ({s['rows_without_patient_id']} rows without patient id); rates seen: "
@@ -613,7 +613,9 @@ def format_summary(s: dict, out: str) -> str:
         lines.append(f"label table {t['table']}{' (found in SRC)' if t.get('found_in_src') else ''}: {t['records_matched']} records matched, {t['records_unmatched']} "
                      f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
                      "nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"]
-                                  else ""))
+                                  else "")
+                     + ("; rows that name the lower-rate duplicates left out count among them"
+                        if s.get("duplicates") and t["table_rows_unmatched"] else ""))
         if t["records_matched"] == 0:
             lines.append(f"WARNING: label table {t['table']} matched no record, so its labels and patient ids are "
                          "not in the dataset; check its record column against the records' names or paths")
