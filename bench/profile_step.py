@@ -32,7 +32,7 @@ import types
 # XLA:CPU's per-op events need a flag before jax starts. Not on a GPU machine: the flag is part of the compilation
 # cache key, so it would make this script recompile the step that run_gpu.sh's other parts have cached.
 if ("jax" not in sys.modules and "--xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", "")
-    and not os.path.exists("/dev/nvidiactl")):
+    and (not os.path.exists("/dev/nvidiactl") or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"))):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme").strip()
 
 HERE = os.path.dirname(os.path.abspath(__file__))

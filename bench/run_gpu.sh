@@ -53,9 +53,10 @@ bs() { if [ -n "${SMOKE:-}" ]; then echo "${2:-8}"; else echo "$1"; fi; }
 COMMON=(--torch-python "$TORCH_PY" --seconds "${BENCH_SECONDS:-3}" --rounds "${ROUNDS:-2}"
         --json "$OUT/bench_pretrain.jsonl" --workdir /tmp/ecgcl_bench_data --torch-timeout "${TORCH_TIMEOUT:-300}")
 [ -n "${TORCH_REF:-}" ] && COMMON+=(--torch-ref "$TORCH_REF")
+PART_RC=0  # the part's status: the last failure of any of its commands (not only of its last one)
 run() {
   echo "### $(date -u +%H:%M:%S) bench_pretrain.py $*" | tee -a "$LOG"
-  "$PY" bench/bench_pretrain.py "${COMMON[@]}" "$@" 2>&1 | tee -a "$LOG"
+  "$PY" bench/bench_pretrain.py "${COMMON[@]}" "$@" 2>&1 | tee -a "$LOG" || PART_RC=$?
 }
 TORCH_BEST="--layout nhwc --compile"   # torch's best GPU settings: bf16 + nhwc + compile (its README)
 PAIRS=(--pair gaussian_noise:0.05+gaussian_noise:0.25 --pair gaussian_noise:0.05+dropout:0.1
@@ -72,7 +73,8 @@ part() {
     stream)    # streamed from the memory-mapped dataset vs resident on the device (target: within 10%)
       run --batch "$(bs 512,2048)" --precision bfloat16 --data resident,streamed --no-torch
       # the host gather alone, by reader threads: what streaming can deliver on this host
-      "$PY" bench/bench_read_rows.py --batch "$(bs 2048)" --seconds "${BENCH_SECONDS:-3}" --rounds "${ROUNDS:-2}" --json "$OUT/bench_read_rows.jsonl" 2>&1 | tee -a "$LOG" ;;
+      "$PY" bench/bench_read_rows.py --batch "$(bs 2048)" --seconds "${BENCH_SECONDS:-3}" --rounds "${ROUNDS:-2}" \
+          --json "$OUT/bench_read_rows.jsonl" 2>&1 | tee -a "$LOG" || PART_RC=$? ;;
     encoders)  # every encoder, bf16, batch 512 (torch has cnn and cnn_lstm: eager nhwc beside them)
       run --batch "$(bs 512)" --precision bfloat16 --encoder cnn,cnn_lstm,cnn_attn_lstm,cnn_transformer,res_cnn_lstm \
           --torch-args="--layout nhwc" ;;
@@ -86,21 +88,26 @@ part() {
       for a in "--pair gaussian_noise:0.05+gaussian_noise:0.25" "--pair time_warp:4,0.2+dropout:0.1"; do
         # shellcheck disable=SC2086
         "$PY" bench/profile_step.py --batch "$(bs 2048)" --precision bfloat16 $a --top 30 \
-            --trace-dir "$OUT/trace" --json "$OUT/profile_step.jsonl" 2>&1 | tee -a "$LOG"
+            --trace-dir "$OUT/trace" --json "$OUT/profile_step.jsonl" 2>&1 | tee -a "$LOG" || PART_RC=$?
       done ;;
     scaling)   # 1, 2, 4, .. N devices, per-device batch fixed (needs more than one GPU)
       run --scaling --batch "$(bs 256,1024 2)" --precision bfloat16 --no-torch ;;
-    all)
-      for p in main profile fp32 pairs stream encoders conv scaling; do part "$p"; done ;;
     *)
       echo "run_gpu.sh: unknown part '$1' (main profile fp32 pairs stream encoders conv scaling all)" >&2
       return 2 ;;
   esac
 }
 [ $# -eq 0 ] && set -- all
+parts=()
+for p in "$@"; do
+  if [ "$p" = all ]; then parts+=(main profile fp32 pairs stream encoders conv scaling); else parts+=("$p"); fi
+done
 rc=0
-for p in "$@"; do  # a failed part is reported, and the next one still runs
-  part "$p" || { rc=$?; echo "run_gpu.sh: part $p failed (exit $rc)" | tee -a "$LOG" >&2; }
+for p in "${parts[@]}"; do  # a failed part is reported, and the next one still runs
+  PART_RC=0
+  part "$p"; r=$?
+  [ "$r" -eq 0 ] && r=$PART_RC
+  if [ "$r" -ne 0 ]; then rc=$r; echo "run_gpu.sh: part $p failed (exit $r)" | tee -a "$LOG" >&2; fi
 done
 echo "results: $OUT/bench_pretrain.jsonl, log: $LOG"
 exit $rc

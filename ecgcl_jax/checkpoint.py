@@ -108,7 +108,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                   "--config.restart_if_unrestorable=True to move them aside and start from scratch")
 
 
-def _until_quiet(buffer: io.StringIO, quiet_s: float = 0.2, limit_s: float = 3.0) -> None:
+def _until_quiet(buffer: io.StringIO, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
   """Returns once nothing has been written to `buffer` for quiet_s seconds (at most limit_s in all)."""
   deadline, size = time.monotonic() + limit_s, -1
   while time.monotonic() < deadline and len(buffer.getvalue()) != size:

@@ -130,7 +130,8 @@ def resolve_split(config, exported=None):
     """The config with its unset split fractions (None) chosen: splits.CLOCS_FRACTIONS when the pretraining mode,
     or the loaded encoder's, is a CLOCS mode, else splits.FRACTIONS. A copy when anything is filled in."""
     names = ("train", "val", "test")
-    if all(config.split[n] is not None for n in names):
+    unset = [n for n in names if config.split[n] is None]
+    if not unset:
         return config
     mode = exported.preprocessing.get("mode", "simclr") if exported is not None else config.pretrain.mode
     preset = splits.FRACTIONS if mode == "simclr" else splits.CLOCS_FRACTIONS
@@ -138,6 +139,9 @@ def resolve_split(config, exported=None):
     for name, value in zip(names, preset):
         if config.split[name] is None:
             config.split[name] = value
+    if len(unset) < 3 and abs(sum(config.split[n] for n in names) - 1.0) > 1e-6:
+        raise UserError(f"config.split: set train, val and test together; the unset {', '.join(unset)} took the "
+                        f"defaults ({'/'.join(f'{v:g}' for v in preset)}) and the three do not sum to 1")
     return config
 
 
@@ -435,7 +439,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
         if not records:
             return {"status": status, "repeats": []}
         results = assemble(config, records, seeds)
-        results["protocol"]["dataset"] = dict(current["dataset"], path=str(config.data.path) or "(embedded sample)")
+        where = str(getattr(ds, "path", "") or config.data.path) or "(a dataset given in Python)"
+        results["protocol"]["dataset"] = dict(current["dataset"], path=where)
         write_json(os.path.join(workdir, "results.json"), results)
         write_json(os.path.join(workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records})
         write_reports(workdir, config, results, records)
@@ -530,6 +535,11 @@ def run_sweep(config, workdir: str, dataset=None) -> dict:
 
 
 def _run_sweep_locked(config, workdir: str, ds, field: str, fields: list[str], values: list, metric: str) -> dict:
+    # One split for every variant (chosen from the base config unless the sweep sets it), so that all are scored on
+    # the same test patients, even when the swept field is the contrast mode whose own default split differs.
+    if not any(f.startswith("split.") for f in fields):
+        exported = checkpoint.load_encoder(config.encoder_checkpoint) if config.encoder_checkpoint else None
+        config = resolve_split(config, exported)
     # Fine-tuning-only fields leave pretraining unchanged: share it between the variants.
     shared = all(f in ("label_fraction", "baselines") or f.startswith("finetune.") for f in fields)
     pretrain_root = os.path.join(workdir, "pretrain") if shared and not config.encoder_checkpoint else None

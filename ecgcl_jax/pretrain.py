@@ -264,7 +264,8 @@ class _Preemption:
     out = self._signals.__exit__(*exc)
     if self.requested and not self.acted and exc[0] is None and jax.process_count() == 1:
       previous = signal.getsignal(self.signum)  # restored just now
-      if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
+      # Python's own SIGINT handler would raise KeyboardInterrupt after a finished run: it counts as a default
+      if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
         previous(self.signum, None)
     return out
 

@@ -225,8 +225,25 @@ def test_tables_not_applied_and_missing_patient_ids_are_said(tmp_path):
   pd.DataFrame({"record": ["r1"], "lvh": ["1"]}).to_csv(other, index=False)
   s, text = prep(sub, "given", labels=str(other), label_column="lvh")
   assert "(--labels was given; its patient ids are not applied either)" in text
+  s, text = prep(sub, "itself", labels=str(sub / "records.csv"), label_column="lvh")  # the same table: applied
+  assert s["patients"] == 1 and "note:" not in text
   # a table that matches no record at all is a loud warning
   none = tmp_path / "none.csv"
   pd.DataFrame({"record": ["no_such"], "lvh": ["1"]}).to_csv(none, index=False)
   s, text = prep(sub, "nomatch", labels=str(none), label_column="lvh")
   assert f"WARNING: label table {none} matched no record" in text
+
+
+
+def test_a_text_label_column_in_a_table_found_in_src_is_not_an_error_when_another_is_the_label(tmp_path):
+  # records.csv with a diagnosis text in `label` and a 0/1 column: the 0/1 column is the label, `label` a note
+  from data_fixtures import write_record
+  src = tmp_path / "src"
+  write_record(str(src), "r1", seed=1)
+  write_record(str(src), "r2", seed=2)
+  pd.DataFrame({"record": ["r1", "r2"], "patient_id": ["P1", "P2"], "label": ["MI", "NORM"],
+                "lvh": ["1", "0"]}).to_csv(src / "records.csv", index=False)
+  for kw in ({}, {"label_column": "lvh"}):
+    s = prepare([str(src)], str(tmp_path / f"out{len(kw)}"), PrepareOptions(**kw), workers=1,
+                stream=open(os.devnull, "w"))
+    assert s["label_column"] == "lvh" and s["patients"] == 2 and s["labels"]["positive"] == 1

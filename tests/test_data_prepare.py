@@ -132,6 +132,14 @@ def test_missing_lead_dropped_or_zero_filled(tmp_path):
     assert ds.meta["missing_leads"].iloc[0] == "V4"
 
 
+def test_lead_names_and_inverted_leads_by_hand():
+    from ecgcl_jax.data.leads import parse_lead
+    cases = {"II": ("II", False), "AVR": ("aVR", False), "lead_II": ("II", False), "Lead V2": ("V2", False),
+             "C3": ("V3", False), "-aVR": ("aVR", True), " -AVR": ("aVR", True), "lead -aVR": ("aVR", True),
+             "lead_-aVR": ("aVR", True), "\u2212aVR": ("aVR", True), "-": (None, True), "vx": (None, False)}
+    assert {n: parse_lead(n) for n in cases} == cases
+
+
 def test_inverted_lead_is_negated(tmp_path):
     # a Cabrera-style record stores -aVR; what lands in the dataset is aVR itself, like the plain record's
     src = tmp_path / "src"

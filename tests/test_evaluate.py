@@ -242,9 +242,28 @@ def test_split_fractions_follow_the_mode_however_it_is_set():
     assert fractions(eval_cfg.get_config("clocs_cmlc")) == clocs
     c.split.val, c.split.test, c.split.train = 0.25, 0.25, 0.5  # set by the user: kept
     assert fractions(c) == (0.5, 0.25, 0.25)
+    half = eval_cfg.get_config()
+    half.split.train = 0.8  # alone: the defaults of the other two do not fit with it, and the error says why
+    with pytest.raises(UserError, match=r"set train, val and test together; the unset val, test took the defaults"):
+        fractions(half)
     # a loaded encoder's own mode decides, not the unused pretraining section's
     exported = types.SimpleNamespace(preprocessing={"mode": "cmsmlc"})
     assert fractions(eval_cfg.get_config(), exported) == clocs
+
+
+def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, monkeypatch):
+    seen = []
+
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None):
+        seen.append((variant.pretrain.mode, evaluate.resolve_split(variant).split.to_dict()))
+        one = {k: 0.5 for k in ("mean", "min", "max")} | {k: 0.0 for k in ("ci95", "ci95_normal", "sd")} | {"n": 1}
+        return {"status": "done", "baselines": {}, "summary": {m: dict(one) for m in METRIC_KEYS}}
+
+    monkeypatch.setattr(evaluate, "run", fake_run)
+    cfg = eval_config(**{"sweep.field": "pretrain.mode", "sweep.choices": ("simclr", "cmsc")})
+    evaluate.run_sweep(cfg, str(tmp_path / "sweep"), dataset=ds)
+    assert [m for m, _ in seen] == ["simclr", "cmsc"]
+    assert seen[0][1] == seen[1][1] == {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
 def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_encoder, monkeypatch):
@@ -315,7 +334,8 @@ def test_run_eval_cli_end_to_end(tmp_path):
         assert not set(enc.pretrain_patients) & (va | te)
     assert "± " in (wd / "results.md").read_text()
     # which data and label the table is about
-    assert "Data: (embedded sample) (52 records, label column 'normal')." in (wd / "results.md").read_text()
+    assert (f"Data: {os.path.join(os.path.dirname(ecgcl_jax.__file__), 'default_data')} (52 records, label column "
+            "'normal').") in (wd / "results.md").read_text()
     assert res["protocol"]["dataset"]["records"] == 52 and res["protocol"]["dataset"]["label"] == "normal"
     # every test ECG has a prediction, and the reported test AUROC is that of the saved predictions
     import csv

@@ -214,3 +214,11 @@ def test_a_stop_signal_during_the_export_reaches_the_callers_handler(tmp_path, m
   # the run itself was complete: final checkpoint and export are there
   assert os.path.isdir(tmp_path / "wd" / "checkpoints" / "3")
   assert os.path.exists(tmp_path / "wd" / "encoder" / "encoder.json")
+  # Python's own Ctrl-C handler is a default, not a caller's: the finished run returns, no KeyboardInterrupt
+  monkeypatch.setattr(pretrain, "export", lambda *a, **k: (real_export(*a, **k), os.kill(os.getpid(),
+                                                                                       signal.SIGINT))[0])
+  old = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    assert pretrain.run(small_config(num_steps=3, checkpoint_every=3), str(tmp_path / "wd2"))["status"] == "done"
+  finally:
+    signal.signal(signal.SIGINT, old)

@@ -391,7 +391,8 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     if opts.labels:
         tables = [(None, load_label_table(opts.labels, opts.label_column))]
         unused = [(p, "--labels was given; its patient ids are not applied either")
-                  for p in (find_auto_table(s) for s in sources) if p]
+                  for p in (find_auto_table(s) for s in sources)
+                  if p and os.path.abspath(p) != os.path.abspath(opts.labels)]
     else:
         found = [(si, find_auto_table(s)) for si, s in enumerate(sources)] if opts.auto_labels else []
         tables = [(si, load_label_table(p, opts.label_column, auto=True)) for si, p in found if p]
@@ -551,7 +552,8 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
                             f"(columns: {', '.join(meta.columns)})")
     if column != "label" and "label" in meta.columns and meta["label"].astype(str).str.strip().replace(
             "nan", "").ne("").any():
-        meta["source_label"] = meta["label"]  # the source's own `label`, kept: `label` becomes the chosen column
+        if "source_label" not in meta.columns:  # a label table's own `label` column already kept the header's
+            meta["source_label"] = meta["label"]  # the source's own `label`, kept: `label` becomes the chosen column
     meta["label"] = binary_column(meta[column].tolist(), f"--label-column {column}", meta["record"].tolist())
     manifest["options"]["label_column"] = column
     front = ["record", "name", "patient_id", "label", "window", "valid_length", "fs_original",

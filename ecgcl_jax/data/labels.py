@@ -121,12 +121,16 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
     if auto:
         valid = [c for c in cols if c != "patient_id" and all(parse_binary(v) is not None for v in df[c])
                  and (df[c].str.strip() != "").any()]
-        for c in (label_column, "label", "normal"):  # a label column by name must hold labels: say so now
-            if c in df.columns and c not in valid and c != "record":
+        pick = [c for c in (label_column, "label", "normal") if c in valid]
+        chosen = pick[0] if pick else (valid[0] if len(valid) == 1 else None)
+        # the column that will become the label must hold labels: say so now, not after every record is read. That
+        # is an asked-for column, or, when the table offers none, a `label` / `normal` column, which replaces the
+        # records' own and is then prepare's default
+        for c in ([label_column] if label_column else []) + (["label", "normal"] if chosen is None else []):
+            if c in df.columns and c not in valid and c != "record" and (df[c].str.strip() != "").any():
                 binary_column(df[c].tolist(), f"{path}: column '{c}' (found in SRC; --no-auto-labels ignores it)",
                               df["record"].tolist())
-        pick = [c for c in (label_column, "label", "normal") if c in valid]
-        label_column = pick[0] if pick else (valid[0] if len(valid) == 1 else None)
+        label_column = chosen
         return LabelTable(path, df, label_column, sha1, cols)
     if label_column is None:
         cands = [c for c in cols if c != "patient_id"]

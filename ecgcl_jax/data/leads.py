@@ -25,10 +25,10 @@ def parse_lead(name: str) -> tuple[str | None, bool]:
     """(standard lead name or None if unknown, inverted) for a channel name: any case, `AVR`, `lead_II`, ...; a
     leading minus sign marks an inverted lead, e.g. `-aVR` of the Cabrera display, which is -1 x aVR."""
     s = str(name).strip()
+    if s[:4].lower() == "lead":  # `lead -aVR`, `lead_II`
+        s = s[4:].lstrip(" _.")
     inverted = s[:1] in _MINUS
     key = _STRIP.sub("", s[1:] if inverted else s).lower()
-    if key.startswith("lead"):
-        key = key[4:]
     return _ALIASES.get(key), inverted
 
 
