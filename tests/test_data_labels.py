@@ -63,6 +63,7 @@ def test_matching_by_name_path_and_ecg_id(labelled):
     assert int(np.isfinite(ds.labels).sum()) == len(expected)
     t = s["label_table"]
     assert t["records_matched"] == 9 and t["table_rows"] == len(ROWS)
+    assert t["table_rows_overridden"] == 1 and t["overridden_examples"] == ["7189"]  # the name row won
     assert t["table_rows_unmatched"] == 2 and set(t["unmatched_examples"]) == {"no_such_record", "99999"}
     assert s["labels"] == {"positive": 5, "negative": 3, "unknown": 52 - 8}
 

@@ -621,6 +621,10 @@ def format_summary(s: dict, out: str) -> str:
         if t["records_matched"] == 0:
             lines.append(f"WARNING: label table {t['table']} matched no record, so its labels and patient ids are "
                          "not in the dataset; check its record column against the records' names or paths")
+        if t.get("table_rows_overridden"):
+            lines.append(f"label table {t['table']}: rows not used because a more specific row names the same "
+                         f"record (path over name over id): {t['table_rows_overridden']} "
+                         f"(e.g. {', '.join(t['overridden_examples'])})")
         if t.get("table_rows_matching_several_records"):
             lines.append(f"label table {t['table']}: table rows that label more than one record each: "
                          f"{t['table_rows_matching_several_records']} (e.g. {', '.join(t['several_examples'])}); "

@@ -205,10 +205,13 @@ def apply_label_table(table: LabelTable, meta: pd.DataFrame) -> tuple[pd.DataFra
         if t >= 0:
             records_of.setdefault(int(t), set()).add(str(rec))
     several = [table.df["record"].iloc[t] for t, recs in sorted(records_of.items()) if len(recs) > 1]
+    # rows that matched records, each of which a more specific row (path over name over id) took instead
+    shadowed = [table.df["record"].iloc[t] for t in np.flatnonzero(used) if int(t) not in records_of]
     stats = {"table": table.path, "label_column": table.label_column, "records_matched": int(matched.sum()),
              "records_unmatched": int((~matched).sum()), "table_rows": int(len(table.df)),
              "table_rows_unmatched": len(unmatched), "unmatched_examples": unmatched[:5],
-             "table_rows_matching_several_records": len(several), "several_examples": several[:5]}
+             "table_rows_matching_several_records": len(several), "several_examples": several[:5],
+             "table_rows_overridden": len(shadowed), "overridden_examples": shadowed[:5]}
     return meta, stats
 
 
