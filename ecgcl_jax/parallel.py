@@ -7,6 +7,8 @@ so NT-Xent negatives, BatchNorm statistics and the gradient mean all span every 
 """
 from __future__ import annotations
 
+import hashlib
+
 from typing import Callable
 
 import jax
@@ -117,6 +119,21 @@ def all_succeeded(err: Exception | None, what: str) -> None:
     raise err
   if len(failed):
     raise UserError(f"{what}: process {', '.join(map(str, failed))} stopped with an error (see its log)")
+
+
+def same_on_all(text: str, what: str) -> None:
+  """A collective: UserError on every process unless ``text`` (e.g. a config as JSON) is the same on all of them."""
+  if jax.process_count() == 1:
+    return
+  code = int(hashlib.sha1(text.encode()).hexdigest()[:7], 16)  # 28 bits: fits int32
+  codes = np.asarray(multihost_utils.process_allgather(np.asarray([code], np.int32))).reshape(-1)
+  if len(set(codes.tolist())) > 1:
+    groups = {}
+    for i, c in enumerate(codes.tolist()):
+      groups.setdefault(c, []).append(i)
+    split = " | ".join(",".join(map(str, g)) for g in groups.values())
+    raise UserError(f"{what} differs between processes (processes {split}): start every process with the same "
+                    "command")
 
 
 def any_process(flag: bool) -> bool:

@@ -20,6 +20,7 @@ the global batch is a positive.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import math
@@ -336,6 +337,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
   except Exception as e:  # noqa: BLE001 - re-raised by all_succeeded, after the other processes heard of it
     err = e
   parallel.all_succeeded(err, "setting up the run")
+  # every process must run the same config (its data may sit at another path on each host)
+  same = copy.deepcopy(config)
+  same.data.path = ""
+  parallel.same_on_all(same.to_json(), "the config")
   if note:
     log(note)
 

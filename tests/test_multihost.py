@@ -88,6 +88,12 @@ def test_error_on_another_process_stops_process_zero_with_one_line(tmp_path):
   assert "/nonexistent/ptbxl" in err1 and "process 1 stopped with an error" in err0
 
 
+def test_processes_with_different_configs_stop_with_one_line(tmp_path):
+  err0, err1 = _two_processes_failing(str(tmp_path / "wd"), ((), ("--config.seed=7",)))
+  assert "the config differs between processes (processes 0 | 1)" in err0 and err0.split(": ", 1)[1] == \
+      err1.split(": ", 1)[1]
+
+
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   """A checkpoint is a collective: when only one host is told to stop, all agree on the step, save it once
   and exit 0."""
