@@ -486,26 +486,31 @@ def test_pretrained_encoder_plugs_into_classifier():
 
 def test_classifier_normalises_each_view_with_its_own_batch_statistics():
   # the views differ 10x in amplitude (as leads do): pooled BatchNorm statistics would give other logits
-  c = cfg("cnn", emb_dim=16, proj_dim=8, dropout=0.0)
+  c = cfg("cnn", emb_dim=16, proj_dim=8, dropout=0.0, channels=(4, 4, 8, 8, 8))
   x = jax.random.normal(jax.random.key(6), (6, 2, 2500, 1)) * jnp.array([1.0, 10.0])[None, :, None, None]
   clf = models.Classifier(c, head_dropout=0.0, aggregate="concat", num_views=2)
   v = random_variables(clf, x)
-  logits, new = clf.apply(v, x, train=True, rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])
-  # reference: the encoder applied view by view, its running statistics updated after each view, then the head
   encoder, head = models.build_encoder(c), models.ClassifierHead(16, 0.0, "concat")
-  bs, embs = v["batch_stats"]["encoder"], []
-  for i in range(2):
-    (e, _), upd = encoder.apply({"params": v["params"]["encoder"], "batch_stats": bs}, x[:, i], train=True,
-                                mutable=["batch_stats"])
-    bs = upd["batch_stats"]
-    embs.append(e)
-  want = head.apply({"params": v["params"]["head"]}, jnp.stack(embs, 1), train=False)
+
+  @jax.jit
+  def both(v, x):
+    logits, new = clf.apply(v, x, train=True, rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"])
+    # reference: the encoder applied view by view, its running statistics updated after each view, then the head
+    bs, embs = v["batch_stats"]["encoder"], []
+    for i in range(2):
+      (e, _), upd = encoder.apply({"params": v["params"]["encoder"], "batch_stats": bs}, x[:, i], train=True,
+                                  mutable=["batch_stats"])
+      bs = upd["batch_stats"]
+      embs.append(e)
+    want = head.apply({"params": v["params"]["head"]}, jnp.stack(embs, 1), train=False)
+    (pooled, _), _ = encoder.apply({"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
+                                   x.reshape((12, 2500, 1)), train=True, mutable=["batch_stats"])
+    pooled_logits = head.apply({"params": v["params"]["head"]}, pooled.reshape(6, 2, -1), train=False)
+    return logits, new["batch_stats"]["encoder"], want, bs, pooled_logits
+
+  logits, new_bs, want, bs, pooled_logits = both(v, x)
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                         new["batch_stats"]["encoder"], bs)
-  (pooled, _), _ = encoder.apply({"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
-                                 x.reshape((12, 2500, 1)), train=True, mutable=["batch_stats"])
-  pooled_logits = head.apply({"params": v["params"]["head"]}, pooled.reshape(6, 2, -1), train=False)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_bs, bs)
   assert np.max(np.abs(np.asarray(pooled_logits) - np.asarray(logits))) > 1e-2
 
 
