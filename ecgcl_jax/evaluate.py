@@ -402,10 +402,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
     from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
     with WorkdirLock(workdir):
         cfg_path = os.path.join(workdir, "eval_config.json")
-        current = {"config": _config_json(config), "dataset": _dataset_identity(ds)}
+        current = {"config": _config_json(config), "dataset": _dataset_identity(ds), "split_rule": splits.RULE}
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
                 saved = json.load(f)
+            if saved.get("split_rule") != splits.RULE:  # its finished repeats were split another way
+                raise UserError(f"{cfg_path}: this evaluation was started by an older version, whose split rounded "
+                                "differently; use a new --workdir")
             check_resume(saved["config"], current["config"], cfg_path)
             if saved.get("dataset") != current["dataset"]:
                 raise UserError(f"{cfg_path}: this evaluation was started on another dataset "

@@ -31,6 +31,7 @@ import numpy as np
 
 from ecgcl_jax.errors import UserError
 
+RULE = "per class: rest = nearest(n (val + test)), test = nearest(rest test / (val + test))"  # in eval_config.json
 FRACTIONS = (0.7, 0.15, 0.15)        # train, val, test: the SPEC's 70/30, then the rest 50/50
 CLOCS_FRACTIONS = (0.6, 0.2, 0.2)    # the CLOCS variant's
 

@@ -150,6 +150,13 @@ def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeyp
     # another seed gives another split
     d = json.loads((tmp_path / "a" / "splits.json").read_text())
     assert d["321"]["test"] != d["123"]["test"]
+    # a workdir started by a version with the old split rule is refused: its repeats were split another way
+    saved = json.loads((tmp_path / "a" / "eval_config.json").read_text())
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "eval_config.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                                                   if k != "split_rule"}))
+    with pytest.raises(UserError, match="started by an older version, whose split rounded differently"):
+        evaluate.run(eval_config(clean_encoder), str(tmp_path / "old"), dataset=ds)
     # a changed fine-tuning config is refused on resume, naming the field
     with pytest.raises(UserError, match="finetune.num_epochs"):
         evaluate.run(eval_config(clean_encoder, **{"finetune.num_epochs": 3}), str(tmp_path / "a"), dataset=ds)
