@@ -300,7 +300,7 @@ def test_bilstm_last_step_only_is_the_last_step_of_the_full_output(layers):
       o = module.apply(v, x)
       o = o[:, -1] if take_last else o
       return jnp.sum(jnp.sin(3.0 * o)), o
-    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(v, x)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(v, x)
 
   (l_full, o_full), g_full = loss(full, True)
   (l_last, o_last), g_last = loss(last, False)
