@@ -132,6 +132,14 @@ def test_missing_lead_dropped_or_zero_filled(tmp_path):
     assert ds.meta["missing_leads"].iloc[0] == "V4"
 
 
+def test_python_api_expands_the_home_folder(tmp_path, monkeypatch):
+    # README: prepare(["~/data/ludb"], ...) from Python, where no shell expands ~
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_record(str(tmp_path / "src"), "r1", seed=1)
+    prepare(["~/src"], "~/out", PrepareOptions(), workers=1, stream=open(os.devnull, "w"))
+    assert len(open_dataset("~/out")) == 1 and (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_lead_names_and_inverted_leads_by_hand():
     from ecgcl_jax.data.leads import parse_lead
     cases = {"II": ("II", False), "AVR": ("aVR", False), "lead_II": ("II", False), "Lead V2": ("V2", False),

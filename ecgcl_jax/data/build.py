@@ -384,7 +384,8 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     opts.validate()
     stream = stream or sys.stderr
     t0 = time.perf_counter()
-    sources = [str(s) for s in sources]
+    sources = [os.path.expanduser(str(s)) for s in sources]  # `~/data/x` from Python as from a shell
+    out = os.path.expanduser(str(out))
     if not sources:
         raise UserError("prepare: give at least one SRC")
     unused = []  # label tables in SRC that are not applied, and why (said in the summary)

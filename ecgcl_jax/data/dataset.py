@@ -137,7 +137,7 @@ def read_meta(path: str) -> pd.DataFrame:
 
 def open_dataset(path: str) -> Dataset:
     """Open a prepared dataset folder; `path == ""` opens the embedded default set."""
-    path = default_data_path() if path in ("", None) else str(path)
+    path = default_data_path() if path in ("", None) else os.path.expanduser(str(path))
     man_path = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
         raise UserError(f"{path}: dataset folder not found (make one with: python -m ecgcl_jax.data prepare SRC "

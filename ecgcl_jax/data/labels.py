@@ -101,6 +101,7 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
 
     auto: a table found in a SRC folder; its label column is `label_column` if it has one, else `label`, else
     `normal`, else its only 0/1 column, else none (it then only contributes patient ids and extra columns)."""
+    path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: label table not found")
     with open(path, "rb") as f:
