@@ -27,7 +27,7 @@ from ecgcl_jax import LEADS, NUM_SAMPLES
 from ecgcl_jax.data import arrays
 from ecgcl_jax.data.dataset import FORMAT, FORMAT_VERSION
 from ecgcl_jax.data.header_meta import clean_id, parse_comments, ptbxl_rate_tag, source_id
-from ecgcl_jax.data.labels import (apply_label_table, binary_column, find_auto_table, find_nested_tables,
+from ecgcl_jax.data.labels import (AUTO_TABLE_NAMES, apply_label_table, binary_column, find_auto_table,
                                    load_label_table, patient_conflicts)
 from ecgcl_jax.data.leads import normalise_lead
 from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
@@ -87,6 +87,7 @@ class Inputs:
     duplicates: list = field(default_factory=list)  # (100 Hz twin left out, reason)
     twins: dict = field(default_factory=dict)  # PTB-XL 500 Hz header -> (src index, its 100 Hz twin's header)
     ptbxl_csvs: list = field(default_factory=list)
+    nested_tables: list = field(default_factory=list)  # (src index, labels.csv / records.csv below the SRC's top)
     listing_hash: str = ""
     n_files: int = 0
 
@@ -147,6 +148,8 @@ def discover(sources: list[str], dedupe: bool, out: str | None = None) -> Inputs
                 inp.items.append(("parquet", si, f, None))
             elif os.path.basename(low) == "ptbxl_database.csv":
                 inp.ptbxl_csvs.append(f)
+            elif os.path.basename(f) in AUTO_TABLE_NAMES and os.path.dirname(fa) != os.path.abspath(src):
+                inp.nested_tables.append((si, f))
             elif low.endswith(".mat") and not os.path.exists(f[:-4] + ".hea"):
                 inp.items.append(("bad", si, f, "'.mat' file without its '.hea' header"))
         twins = set()
@@ -397,10 +400,10 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     else:
         found = [(si, find_auto_table(s)) for si, s in enumerate(sources)] if opts.auto_labels else []
         tables = [(si, load_label_table(p, opts.label_column, auto=True)) for si, p in found if p]
-        if opts.auto_labels:
-            unused = [(p, "in a subfolder of SRC: give that folder as SRC, or the table with --labels")
-                      for si, s in enumerate(sources) if not found[si][1] for p in find_nested_tables(s, skip=out)]
     inputs = discover(sources, opts.dedupe, out)
+    if opts.auto_labels and not opts.labels:  # tables below a SRC's top, which only that subfolder as SRC would use
+        unused = [(p, "in a subfolder of SRC: give that folder as SRC, or the table with --labels")
+                  for si, p in inputs.nested_tables if not found[si][1] and find_auto_table(os.path.dirname(p)) == p]
     n_items = len(inputs.items)
     chunk = _chunk_size(n_items)
     ident = _identity([os.path.abspath(s) for s in sources], inputs, opts, [t.sha1 for _, t in tables], chunk)

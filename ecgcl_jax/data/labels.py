@@ -80,22 +80,6 @@ def find_auto_table(src: str) -> str | None:
     return None
 
 
-def find_nested_tables(src: str, skip: str | None = None, limit: int = 5) -> list[str]:
-    """Label tables (as find_auto_table) in subfolders of SRC, shallowest first: not used, but worth a note, since
-    pointing prepare at a parent folder is an easy way to lose a table's labels and patient ids."""
-    if not os.path.isdir(src):
-        return []
-    found = []
-    skip = os.path.abspath(skip) if skip else None
-    for root, dirs, _ in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not (skip and os.path.abspath(os.path.join(root, d)) == skip))
-        if os.path.abspath(root) != os.path.abspath(src) and (p := find_auto_table(root)):
-            found.append(p)
-            if len(found) >= limit:
-                break
-    return sorted(found, key=lambda p: (p.count(os.sep), p))
-
-
 def load_label_table(path: str, label_column: str | None, auto: bool = False) -> LabelTable:
     """Read and validate a label table (UserError on a missing file/column, duplicate record, bad value).
 
