@@ -10,7 +10,8 @@ It builds the step exactly as bench_pretrain.py times it (`bench_pretrain.Projec
 Control-flow ops (while, call) are left out: their events enclose the ops they run. With several devices the
 figures are means over them. Each op is named by its HLO instruction, and attributed to a scope from its metadata
 op_name (e.g. "CNNEncoder/trunk/layer_0 [bwd]": forward or backward, model path). Prints the top ops and the
-scopes, in ms per step, and appends one JSON line to --json. The trace itself stays in --trace-dir for TensorBoard / xprof.
+scopes, in ms per step, and appends one JSON line to --json. The trace itself stays in --trace-dir for
+TensorBoard / xprof.
 
     python bench/profile_step.py                                          # CNN, gauss pair, float32, batch 64
     python bench/profile_step.py --batch 2048 --precision bfloat16        # on a GPU

@@ -31,11 +31,13 @@ if ! "$PY" -c "import ml_collections" >/dev/null 2>&1; then
   fi
 fi
 LOG="$OUT/bench_pretrain.log"
-"$PY" -c "import jax; print('# jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+# one jax start-up for the log line and the backend check (each start costs device time)
+jax_line=$("$PY" -c "import jax; print('# jax', jax.__version__, 'backend', jax.default_backend(), jax.devices())" 2>&1)
+echo "$jax_line" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$LOG"
 if [ -n "${SMOKE:-}" ]; then
   BENCH_SECONDS=${BENCH_SECONDS:-0.5}; ROUNDS=${ROUNDS:-1}
-elif [ "$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null)" != "gpu" ]; then
+elif ! grep -q "^# jax .* backend gpu " <<< "$jax_line"; then
   # a CUDA plugin that failed to start leaves jax on the CPU with only a warning: batch 2048 there would use up
   # the device time measuring nothing
   echo "run_gpu.sh: jax's backend is not a GPU (SMOKE=1 runs the suite on a CPU as a check)" | tee -a "$LOG" >&2

@@ -337,10 +337,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
   except Exception as e:  # noqa: BLE001 - re-raised by all_succeeded, after the other processes heard of it
     err = e
   parallel.all_succeeded(err, "setting up the run")
-  # every process must run the same config (its data may sit at another path on each host)
-  same = copy.deepcopy(config)
-  same.data.path = ""
-  parallel.same_on_all(same.to_json(), "the config")
+  if jax.process_count() > 1:  # every process must run the same config (its data may sit elsewhere on each host)
+    same = copy.deepcopy(config)
+    same.data.path = ""
+    parallel.same_on_all(same.to_json(), "the config")
   if note:
     log(note)
 
