@@ -258,13 +258,19 @@ def test_split_fractions_follow_the_mode_however_it_is_set():
     assert fractions(eval_cfg.get_config(), exported) == clocs
 
 
+def _done_result():
+    """What evaluate.run returns for a finished evaluation, with every summary figure made up: for sweep tests
+    that stub run() and look only at what each variant was given."""
+    one = {k: 0.5 for k in ("mean", "min", "max")} | {k: 0.0 for k in ("ci95", "ci95_normal", "sd")} | {"n": 1}
+    return {"status": "done", "baselines": {}, "summary": {m: dict(one) for m in METRIC_KEYS}}
+
+
 def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, monkeypatch):
     seen = []
 
     def fake_run(variant, workdir, dataset=None, pretrain_root=None):
         seen.append((variant.pretrain.mode, evaluate.resolve_split(variant).split.to_dict()))
-        one = {k: 0.5 for k in ("mean", "min", "max")} | {k: 0.0 for k in ("ci95", "ci95_normal", "sd")} | {"n": 1}
-        return {"status": "done", "baselines": {}, "summary": {m: dict(one) for m in METRIC_KEYS}}
+        return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
     cfg = eval_config(**{"sweep.field": "pretrain.mode", "sweep.choices": ("simclr", "cmsc")})
@@ -279,8 +285,7 @@ def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_e
 
     def fake_run(variant, workdir, dataset=None, pretrain_root=None):
         seen.append((variant.data.path, variant.pretrain.data.path, dataset))
-        one = {k: 0.5 for k in ("mean", "min", "max")} | {k: 0.0 for k in ("ci95", "ci95_normal", "sd")} | {"n": 1}
-        return {"status": "done", "baselines": {}, "summary": {m: dict(one) for m in METRIC_KEYS}}
+        return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
     cfg = eval_config(clean_encoder, **{"sweep.field": "data.path", "sweep.choices": ("", str(tmp_path / "other"))})
