@@ -92,7 +92,7 @@ def test_switch_label_column(labelled):
     assert normal["02132_hr"] == 1 and normal["00841_hr"] == 0
 
 
-@pytest.mark.parametrize("bad", ["maybe", "2", "0.5", "ja"])
+@pytest.mark.parametrize("bad", ["maybe", "2", "0.5", "ja", "t", "n", "Y", "1e0", "-0", "+01.000"])
 def test_bad_value_is_one_line_error(tmp_path, bad):
     table = _table(tmp_path / "t.csv", ROWS[:3] + [("6001", None, bad, "", "")])
     with pytest.raises(UserError) as e:
@@ -114,10 +114,30 @@ def test_table_errors(tmp_path):
     pd.DataFrame({"record": ["a", "a"], "y": ["1", "0"]}).to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(UserError, match="more than one row"):
         prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=str(tmp_path / "dup.csv")))
+    (tmp_path / "empty.csv").write_text("record,lvh\n")
+    with pytest.raises(UserError, match="header but no rows"):
+        prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=str(tmp_path / "empty.csv")))
+    # a column the dataset writes itself for each record (here the stored length) cannot come from a table
+    pd.DataFrame({"record": ["00841_hr"], "lvh": ["1"], "valid_length": ["x"]}).to_csv(tmp_path / "res.csv",
+                                                                                        index=False)
+    with pytest.raises(UserError, match="column 'valid_length' names a field prepare writes itself"):
+        prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=str(tmp_path / "res.csv"), label_column="lvh"))
+    assert not os.path.exists(tmp_path / "o")  # each refused before any work
+
+
+def test_empty_table_found_in_src_is_one_line_error(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "rec.npy").write_bytes(b"")  # never read: the table is refused first
+    (src / "labels.csv").write_text("record,lvh\n")
+    with pytest.raises(UserError) as e:
+        prepare([str(src)], str(tmp_path / "o"), PrepareOptions())
+    assert "labels.csv: the table has a header but no rows (give --no-auto-labels" in str(e.value)
 
 
 def test_accepted_values():
-    for v, y in [("1", 1), ("0", 0), ("true", 1), ("FALSE", 0), ("Yes", 1), ("no", 0), (" ", None)]:
+    for v, y in [("1", 1), ("0", 0), ("true", 1), ("FALSE", 0), ("Yes", 1), ("no", 0), (" ", None), ("1.0", 1),
+                 ("0.00", 0)]:
         got = parse_binary(v)
         assert (np.isnan(got) if y is None else got == y), v
     assert parse_binary("maybe") is None

@@ -414,12 +414,37 @@ def test_array_csv_of_another_length_skips_the_file(tmp_path):
     np.save(src / "y.npy", np.zeros((2, 5000, 12)) + 0.1)
     pd.DataFrame({"record": ["p", "q"], "label": ["1", "0"], "patient_id": ["3.0", "P7"]}).to_csv(src / "y.csv",
                                                                                                    index=False)
-    _prep(src, tmp_path / "out", array_fs=500)
+    s = _prep(src, tmp_path / "out", array_fs=500)
     ds = open_dataset(str(tmp_path / "out"))
     assert list(ds.names) == ["p", "q"]
     assert list(ds.patient_ids) == ["3", "P7"]  # 3.0 as pandas writes an integer id: the id a header gives as 3
     rep = pd.read_csv(tmp_path / "out" / "skipped.csv")
-    assert len(rep) == 4 and all("x.csv has 6 lines for 4 array rows" in r for r in rep.reason)  # each row of x
+    # the file is skipped once (one line, one count), not once per array row
+    assert len(rep) == 1 and rep.record[0] == str(src / "x.npy")
+    assert "x.csv has 6 lines for 4 array rows" in rep.reason[0]
+    assert s["skipped"] == 1
+
+
+def test_array_csv_is_parsed_once_per_file(tmp_path, monkeypatch):
+    # a .npy is one input item per row; reading its CSV for every row made prepare quadratic in the rows
+    import ecgcl_jax.data.arrays as A
+
+    np.save(tmp_path / "x.npy", np.zeros((6, 5000, 12)) + 0.1)
+    pd.DataFrame({"record": list("abcdef"), "label": ["1", "0"] * 3}).to_csv(tmp_path / "x.csv", index=False)
+    reads = []
+    real = pd.read_csv
+    monkeypatch.setattr(A.pd, "read_csv", lambda p, *a, **k: reads.append(str(p)) or real(p, *a, **k))
+    A._read_side_csv.cache_clear()
+    _prep(tmp_path, tmp_path / "out", array_fs=500)
+    assert reads.count(str(tmp_path / "x.csv")) == 1
+    assert list(open_dataset(str(tmp_path / "out")).names) == list("abcdef")
+
+
+def test_array_of_wrong_lead_count_is_counted_as_such(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 5000, 8)) + 0.1)
+    write_record(str(tmp_path), "good", fs=500, seed=1)
+    s = _prep(tmp_path, tmp_path / "out", array_fs=500)
+    assert s["skipped_by_reason"] == {"wrong lead count": 2}
 
 
 def test_parquet_without_pyarrow_is_one_line_error(tmp_path, monkeypatch):
@@ -466,6 +491,38 @@ def test_ptbxl_layout_with_database_csv(tmp_path):
     assert list(ds.labels) == [1.0, 0.0]  # NORM at likelihood 100 only
     assert list(ds.meta["sex"]) == ["F", "M"] and list(ds.meta["strat_fold"].astype(int)) == [3, 2]
     assert "NORM" in ds.meta["scp_codes"].iloc[0]
+
+
+def _ptbxl_pair(src, rows):
+    for ecg_id in (1, 2):
+        write_record(str(src / "records500" / "00000"), f"{ecg_id:05d}_hr", fs=500, seed=ecg_id)
+    pd.DataFrame(rows, columns=["ecg_id", "patient_id", "scp_codes"]).to_csv(src / "ptbxl_database.csv", index=False)
+
+
+def test_ptbxl_database_csv_problems(tmp_path, monkeypatch):
+    import ecgcl_jax.data.build as B
+
+    # a scp_codes cell that is not a dict of numbers leaves `normal` unknown for that record only
+    src = tmp_path / "a"
+    _ptbxl_pair(src, [(1, 11, "{'NORM': None}"), (2, 12, "{'NORM': 100.0}")])
+    _prep(src, tmp_path / "oa")
+    ds = open_dataset(str(tmp_path / "oa"))
+    assert np.isnan(ds.labels[0]) and ds.labels[1] == 1.0 and list(ds.patient_ids) == ["11", "12"]
+    # an ecg_id on two rows (00001 and 1 are one id), or a file pandas cannot parse: one line, before any record
+    # is read
+    processed = []
+    real = B._process_chunk
+    monkeypatch.setattr(B, "_process_chunk", lambda job: processed.append(job) or real(job))
+    for name, rows, expect in (("b", [(1, 11, "{}"), ("00001", 11, "{}")], "ecg_id 1 appears in more than one row"),
+                               ("c", None, "cannot read as CSV")):
+        src = tmp_path / name
+        _ptbxl_pair(src, rows or [(1, 11, "{}")])
+        if rows is None:
+            (src / "ptbxl_database.csv").write_text('ecg_id,patient_id\n1,"11\n2,12,13,14\n')
+        with pytest.raises(UserError) as e:
+            _prep(src, tmp_path / f"o{name}")
+        assert "\n" not in str(e.value) and "ptbxl_database.csv" in str(e.value) and expect in str(e.value)
+    assert processed == []
 
 
 def test_open_dataset_errors(tmp_path):

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -50,13 +51,32 @@ def npy_rows(path: str) -> int:
 
 
 def _side_csv(path: str) -> pd.DataFrame | None:
+    """The CSV beside array file `path` (None if there is none); SkipRecord if unreadable.
+
+    A .npy is read one row per input item, so the table is parsed once per file and process, not once per row."""
     csv = os.path.splitext(path)[0] + ".csv"
-    if not os.path.isfile(csv):
+    try:
+        st = os.stat(csv)
+    except OSError:
         return None
+    return _read_side_csv(csv, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_side_csv(csv: str, mtime_ns: int, size: int) -> pd.DataFrame:
     try:
         return pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:
         raise SkipRecord(f"unreadable {os.path.basename(csv)} ({type(e).__name__})") from None
+
+
+def check_side_csv(path: str, n_rows: int) -> None:
+    """SkipRecord when the CSV beside `path` cannot be read or has not one line per array row (ids and labels
+    would not line up with the rows)."""
+    side = _side_csv(path)
+    if side is not None and len(side) != n_rows:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        raise SkipRecord(f"{stem}.csv has {len(side)} lines for {n_rows} array rows (one line per row)")
 
 
 def _orient(x: np.ndarray, n_leads: int, layout: str) -> np.ndarray:
@@ -106,9 +126,8 @@ def iter_array_records(path: str, rows: list[int] | None, fs: float, units: str,
             arr = arr[None]
         if arr.ndim != 3:
             raise SkipRecord(f"array of shape {arr.shape} (expected (N, length, leads))")
+        check_side_csv(path, arr.shape[0])
         side = _side_csv(path)
-        if side is not None and len(side) != arr.shape[0]:  # ids and labels would not line up with the rows
-            raise SkipRecord(f"{stem}.csv has {len(side)} lines for {arr.shape[0]} array rows (one line per row)")
         fac = unit_factor(units)
     except SkipRecord as e:
         yield None, e, {"name": stem}

@@ -137,6 +137,7 @@ def discover(sources: list[str], dedupe: bool, out: str | None = None) -> Inputs
             elif low.endswith(".npy"):
                 try:
                     n = arrays.npy_rows(f)
+                    arrays.check_side_csv(f, n)  # a bad CSV skips the file once, not once per row
                 except SkipRecord as e:
                     inp.items.append(("bad", si, f, str(e)))
                     continue
@@ -323,18 +324,28 @@ def _chunk_size(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- metadata joins
-def _apply_ptbxl(meta: pd.DataFrame, csvs: list[str]) -> pd.DataFrame:
+def load_ptbxl_db(csv: str) -> pd.DataFrame | None:
+    """PTB-XL's ptbxl_database.csv, indexed by canonical ecg_id ('00841' -> '841'); None without an ecg_id column.
+
+    Read before any record is processed, so that a bad file stops prepare at once (UserError, one line)."""
+    try:
+        db = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas' parser errors
+        raise UserError(f"{csv}: cannot read as CSV ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if "ecg_id" not in db.columns:
+        return None
+    db = db.set_index(db["ecg_id"].map(lambda v: str(int(c)) if (c := clean_id(v)).isdigit() else c))
+    dup = db.index[db.index.duplicated() & (db.index != "")]
+    if len(dup):
+        raise UserError(f"{csv}: ecg_id {dup[0]} appears in more than one row")
+    return db
+
+
+def _apply_ptbxl(meta: pd.DataFrame, dbs: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
     """Patient id, scp_codes, strat_fold, age, sex, ecg_id and `normal` (NORM at likelihood 100) from PTB-XL's
-    ptbxl_database.csv for records in the folder holding it."""
-    for csv in csvs:
-        try:
-            db = pd.read_csv(csv, dtype=str, keep_default_na=False)
-        except Exception as e:
-            raise UserError(f"{csv}: cannot read ({type(e).__name__})") from None
-        if "ecg_id" not in db.columns:
-            continue
+    ptbxl_database.csv (path, load_ptbxl_db's frame) for records in the folder holding it."""
+    for csv, db in dbs:
         root = os.path.dirname(os.path.abspath(csv)) + os.sep
-        db = db.set_index(db["ecg_id"].map(lambda v: str(int(c)) if (c := clean_id(v)).isdigit() else c))
         for col in ("patient_id", "scp_codes", "strat_fold", "ecg_id", "age", "sex", "normal"):
             if col not in meta.columns:
                 meta[col] = "" if col != "normal" else np.nan
@@ -356,10 +367,10 @@ def _apply_ptbxl(meta: pd.DataFrame, csvs: list[str]) -> pd.DataFrame:
                 pass
             if str(r.get("sex", "")).strip() in ("0", "1"):
                 meta.at[i, "sex"] = "M" if str(r["sex"]).strip() == "0" else "F"
-            try:
+            try:  # a malformed scp_codes cell leaves `normal` unknown for that record
                 codes = ast.literal_eval(str(r.get("scp_codes", "")))
                 meta.at[i, "normal"] = 1.0 if float(codes.get("NORM", 0)) == 100.0 else 0.0
-            except (ValueError, SyntaxError, AttributeError):
+            except (ValueError, TypeError, SyntaxError, AttributeError, MemoryError, RecursionError):
                 pass
     return meta
 
@@ -369,7 +380,8 @@ def _reason_kind(reason: str) -> str:
     for key, kind in (("duplicate:", "duplicate (lower-rate copy)"), ("truncated", "truncated signal file"),
                       ("signal file", "missing signal file"), ("header", "bad header"),
                       ("nan", "NaN samples"), ("missing leads", "missing/unknown leads"),
-                      ("lead names", "wrong lead count"), ("duplicate leads", "duplicate leads"),
+                      ("lead names", "wrong lead count"),
+                      ("no axis of", "wrong lead count"), ("duplicate leads", "duplicate leads"),
                       ("zero-length", "zero-length"), ("too short", "too short"),
                       ("shorter than 10 s", "shorter than 10 s"), (".mat", "unreadable .mat"),
                       ("unit", "unknown unit"), ("unreadable", "unreadable file")):
@@ -401,6 +413,7 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
         found = [(si, find_auto_table(s)) for si, s in enumerate(sources)] if opts.auto_labels else []
         tables = [(si, load_label_table(p, opts.label_column, auto=True)) for si, p in found if p]
     inputs = discover(sources, opts.dedupe, out)
+    ptbxl_dbs = [(p, db) for p in inputs.ptbxl_csvs if (db := load_ptbxl_db(p)) is not None]
     if opts.auto_labels and not opts.labels:  # tables below a SRC's top, which only that subfolder as SRC would use
         unused = [(p, "in a subfolder of SRC: give that folder as SRC, or the table with --labels")
                   for si, p in inputs.nested_tables if not found[si][1] and find_auto_table(os.path.dirname(p)) == p]
@@ -486,7 +499,7 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     inputs.duplicates = [(lr, f"duplicate: 100 Hz copy of {hr} (500 Hz kept)")
                          for hr, (_, lr) in sorted(inputs.twins.items()) if lr not in used]
     prog.close()
-    summary = _assemble(out, chunks, results, inputs, opts, tables, sources, manifest, stream)
+    summary = _assemble(out, chunks, results, inputs, opts, tables, ptbxl_dbs, sources, manifest, stream)
     summary["label_tables_not_used"] = [{"table": p, "why": why} for p, why in unused]
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["records_per_s"] = round(n_items / max(summary["seconds"], 1e-9), 1)
@@ -504,7 +517,7 @@ def _chunk_result(partial: str, i: int) -> dict:
         return json.load(f)
 
 
-def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables, sources, manifest,
+def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables, ptbxl_dbs, sources, manifest,
               stream) -> dict:
     partial = os.path.join(out, PARTIAL)
     metas, scales, skips, sizes = [], [], [], []
@@ -527,7 +540,7 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
         if col not in meta.columns:
             meta[col] = default
     meta["patient_id"] = meta["patient_id"].fillna("").astype(str)
-    meta = _apply_ptbxl(meta, inputs.ptbxl_csvs)
+    meta = _apply_ptbxl(meta, ptbxl_dbs)
     label_stats = []
     for si, table in tables:
         if si is None:  # --labels: applies to every record

@@ -20,12 +20,14 @@ _KV = re.compile(r"^\s*<?\s*([A-Za-z][A-Za-z0-9 _\-/.]*?)\s*>?\s*[:=]\s*(.*?)\s*
 _PATIENT_KEYS = {"patient", "patientid", "patientno", "patientnumber", "patientnr", "subject", "subjectid",
                  "pid", "patid"}
 _SQUASH = re.compile(r"[\s_\-/.]+")
-_TRUE = {"1", "true", "yes", "y", "t"}
-_FALSE = {"0", "false", "no", "n", "f"}
+_TRUE = {"1", "true", "yes"}
+_FALSE = {"0", "false", "no"}
+_FLOAT01 = re.compile(r"([01])\.0*")  # 1.0 / 0.0, as pandas writes a 0/1 column that has empty cells
 
 
 def parse_binary(value) -> float | None:
-    """'1'/'true'/'yes' -> 1.0, '0'/'false'/'no' -> 0.0, '' -> NaN, anything else -> None (invalid)."""
+    """'1'/'true'/'yes' -> 1.0, '0'/'false'/'no' -> 0.0 (any case; '1.0'/'0.0' too), '' -> NaN, anything else
+    (e.g. 't', 'y', '2', '1e0', '-0') -> None (invalid)."""
     if value is None:
         return math.nan
     if isinstance(value, float) and math.isnan(value):
@@ -37,11 +39,8 @@ def parse_binary(value) -> float | None:
         return 1.0
     if s in _FALSE:
         return 0.0
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return v if v in (0.0, 1.0) else None
+    m = _FLOAT01.fullmatch(s)
+    return float(m.group(1)) if m else None
 
 
 def clean_id(v: str) -> str:

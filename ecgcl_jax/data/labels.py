@@ -19,6 +19,11 @@ from ecgcl_jax.data.header_meta import clean_id, parse_binary
 from ecgcl_jax.errors import UserError
 
 _EXTS = (".hea", ".dat", ".mat", ".npy", ".npz", ".parquet")
+# Fields `prepare` writes itself for every record; a table column may not replace them (label, normal, age, sex,
+# patient_id, dx, ... it may: the old values stay as `source_<name>`).
+RESERVED_COLUMNS = ("name", "relpath", "source", "source_id", "window", "valid_length", "fs_original",
+                    "n_samples_original", "n_leads_original", "leads_original", "missing_leads", "repeated_leads",
+                    "resample", "reader", "format")
 
 
 def normalise_key(v: str) -> str:
@@ -98,10 +103,16 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
     if "record" not in df.columns:
         raise UserError(f"{path}: no 'record' column (columns: {', '.join(df.columns)})")
     cols = [c for c in df.columns if c != "record"]
+    hint = " (give --no-auto-labels to ignore this table)" if auto else ""
+    if len(df) == 0:
+        raise UserError(f"{path}: the table has a header but no rows{hint}")
+    clash = [c for c in cols if c in RESERVED_COLUMNS]
+    if clash:
+        raise UserError(f"{path}: column '{clash[0]}' names a field prepare writes itself for every record "
+                        f"({', '.join(RESERVED_COLUMNS)}); rename it{hint}")
     df["record"] = df["record"].map(normalise_key)
     dup = df["record"][df["record"].duplicated()]
     if len(dup):
-        hint = " (give --no-auto-labels to ignore this table)" if auto else ""
         raise UserError(f"{path}: record '{dup.iloc[0]}' appears in more than one row{hint}")
     if auto:
         valid = [c for c in cols if c != "patient_id" and all(parse_binary(v) is not None for v in df[c])
