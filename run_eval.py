@@ -29,7 +29,7 @@ def main(argv):
   def run():
     from configs import eval as eval_config  # noqa: PLC0415 - every evaluation field, to check the config file
     from ecgcl_jax import evaluate  # noqa: PLC0415
-    return evaluate.run(cli.config_value(_CONFIG, eval_config.get_config), _WORKDIR.value)
+    return evaluate.run(cli.config_value(_CONFIG, eval_config.get_config), os.path.expanduser(_WORKDIR.value))
 
   return cli.run_entry("run_eval.py", run)
 

@@ -5,6 +5,7 @@
 Multi-host: add --distributed (TPU pods / SLURM auto-detect) or
 --coordinator=HOST:PORT --num_processes=N --process_id=I on every process.
 """
+import os
 import sys
 
 from absl import app, flags
@@ -25,7 +26,7 @@ def main(argv):
   def run():
     from configs import base  # noqa: PLC0415 - every pretraining field, to check the config file has them all
     from ecgcl_jax import pretrain  # noqa: PLC0415
-    return pretrain.run(cli.config_value(_CONFIG, base.get_config), _WORKDIR.value)
+    return pretrain.run(cli.config_value(_CONFIG, base.get_config), os.path.expanduser(_WORKDIR.value))
 
   return cli.run_entry("run_pretrain.py", run, _DISTRIBUTED.value, _COORD.value, _NPROC.value, _PID.value)
 

@@ -173,6 +173,7 @@ def export_encoder(directory: str, model_config, variables: dict, preprocessing:
 
 def load_encoder(directory: str) -> ExportedEncoder:
   """Load an encoder exported by ``run_pretrain.py``: ``WORKDIR/encoder`` or the ``WORKDIR`` that holds it."""
+  directory = os.path.expanduser(str(directory))
   if not os.path.isfile(os.path.join(directory, "encoder.json")) and os.path.isfile(
       os.path.join(directory, "encoder", "encoder.json")):
     directory = os.path.join(directory, "encoder")

@@ -122,7 +122,7 @@ def validate_config(config, num_devices: int) -> None:
   length, _, _ = input_geometry(config)
   for field in ("view1", "view2"):
     view_augmentation(config, field, length)
-  if config.data.path and not os.path.exists(config.data.path):
+  if config.data.path and not os.path.exists(os.path.expanduser(config.data.path)):
     raise UserError(f"config.data.path: {config.data.path} does not exist")
 
 

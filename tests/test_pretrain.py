@@ -302,6 +302,19 @@ def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
   assert not (tmp_path / "w").exists()  # nothing was started
 
 
+def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
+  # `--config.data.path=~/x` reaches the program unexpanded (a shell expands ~ only at the start of a word)
+  from ecgcl_jax import checkpoint, pretrain
+  from ecgcl_jax.errors import UserError
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "ds").mkdir()
+  pretrain.validate_config(small_config(**{"data.path": "~/ds"}), 1)
+  with pytest.raises(UserError, match="~/nope does not exist"):
+    pretrain.validate_config(small_config(**{"data.path": "~/nope"}), 1)
+  with pytest.raises(UserError, match=f"{tmp_path}/ds: holds no exported encoder"):
+    checkpoint.load_encoder("~/ds")
+
+
 def test_uncreatable_workdir_is_one_line(tmp_path):
   (tmp_path / "a_file").write_text("")
   p = run_cli(["--config", "configs/cnn.py", "--workdir", str(tmp_path / "a_file" / "w"), "--config.num_steps=1"])
