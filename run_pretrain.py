@@ -8,8 +8,13 @@ Multi-host: add --distributed (TPU pods / SLURM auto-detect) or
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from ecgcl_jax import cli  # light (standard library only)
+
+if __name__ == "__main__":  # a SIGTERM while JAX loads stops the run at its first step instead of killing it
+  cli.hold_early_stop_signals()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/*.py).",
                                           lock_config=True)
@@ -33,6 +38,5 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  from ecgcl_jax import cli  # noqa: E402
 
   sys.exit(app.run(main, flags_parser=cli.flags_parser("run_pretrain.py")))

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
 
-  c.on_nonfinite = "stop"      # stop | skip: what a non-finite loss or gradient does
+  c.on_nonfinite = "stop"      # stop | skip: what a non-finite loss, gradient or update does
   c.restart_if_unrestorable = False  # start from scratch when no checkpoint restores (else: error)
   c.debug_nan_at_step = -1     # test hook: inject a NaN loss at this step (-1 = off)
   return c

@@ -44,20 +44,31 @@ def _one_writer_per_array() -> None:
                                              array_metadata_store=getattr(current, "_array_metadata_store", None))
   except TypeError:
     return
-  absl_log = logging.getLogger("absl")  # orbax logs a warning for every override; this one is meant
-  level = absl_log.level
-  absl_log.setLevel(logging.ERROR)
-  try:
+  with _absl_quiet(logging.ERROR):  # orbax logs a warning for every override; this one is meant
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+@contextlib.contextmanager
+def _absl_quiet(level: int = logging.CRITICAL):
+  """Drop orbax's absl log records below `level` inside the block (they print past stderr redirection)."""
+  absl_log = logging.getLogger("absl")
+  old = absl_log.level
+  absl_log.setLevel(level)
+  try:
+    yield
   finally:
-    absl_log.setLevel(level)
+    absl_log.setLevel(old)
 
 
 def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   _one_writer_per_array()
   options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # One unnamed item, fixed here: left open, orbax decides it at the first save or restore, from that step's folder,
+  # and a damaged newest step (no default/ inside) turned every later restore and save of this manager into an error.
+  with _absl_quiet():  # it reads every step's metadata; restore_latest says in one line what is wrong
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, wait: bool = False) -> None:
@@ -66,16 +77,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, wait: bool = Fal
     manager.wait_until_finished()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   log: Callable[[str], None] = print) -> tuple[int, Any] | None:
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, log: Callable[[str], None] = print,
+                   restart_field: str = "restart_if_unrestorable") -> tuple[int, Any] | None:
   """(step, state) of the newest checkpoint that restores, or None when there is none at all.
 
   Newer checkpoints that do not restore are moved to corrupt_checkpoints/ once an older one has restored. When
   none restores, UserError, and every checkpoint stays where it is: the next run refuses the same way rather
-  than starting over (see quarantine_all for starting over).
+  than starting over (see quarantine_all for starting over); the message names `restart_field`, the config field
+  that asks for that.
   """
-  manager.reload()
-  steps = sorted(manager.all_steps(), reverse=True)
+  with _absl_quiet():  # a damaged step makes orbax log its missing files; the reason is said in one line below
+    manager.reload()
+    steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
   failed = []
@@ -84,7 +97,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     # traceback (hundreds of lines); the failure's own reason is the exception. Kept only when the restore works.
     printed = io.StringIO()
     try:
-      with contextlib.redirect_stderr(printed):
+      with contextlib.redirect_stderr(printed), _absl_quiet():
         try:
           state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception:
@@ -100,12 +113,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
       moved = _quarantine(os.fspath(manager.directory), bad)
       log(f"checkpoint {manager.directory}/{bad} does not restore ({why}); moved to {moved}; using step {step}")
     if failed:
-      manager.reload()
+      with _absl_quiet():
+        manager.reload()
     return step, state
-  manager.reload()
+  with _absl_quiet():
+    manager.reload()
   raise UserError(f"{manager.directory}: no checkpoint restores (tried steps {steps}; step {failed[0][0]}: "
                   f"{failed[0][1]}); they are left in place: fix or remove them, or pass "
-                  "--config.restart_if_unrestorable=True to move them aside and start from scratch")
+                  f"--config.{restart_field}=True to move them aside and start from scratch")
 
 
 def _until_quiet(buffer: io.StringIO, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
@@ -118,9 +133,10 @@ def _until_quiet(buffer: io.StringIO, quiet_s: float = 0.5, limit_s: float = 5.0
 
 def quarantine_all(manager: ocp.CheckpointManager) -> list[str]:
   """Moves every checkpoint step to corrupt_checkpoints/ (a restart from scratch must not meet them again)."""
-  manager.reload()
-  moved = [_quarantine(os.fspath(manager.directory), step) for step in manager.all_steps()]
-  manager.reload()
+  with _absl_quiet():
+    manager.reload()
+    moved = [_quarantine(os.fspath(manager.directory), step) for step in manager.all_steps()]
+    manager.reload()
   return moved
 
 

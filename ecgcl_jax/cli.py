@@ -12,10 +12,21 @@ from typing import Any, Callable
 from ecgcl_jax.errors import UserError
 
 
+_EARLY_SIGNALS: list[int] = []  # stop signals received before a run installed its own handler
+
+
+def hold_early_stop_signals() -> None:
+  """From now until a run's `on_stop_signals` block: SIGTERM/SIGINT are remembered instead of killing the process
+  (exit 143 and no word, while Python imports JAX), and the run's handler receives them when it is installed."""
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
+
 @contextlib.contextmanager
 def on_stop_signals(handler: Callable):
   """Route SIGTERM and SIGINT to ``handler(signum, frame)`` inside the block, then restore the old handlers
-  (a no-op off the main thread, where Python cannot install handlers)."""
+  (a no-op off the main thread, where Python cannot install handlers). A signal held by hold_early_stop_signals
+  is passed to the handler on entry."""
   old = {}
   for sig in (signal.SIGTERM, signal.SIGINT):
     try:
@@ -23,6 +34,8 @@ def on_stop_signals(handler: Callable):
     except ValueError:  # not the main thread
       pass
   try:
+    while old and _EARLY_SIGNALS:
+      handler(_EARLY_SIGNALS.pop(0), None)
     yield
   finally:
     for sig, h in old.items():

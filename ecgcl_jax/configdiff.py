@@ -16,8 +16,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def changed_fields(saved: dict, current: dict, allowed=()) -> str:
-  """'field: old -> new, ...' for every differing field not in ``allowed`` ('' when none)."""
+  """'field: old -> new, ...' for every differing field not in ``allowed`` ('' when none); past 8 fields, the rest
+  by name only, so that every changed field is named."""
   a, b = flatten(saved), flatten(current)
   changed = sorted(k for k in set(a) | set(b)
                    if k not in allowed and json.dumps(a.get(k)) != json.dumps(b.get(k)))
-  return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+  text = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+  if len(changed) > 8:
+    text += f"; and {len(changed) - 8} more: {', '.join(changed[8:])}"
+  return text

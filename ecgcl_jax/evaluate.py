@@ -45,7 +45,9 @@ BASELINES = METHODS[1:]
 RESUMABLE_CHANGES = ("repeats", "seeds", "allow_leakage", "sweep.field", "sweep.choices", "sweep.metric",
                      "pretrain.log_every", "pretrain.checkpoint_every", "pretrain.keep_checkpoints",
                      "pretrain.data.resident", "pretrain.data.prefetch", "data.resident", "data.prefetch",
-                     "pretrain.data.reader_threads", "data.reader_threads")
+                     "pretrain.data.reader_threads", "data.reader_threads",
+                     # what the pretraining's own errors ask for: skip bad steps, start over from unrestorable ones
+                     "pretrain.on_nonfinite", "pretrain.restart_if_unrestorable")
 
 
 class Interrupted(Exception):
@@ -110,7 +112,8 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
     detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
     if detail:
         raise UserError(f"{path}: this evaluation workdir was started with another config; changed fields: "
-                        f"{detail} (use a new --workdir; only repeats/seeds/logging may change)")
+                        f"{detail} (use a new --workdir; only repeats, seeds, logging, I/O and "
+                        "pretrain.on_nonfinite/restart_if_unrestorable may change)")
 
 
 def _interruptible():
@@ -189,7 +192,7 @@ def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir
     pcfg.seed = int(seed)
     _log(f"seed {seed}: pretraining {pcfg.model.encoder} ({pcfg.mode}) for {pcfg.num_steps} steps on "
          f"{len(split.pretrain)} records in {pretrain_dir}")
-    result = pretrain.run(pcfg, pretrain_dir, dataset=ds, indices=split.pretrain)
+    result = pretrain.run(pcfg, pretrain_dir, dataset=ds, indices=split.pretrain, field_prefix="pretrain.")
     if result.get("status") != "done":
         return None, {"status": result.get("status")}
     enc = checkpoint.load_encoder(os.path.join(pretrain_dir, "encoder"))

@@ -54,7 +54,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  nonfinite: jax.Array       # () int32, steps whose loss or gradient was not finite (their update skipped)
+  nonfinite: jax.Array       # () int32, steps with a non-finite loss, gradient or update (their update skipped)
   first_nonfinite: jax.Array  # () int32, the first such step (0-based), -1 when none
 
 
@@ -208,7 +208,9 @@ def make_pretrain_step(config, model, tx):
       grads = jax.tree.map(lambda g: g * poison, grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    # a finite gradient can still overflow the update (an absurd learning rate) or Adam's second moment (which
+    # would then silently freeze the parameter): the step counts as bad unless everything it writes is finite
+    finite = jnp.isfinite(loss) & _all_finite(grads, new_params, new_bs, new_opt)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         step=state.step + 1,
@@ -220,6 +222,12 @@ def make_pretrain_step(config, model, tx):
     return new_state, {"loss": loss, "finite": finite}
 
   return step
+
+
+def _all_finite(*trees) -> jax.Array:
+  """() bool: every floating-point leaf of `trees` is finite."""
+  leaves = [l for t in trees for l in jax.tree.leaves(t) if jnp.issubdtype(l.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
 
 
 def init_state(config, model, tx, key: jax.Array) -> TrainState:
@@ -313,11 +321,13 @@ def _fmt_eta(seconds: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=None, mesh=None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=None, mesh=None,
+        field_prefix: str = "") -> dict:
   """Pretrain (or resume) in ``workdir``; see the module docstring. Returns a summary dict.
 
   dataset: an opened dataset (default: ``open_dataset(config.data.path)``); indices: rows to pretrain on
-  (default: all); mesh: device mesh (default: every device of every process).
+  (default: all); mesh: device mesh (default: every device of every process); field_prefix: where `config` sits
+  in the caller's config (evaluation: "pretrain."), for the fields that messages tell the user to set.
   """
   from ecgcl_jax import data as data_lib  # noqa: PLC0415 - keeps `import ecgcl_jax.pretrain` light
 
@@ -353,7 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
     finished = _already_exported(config, workdir, batch, max_amp, log)
     if not parallel.any_process(finished is None):  # every process returns here, or none does
       return finished
-    return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp)
+    return _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp, field_prefix)
 
 
 def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
@@ -413,7 +423,8 @@ def _read_json(path: str) -> dict:
     raise UserError(f"{path}: unreadable ({e}); use a new --workdir") from None
 
 
-def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp: float) -> dict:
+def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp: float,
+                field_prefix: str = "") -> dict:
   model = models.build_encoder(config.model, dtype=DTYPES[config.dtype])
   tx = make_optimizer(config.optim)
   root = jax.random.PRNGKey(config.seed)
@@ -423,7 +434,8 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
 
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   try:
-    restored = checkpoint.restore_latest(manager, state, log=log)
+    restored = checkpoint.restore_latest(manager, state, log=log,
+                                         restart_field=f"{field_prefix}restart_if_unrestorable")
   except UserError:
     if not config.restart_if_unrestorable:
       raise
@@ -498,8 +510,9 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
           manager.wait_until_finished()
           kept = manager.latest_step()
           good = f"{workdir}/checkpoints/{kept}" if kept is not None else "none written yet"
-          raise UserError(f"non-finite loss or gradient {where}; stopped. Last good checkpoint: {good} "
-                          "(lower optim.learning_rate, or set on_nonfinite=skip)")
+          raise UserError(f"non-finite loss, gradient or update {where}; stopped. Last good checkpoint: {good} "
+                          f"(lower --config.{field_prefix}optim.learning_rate, or set "
+                          f"--config.{field_prefix}on_nonfinite=skip)")
       if done % config.checkpoint_every == 0 or last:
         if config.on_nonfinite == "stop" and int(parallel.to_host(state.nonfinite)) > skipped_before:
           continue  # caught at the log line above; never checkpoint a state that saw a bad step

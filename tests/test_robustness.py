@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -122,7 +123,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   from ecgcl_jax import checkpoint, pretrain
   from ecgcl_jax.errors import UserError
   wd = str(tmp_path / "nan")
-  with pytest.raises(UserError, match=r"non-finite loss or gradient at step 5; stopped.*checkpoints/4"):
+  with pytest.raises(UserError, match=r"non-finite loss, gradient or update at step 5; stopped.*checkpoints/4"):
     pretrain.run(small_config(num_steps=8, checkpoint_every=2, debug_nan_at_step=4), wd)
   mgr = checkpoint.make_manager(os.path.join(wd, "checkpoints"), 3)
   assert max(mgr.all_steps()) == 4
@@ -139,12 +140,81 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   r = pretrain.run(small_config(num_steps=10, checkpoint_every=2, debug_nan_at_step=4), wd2)
   assert r["steps"] == 10
   # ... a new bad step is, named by the log interval it fell in (the state records only the first bad step)
-  with pytest.raises(UserError, match=r"non-finite loss or gradient between steps 11 and 12; stopped.*"
+  with pytest.raises(UserError, match=r"non-finite loss, gradient or update between steps 11 and 12; stopped.*"
                                       r"checkpoints/10"):
     pretrain.run(small_config(num_steps=12, checkpoint_every=2, debug_nan_at_step=11), wd2)
   # a bad first step: no checkpoint to point to yet
   with pytest.raises(UserError, match=r"at step 1; stopped. Last good checkpoint: none written yet"):
     pretrain.run(small_config(num_steps=4, checkpoint_every=2, debug_nan_at_step=0), str(tmp_path / "nan0"))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 1e39 is past float32's range, on purpose
+def test_update_that_overflows_is_a_bad_step(tmp_path):
+  # finite loss and gradients, but a learning rate that takes the parameters past float32's range
+  from ecgcl_jax import checkpoint, pretrain
+  from ecgcl_jax.errors import UserError
+  wd = str(tmp_path / "lr")
+  cfg = small_config(num_steps=6, checkpoint_every=1, log_every=3, **{"optim.learning_rate": 1e39})
+  with pytest.raises(UserError, match=r"non-finite loss, gradient or update at step 1; stopped.*none written yet"):
+    pretrain.run(cfg, wd)
+  assert not os.path.isdir(os.path.join(wd, "checkpoints")) or not os.listdir(os.path.join(wd, "checkpoints"))
+  r = pretrain.run(small_config(num_steps=6, checkpoint_every=1, log_every=3, on_nonfinite="skip",
+                                **{"optim.learning_rate": 1e39}), str(tmp_path / "skip"))
+  assert r["steps"] == 6 and read_metrics(str(tmp_path / "skip"))[-1]["nonfinite_steps"] == 6
+  enc = checkpoint.load_encoder(str(tmp_path / "skip"))  # every update dropped: the weights stay finite
+  assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(enc.variables))
+
+
+def test_newest_step_folder_emptied_falls_back(tmp_path, capsys):
+  # a step folder without its item (a partial copy, a deletion): orbax decided from it that the checkpoints hold
+  # several items, and every older step then failed to restore, and every later save failed, too
+  import shutil
+
+  from ecgcl_jax import pretrain
+  pretrain.run(small_config(num_steps=12, checkpoint_every=3), str(tmp_path / "a"))
+  wd = str(tmp_path / "w")
+  pretrain.run(small_config(num_steps=9, checkpoint_every=3), wd)
+  for name in os.listdir(os.path.join(wd, "checkpoints", "9")):
+    p = os.path.join(wd, "checkpoints", "9", name)
+    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+  capsys.readouterr()
+  r = pretrain.run(small_config(num_steps=12, checkpoint_every=3), wd)
+  out = capsys.readouterr()
+  assert r["steps"] == 12 and "checkpoints/9 does not restore" in out.out and "using step 6" in out.out
+  assert "W" not in [l[:1] for l in out.err.splitlines()]  # no orbax log lines about the missing files
+  assert [m["loss"] for m in read_metrics(wd)] == [m["loss"] for m in read_metrics(str(tmp_path / "a"))]
+  assert os.listdir(os.path.join(wd, "corrupt_checkpoints"))[0].startswith("9-")
+  assert "12" in os.listdir(os.path.join(wd, "checkpoints"))  # saving works after it
+
+
+def test_evaluation_errors_name_the_fields_it_can_change(tmp_path):
+  # inside run_eval.py the pretraining config is config.pretrain: its errors must name that field, and a resumed
+  # evaluation must accept it
+  from ecgcl_jax import evaluate, pretrain
+  from ecgcl_jax.errors import UserError
+  wd = str(tmp_path / "w")
+  pretrain.run(small_config(num_steps=3, checkpoint_every=3), wd)
+  with open(os.path.join(wd, "checkpoints", "3", "default", "_METADATA"), "w") as f:
+    f.write("{")
+  with pytest.raises(UserError, match=r"pass --config\.pretrain\.restart_if_unrestorable=True"):
+    pretrain.run(small_config(num_steps=6), wd, field_prefix="pretrain.")
+  with pytest.raises(UserError, match=r"set --config\.pretrain\.on_nonfinite=skip"):
+    pretrain.run(small_config(num_steps=2, debug_nan_at_step=0), str(tmp_path / "n"), field_prefix="pretrain.")
+  saved = {"pretrain": {"on_nonfinite": "stop", "restart_if_unrestorable": False, "seed": 0}}
+  evaluate.check_resume(saved, {"pretrain": {"on_nonfinite": "skip", "restart_if_unrestorable": True, "seed": 0}},
+                        "eval_config.json")
+  with pytest.raises(UserError, match="pretrain.seed: 0 -> 1"):
+    evaluate.check_resume(saved, {"pretrain": {"on_nonfinite": "stop", "restart_if_unrestorable": False, "seed": 1}},
+                          "eval_config.json")
+
+
+def test_changed_fields_names_every_field():
+  from ecgcl_jax import configdiff
+  old = {f"f{i:02d}": i for i in range(11)}
+  new = {k: v + 1 for k, v in old.items()}
+  text = configdiff.changed_fields(old, new, allowed=("f00",))
+  assert text.startswith("f01: 1 -> 2, ") and "f08: 8 -> 9" in text
+  assert text.endswith("; and 2 more: f09, f10")
 
 
 def test_changed_config_on_resume_is_refused(tmp_path):
@@ -222,3 +292,22 @@ def test_a_stop_signal_during_the_export_reaches_the_callers_handler(tmp_path, m
     assert pretrain.run(small_config(num_steps=3, checkpoint_every=3), str(tmp_path / "wd2"))["status"] == "done"
   finally:
     signal.signal(signal.SIGINT, old)
+
+
+def test_stop_signal_before_the_run_started_reaches_its_handler():
+  # run_pretrain.py / run_eval.py hold SIGTERM from their first lines (it killed them while JAX loaded); the run's
+  # handler gets it when installed, so the run stops the way it does for a later signal
+  from ecgcl_jax import cli
+  saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    cli.hold_early_stop_signals()
+    os.kill(os.getpid(), signal.SIGTERM)
+    got = []
+    with cli.on_stop_signals(lambda signum, frame: got.append(signum)):
+      assert got == [signal.SIGTERM]
+      os.kill(os.getpid(), signal.SIGINT)  # inside the block: straight to the handler
+      time.sleep(0.05)
+    assert got == [signal.SIGTERM, signal.SIGINT] and not cli._EARLY_SIGNALS
+  finally:
+    for s, h in saved.items():
+      signal.signal(s, h)
