@@ -342,6 +342,11 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
             f"{metrics.METHOD_TITLES.get(m, m)} ± {metrics._fmt(r['summary']['auroc']['ci95_normal'])}"
             for m, r in methods.items()),
     ]
+    leaks = [(r["seed"], int(r.get("encoder", {}).get("leaked_patients", 0))) for r in results["repeats"]]
+    if any(n for _, n in leaks):  # the table alone is what gets pasted: it says so itself
+        notes.append("**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/"
+                     "test patients (" + ", ".join(f"seed {s}: {n}" for s, n in leaks) + "), so these test scores "
+                     "are optimistic.")
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(metrics.markdown_table(methods, title="Evaluation results (test)", notes=notes))
     metrics.write_csv(metrics.table_rows(methods), os.path.join(workdir, "results.csv"))

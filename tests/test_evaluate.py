@@ -111,7 +111,11 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
     res = evaluate.run(eval_config(leaky, repeats=1, allow_leakage=True, **{"finetune.num_epochs": 1}),
                        str(tmp_path / "w2"), dataset=ds)
     split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321)
-    assert res["repeats"][0]["encoder"]["leaked_patients"] == len(split.val_patients) + len(split.test_patients)
+    n = len(split.val_patients) + len(split.test_patients)
+    assert res["repeats"][0]["encoder"]["leaked_patients"] == n
+    with open(tmp_path / "w2" / "results.md") as f:
+        assert f"**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/test " \
+               f"patients (seed 321: {n})" in f.read()
 
 
 def _kill_second_repeat(monkeypatch):
