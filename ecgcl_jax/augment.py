@@ -280,11 +280,15 @@ def _check_divides(length: int, m: int, where: str, what: str = "num_segments"):
 def permute_segments(key, x, num_segments, shared_across_leads=False):
     """Split time into m equal segments and shuffle them; concatenate.
 
-    x: (length, leads) with length % m == 0 (else UserError); m = num_segments, static int.
+    x: (length, leads) with length % m == 0 (else UserError); m = num_segments.
     Each lead draws its own permutation (the reference's behaviour); with
     shared_across_leads=True one permutation moves all leads together (leads stay synchronous).
+    A traced m (jax.jit(permute_segments)(key, x, 5)) gives exactly the static result, by a slower
+    general path; it cannot raise, so a traced m that does not divide L gives NaNs.
     """
     length, leads = x.shape
+    if _is_traced(num_segments):
+        return _permute_traced(key, x, num_segments, shared_across_leads)
     m = _static_int(num_segments, "num_segments")
     _check_divides(length, m, "augment.permute_segments")
     s = length // m
@@ -294,6 +298,41 @@ def permute_segments(key, x, num_segments, shared_across_leads=False):
         return xr[perm].reshape(length, leads)
     perm = jnp.argsort(jax.random.uniform(key, (m, leads)), axis=0)  # (m, leads)
     return jnp.take_along_axis(xr, perm[:, None, :], axis=0).reshape(length, leads)
+
+
+def _first_rows_uniform(key, m, shape):
+    """uniform(key, shape) with rows >= m (a traced count) set to 2.0, above every draw.
+
+    jax's default (partitionable) threefry draws element i of a shape from counter i, so rows < m equal
+    uniform(key, (m,) + shape[1:]): an argsort of the result starts with the static path's permutation.
+    """
+    u = jax.random.uniform(key, shape)
+    rows = jnp.arange(shape[0], dtype=jnp.int32).reshape((-1,) + (1,) * (len(shape) - 1))
+    return jnp.where(rows < m, u, 2.0)
+
+
+def _nan_unless(valid, y):
+    """y where the traced parameters were valid, else NaN (a traced value cannot raise)."""
+    return jnp.where(valid, y, jnp.asarray(jnp.nan, y.dtype))
+
+
+def _permute_traced(key, x, num_segments, shared: bool):
+    """permute_segments for a traced segment count: every shape from L (m <= L), a gather per sample."""
+    length, leads = x.shape
+    m = jnp.asarray(num_segments, jnp.int32)
+    valid = (m >= 1) & (m <= length) & (length % jnp.maximum(m, 1) == 0)
+    m = jnp.where(valid, m, 1)
+    s = length // m
+    t = jnp.arange(length, dtype=jnp.int32)
+    seg, off = t // s, t % s
+    if shared:
+        perm = jnp.argsort(_first_rows_uniform(key, m, (length,))).astype(jnp.int32)
+        y = x[perm[seg] * s + off]
+    else:
+        perm = jnp.argsort(_first_rows_uniform(key, m, (length, leads)), axis=0).astype(jnp.int32)
+        src = jnp.take_along_axis(perm, jnp.broadcast_to(seg[:, None], (length, leads)), axis=0) * s + off[:, None]
+        y = jnp.take_along_axis(x, src, axis=0)
+    return _nan_unless(valid, y.astype(_float_dtype(x)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,17 +460,71 @@ def _check_time_warp(length: int, m: int, warp, where="augment.time_warp"):
 def time_warp(key, x, num_segments, warp):
     """Time warping, each lead independently.
 
-    Split into m equal segments (m = num_segments, static, even, dividing L); an exact random half
+    Split into m equal segments (m = num_segments, even, dividing L); an exact random half
     of them (drawn per lead) is linearly resampled to floor(len (1 + w)) samples, the others to
     floor(len (1 - w)); the pieces are concatenated and linearly resampled back to L samples.
     Resampling a piece of n samples to n' samples takes the samples at np.linspace(0, n - 1, n').
-    x: (length, leads); warp = w in [0, 1) (SPEC defaults m=4, w=0.2).
+    x: (length, leads); warp = w in [0, 1) (SPEC defaults m=4, w=0.2). A traced m (jax.jit(time_warp)(key, x,
+    4, 0.2)) gives the static result (the same indices; values to float32 rounding, as jit against eager), by a
+    slower general path (_time_warp_traced_m).
     """
     length, leads = x.shape
+    if _is_traced(num_segments):
+        return _time_warp_traced_m(key, x, num_segments, warp)
     m = _static_int(num_segments, "num_segments")
     _check_time_warp(length, m, warp)
     stretched = _random_half(key, m, leads)
     return _time_warp_fixed(x, m, warp, stretched)
+
+
+def _time_warp_traced_m(key, x, num_segments, warp):
+    """time_warp for a traced segment count: the static m's result, by a slower general path.
+
+    The possible m are the even divisors of L (a static list), so the segment lengths come from a table computed
+    as the static path computes them; segments are found by a search over per-lead offsets of shape (L, leads)
+    instead of a where-chain over m. A traced m that is not an even divisor of L (or a warp that squeezes a
+    segment to nothing) gives NaNs: a traced value cannot raise.
+    """
+    length, leads = x.shape
+    if not _is_traced(warp) and not 0.0 <= float(warp) < 1.0:
+        raise UserError(f"augment.time_warp: warp must be in [0, 1), got {float(warp)}")
+    ms = [mm for mm in range(2, length + 1, 2) if length % mm == 0]
+    if not ms:
+        raise UserError(f"augment.time_warp: the signal length {length} has no even divisor")
+    m = jnp.asarray(num_segments, jnp.int32)
+    where_m = jnp.searchsorted(jnp.asarray(ms, jnp.int32), m)
+    sel = jnp.minimum(where_m, len(ms) - 1)
+    valid = jnp.asarray(ms, jnp.int32)[sel] == m
+    s = jnp.asarray([length // mm for mm in ms], jnp.int32)[sel]
+    if _is_traced(warp):
+        ls, lq = _warp_lengths(s, warp)
+    else:
+        table = [_warp_lengths(length // mm, warp) for mm in ms]
+        ls = jnp.asarray([a for a, _ in table], jnp.int32)[sel]
+        lq = jnp.asarray([b for _, b in table], jnp.int32)[sel]
+    valid = valid & (lq >= 1)
+    m = jnp.where(valid, m, ms[0])
+    u = _first_rows_uniform(key, m, (length, leads))
+    stretched = jnp.argsort(jnp.argsort(u, axis=0), axis=0) < m // 2  # rows >= m rank last: never stretched
+    rows = jnp.arange(length, dtype=jnp.int32)[:, None]
+    seg_len = jnp.where(stretched, ls, jnp.where(rows < m, lq, 0)).astype(jnp.int32)  # (L, leads)
+    offsets = jnp.cumsum(seg_len, axis=0) - seg_len
+    total = (m // 2) * (ls + lq)
+    off_t, len_t = offsets.T, seg_len.T  # (leads, L)
+
+    def source(n):  # n: (leads, length) -> (i0, i1, g), as _warp_source
+        k = jax.vmap(lambda o, nn: jnp.searchsorted(o, nn, side="right"))(off_t, n).astype(jnp.int32) - 1
+        start = jnp.take_along_axis(off_t, k, axis=1)
+        ln = jnp.take_along_axis(len_t, k, axis=1)
+        q, g = _frac_index((n - start) * (s - 1), jnp.maximum(ln - 1, 1))
+        i0 = k * s + q
+        return i0, jnp.minimum(i0 + 1, k * s + s - 1), g
+
+    xt = jnp.asarray(x, jnp.float32).T
+    n0, n1, f = _resample_index(length, total, leads)
+    c0 = _lerp_gather(xt, *source(n0))
+    c1 = _lerp_gather(xt, *source(n1))
+    return _nan_unless(valid, (c0 + f * (c1 - c0)).T.astype(_float_dtype(x)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -264,8 +264,22 @@ def test_permute_uniform_over_permutations():
 def test_permute_requires_divisible_length(xs):
     with pytest.raises(UserError, match="num_segments=7 does not divide"):
         A.permute_segments(jax.random.key(0), xs[0], 7)
-    with pytest.raises(UserError, match="static"):
-        jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 5)
+    # a traced count cannot raise: the result is NaN, never a silently wrong permutation
+    assert np.isnan(np.asarray(jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 7))).all()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_permute_with_traced_count_equals_static(xs, shared):
+    # the signature under a plain jax.jit: num_segments traced, a general path
+    f = jax.jit(A.permute_segments, static_argnums=3)
+    for i, m in enumerate((1, 2, 5, 50, 5000)):
+        k, x = jax.random.key(100 + i), xs[i % 2]
+        np.testing.assert_array_equal(np.asarray(f(k, x, m, shared)), np.asarray(A.permute_segments(k, x, m, shared)))
+    # vmapped over per-example counts
+    ms, ks = jnp.array([2, 5]), keys(2, seed=4)
+    ys = jax.vmap(lambda k, x, m: A.permute_segments(k, x, m, shared))(ks, xs, ms)
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(A.permute_segments(ks[i], xs[i], int(ms[i]), shared)))
 
 
 # ---------------------------------------------------------------- time warp
@@ -304,6 +318,25 @@ def test_time_warp_bad_params(xs):
     for m, w, msg in [(3, 0.2, "even"), (6, 0.2, "does not divide"), (4, 1.0, r"\[0, 1\)")]:
         with pytest.raises(UserError, match=msg):
             A.time_warp(jax.random.key(0), xs[0], m, w)
+    # traced counts cannot raise: NaN, never a silently wrong warp
+    for m, w in [(3, 0.2), (6, 0.2), (5000, 0.2)]:  # odd; not a divisor; squeezed to nothing
+        assert np.isnan(np.asarray(jax.jit(A.time_warp)(jax.random.key(0), xs[0], m, w))).all(), (m, w)
+
+
+def test_time_warp_with_traced_count_equals_static(xs):
+    # the signature under a plain jax.jit: num_segments (and warp) traced, a general path; the same
+    # segment choices and indices, values to float32 rounding (the static path's jit and eager differ as much)
+    for i, (m, w) in enumerate([(4, 0.2), (2, 0.0), (10, 0.35), (50, 0.5)]):
+        k, x = jax.random.key(200 + i), xs[i % 2]
+        want = np.asarray(A.time_warp(k, x, m, w))
+        np.testing.assert_allclose(np.asarray(jax.jit(A.time_warp)(k, x, m, w)), want, rtol=0, atol=1e-6)
+        got = jax.jit(lambda k, x, m: A.time_warp(k, x, m, w))(k, x, m)  # warp static, count traced
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+    ms, ks = jnp.array([4, 10]), keys(2, seed=5)
+    ys = jax.vmap(A.time_warp, in_axes=(0, 0, 0, None))(ks, xs, ms, 0.2)
+    for i in range(2):
+        np.testing.assert_allclose(np.asarray(ys[i]), np.asarray(A.time_warp(ks[i], xs[i], int(ms[i]), 0.2)),
+                                   rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- fresh randomness, dispatcher
