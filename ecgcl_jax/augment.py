@@ -629,7 +629,10 @@ def validate(name, param, length: int, field: str = "augment"):
         shared = canon == "permute_shared"
         if isinstance(param, (tuple, list)):
             m, shared = _pair(param, field, "permute takes m or (m, shared_across_leads)")
-            shared = bool(shared)
+            if isinstance(shared, (bool, np.bool_)) or shared in (0, 1):  # 0.3 is no answer to "shared?"
+                shared = bool(shared)
+            else:
+                raise UserError(f"{field}: permute's shared_across_leads must be 0 or 1 (or a bool), got {shared!r}")
         else:
             m = param
         m = _static_int(m, "permute num_segments", field)

@@ -119,9 +119,6 @@ def _check(cfg: EncoderConfig) -> None:
     raise UserError(f"model.channels: must be a non-empty list of positive widths, got {cfg.channels!r}")
   if not 0.0 <= cfg.dropout < 0.5:
     raise UserError(f"model.dropout: must be in [0, 0.5) because the embedding head drops 2p, got {cfg.dropout!r}")
-  if cfg.encoder in ("cnn_lstm", "cnn_attn_lstm", "res_cnn_lstm") and cfg.emb_dim % 2:
-    raise UserError(f"model.emb_dim: must be even for {cfg.encoder} (BiLSTM hidden = emb_dim/2 per direction), "
-                    f"got {cfg.emb_dim}")
   if cfg.encoder == "cnn_transformer" and cfg.transformer_d_model % cfg.transformer_heads:
     raise UserError(f"model.transformer_heads: {cfg.transformer_heads} heads do not divide "
                     f"model.transformer_d_model={cfg.transformer_d_model}")
@@ -496,8 +493,9 @@ class CNNEncoder(Encoder):
 
 
 class LSTMEncoder(Encoder):
-  """Trunk -> BiLSTM (emb/2 per direction) -> last step or additive attention pooling -> Dropout(p)
-  -> Dense(emb) -> LeakyReLU -> Dropout(2p); + projector. `residual` adds stride-1 ResBlocks to the trunk."""
+  """Trunk -> BiLSTM (ceil(emb/2) per direction) -> last step or additive attention pooling -> Dropout(p)
+  -> Dense(emb) -> LeakyReLU -> Dropout(2p); + projector. `residual` adds stride-1 ResBlocks to the trunk.
+  An odd emb gives a BiLSTM output one wider than emb, which the Dense head maps to emb."""
   lstm_layers: int = 1
   attention: bool = False
   attention_dim: int = 0
@@ -507,7 +505,7 @@ class LSTMEncoder(Encoder):
   def __call__(self, x, train: bool):
     s = self.trunk(self.residual)(x, train)
     # without attention only torch's out[:, -1] is used: forward's final state, backward's state at the last step
-    h = BiLSTM(self.emb_dim // 2, self.lstm_layers, self.dtype, last_step_only=not self.attention, name="lstm")(s)
+    h = BiLSTM((self.emb_dim + 1) // 2, self.lstm_layers, self.dtype, last_step_only=not self.attention, name="lstm")(s)
     if self.attention:
       h = AdditivePooling(self.attention_dim or self.emb_dim, self.dtype, name="attention")(h)
     h = Dropout(self.dropout, deterministic=not train)(h)

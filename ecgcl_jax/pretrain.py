@@ -111,6 +111,8 @@ def validate_config(config, num_devices: int) -> None:
       raise UserError(f"config.{field}: must be a positive integer (got {config[field]})")
   if config.batch_size <= 0:
     raise UserError(f"config.batch_size: must be positive (got {config.batch_size})")
+  if config.batch_size < 2:  # alone in its batch, an ECG has no negative: the loss is 0 and nothing is learnt
+    raise UserError(f"config.batch_size: must be at least 2, for NT-Xent's negatives (got {config.batch_size})")
   if config.batch_size % num_devices:
     raise UserError(f"config.batch_size: {config.batch_size} is not divisible by the {num_devices} devices")
   if config.temperature <= 0:
@@ -118,6 +120,9 @@ def validate_config(config, num_devices: int) -> None:
   bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]
   if bad or (config.mode in input_pipeline.LEAD_MODES and len(config.clocs_leads) < 2):
     raise UserError(f"config.clocs_leads: need >= 2 of {', '.join(ecgcl_jax.LEADS)} (got {list(config.clocs_leads)})")
+  twice = sorted({l for l in config.clocs_leads if list(config.clocs_leads).count(l) > 1})
+  if twice:  # a lead paired with itself is its own positive
+    raise UserError(f"config.clocs_leads: {', '.join(twice)} listed more than once (got {list(config.clocs_leads)})")
   models.encoder_config(config.model)
   length, _, _ = input_geometry(config)
   for field in ("view1", "view2"):

@@ -75,13 +75,13 @@ def hand_counts(encoder, emb, proj=128, leads=12, length=5000, k=15, att=0, d_mo
     inp = dense(64, d) if d != 64 else 0
     layer = 4 * dense(d, d) + 2 * 2 * d + dense(d, d) + dense(d, d)  # q,k,v,out; 2 LayerNorms; ff (width d)
     return conv + bn + inp + layers * layer + dense(d, emb) + projector, stats
-  h = emb // 2
+  h = (emb + 1) // 2  # per direction; an odd emb gives a BiLSTM output of emb + 1, which the head maps to emb
   # flax LSTM cell: input kernels without bias, hidden kernels with one bias per gate: 4*h*(in + h + 1)
-  lstm = 2 * 4 * h * (64 + h + 1) + (layers - 1) * 2 * 4 * h * (emb + h + 1)
-  total = conv + bn + lstm + dense(emb, emb) + projector
+  lstm = 2 * 4 * h * (64 + h + 1) + (layers - 1) * 2 * 4 * h * (2 * h + h + 1)
+  total = conv + bn + lstm + dense(2 * h, emb) + projector
   if encoder == "cnn_attn_lstm":
     a = att or emb
-    total += dense(2 * emb, a) + a  # W [q; o_t] + b, v without bias
+    total += dense(2 * 2 * h, a) + a  # W [q; o_t] + b, v without bias
   if encoder == "res_cnn_lstm":
     total += sum(2 * (k * c * c + 2 * c) for c in CH)  # two stride-1 convs + BN per block
     stats += sum(2 * 2 * c for c in CH)
@@ -100,6 +100,7 @@ def test_cnn_count_matches_the_torch_reference():
     (64, 32, 5000, {}),
     (64, 16, 2500, dict(lstm_layers=2, attention_dim=24, transformer_layers=2, transformer_d_model=48,
                         transformer_heads=4)),
+    (17, 8, 2500, dict(lstm_layers=2)),  # "any emb size": odd too
 ])
 def test_param_counts(encoder, emb, proj, length, extra):
   model_cfg = cfg(encoder, emb_dim=emb, proj_dim=proj, **extra)

@@ -315,6 +315,19 @@ def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     checkpoint.load_encoder("~/ds")
 
 
+@pytest.mark.parametrize("over,needle", [
+    ({"batch_size": 1}, "config.batch_size: must be at least 2"),  # no negatives: a loss of exactly 0
+    ({"mode": "cmlc", "clocs_leads": ("II", "V2", "II")}, "config.clocs_leads: II listed more than once"),
+    ({"augment.view1": "permute:5,0.3"}, "shared_across_leads must be 0 or 1"),
+])
+def test_configs_that_would_train_on_nothing_are_refused(over, needle):
+  from ecgcl_jax import pretrain
+  from ecgcl_jax.errors import UserError
+  with pytest.raises(UserError, match=needle):
+    pretrain.validate_config(small_config(**over), 1)
+  pretrain.validate_config(small_config(**{"augment.view1": "permute:5,1", "batch_size": 2}), 1)
+
+
 def test_uncreatable_workdir_is_one_line(tmp_path):
   (tmp_path / "a_file").write_text("")
   p = run_cli(["--config", "configs/cnn.py", "--workdir", str(tmp_path / "a_file" / "w"), "--config.num_steps=1"])
