@@ -535,8 +535,7 @@ def test_linear_probe_freezes_encoder():
 # Configuration errors
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_cfg,match", [
-    (cfg("cnn_lstm", emb_dim=255), "model.emb_dim"),
-    (cfg("res_cnn_lstm", emb_dim=7), "model.emb_dim"),
+    (cfg("cnn_lstm", emb_dim=-1), "model.emb_dim"),
     (cfg("cnn_attn_lstm", emb_dim=0), "model.emb_dim"),
     (cfg("resnet"), "model.encoder"),
     (cfg("cnn_transformer", transformer_heads=5), "model.transformer_heads"),
