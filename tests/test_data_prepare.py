@@ -371,6 +371,45 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(open_dataset(str(tmp_path / "ref")).raw), np.asarray(ds.raw))
 
 
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_sigterm_leaves_no_worker_behind_and_the_run_continues(tmp_path):
+    import signal
+    import time
+
+    src = tmp_path / "src"
+    for i in range(240):
+        write_record(str(src), f"r{i:03d}", fs=257, seconds=10, seed=i)
+    out = tmp_path / "out_sigterm_marker"
+    cmd = [sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src), "--out", str(out), "--workers", "2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO))
+    deadline = time.monotonic() + 60
+    while not list((out / ".partial").glob("chunk_*.json")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    done = len(list((out / ".partial").glob("chunk_*.json"))) if (out / ".partial").exists() else None
+    assert p.returncode == -signal.SIGTERM and done is not None and done < 60, (p.returncode, done)  # mid-run
+    deadline = time.monotonic() + 10
+    while _processes_with(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(str(out)) == []  # its workers went with it
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert r.returncode == 0 and "continuing an interrupted run" in r.stderr
+    assert len(open_dataset(str(out))) == 240
+
+
 # ------------------------------------------------------------------------------------------ other formats
 def test_npy_npz_with_csv(tmp_path):
     src = tmp_path / "src"

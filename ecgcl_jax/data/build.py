@@ -475,7 +475,8 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     else:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() and "jax" not in sys.modules
                              else "spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
+                                    initargs=(os.getpid(),)) as pool:
             futs = [pool.submit(_process_chunk, j) for j in jobs]
             try:
                 for fut in cf.as_completed(futs):
@@ -509,6 +510,21 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     shutil.rmtree(partial, ignore_errors=True)
     stream.write(format_summary(summary, out) + "\n")
     return summary
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer (Linux): the kernel kills this worker when prepare's process dies. A SIGTERM (or
+    SIGKILL) to prepare otherwise left its idle workers behind; finished chunks are on disk either way."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # it died before the prctl
+            os._exit(1)
 
 
 def _chunk_result(partial: str, i: int) -> dict:
