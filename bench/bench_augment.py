@@ -8,8 +8,8 @@ time per application is reported as ms per batch and ECG/s, with the ratio to Ga
     python bench/bench_augment.py                       # CPU-sized defaults
     python bench/bench_augment.py --batch 512 --batch 2048 --inner 20 --jsonl bench/augment.jsonl
 
-Runs unchanged on GPU/TPU (whatever jax.devices() gives). Prints a table; --jsonl appends one
-JSON object per case.
+Runs unchanged on GPU/TPU (whatever jax.devices() gives). Prints a table and appends one JSON object per
+case (to --jsonl; default $OUT/bench_augment.jsonl, or bench/results_augment.jsonl).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -210,7 +211,8 @@ def main(argv=None):
     p.add_argument("--inner", type=int, default=None, help="applications per timed call (default 5 CPU, 20 accelerator)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default="", help="comma-separated substrings of case names to run")
-    p.add_argument("--jsonl", default="", help="append one JSON object per case to this file")
+    p.add_argument("--jsonl", default=None, help="append one JSON object per case to this file (default "
+                   "$OUT/bench_augment.jsonl if $OUT is set, else bench/results_augment.jsonl)")
     p.add_argument("--compiler-options", choices=("auto", "none"), default="auto",
                    help="auto: compile as the pretraining step does (models.xla_compiler_options(), which keeps "
                         "the CPU optimization barriers); none: XLA's defaults")
@@ -246,10 +248,13 @@ def main(argv=None):
             rows.append(dict(env, bench="augment", case=name, batch=b, length=a.length, leads=a.leads,
                              ms_per_batch=sec * 1e3, ecg_per_s=b / sec,
                              time_vs_gaussian=(sec / base) if base else None, compile_s=comp))
-    if a.jsonl:
-        with open(a.jsonl, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    out_dir = os.environ.get("OUT", "")
+    path = a.jsonl or (os.path.join(out_dir, "bench_augment.jsonl") if out_dir
+                       else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_augment.jsonl"))
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"appended {len(rows)} JSON lines to {path}")
     return rows
 
 

@@ -39,8 +39,11 @@ def main():
   ap.add_argument("--steps", type=int, default=60)
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--every", type=int, default=10, help="checkpoint every N steps in the A setting")
-  ap.add_argument("--json", default="")
+  ap.add_argument("--json", default=None, help="append the JSON line here (default $OUT/bench_checkpoint.jsonl if "
+                  "$OUT is set, else bench/results_checkpoint.jsonl)")
   a = ap.parse_args()
+  if a.steps < 20:  # ECG/s are logged every 10 steps and the first interval holds the compile
+    ap.error(f"--steps {a.steps}: at least 20 (rates are logged every 10 steps; the first 10 hold the compile)")
   tmp = tempfile.mkdtemp()
   res = {"with_checkpoints": [], "final_only": []}
   for r in range(a.rounds):
@@ -50,11 +53,16 @@ def main():
   rec = {"bench": "checkpoint_overhead", "device": str(jax.devices()[0]), "jax": jax.__version__,
          "encoder": a.encoder, "batch": a.batch, "steps": a.steps, "every": a.every, **res, "ratio_with_checkpoints_vs_final_only": ratio,
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  print(f"ECG/s with a checkpoint every {a.every} steps: {res['with_checkpoints']}; only at the end: {res['final_only']}; "
-        f"ratio {ratio:.3f}")
-  if a.json:
-    with open(a.json, "a") as f:
-      f.write(json.dumps(rec) + "\n")
+  print(f"{'checkpoints':24} {'ECG/s by round':>24} {'median':>9}")
+  for name, label in (("with_checkpoints", f"every {a.every} steps"), ("final_only", "only at the end")):
+    print(f"{label:24} {', '.join(f'{v:.1f}' for v in res[name]):>24} {np.median(res[name]):9.1f}")
+  print(f"ratio (every {a.every} steps / only at the end): {ratio:.3f}")
+  out_dir = os.environ.get("OUT", "")
+  path = a.json or (os.path.join(out_dir, "bench_checkpoint.jsonl") if out_dir
+                    else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_checkpoint.jsonl"))
+  with open(path, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+  print(f"appended to {path}")
   shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -311,6 +311,8 @@ def main(argv=None) -> int:
                   "(default CPU '--layout nhwc' = best eager; GPU '--layout nhwc --compile')")
   ap.add_argument("--torch-device", default=None, help="cpu or cuda (default: follows the JAX backend)")
   ap.add_argument("--torch-timeout", type=float, default=1800.0)
+  ap.add_argument("--devices", type=int, default=1, help="devices the project's step runs on, outside --scaling "
+                  "(default 1: torch_reference.py runs on one device, so the ratio compares one device with one)")
   ap.add_argument("--scaling", action="store_true", help="device scaling 1, 2, 4, .., N devices (project only)")
   ap.add_argument("--scaling-devices", default=None, help="device counts for --scaling, comma-separated "
                   "(default 1, 2, 4, .., N)")
@@ -397,7 +399,9 @@ def main(argv=None) -> int:
   if args.scaling:
     return scaling(args, dataset, encoders, batches, pairs, precisions, dev_counts, info, run_id, log, emit)
 
-  mesh = parallel.make_mesh()
+  if not 1 <= args.devices <= len(jax.devices()):
+    ap.error(f"--devices {args.devices}: this machine has {len(jax.devices())}")
+  mesh = parallel.make_mesh(args.devices)
   groups = [(e, p, q) for e in encoders for p in pairs for q in precisions]
   cases: dict[tuple, ProjectCase] = {}
   results: dict[tuple, dict] = {}  # (enc, pair, prec, data, batch) -> {"project": [...], "torch": [...]}
@@ -446,7 +450,8 @@ def _median(vals):
 def summary(args, results, batches, run_id, common, log, emit):
   variant = torch_variant(args) if args.torch else "-"
   log("")
-  log(f"## ECG/s, median over rounds (ratio = median of the per-round project/torch ratios); torch: {variant}")
+  log(f"## ECG/s, median over rounds (ratio = median of the per-round project/torch ratios); ecgcl-jax on "
+      f"{common['num_devices_used']} device(s), torch on one; torch: {variant}")
   hdr = (f"{'encoder':9} {'aug pair':46} {'prec':8} {'data':9} {'batch':>6} {'ecgcl-jax':>10} {'torch':>9} "
          f"{'ratio':>6} {'rounds ratios':>16} {'compile s':>9} {'static MB':>9} {'dev peak MB':>11} {'max load':>8}")
   log(hdr)

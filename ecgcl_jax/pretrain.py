@@ -460,6 +460,9 @@ def _run_locked(config, workdir, ds, pool, batch, mesh, log, main, preempt, max_
       not input_pipeline.choose_resident(config.data.resident, ds, pool, mesh.local_devices))
   readers = input_pipeline.reader_threads(config.data.reader_threads)
   pool_mb = input_pipeline.pool_nbytes(ds, pool) / 2**20
+  kind = mesh.devices.flat[0].device_kind
+  log(f"devices: {mesh.size} ({kind}) in {jax.process_count()} process(es); global batch {batch}, "
+      f"{batch // mesh.size} per device")
   log(f"data: {len(pool)} records ({pool_mb:.0f} MB int16) " + ("resident on every device" if resident else
       f"streamed from {getattr(ds, 'path', 'the dataset')}, {config.data.prefetch} batches ahead, "
       f"{readers} reader thread(s)"))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 
@@ -31,18 +32,50 @@ def _losses(wd):
     return [json.loads(l)["loss"] for l in f if l.strip()]
 
 
-def test_two_processes_equal_one(tmp_path):
+# Test-only instrumentation, loaded at start-up by each process (sitecustomize): logs the dataset rows that
+# input_pipeline.read_rows copies, one line per call, to ECGCL_TEST_ROWS_LOG.<pid>.
+ROWS_HOOK = """
+import os
+if os.environ.get("ECGCL_TEST_ROWS_LOG"):
+  import numpy as np
+  from ecgcl_jax import input_pipeline as ip
+  _real = ip.read_rows
+  def _logged(raw, rows, *a, **k):
+    with open(os.environ["ECGCL_TEST_ROWS_LOG"] + "." + str(os.getpid()), "a") as f:
+      f.write(" ".join(str(int(r)) for r in np.asarray(rows)) + "\\n")
+    return _real(raw, rows, *a, **k)
+  ip.read_rows = _logged
+"""
+
+
+@pytest.mark.parametrize("resident", ["yes", "no"])
+def test_two_processes_equal_one(tmp_path, resident):
   mh, sp = str(tmp_path / "mh"), str(tmp_path / "sp")
+  args = [*ARGS, f"--config.data.resident={resident}"]
   port = _free_port()
-  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", mh,
+  cmd = [sys.executable, os.path.join(ROOT, "run_pretrain.py"), *args, "--workdir", mh,
          f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+  hook = tmp_path / "hook"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(ROWS_HOOK)
+  env = dict(_env(2), ECGCL_TEST_ROWS_LOG=str(tmp_path / "rows"),
+             PYTHONPATH=os.pathsep.join([str(hook)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in (0, 1)]
   outs = [p.communicate(timeout=600) for p in procs]
   for i, (p, (o, e)) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i}: " + e[-3000:] + f"\nprocess {1 - i}: " + outs[1 - i][1][-1500:]
   assert "step 3/3" in outs[0][0] and "step" not in outs[1][0]  # logs from process 0 only
-  single = subprocess.run([sys.executable, os.path.join(ROOT, "run_pretrain.py"), *ARGS, "--workdir", sp],
+  assert "devices: 4 (cpu) in 2 process(es); global batch 8, 2 per device" in outs[0][0]
+  logs = sorted(tmp_path.glob("rows.*"))
+  if resident == "no":  # each process reads only its own half of every global batch, never the other's
+    per_process = [[set(map(int, l.split())) for l in f.read_text().splitlines()] for f in logs]
+    assert len(per_process) == 2 and [len(p) for p in per_process] == [3, 3]
+    for a, b in zip(*per_process):
+      assert len(a) == len(b) == 4 and not a & b
+  else:  # the pool is placed on the devices once; no row is read per step
+    assert logs == []
+  single = subprocess.run([sys.executable, os.path.join(ROOT, "run_pretrain.py"), *args, "--workdir", sp],
                           cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   a, b = _losses(mh), _losses(sp)
