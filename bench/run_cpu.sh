@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU suite of the pretraining benchmark (the 2-core development / CI machine): ecgcl-jax beside torch_reference.py.
 #
-#   bash bench/run_cpu.sh                 # about 20 minutes on 2 cores
+#   bash bench/run_cpu.sh                 # about 30 minutes on 2 cores
 #
 # Needs the project venv (.venv) and a benchmark-only torch venv:
 #   python3 -m venv .torch-venv && .torch-venv/bin/pip install torch==2.13.0 numpy
@@ -34,6 +34,11 @@ run --batch 16,64 --data resident,streamed                                   # C
 run --batch 16,64 --pair time_warp:4,0.2+dropout:0.1                         # the heaviest pair
 run --batch 64 --pair zero_mask:0.1+permute:5 --pair gaussian_noise:0.05+dropout:0.1
 run --batch 64 --encoder cnn_lstm                                            # CNN-BiLSTM
+# each other augmentation against the Gaussian pair's first view, and two structural ones together
+run --batch 64 --pair gaussian_noise:0.05+zero_mask:0.1 --pair gaussian_noise:0.05+permute:5 \
+    --pair gaussian_noise:0.05+time_warp:4,0.2 --pair permute:5+time_warp:4,0.2
+# the encoders torch_reference.py does not have: ours alone
+run --batch 16 --encoder cnn_attn_lstm,cnn_transformer --no-torch
 run --batch 16 --precision bfloat16                                          # bf16 (AVX-512 BF16 CPUs)
 # the same step compiled with XLA's default options instead of models.xla_compiler_options() (which pretrain.run
 # uses): shows what keeping the optimization barriers is worth
