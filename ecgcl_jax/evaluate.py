@@ -176,8 +176,9 @@ def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir
     """(ExportedEncoder, info dict) for this repeat, or (None, info) when pretraining was interrupted."""
     if exported is not None:
         try:
-            splits.check_pool(exported.pretrain_patients, split.val_patients, split.test_patients,
-                              where=f"config.encoder_checkpoint={config.encoder_checkpoint} (seed {seed})")
+            splits.check_encoder_pool(exported.pretrain_patients, exported.pretrain_records, split,
+                                      splits.patient_keys(ds.patient_ids, ds.records), ds.records,
+                                      where=f"config.encoder_checkpoint={config.encoder_checkpoint} (seed {seed})")
         except splits.LeakageError as e:
             if not config.allow_leakage:
                 raise splits.LeakageError(f"{e}; its test scores would be optimistic. Pretrain with run_eval.py "

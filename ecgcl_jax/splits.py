@@ -230,6 +230,20 @@ def check_pool(pool_patients, val_patients, test_patients, where: str = "pretrai
                            f"({shown})", len(leaked))
 
 
+def check_encoder_pool(pretrain_patients, pretrain_records, split: Split, keys, records,
+                       where: str = "encoder") -> None:
+    """Raises LeakageError if a loaded encoder saw a validation/test patient: by patient key, or by record path (the
+    same recordings prepared into another dataset, where the patient ids may differ or be missing)."""
+    held = set(split.val_patients) | set(split.test_patients)
+    seen_records = {str(r) for r in pretrain_records}
+    leaked = set(pretrain_patients) & held
+    leaked |= {str(k) for r, k in zip(records, keys) if str(k) in held and str(r) in seen_records}
+    if leaked:
+        shown = ", ".join(sorted(leaked)[:5]) + (" ..." if len(leaked) > 5 else "")
+        raise LeakageError(f"{where}: {len(leaked)} validation/test patient(s) were seen during its pretraining "
+                           f"(by patient id or by recording: {shown})", len(leaked))
+
+
 def check_split(split: Split, keys: np.ndarray) -> None:
     """Asserts the split's invariants on its final row indices (raises, never `assert`, so -O keeps it)."""
     keys = np.asarray(keys, dtype=object)

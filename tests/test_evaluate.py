@@ -55,13 +55,14 @@ class FakeDataset:
         return len(self.labels)
 
 
-def export_tiny_encoder(path, patients):
+def export_tiny_encoder(path, patients, records=()):
     enc = models.build_encoder(TINY)
     variables = enc.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
                          np.zeros((2, ecgcl_jax.NUM_SAMPLES, 12), np.float32), train=False)
     prep = {"sample_rate": 500, "num_samples": 5000, "leads": list(ecgcl_jax.LEADS), "max_amp": 1.0,
             "domain": "time", "mode": "simclr", "input_length": 5000, "in_leads": 12}
-    checkpoint.export_encoder(str(path), ml_collections.ConfigDict(TINY), dict(variables), prep, patients, [])
+    checkpoint.export_encoder(str(path), ml_collections.ConfigDict(TINY), dict(variables), prep, patients,
+                              list(records))
     return str(path)
 
 
@@ -116,6 +117,16 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
     with open(tmp_path / "w2" / "results.md") as f:
         assert f"**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/test " \
                f"patients (seed 321: {n})" in f.read()
+
+
+def test_leakage_by_recording_under_other_patient_ids(tmp_path, ds):
+    # the same recordings prepared into another dataset, where patients had other ids (or none): the encoder's
+    # recorded patients are all foreign, its recorded records are not
+    split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321)
+    seen = [ds.records[split.test[0]], ds.records[split.val[0]], ds.records[split.pretrain[0]]]
+    enc = export_tiny_encoder(tmp_path / "enc", ["elsewhere_1", "elsewhere_2"], seen)
+    with pytest.raises(splits.LeakageError, match="2 validation/test patient"):
+        evaluate.run(eval_config(enc, repeats=1, **{"finetune.num_epochs": 1}), str(tmp_path / "w"), dataset=ds)
 
 
 def _kill_second_repeat(monkeypatch):
