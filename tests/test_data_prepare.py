@@ -569,6 +569,16 @@ def test_open_dataset_errors(tmp_path):
         open_dataset(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="not a prepared dataset"):
         open_dataset(str(tmp_path))
+    # a truncated copy of signals.npy: one line naming it
+    for i in range(2):
+        write_record(str(tmp_path / "src"), f"r{i}", fs=500, seconds=10, seed=i)
+    _prep(tmp_path / "src", tmp_path / "ds")
+    sig = tmp_path / "ds" / "signals.npy"
+    with open(sig, "r+b") as f:
+        f.truncate(sig.stat().st_size // 2)
+    with pytest.raises(UserError) as e:
+        open_dataset(str(tmp_path / "ds"))
+    assert str(e.value).startswith(f"{sig}: unreadable (ValueError") and "\n" not in str(e.value)
 
 
 def test_output_folder_inside_source_is_not_read(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from importlib import resources
 
 import numpy as np
@@ -155,14 +156,21 @@ def open_dataset(path: str) -> Dataset:
         raise UserError(f"{path}: preparation did not finish (status '{manifest.get('status')}'); re-run the same "
                         "prepare command to continue it")
     npy, npz = os.path.join(path, "signals.npy"), os.path.join(path, "signals.npz")
-    if os.path.isfile(npy):
-        raw = np.load(npy, mmap_mode="r")
-        scales = np.load(os.path.join(path, "scales.npy"))
-    elif os.path.isfile(npz):
-        with np.load(npz) as z:
-            raw, scales = z["raw"], z["scales"]
-    else:
-        raise UserError(f"{path}: signals.npy missing")
+    try:  # a truncated copy, a disk that filled up: one line naming the file, not numpy's traceback
+        if os.path.isfile(npy):
+            where = npy
+            raw = np.load(npy, mmap_mode="r")
+            where = os.path.join(path, "scales.npy")
+            scales = np.load(where)
+        elif os.path.isfile(npz):
+            where = npz
+            with np.load(npz) as z:
+                raw, scales = z["raw"], z["scales"]
+        else:
+            raise UserError(f"{path}: signals.npy missing")
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{where}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "is it a complete copy? re-run prepare to rebuild it") from None
     meta = read_meta(os.path.join(path, "meta.csv"))
     if not (raw.shape[0] == len(scales) == len(meta)):
         raise UserError(f"{path}: signals ({raw.shape[0]}), scales ({len(scales)}) and meta.csv ({len(meta)}) "
