@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -55,13 +56,28 @@ class Interrupted(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _in_pretrain(message: str) -> str:
+    """A pretraining config error's message with its field named as the evaluation config's config.pretrain.*."""
+    if message.startswith("config."):
+        return "config.pretrain." + message[len("config."):]
+    if re.match(r"(model|optim|data|augment)\.", message):
+        return "config.pretrain." + message
+    return message
+
+
 def resolve_seeds(config) -> list[int]:
     """The K = config.repeats seeds: config.seeds first, then seeds drawn from a fixed generator (the i-th
     extra seed depends only on i, so K = 5 extends K = 3 without changing its first repeats)."""
     k = int(config.repeats)
     if k < 1:
         raise UserError(f"config.repeats: must be >= 1 (got {k})")
-    seeds = [int(s) for s in config.seeds][:k]
+    try:
+        seeds = [int(s) for s in config.seeds][:k]
+    except (TypeError, ValueError):
+        raise UserError(f"config.seeds: must be a list of integers (got {config.seeds!r})") from None
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:  # jax keys hold 32 bits: 2**32 would repeat seed 0's randomness
+        raise UserError(f"config.seeds: each must be in [0, 2**32) (got {bad[0]})")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"config.seeds: seeds must be distinct (got {list(config.seeds)})")
     i = 0
@@ -343,6 +359,10 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
             f"{metrics.METHOD_TITLES.get(m, m)} ± {metrics._fmt(r['summary']['auroc']['ci95_normal'])}"
             for m, r in methods.items()),
     ]
+    asked = results["protocol"]["seeds"]
+    if k < len(asked):  # an interrupted evaluation: its table must not pass for the whole one
+        notes.append(f"**Incomplete**: {k} of the {len(asked)} repeats asked for have finished; run the same "
+                     "command to continue.")
     leaks = [(r["seed"], int(r.get("encoder", {}).get("leaked_patients", 0))) for r in results["repeats"]]
     if any(n for _, n in leaks):  # the table alone is what gets pasted: it says so itself
         notes.append("**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/"
@@ -406,7 +426,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
     ds = open_data(config, dataset)
     if exported is None:
         from ecgcl_jax import parallel, pretrain  # noqa: PLC0415
-        pretrain.validate_config(config.pretrain, parallel.make_mesh().size)
+        try:
+            pretrain.validate_config(config.pretrain, parallel.make_mesh().size)
+        except UserError as e:  # its messages name fields of a pretraining config; here it is config.pretrain
+            raise UserError(_in_pretrain(str(e))) from None
     os.makedirs(workdir, exist_ok=True)
     from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
     with WorkdirLock(workdir):
@@ -453,13 +476,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
         results = assemble(config, records, seeds)
         where = str(getattr(ds, "path", "") or config.data.path) or "(a dataset given in Python)"
         results["protocol"]["dataset"] = dict(current["dataset"], path=where)
+        results["status"] = status  # "preempted": fewer repeats than asked; the same command continues
         write_json(os.path.join(workdir, "results.json"), results)
         write_json(os.path.join(workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records})
         write_reports(workdir, config, results, records)
         s = results["summary"]["auroc"]
         _log(f"{'done' if status == 'done' else status}: {len(records)}/{len(seeds)} repeats; test AUROC "
              f"{s['mean']:.4f} ± {s['ci95']:.4f} (t 95%) -> {workdir}/results.md")
-        results["status"] = status
         return results
 
 

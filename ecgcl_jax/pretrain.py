@@ -115,6 +115,8 @@ def validate_config(config, num_devices: int) -> None:
     raise UserError(f"config.batch_size: must be at least 2, for NT-Xent's negatives (got {config.batch_size})")
   if config.batch_size % num_devices:
     raise UserError(f"config.batch_size: {config.batch_size} is not divisible by the {num_devices} devices")
+  if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:  # jax keys hold 32 bits
+    raise UserError(f"config.seed: must be an integer in [0, 2**32) (got {config.seed!r})")
   if config.temperature <= 0:
     raise UserError(f"config.temperature: must be positive (got {config.temperature})")
   bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]

@@ -119,6 +119,17 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
                f"patients (seed 321: {n})" in f.read()
 
 
+def test_seed_and_pretraining_field_errors_name_the_evaluation_fields(tmp_path, ds):
+    for seeds, needle in (((-5,), r"config.seeds: each must be in \[0, 2\*\*32\) \(got -5\)"),
+                          ((2**32,), r"\(got 4294967296\)")):
+        with pytest.raises(UserError, match=needle):
+            evaluate.run(eval_config(seeds=seeds, repeats=1), str(tmp_path / "w"), dataset=ds)
+    with pytest.raises(UserError, match=r"^config.pretrain.temperature: must be positive"):
+        evaluate.run(eval_config(**{"pretrain.temperature": 0.0}), str(tmp_path / "w"), dataset=ds)
+    with pytest.raises(UserError, match=r"^config.pretrain.model.encoder: unknown encoder"):
+        evaluate.run(eval_config(**{"pretrain.model.encoder": "resnet"}), str(tmp_path / "w"), dataset=ds)
+
+
 def test_leakage_by_recording_under_other_patient_ids(tmp_path, ds):
     # the same recordings prepared into another dataset, where patients had other ids (or none): the encoder's
     # recorded patients are all foreign, its recorded records are not
@@ -158,10 +169,14 @@ def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeyp
     c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds)
     assert c["status"] == "preempted" and len(c["repeats"]) == 1 and calls == [321, 123]
     assert not (tmp_path / "c" / "repeat_123" / "repeat.json").exists()
+    # the files of the interrupted evaluation say so themselves
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["status"] == "preempted"
+    assert "**Incomplete**: 1 of the 2 repeats asked for have finished" in (tmp_path / "c" / "results.md").read_text()
     monkeypatch.undo()
     c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds)
     assert c["status"] == "done"
     assert (tmp_path / "c" / "results.json").read_text() == (tmp_path / "a" / "results.json").read_text()
+    assert "Incomplete" not in (tmp_path / "c" / "results.md").read_text()
     # another seed gives another split
     d = json.loads((tmp_path / "a" / "splits.json").read_text())
     assert d["321"]["test"] != d["123"]["test"]

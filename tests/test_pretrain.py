@@ -319,6 +319,8 @@ def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     ({"batch_size": 1}, "config.batch_size: must be at least 2"),  # no negatives: a loss of exactly 0
     ({"mode": "cmlc", "clocs_leads": ("II", "V2", "II")}, "config.clocs_leads: II listed more than once"),
     ({"augment.view1": "permute:5,0.3"}, "shared_across_leads must be 0 or 1"),
+    ({"seed": -3}, r"config.seed: must be an integer in \[0, 2\*\*32\)"),  # numpy refused it with a traceback
+    ({"seed": 2**32}, r"config.seed: must be an integer in"),  # jax keys hold 32 bits: it would repeat seed 0
 ])
 def test_configs_that_would_train_on_nothing_are_refused(over, needle):
   from ecgcl_jax import pretrain
