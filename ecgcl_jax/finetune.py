@@ -380,6 +380,9 @@ def fit_and_select(state, num_epochs: int, train_epoch: Callable, predict: Calla
     for epoch in range(1, num_epochs + 1):
         state, train_loss = train_epoch(state, epoch)
         probs = predict(state, "val")
+        if not np.all(np.isfinite(probs)):
+            raise UserError(f"fine-tuning diverged at epoch {epoch} (non-finite predictions, train loss "
+                            f"{float(train_loss):.4g}); lower config.finetune.learning_rate")
         scores = metrics.binary_scores(val_labels, probs)
         history.append({"epoch": epoch, "train_loss": float(train_loss), "val_loss": _bce(val_labels, probs),
                         "val": scores})
@@ -412,4 +415,7 @@ def run_finetune(trainer: Trainer, variables: dict, train, val, test, num_epochs
     def predict(st, name):
         return trainer.predict(st, sources[name])
 
-    return fit_and_select(state, num_epochs, train_epoch, predict, val.labels, test.labels)
+    try:
+        return fit_and_select(state, num_epochs, train_epoch, predict, val.labels, test.labels)
+    except UserError as e:
+        raise UserError(f"seed {seed}: {e}") from None

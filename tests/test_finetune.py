@@ -8,6 +8,7 @@ import pytest
 
 import ecgcl_jax
 from ecgcl_jax import finetune, models
+from ecgcl_jax.errors import UserError
 
 TINY = dict(encoder="cnn", emb_dim=8, proj_dim=4, kernel_size=15, dropout=0.1, channels=(4, 4, 4, 4, 4),
             lstm_layers=1, attention_dim=0, transformer_layers=1, transformer_heads=2, transformer_d_model=8)
@@ -154,6 +155,11 @@ def test_best_epoch_selection_with_fake_model():
     assert out["test"]["auroc"] == 1.0
     assert [h["val"]["auroc"] for h in out["history"]] == [0.5, 1.0, 0.75, 1.0]
     assert out["val"]["auroc"] == 1.0
+    # a diverged epoch (NaN predictions) stops with one line; scikit-learn raised a traceback on it
+    val_probs[3] = [0.1, float("nan"), 0.3, 0.4]
+    with pytest.raises(UserError, match=r"^fine-tuning diverged at epoch 3 \(non-finite predictions, train loss "
+                                        r"0.3333\); lower config.finetune.learning_rate$"):
+        finetune.fit_and_select({"epoch": 0}, 4, train_epoch, predict, val_y, np.array([0, 1]), snapshot=dict)
     nan = float("nan")  # the selection rule: strictly better wins (ties keep the earliest); NaN only beats nothing
     assert finetune.better(0.6, None) and finetune.better(nan, None) and finetune.better(0.6, nan)
     assert not finetune.better(0.7, 0.7) and not finetune.better(nan, 0.6) and not finetune.better(nan, nan)
