@@ -191,6 +191,10 @@ def validate(config) -> None:
 def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir: str, exported, workdir: str):
     """(ExportedEncoder, info dict) for this repeat, or (None, info) when pretraining was interrupted."""
     if exported is not None:
+        # what was loaded, in the results: config.pretrain does not describe it
+        loaded = {"encoder_checkpoint": config.encoder_checkpoint, "encoder": exported.model_config.get("encoder"),
+                  "emb_dim": exported.model_config.get("emb_dim"), "mode": exported.preprocessing.get("mode"),
+                  "domain": exported.preprocessing.get("domain"), "steps": exported.extra.get("steps")}
         try:
             splits.check_encoder_pool(exported.pretrain_patients, exported.pretrain_records, split,
                                       splits.patient_keys(ds.patient_ids, ds.records), ds.records,
@@ -200,8 +204,8 @@ def _pretrained_encoder(config, ds, split: splits.Split, seed: int, pretrain_dir
                 raise splits.LeakageError(f"{e}; its test scores would be optimistic. Pretrain with run_eval.py "
                                           "(per repeat) or pass --config.allow_leakage=True to evaluate anyway") from None
             _log(f"warning: {e} (allowed by config.allow_leakage)")
-            return exported, {"encoder_checkpoint": config.encoder_checkpoint, "leaked_patients": e.count}
-        return exported, {"encoder_checkpoint": config.encoder_checkpoint, "leaked_patients": 0}
+            return exported, dict(loaded, leaked_patients=e.count)
+        return exported, dict(loaded, leaked_patients=0)
 
     # Pretrain on this repeat's pool (splits.make_split checked it; a finished pretraining returns at once).
     from ecgcl_jax import pretrain  # noqa: PLC0415
@@ -227,9 +231,8 @@ def _method_record(seed: int, out: dict) -> dict:
             "history": out["history"]}
 
 
-def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=None) -> dict | None:
-    """One repeat of the protocol (see the module docstring); None if pretraining was interrupted."""
-    t0 = time.time()
+def repeat_split(config, ds, seed: int) -> splits.Split:
+    """This seed's patient-level split; UserError when its validation or test split holds one class only."""
     split = splits.split_dataset(ds, seed, (config.split.train, config.split.val, config.split.test),
                                  float(config.label_fraction))
     for name in ("val", "test"):
@@ -237,6 +240,13 @@ def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=
         if len(np.unique(ys)) < 2:
             raise UserError(f"data labels: the {name} split of seed {seed} holds one class only ({len(ys)} ECGs); "
                             "AUROC is undefined - more labeled patients are needed")
+    return split
+
+
+def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=None) -> dict | None:
+    """One repeat of the protocol (see the module docstring); None if pretraining was interrupted."""
+    t0 = time.time()
+    split = repeat_split(config, ds, seed)
     enc, info = _pretrained_encoder(config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir))
     if enc is None:
         return None
@@ -359,6 +369,11 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
             f"{metrics.METHOD_TITLES.get(m, m)} ± {metrics._fmt(r['summary']['auroc']['ci95_normal'])}"
             for m, r in methods.items()),
     ]
+    enc = results["repeats"][0].get("encoder", {}) if results["repeats"] else {}
+    if enc.get("encoder_checkpoint"):
+        notes.append(f"Encoder loaded from {enc['encoder_checkpoint']}: {enc.get('encoder')}, emb {enc.get('emb_dim')}, "
+                     f"mode {enc.get('mode')}, {enc.get('domain')} domain, {enc.get('steps')} pretraining steps "
+                     "(config.pretrain is not used).")
     asked = results["protocol"]["seeds"]
     if k < len(asked):  # an interrupted evaluation: its table must not pass for the whole one
         notes.append(f"**Incomplete**: {k} of the {len(asked)} repeats asked for have finished; run the same "
@@ -408,17 +423,10 @@ def open_data(config, dataset=None):
     return ds
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_root: str | None = None) -> dict:
-    """Runs (or continues) the evaluation in `workdir`; returns results.json's content (or the sweep's).
-
-    dataset: an opened `ecgcl_jax.data.Dataset` (default: open config.data.path). pretrain_root: where the
-    per-seed pretraining runs live (default WORKDIR/repeat_<seed>/pretrain; sweeps share one when the swept
-    field cannot change pretraining).
-    """
-    if config.sweep.field:
-        return run_sweep(config, workdir, dataset)
-    if not workdir:
-        raise UserError("--workdir: required")
+def prepare_run(config, dataset=None):
+    """Every check of an evaluation that needs no training, before any: (config with its split resolved, the
+    loaded encoder or None, the seeds, the dataset). Each seed's split is made and checked here too, so that a
+    one-class validation split of the last seed stops the run now, not after the other repeats' pretraining."""
     exported = checkpoint.load_encoder(config.encoder_checkpoint) if config.encoder_checkpoint else None
     config = resolve_split(config, exported)
     validate(config)
@@ -430,6 +438,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
             pretrain.validate_config(config.pretrain, parallel.make_mesh().size)
         except UserError as e:  # its messages name fields of a pretraining config; here it is config.pretrain
             raise UserError(_in_pretrain(str(e))) from None
+    for seed in seeds:
+        repeat_split(config, ds, seed)
+    return config, exported, seeds, ds
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_root: str | None = None) -> dict:
+    """Runs (or continues) the evaluation in `workdir`; returns results.json's content (or the sweep's).
+
+    dataset: an opened `ecgcl_jax.data.Dataset` (default: open config.data.path). pretrain_root: where the
+    per-seed pretraining runs live (default WORKDIR/repeat_<seed>/pretrain; sweeps share one when the swept
+    field cannot change pretraining).
+    """
+    if config.sweep.field:
+        return run_sweep(config, workdir, dataset)
+    if not workdir:
+        raise UserError("--workdir: required")
+    config, exported, seeds, ds = prepare_run(config, dataset)
     os.makedirs(workdir, exist_ok=True)
     from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
     with WorkdirLock(workdir):
@@ -538,9 +563,13 @@ def _value_str(v) -> str:
 
 
 def variant_name(field: str, value) -> str:
-    """Folder name of one sweep point, e.g. 'label_fraction=0.1' or 'view1=dropout_0.1+view2=none'."""
+    """Folder name of one sweep point, e.g. 'label_fraction=0.1' or 'view1=dropout_0.1+view2=none'; past 100
+    characters (a long path as the value), its first 80 and a hash of the whole."""
     parts = [f"{f.split('.')[-1]}={_value_str(v)}" for f, v in _assignments(_sweep_fields(field), value)]
-    return "".join(c if c.isalnum() or c in "._-=+" else "_" for c in "+".join(parts))
+    name = "".join(c if c.isalnum() or c in "._-=+" else "_" for c in "+".join(parts))
+    if len(name) > 100:
+        name = f"{name[:80]}-{hashlib.sha1('+'.join(parts).encode()).hexdigest()[:12]}"
+    return name
 
 
 def run_sweep(config, workdir: str, dataset=None) -> dict:
@@ -578,17 +607,31 @@ def _run_sweep_locked(config, workdir: str, ds, field: str, fields: list[str], v
     # Fine-tuning-only fields leave pretraining unchanged: share it between the variants.
     shared = all(f in ("label_fraction", "baselines") or f.startswith("finetune.") for f in fields)
     pretrain_root = os.path.join(workdir, "pretrain") if shared and not config.encoder_checkpoint else None
-    rows, series = [], {}
-    done_values = []
+    if config.encoder_checkpoint and any(f.startswith("pretrain.") for f in fields):
+        raise UserError(f"config.sweep.field: {field} changes pretraining, but config.encoder_checkpoint loads a "
+                        "pretrained encoder: every variant would be the same")
+    # every variant and its folder are checked before any runs: a bad value in the middle must not stop the sweep
+    # after hours of the variants before it
+    variants, names = [], {}
     for value in values:
         variant = copy.deepcopy(config)
         for f, v in _assignments(fields, value):
             _set_path(variant, f, v)
         variant.sweep.field = ""
-        sub = os.path.join(workdir, variant_name(field, value))
+        name = variant_name(field, value)
+        if name in names:  # e.g. '/a/pt_x' and '/a/pt/x': the later one's folder gets a hash of its value
+            name = f"{name}-{hashlib.sha1(repr(value).encode()).hexdigest()[:12]}"
+        names[name] = value
+        same_data = str(variant.data.path) == str(config.data.path)  # a swept data.path opens its own dataset
+        try:
+            prepare_run(variant, ds if same_data else None)
+        except UserError as e:
+            raise UserError(f"sweep {field} = {value!r}: {e}") from None
+        variants.append((value, variant, os.path.join(workdir, name), same_data))
+    rows, series = [], {}
+    done_values = []
+    for value, variant, sub, same_data in variants:
         _log(f"sweep {field} = {value!r} -> {sub}")
-        # a variant on another dataset (a swept data.path) opens its own
-        same_data = str(variant.data.path) == str(config.data.path)
         res = run(variant, sub, dataset=ds if same_data else None, pretrain_root=pretrain_root)
         if res.get("status") != "done":
             _log(f"sweep interrupted at {field} = {value!r}; run the same command to continue")

@@ -114,6 +114,8 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
     split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321)
     n = len(split.val_patients) + len(split.test_patients)
     assert res["repeats"][0]["encoder"]["leaked_patients"] == n
+    assert {k: res["repeats"][0]["encoder"][k] for k in ("encoder", "mode", "domain")} == \
+        {"encoder": "cnn", "mode": "simclr", "domain": "time"}  # what was loaded, not config.pretrain
     with open(tmp_path / "w2" / "results.md") as f:
         assert f"**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/test " \
                f"patients (seed 321: {n})" in f.read()
@@ -318,11 +320,38 @@ def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_e
         return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
+    import shutil
+
+    from ecgcl_jax.data.dataset import default_data_path
+    shutil.copytree(default_data_path(), tmp_path / "other")  # a real dataset: every variant is checked first
     cfg = eval_config(clean_encoder, **{"sweep.field": "data.path", "sweep.choices": ("", str(tmp_path / "other"))})
     out = evaluate.run_sweep(cfg, str(tmp_path / "sweep"), dataset=ds)
     assert out["status"] == "done"
     assert [(a, b) for a, b, _ in seen] == [("", ""), (str(tmp_path / "other"),) * 2]
     assert seen[0][2] is not None and seen[1][2] is None  # the base data for the base path; the other opens its own
+
+
+def test_sweep_checks_every_variant_before_running_any(tmp_path, ds, clean_encoder, monkeypatch):
+    ran = []
+    monkeypatch.setattr(evaluate, "run", lambda variant, workdir, dataset=None, pretrain_root=None:
+                        ran.append(workdir) or _done_result())
+    bad = eval_config(clean_encoder, **{"sweep.field": "label_fraction", "sweep.choices": (0.5, 1.5, 1.0)})
+    with pytest.raises(UserError, match=r"^sweep label_fraction = 1.5: config.label_fraction: must be in"):
+        evaluate.run_sweep(bad, str(tmp_path / "a"), dataset=ds)
+    assert ran == []  # not after the first variant's hours
+    # with a loaded encoder, a pretraining field would give the same variant every time
+    same = eval_config(clean_encoder, **{"sweep.field": "pretrain.model.encoder",
+                                         "sweep.choices": ("cnn", "cnn_transformer")})
+    with pytest.raises(UserError, match="changes pretraining, but config.encoder_checkpoint loads"):
+        evaluate.run_sweep(same, str(tmp_path / "b"), dataset=ds)
+    # folder names: a long value is cut and hashed; two values that clean to one name get two folders
+    long_a = "x" * 150
+    names = [evaluate.variant_name("finetune.aggregate", v) for v in (long_a, long_a + "y")]
+    assert all(len(n) <= 100 for n in names) and names[0] != names[1]
+    monkeypatch.setattr(evaluate, "prepare_run", lambda variant, dataset=None: None)
+    evaluate.run_sweep(eval_config(clean_encoder, **{"sweep.field": "finetune.aggregate",
+                                                     "sweep.choices": ("a/b", "a_b")}), str(tmp_path / "c"), dataset=ds)
+    assert len(set(ran)) == 2 and os.path.basename(ran[0]) == "aggregate=a_b" and ran[1].startswith(ran[0] + "-")
 
 
 def _check_method(block, seeds):
