@@ -27,6 +27,7 @@ from flax import serialization
 
 from ecgcl_jax import parallel
 from ecgcl_jax.errors import UserError
+from ecgcl_jax.fileio import atomic_write  # noqa: F401 - checkpoint.atomic_write, as callers use it
 
 
 def _one_writer_per_array() -> None:
@@ -239,11 +240,3 @@ def _check_variables_fit(enc: ExportedEncoder, directory: str) -> None:
                     f"(first difference: {diff[0][0]})")
 
 
-def atomic_write(path: str, data: bytes) -> None:
-  """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

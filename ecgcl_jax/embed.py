@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 
@@ -34,6 +35,7 @@ import numpy as np
 import ecgcl_jax
 from ecgcl_jax import checkpoint, cli, input_pipeline
 from ecgcl_jax.errors import UserError
+from ecgcl_jax.fileio import atomic_write
 
 VIEWS = ("mean", "concat", "none")
 
@@ -105,14 +107,17 @@ def main(argv=None) -> int:
         z = embed_dataset(enc, ds, batch_size=args.batch_size, views=args.views)
         out = args.out if args.out.endswith(".npy") else args.out + ".npy"
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        np.save(out, z)
+        npy = io.BytesIO()
+        np.save(npy, z)
+        atomic_write(out, npy.getvalue())
         side = out[:-4] + ".records.csv"
-        with open(side, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["row", "record", "patient_id", "label"])
-            for i in range(len(ds)):
-                y = float(ds.labels[i])
-                w.writerow([i, ds.records[i], ds.patient_ids[i], "" if y != y else int(y)])
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["row", "record", "patient_id", "label"])
+        for i in range(len(ds)):
+            y = float(ds.labels[i])
+            w.writerow([i, ds.records[i], ds.patient_ids[i], "" if y != y else int(y)])
+        atomic_write(side, buf.getvalue().encode())
     except (UserError, OSError) as e:
         return cli.fail("python -m ecgcl_jax.embed", e)
     print(f"wrote {out} {tuple(z.shape)} float32 and {side}")

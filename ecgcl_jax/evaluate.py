@@ -383,8 +383,8 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
         notes.append("**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/"
                      "test patients (" + ", ".join(f"seed {s}: {n}" for s, n in leaks) + "), so these test scores "
                      "are optimistic.")
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(metrics.markdown_table(methods, title="Evaluation results (test)", notes=notes))
+    checkpoint.atomic_write(os.path.join(workdir, "results.md"),
+                            metrics.markdown_table(methods, title="Evaluation results (test)", notes=notes).encode())
     metrics.write_csv(metrics.table_rows(methods), os.path.join(workdir, "results.csv"))
     plots = os.path.join(workdir, "plots")
     os.makedirs(plots, exist_ok=True)
@@ -650,8 +650,7 @@ def _run_sweep_locked(config, workdir: str, ds, field: str, fields: list[str], v
             series[m][1].append(_nan(s["ci95"]))
     if rows:
         metrics.write_csv(rows, os.path.join(workdir, "sweep.csv"))
-        with open(os.path.join(workdir, "sweep.md"), "w") as f:
-            f.write(_sweep_markdown(field, rows, metric))
+        checkpoint.atomic_write(os.path.join(workdir, "sweep.md"), _sweep_markdown(field, rows, metric).encode())
         numeric = len(fields) == 1 and all(isinstance(v, (int, float)) for v in done_values)
         xs = done_values if numeric else list(dict.fromkeys(r["value"] for r in rows))
         metrics.plot_sweep(xs, series, os.path.join(workdir, f"sweep_{metric}.png"), xlabel=field,

@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from typing import Mapping, Sequence
 
 import numpy as np
 import scipy.stats
 from sklearn import metrics as skm
+
+from ecgcl_jax.fileio import atomic_write
 
 METRICS = ("auroc", "auprc", "f1", "accuracy", "precision", "recall")
 """Metric names, in table order."""
@@ -99,12 +102,13 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
     """Writes dict rows (same keys) as a CSV with a header; floats with 6 decimals."""
     if not rows:
         raise ValueError("no rows to write")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) and not math.isnan(v) else
-                            ("" if isinstance(v, float) else v)) for k, v in r.items()})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) and not math.isnan(v) else
+                        ("" if isinstance(v, float) else v)) for k, v in r.items()})
+    atomic_write(path, buf.getvalue().encode())
 
 
 def markdown_table(methods: Mapping[str, Mapping], title: str = "", notes: Sequence[str] = ()) -> str:

@@ -311,3 +311,21 @@ def test_stop_signal_before_the_run_started_reaches_its_handler():
   finally:
     for s, h in saved.items():
       signal.signal(s, h)
+
+
+def test_a_failed_whole_file_write_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+  # a full disk showed "No space left on device" without a path, and left an empty results.md behind
+  import errno
+
+  from ecgcl_jax import fileio
+  path = tmp_path / "results.md"
+  path.write_text("old")
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(fileio.os, "fsync", full)
+  with pytest.raises(OSError) as e:
+    fileio.atomic_write(str(path), b"new")
+  assert e.value.filename == str(path) and e.value.errno == errno.ENOSPC
+  assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["results.md"]  # no temporary file left
