@@ -71,10 +71,26 @@ def run_entry(prog: str, fn: Callable[[], dict], distributed: bool = False,
     fn()
   except (UserError, OSError) as e:
     return fail(prog, e)
+  except Exception as e:  # noqa: BLE001 - a full disk inside a library (orbax) arrives as its own error type
+    if not _disk_full(e):
+      raise
+    print(f"{prog}: error: no space left on device ({_last_line(e)[:300]}); free some and run the same command "
+          "again: it resumes from the last complete checkpoint", file=sys.stderr, flush=True)
+    return 2
   except KeyboardInterrupt:
     print(f"{prog}: interrupted before the first step; nothing to save", file=sys.stderr)
     return 130
   return 0
+
+
+def _disk_full(e: BaseException) -> bool:
+  """Whether ``e`` or an exception in its chain is ENOSPC (orbax reports it as ValueError: RESOURCE_EXHAUSTED)."""
+  seen = 0
+  while e is not None and seen < 20:
+    if getattr(e, "errno", None) == 28 or "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
 
 
 def _last_line(e: BaseException) -> str:

@@ -329,3 +329,22 @@ def test_a_failed_whole_file_write_names_the_file_and_leaves_the_old_one(tmp_pat
     fileio.atomic_write(str(path), b"new")
   assert e.value.filename == str(path) and e.value.errno == errno.ENOSPC
   assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["results.md"]  # no temporary file left
+
+
+def test_a_full_disk_inside_orbax_is_one_line(capsys):
+  # orbax reports ENOSPC as ValueError: RESOURCE_EXHAUSTED; it ended the run with a traceback and exit code 1
+  from ecgcl_jax import cli
+
+  def save():
+    raise ValueError("RESOURCE_EXHAUSTED: Failed to write /w/checkpoints/3/x: No space left on device "
+                     "[os_error_code='28']")
+
+  assert cli.run_entry("run_pretrain.py", save) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("run_pretrain.py: error: no space left on device (RESOURCE_EXHAUSTED")
+
+  def bug():
+    raise ValueError("a bug, not the disk")
+
+  with pytest.raises(ValueError, match="a bug"):  # anything else keeps its traceback
+    cli.run_entry("run_pretrain.py", bug)
