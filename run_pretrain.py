@@ -38,5 +38,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
+  flags.register_validator("workdir", lambda v: bool(v and v.strip()), message="must not be empty")
 
   sys.exit(app.run(main, flags_parser=cli.flags_parser("run_pretrain.py")))

@@ -185,6 +185,9 @@ def make_split(patient_ids: Sequence[str], labels: Sequence[float], records: Seq
     by_class: dict[int, list[str]] = {0: [], 1: []}
     for p in sorted(plabels):
         by_class[plabels[p]].append(p)
+    if not np.isfinite(labels).any():
+        raise UserError(f"data labels: no record has a known label ({len(labels)} records, all unknown); choose a "
+                        "label column with --config.data.label, or attach labels with prepare --labels")
     for c, name in ((0, "negative"), (1, "positive")):
         if len(by_class[c]) < 3:
             raise UserError(f"data labels: need at least 3 {name} patients for a train/val/test split, "

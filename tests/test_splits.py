@@ -157,6 +157,8 @@ def test_bad_inputs_are_user_errors():
         splits.make_split(pids, labels, records, seed=0, label_fraction=0.0)
     with pytest.raises(UserError, match="positive patients"):
         splits.make_split(pids, np.where(labels == 1, 0.0, labels), records, seed=0)
+    with pytest.raises(UserError, match=r"no record has a known label \(\d+ records, all unknown\)"):
+        splits.make_split(pids, np.full(len(labels), np.nan), records, seed=0)
 
 
 def test_split_json_lists_patients():

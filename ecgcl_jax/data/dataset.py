@@ -90,6 +90,8 @@ class Dataset:
         """Columns of `meta` usable as a binary label (all values 0/1, true/false, yes/no or empty)."""
         out = []
         for c in self.meta.columns:
+            if c in INT_COLUMNS:  # window 0/1 of a two-window record is no label
+                continue
             try:
                 v = binary_column(self.meta[c].astype(str).replace("nan", ""), c)
             except UserError:
