@@ -452,7 +452,7 @@ def summary(args, results, batches, run_id, common, log, emit):
   log("")
   log(f"## ECG/s, median over rounds (ratio = median of the per-round project/torch ratios); ecgcl-jax on "
       f"{common['num_devices_used']} device(s), torch on one; torch: {variant}")
-  hdr = (f"{'encoder':9} {'aug pair':46} {'prec':8} {'data':9} {'batch':>6} {'ecgcl-jax':>10} {'torch':>9} "
+  hdr = (f"{'encoder':15} {'aug pair':46} {'prec':8} {'data':9} {'batch':>6} {'ecgcl-jax':>10} {'torch':>9} "
          f"{'ratio':>6} {'rounds ratios':>16} {'compile s':>9} {'static MB':>9} {'dev peak MB':>11} {'max load':>8}")
   log(hdr)
   for (enc, pair, prec, data, b), r in results.items():
@@ -470,7 +470,7 @@ def summary(args, results, batches, run_id, common, log, emit):
     # before it (smaller batches first) had run, not after the last round, when every case had
     peak = r["project"][0].get("device_peak_bytes_in_use")
     fmt = lambda v, f: format(v, f) if v is not None else format("-", ">" + f.split(".")[0])  # noqa: E731
-    log(f"{enc:9} {pair[:46]:46} {prec:8} {data:9} {b:>6} {fmt(pm, '10.1f')} {fmt(tm, '9.1f')} {fmt(rm, '6.2f')} "
+    log(f"{enc:15} {pair[:46]:46} {prec:8} {data:9} {b:>6} {fmt(pm, '10.1f')} {fmt(tm, '9.1f')} {fmt(rm, '6.2f')} "
         f"{','.join(f'{x:.2f}' for x in ratios):>16} {fmt(last.get('compile_s'), '9.1f')} "
         f"{fmt(static / 2**20 if static else None, '9.0f')} {fmt(peak / 2**20 if peak else None, '11.0f')} "
         f"{fmt(load, '8.2f')}{'  disturbed?' if disturbed else ''}")
@@ -504,7 +504,7 @@ def scaling(args, dataset, encoders, batches, pairs, precisions, dev_counts, inf
   from ecgcl_jax import models, parallel
 
   log("## device scaling (project only; per-device batch fixed)")
-  log(f"{'encoder':9} {'aug pair':46} {'prec':8} {'per-dev B':>9} {'devices':>7} {'global B':>8} {'ECG/s':>10} "
+  log(f"{'encoder':15} {'aug pair':46} {'prec':8} {'per-dev B':>9} {'devices':>7} {'global B':>8} {'ECG/s':>10} "
       f"{'per device':>10} {'efficiency':>10}")
   for enc in encoders:
     for pair in pairs:
@@ -523,7 +523,7 @@ def scaling(args, dataset, encoders, batches, pairs, precisions, dev_counts, inf
               rate = rec["ecg_per_s_median"]
               base = base or rate
               rec["efficiency"] = rate / (n * base)
-              log(f"{enc:9} {pair[:46]:46} {prec:8} {b:>9} {n:>7} {b * n:>8} {rate:>10.1f} {rate / n:>10.1f} "
+              log(f"{enc:15} {pair[:46]:46} {prec:8} {b:>9} {n:>7} {b * n:>8} {rate:>10.1f} {rate / n:>10.1f} "
                   f"{rec['efficiency']:>10.2f}")
             except Exception as e:
               rec["error"] = f"{type(e).__name__}: {e}"[:2000]

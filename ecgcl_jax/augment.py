@@ -2,8 +2,9 @@
 
 One ECG is `x: (length, leads)` (channels-last, float32, mV); a batch is `(B, length, leads)`.
 Every op draws its randomness for each lead independently (unless said otherwise), so under
-`vmap` each example and each lead gets fresh numbers. Structural parameters (`num_segments`)
-must be static Python ints; rates, ratios, factors and warps may be traced. When they are
+`vmap` each example and each lead gets fresh numbers. Rates, ratios, factors, warps and
+`num_segments` may be traced (a traced `num_segments` takes a slower general path with the same
+result; `shared_across_leads` and `apply`/`validate`'s parameters are static). When they are
 Python numbers, `floor(p * length)` is computed in float64 on the host (exactly NumPy's value);
 when traced, in float32 on the device.
 
@@ -320,7 +321,7 @@ def _permute_traced(key, x, num_segments, shared: bool):
     """permute_segments for a traced segment count: every shape from L (m <= L), a gather per sample."""
     length, leads = x.shape
     m = jnp.asarray(num_segments, jnp.int32)
-    valid = (m >= 1) & (m <= length) & (length % jnp.maximum(m, 1) == 0)
+    valid = (m == num_segments) & (m >= 1) & (m <= length) & (length % jnp.maximum(m, 1) == 0)  # 5.5 is not 5
     m = jnp.where(valid, m, 1)
     s = length // m
     t = jnp.arange(length, dtype=jnp.int32)
@@ -494,7 +495,7 @@ def _time_warp_traced_m(key, x, num_segments, warp):
     m = jnp.asarray(num_segments, jnp.int32)
     where_m = jnp.searchsorted(jnp.asarray(ms, jnp.int32), m)
     sel = jnp.minimum(where_m, len(ms) - 1)
-    valid = jnp.asarray(ms, jnp.int32)[sel] == m
+    valid = (jnp.asarray(ms, jnp.int32)[sel] == m) & (m == num_segments)  # 4.5 is not 4
     s = jnp.asarray([length // mm for mm in ms], jnp.int32)[sel]
     if _is_traced(warp):
         ls, lq = _warp_lengths(s, warp)

@@ -13,20 +13,41 @@ from ecgcl_jax.errors import UserError
 
 
 _EARLY_SIGNALS: list[int] = []  # stop signals received before a run installed its own handler
+_DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+
+
+def _hold(signum, frame):
+  if _EARLY_SIGNALS:  # a second one while starting: stop now (run_entry says "interrupted before the first step")
+    raise KeyboardInterrupt
+  _EARLY_SIGNALS.append(signum)
+  print(f"received {signal.Signals(signum).name} while starting; stopping at the first point where a checkpoint or "
+        "finished repeat keeps the work (send it again to stop at once)", file=sys.stderr, flush=True)
 
 
 def hold_early_stop_signals() -> None:
-  """From now until a run's `on_stop_signals` block: SIGTERM/SIGINT are remembered instead of killing the process
-  (exit 143 and no word, while Python imports JAX), and the run's handler receives them when it is installed."""
+  """Until a run's `on_stop_signals` block: a SIGTERM/SIGINT is remembered instead of killing the process (exit 143
+  and no word, while Python imports JAX), and the run's handler receives it when installed; a second one stops at
+  once. The block restores the default handlers, not the hold."""
   for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+    signal.signal(sig, _hold)
+
+
+def release_early_stop_signals() -> None:
+  """Default SIGTERM/SIGINT handling again where the hold is still installed (no run block was entered)."""
+  for sig, default in _DEFAULT_HANDLERS.items():
+    try:
+      if signal.getsignal(sig) is _hold:
+        signal.signal(sig, default)
+    except ValueError:  # not the main thread
+      pass
+  _EARLY_SIGNALS.clear()
 
 
 @contextlib.contextmanager
 def on_stop_signals(handler: Callable):
   """Route SIGTERM and SIGINT to ``handler(signum, frame)`` inside the block, then restore the old handlers
   (a no-op off the main thread, where Python cannot install handlers). A signal held by hold_early_stop_signals
-  is passed to the handler on entry."""
+  is passed to the handler on entry, and the hold itself is not restored."""
   old = {}
   for sig in (signal.SIGTERM, signal.SIGINT):
     try:
@@ -39,7 +60,7 @@ def on_stop_signals(handler: Callable):
     yield
   finally:
     for sig, h in old.items():
-      signal.signal(sig, h)
+      signal.signal(sig, _DEFAULT_HANDLERS[sig] if h is _hold else h)
 
 
 def fail(prog: str, e: Exception) -> int:
@@ -80,6 +101,8 @@ def run_entry(prog: str, fn: Callable[[], dict], distributed: bool = False,
   except KeyboardInterrupt:
     print(f"{prog}: interrupted before the first step; nothing to save", file=sys.stderr)
     return 130
+  finally:
+    release_early_stop_signals()
   return 0
 
 

@@ -21,6 +21,4 @@ def atomic_write(path: str, data: bytes) -> None:
       os.remove(tmp)
     except OSError:
       pass
-    if e.filename:
-      raise
-    raise OSError(e.errno, e.strerror or str(e), path) from None
+    raise OSError(e.errno, e.strerror or str(e), path) from None  # the file asked for, not the temporary one

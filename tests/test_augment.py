@@ -266,6 +266,7 @@ def test_permute_requires_divisible_length(xs):
         A.permute_segments(jax.random.key(0), xs[0], 7)
     # a traced count cannot raise: the result is NaN, never a silently wrong permutation
     assert np.isnan(np.asarray(jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 7))).all()
+    assert np.isnan(np.asarray(jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 5.5))).all()  # not 5
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -319,7 +320,7 @@ def test_time_warp_bad_params(xs):
         with pytest.raises(UserError, match=msg):
             A.time_warp(jax.random.key(0), xs[0], m, w)
     # traced counts cannot raise: NaN, never a silently wrong warp
-    for m, w in [(3, 0.2), (6, 0.2), (5000, 0.2)]:  # odd; not a divisor; squeezed to nothing
+    for m, w in [(3, 0.2), (6, 0.2), (5000, 0.2), (4.5, 0.2)]:  # odd; not a divisor; squeezed to nothing; not whole
         assert np.isnan(np.asarray(jax.jit(A.time_warp)(jax.random.key(0), xs[0], m, w))).all(), (m, w)
 
 

@@ -63,7 +63,8 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
     assert r["ecg_per_s_min"] <= r["ecg_per_s_median"] <= r["ecg_per_s_max"] and r["ecg_per_s_min"] > 0
     assert r["step_ms"] == pytest.approx(1e3 * 8 / r["ecg_per_s_median"])
     assert r["loss_finite"] and np.isfinite(r["final_loss"])
-    assert r["num_devices_used"] == jax.device_count() and r["compile_s"] > 0
+    # one device by default, as torch_reference.py runs on one (the conftest gives this process 8)
+    assert r["num_devices_used"] == 1 < jax.device_count() and r["compile_s"] > 0
   # the step counter advances across rounds: the same compiled case keeps training, it is not rebuilt
   for data in ("resident", "streamed"):
     steps = [r["steps_done"] for r in sorted(project, key=lambda r: r["round"]) if r["data"] == data]

@@ -308,6 +308,17 @@ def test_stop_signal_before_the_run_started_reaches_its_handler():
       os.kill(os.getpid(), signal.SIGINT)  # inside the block: straight to the handler
       time.sleep(0.05)
     assert got == [signal.SIGTERM, signal.SIGINT] and not cli._EARLY_SIGNALS
+    # the hold ends with the block: after it, the default handlers (a signal while writing results is not eaten)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a second signal while still starting stops at once
+    cli.hold_early_stop_signals()
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+    cli.release_early_stop_signals()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not cli._EARLY_SIGNALS
   finally:
     for s, h in saved.items():
       signal.signal(s, h)

@@ -331,7 +331,8 @@ def load_ptbxl_db(csv: str) -> pd.DataFrame | None:
     try:
         db = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:  # pandas' parser errors
-        raise UserError(f"{csv}: cannot read as CSV ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{csv}: cannot read as CSV ({type(e).__name__}: {first})") from None
     if "ecg_id" not in db.columns:
         return None
     db = db.set_index(db["ecg_id"].map(lambda v: str(int(c)) if (c := clean_id(v)).isdigit() else c))
