@@ -350,6 +350,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
     pool = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(pool) == 0:
       raise UserError("pretraining pool is empty")
+    patients = input_pipeline.patient_codes(ds.patient_ids, ds.records)[pool]
+    if config.patient_positives and len(np.unique(patients)) < 2:  # every pair a positive: nothing to contrast
+      raise UserError(f"config.patient_positives: all {len(pool)} pretraining records belong to one patient, so no "
+                      "ECG would have a negative; turn it off or add other patients")
     batch, note = input_pipeline.effective_batch_size(config.batch_size, len(pool), mesh.size)
   except Exception as e:  # noqa: BLE001 - re-raised by all_succeeded, after the other processes heard of it
     err = e

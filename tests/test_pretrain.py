@@ -330,6 +330,29 @@ def test_configs_that_would_train_on_nothing_are_refused(over, needle):
   pretrain.validate_config(small_config(**{"augment.view1": "permute:5,1", "batch_size": 2}), 1)
 
 
+def test_patient_positives_with_a_single_patient_is_refused(tmp_path):
+  from ecgcl_jax import pretrain
+  from ecgcl_jax.data import open_dataset
+  from ecgcl_jax.errors import UserError
+
+  class OnePatient:  # the embedded set, every record given to one patient
+    def __init__(self, ds):
+      self._ds = ds
+
+    def __getattr__(self, name):
+      return getattr(self._ds, name)
+
+    def __len__(self):
+      return len(self._ds)
+
+    patient_ids = property(lambda self: np.array(["p1"] * len(self._ds)))
+
+  ds = OnePatient(open_dataset(""))
+  with pytest.raises(UserError, match="config.patient_positives: all 52 pretraining records belong to one patient"):
+    pretrain.run(small_config(patient_positives=True), str(tmp_path / "w"), dataset=ds)
+  assert not (tmp_path / "w").exists()
+
+
 def test_uncreatable_workdir_is_one_line(tmp_path):
   (tmp_path / "a_file").write_text("")
   p = run_cli(["--config", "configs/cnn.py", "--workdir", str(tmp_path / "a_file" / "w"), "--config.num_steps=1"])
