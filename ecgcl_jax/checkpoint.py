@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -97,12 +98,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, log: Cal
     # A failing restore leaves orbax's pending reads calling back into its closed event loop, and each prints a
     # traceback (hundreds of lines); the failure's own reason is the exception. Kept only when the restore works.
     printed = io.StringIO()
+    _drop_failed_read_reports()  # those of a failing restore come from other threads, and some only at exit
     try:
       with contextlib.redirect_stderr(printed), _absl_quiet():
         try:
           state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception:
           _until_quiet(printed)  # the callbacks print from other threads for a moment after the failure
+          gc.collect()  # the failed reads' coroutines report themselves when collected: here, into the buffer
+          logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # their futures' "exception never retrieved"
           raise
       _check_finite_tree(state)
     except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
@@ -122,6 +126,25 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, log: Cal
   raise UserError(f"{manager.directory}: no checkpoint restores (tried steps {steps}; step {failed[0][0]}: "
                   f"{failed[0][1]}); they are left in place: fix or remove them, or pass "
                   f"--config.{restart_field}=True to move them aside and start from scratch")
+
+
+def _drop_failed_read_reports() -> None:
+  """From a restore on: orbax's abandoned array reads of a failing restore print their error (tens of lines each)
+  when Python collects them, as late as at exit, and its callbacks find their event loop closed; restore_latest
+  says in one line why the checkpoint failed. Only those reports are dropped (unraisable-exception hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "ecgcl_drops_failed_reads", False):
+    return
+
+  def hook(unraisable):
+    text = str(unraisable.exc_value)
+    if ("_read_array_index_and_device_put" in repr(unraisable.object)
+        or text.startswith("Encountered error while reading array index") or text == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook.ecgcl_drops_failed_reads = True
+  sys.unraisablehook = hook
 
 
 def _until_quiet(buffer: io.StringIO, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
