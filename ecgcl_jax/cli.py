@@ -17,8 +17,13 @@ _DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.defau
 
 
 def _hold(signum, frame):
-  if _EARLY_SIGNALS:  # a second one while starting: stop now (run_entry says "interrupted before the first step")
-    raise KeyboardInterrupt
+  if _EARLY_SIGNALS:  # a second one while starting: stop now, the way the signal stops a process (nothing to save)
+    # (an exception raised here can land in a callback that swallows it, e.g. a garbage-collection hook)
+    print(f"received {signal.Signals(signum).name} again; stopping now (nothing to save yet)", file=sys.stderr,
+          flush=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return
   _EARLY_SIGNALS.append(signum)
   print(f"received {signal.Signals(signum).name} while starting; stopping at the first point where a checkpoint or "
         "finished repeat keeps the work (send it again to stop at once)", file=sys.stderr, flush=True)
