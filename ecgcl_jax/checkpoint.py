@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -105,7 +106,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, log: Cal
           state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception:
           _until_quiet(printed)  # the callbacks print from other threads for a moment after the failure
-          gc.collect()  # the failed reads' coroutines report themselves when collected: here, into the buffer
+          with warnings.catch_warnings():  # "coroutine ... was never awaited": the same abandoned reads
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gc.collect()  # the failed reads' coroutines report themselves when collected: here, into the buffer
           logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # their futures' "exception never retrieved"
           raise
       _check_finite_tree(state)
