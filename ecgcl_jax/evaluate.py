@@ -27,9 +27,9 @@ import io
 import json
 import math
 import os
-import re
 import signal
 import time
+import typing
 from typing import Any
 
 import jax
@@ -56,15 +56,6 @@ class Interrupted(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _in_pretrain(message: str) -> str:
-    """A pretraining config error's message with its field named as the evaluation config's config.pretrain.*."""
-    if message.startswith("config."):
-        return "config.pretrain." + message[len("config."):]
-    if re.match(r"(model|optim|data|augment)\.", message):
-        return "config.pretrain." + message
-    return message
-
-
 def resolve_seeds(config) -> list[int]:
     """The K = config.repeats seeds: config.seeds first, then seeds drawn from a fixed generator (the i-th
     extra seed depends only on i, so K = 5 extends K = 3 without changing its first repeats)."""
@@ -243,10 +234,12 @@ def repeat_split(config, ds, seed: int) -> splits.Split:
     return split
 
 
-def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=None) -> dict | None:
-    """One repeat of the protocol (see the module docstring); None if pretraining was interrupted."""
+def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=None,
+               split: splits.Split | None = None) -> dict | None:
+    """One repeat of the protocol (see the module docstring); None if pretraining was interrupted. split: this
+    seed's `repeat_split`, when already made."""
     t0 = time.time()
-    split = repeat_split(config, ds, seed)
+    split = split if split is not None else repeat_split(config, ds, seed)
     enc, info = _pretrained_encoder(config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir))
     if enc is None:
         return None
@@ -423,10 +416,18 @@ def open_data(config, dataset=None):
     return ds
 
 
-def prepare_run(config, dataset=None):
-    """Every check of an evaluation that needs no training, before any: (config with its split resolved, the
-    loaded encoder or None, the seeds, the dataset). Each seed's split is made and checked here too, so that a
-    one-class validation split of the last seed stops the run now, not after the other repeats' pretraining."""
+class Prepared(typing.NamedTuple):
+    config: Any          # with its split fractions resolved
+    exported: Any        # the loaded encoder, or None
+    seeds: list
+    ds: Any
+    splits: dict         # seed -> splits.Split
+
+
+def prepare_run(config, dataset=None) -> Prepared:
+    """Every check of an evaluation that needs no training, before any. Each seed's split is made and checked here
+    too, so that a one-class validation split of the last seed stops the run now, not after the other repeats'
+    pretraining; `run` then uses these splits."""
     exported = checkpoint.load_encoder(config.encoder_checkpoint) if config.encoder_checkpoint else None
     config = resolve_split(config, exported)
     validate(config)
@@ -434,16 +435,12 @@ def prepare_run(config, dataset=None):
     ds = open_data(config, dataset)
     if exported is None:
         from ecgcl_jax import parallel, pretrain  # noqa: PLC0415
-        try:
-            pretrain.validate_config(config.pretrain, parallel.make_mesh().size)
-        except UserError as e:  # its messages name fields of a pretraining config; here it is config.pretrain
-            raise UserError(_in_pretrain(str(e))) from None
-    for seed in seeds:
-        repeat_split(config, ds, seed)
-    return config, exported, seeds, ds
+        pretrain.validate_config(config.pretrain, parallel.make_mesh().size, field_prefix="pretrain.")
+    return Prepared(config, exported, seeds, ds, {seed: repeat_split(config, ds, seed) for seed in seeds})
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_root: str | None = None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_root: str | None = None,
+        prepared: Prepared | None = None) -> dict:
     """Runs (or continues) the evaluation in `workdir`; returns results.json's content (or the sweep's).
 
     dataset: an opened `ecgcl_jax.data.Dataset` (default: open config.data.path). pretrain_root: where the
@@ -454,7 +451,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
         return run_sweep(config, workdir, dataset)
     if not workdir:
         raise UserError("--workdir: required")
-    config, exported, seeds, ds = prepare_run(config, dataset)
+    prepared = prepared if prepared is not None else prepare_run(config, dataset)
+    config, exported, seeds, ds = prepared.config, prepared.exported, prepared.seeds, prepared.ds
     os.makedirs(workdir, exist_ok=True)
     from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
     with WorkdirLock(workdir):
@@ -486,7 +484,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, pretrain_
                     _log(f"repeat {i + 1}/{len(seeds)} (seed {seed})")
                     pdir = (os.path.join(pretrain_root, f"repeat_{seed}") if pretrain_root
                             else os.path.join(rep_dir, "pretrain"))
-                    rec = run_repeat(config, ds, seed, rep_dir, pdir, exported)
+                    rec = run_repeat(config, ds, seed, rep_dir, pdir, exported, split=prepared.splits[seed])
                     if rec is None:
                         status = "preempted"
                         break
@@ -624,15 +622,15 @@ def _run_sweep_locked(config, workdir: str, ds, field: str, fields: list[str], v
         names[name] = value
         same_data = str(variant.data.path) == str(config.data.path)  # a swept data.path opens its own dataset
         try:
-            prepare_run(variant, ds if same_data else None)
+            prepared = prepare_run(variant, ds if same_data else None)
         except UserError as e:
             raise UserError(f"sweep {field} = {value!r}: {e}") from None
-        variants.append((value, variant, os.path.join(workdir, name), same_data))
+        variants.append((value, variant, os.path.join(workdir, name), prepared))
     rows, series = [], {}
     done_values = []
-    for value, variant, sub, same_data in variants:
+    for value, variant, sub, prepared in variants:
         _log(f"sweep {field} = {value!r} -> {sub}")
-        res = run(variant, sub, dataset=ds if same_data else None, pretrain_root=pretrain_root)
+        res = run(variant, sub, pretrain_root=pretrain_root, prepared=prepared)
         if res.get("status") != "done":
             _log(f"sweep interrupted at {field} = {value!r}; run the same command to continue")
             break

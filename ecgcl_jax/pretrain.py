@@ -91,8 +91,23 @@ def input_geometry(config) -> tuple[int, int, int]:
   return length, enc_len, in_leads
 
 
-def validate_config(config, num_devices: int) -> None:
-  """Every check that can be made before compiling; raises UserError naming the field."""
+def validate_config(config, num_devices: int, field_prefix: str = "") -> None:
+  """Every check that can be made before compiling; raises UserError naming the field. field_prefix: where
+  `config` sits in the caller's config ("pretrain." in an evaluation): the field is named from there."""
+  try:
+    _validate_config(config, num_devices)
+  except UserError as e:
+    if not field_prefix:
+      raise
+    msg = str(e)  # "config.x: ..." from the checks here, "model.x: ..." / "optim..." from the modules they call
+    if msg.startswith("config."):
+      msg = msg[len("config."):]
+    if msg.split(":", 1)[0].split(".", 1)[0] in config.keys():  # the field's top-level name
+      msg = f"config.{field_prefix}{msg}"
+    raise UserError(msg) from None
+
+
+def _validate_config(config, num_devices: int) -> None:
   if config.mode not in MODES:
     raise UserError(f"config.mode: unknown contrast mode {config.mode!r}; choose one of {', '.join(MODES)}")
   if config.dtype not in DTYPES:
@@ -343,7 +358,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, dataset=None, indices=N
   mesh = mesh if mesh is not None else parallel.make_mesh()
   err = None
   try:  # on every process, each with its own files: all go on, or all stop
-    validate_config(config, mesh.size)
+    validate_config(config, mesh.size, field_prefix)
     ds = dataset if dataset is not None else data_lib.open_dataset(config.data.path)
     if config.data.label and hasattr(ds, "with_label"):
       ds = ds.with_label(config.data.label)

@@ -300,7 +300,7 @@ def _done_result():
 def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, monkeypatch):
     seen = []
 
-    def fake_run(variant, workdir, dataset=None, pretrain_root=None):
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None, prepared=None):
         seen.append((variant.pretrain.mode, evaluate.resolve_split(variant).split.to_dict()))
         return _done_result()
 
@@ -315,8 +315,8 @@ def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_e
     # every variant used to get the base config's opened dataset, so a swept data.path was never read
     seen = []
 
-    def fake_run(variant, workdir, dataset=None, pretrain_root=None):
-        seen.append((variant.data.path, variant.pretrain.data.path, dataset))
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None, prepared=None):
+        seen.append((variant.data.path, variant.pretrain.data.path, prepared.ds))
         return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
@@ -328,12 +328,22 @@ def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_e
     out = evaluate.run_sweep(cfg, str(tmp_path / "sweep"), dataset=ds)
     assert out["status"] == "done"
     assert [(a, b) for a, b, _ in seen] == [("", ""), (str(tmp_path / "other"),) * 2]
-    assert seen[0][2] is not None and seen[1][2] is None  # the base data for the base path; the other opens its own
+    # the base data for the base path; the other variant opened its own (once, in the sweep's checks)
+    assert seen[0][2] is ds and seen[1][2] is not ds and len(seen[1][2]) == 52
+
+
+def test_each_seeds_split_is_made_once(tmp_path, ds, clean_encoder, monkeypatch):
+    # checked up front by prepare_run, then used by the repeats (it was made again per repeat)
+    made = []
+    real = splits.split_dataset
+    monkeypatch.setattr(splits, "split_dataset", lambda d, seed, *a, **k: made.append(seed) or real(d, seed, *a, **k))
+    out = evaluate.run(eval_config(clean_encoder, **{"finetune.num_epochs": 1}), str(tmp_path / "w"), dataset=ds)
+    assert out["status"] == "done" and made == [321, 123]
 
 
 def test_sweep_checks_every_variant_before_running_any(tmp_path, ds, clean_encoder, monkeypatch):
     ran = []
-    monkeypatch.setattr(evaluate, "run", lambda variant, workdir, dataset=None, pretrain_root=None:
+    monkeypatch.setattr(evaluate, "run", lambda variant, workdir, dataset=None, pretrain_root=None, prepared=None:
                         ran.append(workdir) or _done_result())
     bad = eval_config(clean_encoder, **{"sweep.field": "label_fraction", "sweep.choices": (0.5, 1.5, 1.0)})
     with pytest.raises(UserError, match=r"^sweep label_fraction = 1.5: config.label_fraction: must be in"):
