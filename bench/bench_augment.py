@@ -17,11 +17,11 @@ import argparse
 import functools
 import json
 import math
-import os
 import platform
 import sys
 import time
 
+import benchutil  # bench/, beside this script
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,9 +248,7 @@ def main(argv=None):
             rows.append(dict(env, bench="augment", case=name, batch=b, length=a.length, leads=a.leads,
                              ms_per_batch=sec * 1e3, ecg_per_s=b / sec,
                              time_vs_gaussian=(sec / base) if base else None, compile_s=comp))
-    out_dir = os.environ.get("OUT", "")
-    path = a.jsonl or (os.path.join(out_dir, "bench_augment.jsonl") if out_dir
-                       else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_augment.jsonl"))
+    path = benchutil.json_path(a.jsonl, "augment")
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

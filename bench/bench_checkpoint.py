@@ -14,6 +14,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchutil  # bench/, beside this script
 import jax
 import numpy as np
 
@@ -57,9 +58,7 @@ def main():
   for name, label in (("with_checkpoints", f"every {a.every} steps"), ("final_only", "only at the end")):
     print(f"{label:24} {', '.join(f'{v:.1f}' for v in res[name]):>24} {np.median(res[name]):9.1f}")
   print(f"ratio (every {a.every} steps / only at the end): {ratio:.3f}")
-  out_dir = os.environ.get("OUT", "")
-  path = a.json or (os.path.join(out_dir, "bench_checkpoint.jsonl") if out_dir
-                    else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_checkpoint.jsonl"))
+  path = benchutil.json_path(a.json, "checkpoint")
   with open(path, "a") as f:
     f.write(json.dumps(rec) + "\n")
   print(f"appended to {path}")

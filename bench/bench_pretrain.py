@@ -43,6 +43,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+import benchutil  # noqa: E402 - bench/, beside this script
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -342,9 +343,7 @@ def main(argv=None) -> int:
     if d not in ("resident", "streamed"):
       ap.error(f"--data {d!r}: resident or streamed")
   models.CONV_FORMULATION = args.conv
-  out_dir = os.environ.get("OUT", "")
-  json_path = args.json or (os.path.join(out_dir, "bench_pretrain.jsonl") if out_dir
-                            else os.path.join(HERE, "results_pretrain.jsonl"))
+  json_path = benchutil.json_path(args.json, "pretrain")
   os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
   if args.torch:
     args.torch_ref = args.torch_ref or next((os.path.normpath(p) for p in TORCH_REF_CANDIDATES if os.path.exists(p)),
@@ -380,6 +379,7 @@ def main(argv=None) -> int:
   if args.dataset:
     dataset = open_dataset(args.dataset)
   else:
+    out_dir = os.environ.get("OUT", "")
     folder = args.workdir or (os.path.join(out_dir, "data") if out_dir else
                               os.path.join(tempfile.gettempdir(), "ecgcl_bench_data"))
     n = args.records or max(256, 2 * largest)

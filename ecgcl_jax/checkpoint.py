@@ -29,7 +29,7 @@ from flax import serialization
 
 from ecgcl_jax import parallel
 from ecgcl_jax.errors import UserError
-from ecgcl_jax.fileio import atomic_write  # noqa: F401 - checkpoint.atomic_write, as callers use it
+from ecgcl_jax.fileio import atomic_write
 
 
 def _one_writer_per_array() -> None:

@@ -39,6 +39,7 @@ import numpy as np
 import ecgcl_jax
 from ecgcl_jax import checkpoint, cli, configdiff, embed, finetune, input_pipeline, metrics, splits
 from ecgcl_jax.errors import UserError
+from ecgcl_jax.fileio import atomic_write
 
 METHODS = ("finetune", "linear_probe", "random_init", "random_init_linear_probe")
 BASELINES = METHODS[1:]
@@ -107,7 +108,7 @@ def _unjson(x):
 
 def write_json(path: str, obj) -> None:
     """Atomic, strict JSON (no NaN)."""
-    checkpoint.atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False).encode())
+    atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False).encode())
 
 
 def _config_json(config) -> dict:
@@ -300,7 +301,7 @@ def run_repeat(config, ds, seed: int, rep_dir: str, pretrain_dir: str, exported=
     keys = splits.patient_keys(ds.patient_ids, ds.records)
     for i, row in enumerate(test.rows):
         w.writerow([ds.records[row], keys[row], int(test.labels[i])] + [repr(float(probs[m][i])) for m in probs])
-    checkpoint.atomic_write(pred_path, buf.getvalue().encode())
+    atomic_write(pred_path, buf.getvalue().encode())
 
     main = results.pop("finetune")
     main["n"] = {k: int(len(getattr(split, k))) for k in ("train", "finetune", "val", "test", "pretrain")}
@@ -376,7 +377,7 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
         notes.append("**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/"
                      "test patients (" + ", ".join(f"seed {s}: {n}" for s, n in leaks) + "), so these test scores "
                      "are optimistic.")
-    checkpoint.atomic_write(os.path.join(workdir, "results.md"),
+    atomic_write(os.path.join(workdir, "results.md"),
                             metrics.markdown_table(methods, title="Evaluation results (test)", notes=notes).encode())
     metrics.write_csv(metrics.table_rows(methods), os.path.join(workdir, "results.csv"))
     plots = os.path.join(workdir, "plots")
@@ -648,7 +649,7 @@ def _run_sweep_locked(config, workdir: str, ds, field: str, fields: list[str], v
             series[m][1].append(_nan(s["ci95"]))
     if rows:
         metrics.write_csv(rows, os.path.join(workdir, "sweep.csv"))
-        checkpoint.atomic_write(os.path.join(workdir, "sweep.md"), _sweep_markdown(field, rows, metric).encode())
+        atomic_write(os.path.join(workdir, "sweep.md"), _sweep_markdown(field, rows, metric).encode())
         numeric = len(fields) == 1 and all(isinstance(v, (int, float)) for v in done_values)
         xs = done_values if numeric else list(dict.fromkeys(r["value"] for r in rows))
         metrics.plot_sweep(xs, series, os.path.join(workdir, f"sweep_{metric}.png"), xlabel=field,

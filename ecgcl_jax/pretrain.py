@@ -39,6 +39,7 @@ import optax
 import ecgcl_jax
 from ecgcl_jax import augment, checkpoint, cli, configdiff, input_pipeline, losses, models, parallel, splits
 from ecgcl_jax.errors import UserError
+from ecgcl_jax.fileio import atomic_write
 
 MODES = input_pipeline.CONTRAST_MODES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -401,7 +402,7 @@ def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
   if os.path.exists(cfg_path):
     check_resume_config(_read_json(cfg_path), current_cfg, cfg_path)
   else:
-    checkpoint.atomic_write(cfg_path, json.dumps(current_cfg, indent=1).encode())
+    atomic_write(cfg_path, json.dumps(current_cfg, indent=1).encode())
   if os.path.exists(run_path):
     run_info = _read_json(run_path)
     if not isinstance(run_info.get("max_amp"), (int, float)):
@@ -412,7 +413,7 @@ def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
   max_amp = input_pipeline.fit_max_amp(ds, pool)
   run_info = {"max_amp": max_amp, "batch_size": batch, "pool_records": pool_records,
               "data_path": config.data.path, "version": ecgcl_jax.__version__}
-  checkpoint.atomic_write(run_path, json.dumps(run_info).encode())
+  atomic_write(run_path, json.dumps(run_info).encode())
   return max_amp
 
 
@@ -611,7 +612,7 @@ def _truncate_metrics(path: str, step: int) -> float:
         last = _loss_of(rec)
     except (ValueError, KeyError):
       pass
-  checkpoint.atomic_write(path, "".join(keep).encode())  # a crash here keeps the old file, not half of it
+  atomic_write(path, "".join(keep).encode())  # a crash here keeps the old file, not half of it
   return last
 
 
