@@ -237,14 +237,10 @@ def check_encoder_pool(pretrain_patients, pretrain_records, split: Split, keys, 
                        where: str = "encoder") -> None:
     """Raises LeakageError if a loaded encoder saw a validation/test patient: by patient key, or by record path (the
     same recordings prepared into another dataset, where the patient ids may differ or be missing)."""
-    held = set(split.val_patients) | set(split.test_patients)
     seen_records = {str(r) for r in pretrain_records}
-    leaked = set(pretrain_patients) & held
-    leaked |= {str(k) for r, k in zip(records, keys) if str(k) in held and str(r) in seen_records}
-    if leaked:
-        shown = ", ".join(sorted(leaked)[:5]) + (" ..." if len(leaked) > 5 else "")
-        raise LeakageError(f"{where}: {len(leaked)} validation/test patient(s) were seen during its pretraining "
-                           f"(by patient id or by recording: {shown})", len(leaked))
+    by_recording = {str(k) for r, k in zip(records, keys) if str(r) in seen_records}
+    check_pool({str(p) for p in pretrain_patients} | by_recording, split.val_patients, split.test_patients,
+               where=f"{where} (by patient id or by recording)")
 
 
 def check_split(split: Split, keys: np.ndarray) -> None:
