@@ -6,41 +6,57 @@
 Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/; re-running continues an
 interrupted evaluation. See the README, "How to evaluate".
 """
+
 import os
 import sys
 
 from ecgcl_jax import cli  # light (standard library only)
 
-if __name__ == "__main__":  # a SIGTERM while JAX loads stops the run at its first step instead of killing it
-  cli.hold_early_stop_signals()
+if (
+    __name__ == "__main__"
+):  # a SIGTERM while JAX loads stops the run at its first step instead of killing it
+    cli.hold_early_stop_signals()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Evaluation directory (results, splits, per-repeat runs).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Evaluation config file (configs/eval.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Evaluation directory (results, splits, per-repeat runs)."
+)
 _DETERMINISTIC = flags.DEFINE_bool(
-    "deterministic", True, "Ask XLA for run-to-run deterministic GPU kernels (--xla_gpu_deterministic_ops), so a "
-    "resumed or repeated evaluation gives the same numbers on GPUs too; no effect on CPU.")
+    "deterministic",
+    True,
+    "Ask XLA for run-to-run deterministic GPU kernels (--xla_gpu_deterministic_ops), so a "
+    "resumed or repeated evaluation gives the same numbers on GPUs too; no effect on CPU.",
+)
 
 
 def main(argv):
-  del argv
-  xla_flags = os.environ.get("XLA_FLAGS", "")
-  if _DETERMINISTIC.value and "xla_gpu_deterministic_ops" not in xla_flags:
-    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()  # before JAX starts a backend
+    del argv
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if _DETERMINISTIC.value and "xla_gpu_deterministic_ops" not in xla_flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
+        )  # before JAX starts a backend
 
-  def run():
-    from configs import eval as eval_config  # noqa: PLC0415 - every evaluation field, to check the config file
-    from ecgcl_jax import evaluate  # noqa: PLC0415
-    return evaluate.run(cli.config_value(_CONFIG, eval_config.get_config), os.path.expanduser(_WORKDIR.value))
+    def run():
+        from configs import eval as eval_config  # noqa: PLC0415 - every evaluation field, to check the config file
+        from ecgcl_jax import evaluate  # noqa: PLC0415
 
-  return cli.run_entry("run_eval.py", run)
+        return evaluate.run(
+            cli.config_value(_CONFIG, eval_config.get_config), os.path.expanduser(_WORKDIR.value)
+        )
+
+    return cli.run_entry("run_eval.py", run)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  flags.register_validator("workdir", lambda v: bool(v and v.strip()), message="must not be empty")
+    flags.mark_flags_as_required(["config", "workdir"])
+    flags.register_validator(
+        "workdir", lambda v: bool(v and v.strip()), message="must not be empty"
+    )
 
-  sys.exit(app.run(main, flags_parser=cli.flags_parser("run_eval.py")))
+    sys.exit(app.run(main, flags_parser=cli.flags_parser("run_eval.py")))

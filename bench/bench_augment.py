@@ -11,6 +11,7 @@ time per application is reported as ms per batch and ECG/s, with the ratio to Ga
 Runs unchanged on GPU/TPU (whatever jax.devices() gives). Prints a table and appends one JSON object per
 case (to --jsonl; default $OUT/bench_augment.jsonl, or bench/results_augment.jsonl).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from ecgcl_jax import models
 
 # ------------------------------------------------------------------ alternative formulations
 # (the library's choices live in ecgcl_jax/augment.py; these are the ones measured against them)
+
 
 def permute_flat_gather(key, x, m):
     """Per-lead permutation as one gather with per-sample source indices (vs reshape + take)."""
@@ -140,7 +142,9 @@ def time_warp_two_stage(key, x, m, w):
     length, leads = x.shape
     s = length // m
     seg_len, offsets, total = A._warp_tables(s, m, w, A._random_half(key, m, leads))
-    n = jnp.broadcast_to(jnp.minimum(jnp.arange(length, dtype=jnp.int32)[None, :], total - 1), (leads, length))
+    n = jnp.broadcast_to(
+        jnp.minimum(jnp.arange(length, dtype=jnp.int32)[None, :], total - 1), (leads, length)
+    )
     cat = A._lerp_gather(x.T, *A._warp_source(n, s, seg_len, offsets))  # (leads, L), first T valid
     n0, n1, f = A._resample_index(length, total, leads)
     return A._lerp_gather(cat, n0, n1, jnp.broadcast_to(f, n0.shape)).T
@@ -160,25 +164,36 @@ def cases(length):
     c = {
         "copy (x * 1.0001)": _per_example(lambda k, x: scale_only(k, x, 1.0001)),
         "gaussian_noise": _per_example(lambda k, x: A.gaussian_noise(k, x, 0.05)),
-        "gaussian_noise (threefry normal)": _per_example(lambda k, x: gaussian_noise_threefry(k, x, 0.05)),
+        "gaussian_noise (threefry normal)": _per_example(
+            lambda k, x: gaussian_noise_threefry(k, x, 0.05)
+        ),
         "zero_mask": _per_example(lambda k, x: A.zero_mask(k, x, 0.1)),
         "permute (reshape + take)": _per_example(lambda k, x: A.permute_segments(k, x, 5)),
         "permute (flat gather)": _per_example(lambda k, x: permute_flat_gather(k, x, 5)),
         "permute_shared": _per_example(lambda k, x: A.permute_segments(k, x, 5, True)),
         "time_warp": _per_example(lambda k, x: A.time_warp(k, x, *tw)),
         "time_warp (two-stage)": _per_example(lambda k, x: time_warp_two_stage(k, x, *tw)),
-        "time_warp (time-major, select)": _per_example(lambda k, x: time_warp_time_major(k, x, *tw, True)),
-        "time_warp (time-major, gathers)": _per_example(lambda k, x: time_warp_time_major(k, x, *tw, False)),
+        "time_warp (time-major, select)": _per_example(
+            lambda k, x: time_warp_time_major(k, x, *tw, True)
+        ),
+        "time_warp (time-major, gathers)": _per_example(
+            lambda k, x: time_warp_time_major(k, x, *tw, False)
+        ),
         "time_warp (jnp.interp)": _per_example(lambda k, x: time_warp_jnp_interp(k, x, *tw)),
         "dropout": _per_example(lambda k, x: A.dropout_mask(k, x, 0.1)),
-        "dropout (feistel, fused time-major)": _per_example(lambda k, x: dropout_feistel_fused(k, x, 0.1)),
-        "dropout (traced rate)": _per_example(lambda k, x: A.dropout_mask(k, x, jnp.float32(0.1) + 0 * x[0, 0])),
+        "dropout (feistel, fused time-major)": _per_example(
+            lambda k, x: dropout_feistel_fused(k, x, 0.1)
+        ),
+        "dropout (traced rate)": _per_example(
+            lambda k, x: A.dropout_mask(k, x, jnp.float32(0.1) + 0 * x[0, 0])
+        ),
         "mix": lambda k, xs: A.mix(k, xs, 0.1, 0.05, jnp.arange(xs.shape[0])),
     }
     k = int(np.floor(0.1 * length))
     for method, drop in DROPOUT_MASKS.items():
         c[f"dropout ({method})"] = _per_example(
-            lambda key, x, drop=drop: jnp.where(drop(key, x.shape[0], x.shape[1], k), 0.0, x))
+            lambda key, x, drop=drop: jnp.where(drop(key, x.shape[0], x.shape[1], k), 0.0, x)
+        )
     return c
 
 
@@ -204,18 +219,38 @@ def time_case(fn, xs, inner, repeats, compiler_options=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, action="append", help="batch size(s); default 16 on CPU, 512 and 2048 otherwise")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        action="append",
+        help="batch size(s); default 16 on CPU, 512 and 2048 otherwise",
+    )
     p.add_argument("--length", type=int, default=5000)
     p.add_argument("--leads", type=int, default=12)
-    p.add_argument("--inner", type=int, default=None, help="applications per timed call (default 5 CPU, 20 accelerator)")
+    p.add_argument(
+        "--inner",
+        type=int,
+        default=None,
+        help="applications per timed call (default 5 CPU, 20 accelerator)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default="", help="comma-separated substrings of case names to run")
-    p.add_argument("--jsonl", default=None, help="append one JSON object per case to this file (default "
-                   "$OUT/bench_augment.jsonl if $OUT is set, else bench/results_augment.jsonl)")
-    p.add_argument("--compiler-options", choices=("auto", "none"), default="auto",
-                   help="auto: compile as the pretraining step does (models.xla_compiler_options(), which keeps "
-                        "the CPU optimization barriers); none: XLA's defaults")
+    p.add_argument(
+        "--jsonl",
+        default=None,
+        help="append one JSON object per case to this file (default "
+        "$OUT/bench_augment.jsonl if $OUT is set, else bench/results_augment.jsonl)",
+    )
+    p.add_argument(
+        "--compiler-options",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: compile as the pretraining step does (models.xla_compiler_options(), which keeps "
+        "the CPU optimization barriers); none: XLA's defaults",
+    )
     a = p.parse_args(argv)
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
@@ -244,10 +279,23 @@ def main(argv=None):
             if name == "gaussian_noise":
                 base = sec
             ratio = f"{sec / base:.2f}x" if base else "-"
-            print(f"{name:34s} {sec * 1e3:10.3f} {b / sec:12.0f} {ratio:>9s} {comp:10.1f}", flush=True)
-            rows.append(dict(env, bench="augment", case=name, batch=b, length=a.length, leads=a.leads,
-                             ms_per_batch=sec * 1e3, ecg_per_s=b / sec,
-                             time_vs_gaussian=(sec / base) if base else None, compile_s=comp))
+            print(
+                f"{name:34s} {sec * 1e3:10.3f} {b / sec:12.0f} {ratio:>9s} {comp:10.1f}", flush=True
+            )
+            rows.append(
+                dict(
+                    env,
+                    bench="augment",
+                    case=name,
+                    batch=b,
+                    length=a.length,
+                    leads=a.leads,
+                    ms_per_batch=sec * 1e3,
+                    ecg_per_s=b / sec,
+                    time_vs_gaussian=(sec / base) if base else None,
+                    compile_s=comp,
+                )
+            )
     path = benchutil.json_path(a.jsonl, "augment")
     with open(path, "a") as f:
         for r in rows:

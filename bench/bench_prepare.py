@@ -8,6 +8,7 @@ names (a header rewrite + a copy of the signal file) up to `--records`, which ke
 runs read the same files from the page cache. Prints records/s of both and appends a JSON line to
 bench/results_prepare.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 from ecgcl_jax import LEADS  # noqa: E402
 
 
-
 def generate(folder: str, n: int, distinct: int, fs: int, seconds: float) -> list[str]:
     """Write n records `folder/NNNNN/rNNNNNN.{hea,dat}` (1000 per subfolder, like PTB-XL); returns record paths."""
     import wfdb
@@ -40,12 +40,24 @@ def generate(folder: str, n: int, distinct: int, fs: int, seconds: float) -> lis
         os.makedirs(sub, exist_ok=True)
         name = f"r{i:06d}"
         if i < distinct:
-            x = sum(rng.uniform(0.1, 0.5, 12) * np.sin(2 * np.pi * rng.uniform(0.5, 15) * t[:, None]
-                                                       + rng.uniform(0, 6, 12)) for _ in range(4))
+            x = sum(
+                rng.uniform(0.1, 0.5, 12)
+                * np.sin(2 * np.pi * rng.uniform(0.5, 15) * t[:, None] + rng.uniform(0, 6, 12))
+                for _ in range(4)
+            )
             x += 0.02 * rng.standard_normal((L, 12))
-            wfdb.wrsamp(name, fs=fs, units=["mV"] * 12, sig_name=list(LEADS), p_signal=x, fmt=["16"] * 12,
-                        adc_gain=[1000.0] * 12, baseline=[0] * 12, comments=[f"patient_id: {i}"],
-                        write_dir=sub)
+            wfdb.wrsamp(
+                name,
+                fs=fs,
+                units=["mV"] * 12,
+                sig_name=list(LEADS),
+                p_signal=x,
+                fmt=["16"] * 12,
+                adc_gain=[1000.0] * 12,
+                baseline=[0] * 12,
+                comments=[f"patient_id: {i}"],
+                write_dir=sub,
+            )
         else:
             j = i % distinct
             src_dir, src = os.path.join(folder, f"{j // 1000:05d}"), f"r{j:06d}"
@@ -69,12 +81,26 @@ def plain_loop(paths: list[str]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--records", type=int, default=2000)
-    ap.add_argument("--distinct", type=int, default=200, help="records written by wfdb.wrsamp; the rest are copies")
+    ap.add_argument(
+        "--distinct",
+        type=int,
+        default=200,
+        help="records written by wfdb.wrsamp; the rest are copies",
+    )
     ap.add_argument("--workers", type=int, default=0, help="prepare processes (default: all cores)")
-    ap.add_argument("--loop-records", type=int, default=0, help="time the rdsamp loop on this many only (0: all)")
-    ap.add_argument("--dir", default="", help="work folder (default: a temporary one, removed afterwards)")
+    ap.add_argument(
+        "--loop-records",
+        type=int,
+        default=0,
+        help="time the rdsamp loop on this many only (0: all)",
+    )
+    ap.add_argument(
+        "--dir", default="", help="work folder (default: a temporary one, removed afterwards)"
+    )
     ap.add_argument("--json", default=os.path.join(HERE, "results_prepare.jsonl"))
     args = ap.parse_args()
 
@@ -91,8 +117,11 @@ def main() -> None:
         loop_paths = paths[: args.loop_records] if args.loop_records else paths
         loop_s = plain_loop(loop_paths)
         loop_rate = len(loop_paths) / loop_s
-        print(f"plain wfdb.rdsamp loop (1 process): {len(loop_paths)} records in {loop_s:.1f} s = "
-              f"{loop_rate:.0f} records/s ({1e3 * loop_s / len(loop_paths):.2f} ms/record)", flush=True)
+        print(
+            f"plain wfdb.rdsamp loop (1 process): {len(loop_paths)} records in {loop_s:.1f} s = "
+            f"{loop_rate:.0f} records/s ({1e3 * loop_s / len(loop_paths):.2f} ms/record)",
+            flush=True,
+        )
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         prepare([src], out, PrepareOptions(), workers=args.workers or None)
@@ -101,26 +130,45 @@ def main() -> None:
         assert n == args.records, (n, args.records)
         prep_rate = args.records / prep_s
         workers = args.workers or len(os.sched_getaffinity(0))
-        print(f"prepare ({workers} processes): {args.records} records in {prep_s:.1f} s = {prep_rate:.0f} records/s "
-              f"({prep_rate / loop_rate:.1f}x the plain loop); PTB-XL-size (21,799) estimate "
-              f"{21799 / prep_rate:.0f} s", flush=True)
+        print(
+            f"prepare ({workers} processes): {args.records} records in {prep_s:.1f} s = {prep_rate:.0f} records/s "
+            f"({prep_rate / loop_rate:.1f}x the plain loop); PTB-XL-size (21,799) estimate "
+            f"{21799 / prep_rate:.0f} s",
+            flush=True,
+        )
         import scipy
         import wfdb
 
         import ecgcl_jax
 
-        from bench_pretrain import cpu_name  # bench/ is the script's folder; imported late: it imports jax
+        from bench_pretrain import (
+            cpu_name,
+        )  # bench/ is the script's folder; imported late: it imports jax
 
         cpu = cpu_name()
-        rec = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "records": args.records, "distinct": args.distinct,
-               "workers": workers, "cores": os.cpu_count(), "cpu": cpu, "prepare_s": round(prep_s, 3),
-               "prepare_records_per_s": round(prep_rate, 1), "loop_records": len(loop_paths),
-               "loop_s": round(loop_s, 3), "loop_records_per_s": round(loop_rate, 1),
-               "speedup": round(prep_rate / loop_rate, 2), "generate_s": round(gen_s, 1),
-               "loadavg_1min_before_after": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
-               "versions": {"ecgcl_jax": ecgcl_jax.__version__, "wfdb": wfdb.__version__,
-                            "numpy": np.__version__, "scipy": scipy.__version__,
-                            "python": platform.python_version()}}
+        rec = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "records": args.records,
+            "distinct": args.distinct,
+            "workers": workers,
+            "cores": os.cpu_count(),
+            "cpu": cpu,
+            "prepare_s": round(prep_s, 3),
+            "prepare_records_per_s": round(prep_rate, 1),
+            "loop_records": len(loop_paths),
+            "loop_s": round(loop_s, 3),
+            "loop_records_per_s": round(loop_rate, 1),
+            "speedup": round(prep_rate / loop_rate, 2),
+            "generate_s": round(gen_s, 1),
+            "loadavg_1min_before_after": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
+            "versions": {
+                "ecgcl_jax": ecgcl_jax.__version__,
+                "wfdb": wfdb.__version__,
+                "numpy": np.__version__,
+                "scipy": scipy.__version__,
+                "python": platform.python_version(),
+            },
+        }
         with open(args.json, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"appended to {args.json}")

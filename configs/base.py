@@ -3,61 +3,83 @@
 Variants (`configs/cnn.py`, ...) import `get_config()` from here and change a few fields.
 Override any field on the command line: `--config.batch_size=64 --config.model.emb_dim=128`.
 """
+
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0                 # one seed for init, data order and augmentations
-  c.num_steps = 300          # optimizer steps
-  c.batch_size = 128         # global batch (all devices, all hosts); clamped to the dataset size with a warning
-  c.log_every = 10           # steps between metrics.jsonl lines / progress lines
-  c.checkpoint_every = 100   # steps between checkpoints (the final step is always saved)
-  c.keep_checkpoints = 3     # newest N checkpoints kept (the final one is always kept)
-  c.dtype = "float32"        # compute dtype: float32 | bfloat16 (params and loss stay float32)
-  c.temperature = 0.07       # NT-Xent temperature
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for init, data order and augmentations
+    c.num_steps = 300  # optimizer steps
+    c.batch_size = (
+        128  # global batch (all devices, all hosts); clamped to the dataset size with a warning
+    )
+    c.log_every = 10  # steps between metrics.jsonl lines / progress lines
+    c.checkpoint_every = 100  # steps between checkpoints (the final step is always saved)
+    c.keep_checkpoints = 3  # newest N checkpoints kept (the final one is always kept)
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and loss stay float32)
+    c.temperature = 0.07  # NT-Xent temperature
 
-  # Contrast mode: simclr (two views of the whole ECG) | cmsc | cmlc | cmsmlc (CLOCS family).
-  c.mode = "simclr"
-  c.patient_positives = False  # ECGs of the same patient in the global batch are positives of each other
-  c.clocs_leads = ("II", "V2", "aVL", "aVR")  # leads used by cmlc / cmsmlc (each a single-lead input)
+    # Contrast mode: simclr (two views of the whole ECG) | cmsc | cmlc | cmsmlc (CLOCS family).
+    c.mode = "simclr"
+    c.patient_positives = (
+        False  # ECGs of the same patient in the global batch are positives of each other
+    )
+    c.clocs_leads = (
+        "II",
+        "V2",
+        "aVL",
+        "aVR",
+    )  # leads used by cmlc / cmsmlc (each a single-lead input)
 
-  c.data = ml_collections.ConfigDict()
-  c.data.path = ""            # prepared dataset folder; "" = the embedded PTB-XL sample
-  c.data.label = ""           # label column of the dataset ("" = its default); used by evaluation
-  c.data.domain = "time"      # time | frequency (|FFT|, first L/2 bins)
-  c.data.resident = "auto"    # auto | yes | no: keep the whole int16 dataset on the device, or stream batches
-  c.data.prefetch = 2         # batches assembled ahead by the host thread when streaming
-  c.data.reader_threads = 0   # threads gathering a streamed batch; 0 = auto (1 on CPU, min(8, CPUs) otherwise)
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # prepared dataset folder; "" = the embedded PTB-XL sample
+    c.data.label = ""  # label column of the dataset ("" = its default); used by evaluation
+    c.data.domain = "time"  # time | frequency (|FFT|, first L/2 bins)
+    c.data.resident = (
+        "auto"  # auto | yes | no: keep the whole int16 dataset on the device, or stream batches
+    )
+    c.data.prefetch = 2  # batches assembled ahead by the host thread when streaming
+    c.data.reader_threads = (
+        0  # threads gathering a streamed batch; 0 = auto (1 on CPU, min(8, CPUs) otherwise)
+    )
 
-  c.augment = ml_collections.ConfigDict()
-  # NAME[:PARAM]; NAME in gaussian_noise, dropout, zero_mask, permute, time_warp (PARAM m,w), mix, none.
-  c.augment.view1 = "gaussian_noise:0.05"
-  c.augment.view2 = "dropout:0.1"
-  c.augment.permute_shared_leads = False  # one permutation for all leads (keeps leads synchronous)
+    c.augment = ml_collections.ConfigDict()
+    # NAME[:PARAM]; NAME in gaussian_noise, dropout, zero_mask, permute, time_warp (PARAM m,w), mix, none.
+    c.augment.view1 = "gaussian_noise:0.05"
+    c.augment.view2 = "dropout:0.1"
+    c.augment.permute_shared_leads = (
+        False  # one permutation for all leads (keeps leads synchronous)
+    )
 
-  c.model = ml_collections.ConfigDict()
-  c.model.encoder = "cnn_attn_lstm"  # cnn | cnn_lstm | cnn_attn_lstm | cnn_transformer | res_cnn_lstm
-  c.model.emb_dim = 256
-  c.model.proj_dim = 128
-  c.model.kernel_size = 15
-  c.model.dropout = 0.3
-  c.model.channels = (32, 32, 64, 64, 64)
-  c.model.lstm_layers = 1
-  c.model.attention_dim = 0          # additive attention width; 0 = emb_dim
-  c.model.transformer_layers = 1
-  c.model.transformer_heads = 2
-  c.model.transformer_d_model = 64   # trunk channels are projected to this width when it differs
+    c.model = ml_collections.ConfigDict()
+    c.model.encoder = (
+        "cnn_attn_lstm"  # cnn | cnn_lstm | cnn_attn_lstm | cnn_transformer | res_cnn_lstm
+    )
+    c.model.emb_dim = 256
+    c.model.proj_dim = 128
+    c.model.kernel_size = 15
+    c.model.dropout = 0.3
+    c.model.channels = (32, 32, 64, 64, 64)
+    c.model.lstm_layers = 1
+    c.model.attention_dim = 0  # additive attention width; 0 = emb_dim
+    c.model.transformer_layers = 1
+    c.model.transformer_heads = 2
+    c.model.transformer_d_model = 64  # trunk channels are projected to this width when it differs
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 1e-5
-  c.optim.weight_decay = 1e-5  # L2 added to the gradient before Adam, as torch.optim.Adam(weight_decay=...)
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-5
+    c.optim.weight_decay = (
+        1e-5  # L2 added to the gradient before Adam, as torch.optim.Adam(weight_decay=...)
+    )
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
 
-  c.on_nonfinite = "stop"      # stop | skip: what a non-finite loss, gradient or update does
-  c.restart_if_unrestorable = False  # start from scratch when no checkpoint restores (else: error)
-  c.debug_nan_at_step = -1     # test hook: inject a NaN loss at this step (-1 = off)
-  c.lock()  # a typo in an override is an error, not a new field
-  return c
+    c.on_nonfinite = "stop"  # stop | skip: what a non-finite loss, gradient or update does
+    c.restart_if_unrestorable = (
+        False  # start from scratch when no checkpoint restores (else: error)
+    )
+    c.debug_nan_at_step = -1  # test hook: inject a NaN loss at this step (-1 = off)
+    c.lock()  # a typo in an override is an error, not a new field
+    return c

@@ -3,12 +3,13 @@
 Any encoder: --config.model.encoder=cnn|cnn_lstm|cnn_attn_lstm|cnn_transformer.
 Patient-level positives on top: --config.patient_positives=True.
 """
+
 from configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.mode = "cmsmlc"
-  c.model.encoder = "cnn"
-  c.lock()
-  return c
+    c = base.get_config()
+    c.mode = "cmsmlc"
+    c.model.encoder = "cnn"
+    c.lock()
+    return c

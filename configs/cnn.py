@@ -1,9 +1,10 @@
 """Pretraining with the cnn encoder (SimCLR-style NT-Xent). See configs/base.py for every field."""
+
 from configs import base
 
 
 def get_config():
-  c = base.get_config()
-  c.model.encoder = "cnn"
-  c.lock()
-  return c
+    c = base.get_config()
+    c.model.encoder = "cnn"
+    c.lock()
+    return c

@@ -11,6 +11,7 @@ The data section is shared: `config.data` IS `config.pretrain.data` (one ConfigD
 `--config.data.path=DIR` / `--config.data.label=COLUMN` reach the nested pretraining as well (and
 `--config.pretrain.data.path=DIR` sets the same field).
 """
+
 import importlib
 
 import ml_collections
@@ -20,46 +21,62 @@ from configs import cnn_attn_lstm
 
 
 def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  if pretrain_config in ("", "cnn_attn_lstm"):
-    c.pretrain = cnn_attn_lstm.get_config()
-  else:
-    try:
-      module = importlib.import_module(f"configs.{pretrain_config}")
-    except ModuleNotFoundError:
-      raise ValueError(f"configs/eval.py:{pretrain_config}: no pretraining config configs/{pretrain_config}.py") from None
-    c.pretrain = module.get_config()
-  # Pretraining per repeat uses every c.pretrain field; its seed is replaced by the repeat's seed.
-  c.data = c.pretrain.data    # shared: data.path ("" = embedded PTB-XL sample), data.label (label column)
+    c = ml_collections.ConfigDict()
+    if pretrain_config in ("", "cnn_attn_lstm"):
+        c.pretrain = cnn_attn_lstm.get_config()
+    else:
+        try:
+            module = importlib.import_module(f"configs.{pretrain_config}")
+        except ModuleNotFoundError:
+            raise ValueError(
+                f"configs/eval.py:{pretrain_config}: no pretraining config configs/{pretrain_config}.py"
+            ) from None
+        c.pretrain = module.get_config()
+    # Pretraining per repeat uses every c.pretrain field; its seed is replaced by the repeat's seed.
+    c.data = (
+        c.pretrain.data
+    )  # shared: data.path ("" = embedded PTB-XL sample), data.label (label column)
 
-  c.repeats = 3               # K: number of repeats (split + pretrain-or-load + fine-tune + test)
-  c.seeds = (321, 123, 51)    # the reference's seeds; repeats beyond these draw further seeds deterministically
-  c.encoder_checkpoint = ""   # exported encoder (run_pretrain.py WORKDIR or WORKDIR/encoder); "" = pretrain per repeat
-  c.allow_leakage = False     # evaluate a loaded encoder even if it saw this repeat's val/test patients
+    c.repeats = 3  # K: number of repeats (split + pretrain-or-load + fine-tune + test)
+    c.seeds = (
+        321,
+        123,
+        51,
+    )  # the reference's seeds; repeats beyond these draw further seeds deterministically
+    c.encoder_checkpoint = ""  # exported encoder (run_pretrain.py WORKDIR or WORKDIR/encoder); "" = pretrain per repeat
+    c.allow_leakage = (
+        False  # evaluate a loaded encoder even if it saw this repeat's val/test patients
+    )
 
-  # Patient-level, stratified on the patient label (train/rest, then rest into val/test). Unset = chosen when the
-  # run starts: 0.7/0.15/0.15, or 0.6/0.2/0.2 (the CLOCS paper's) when the pretraining mode, or a loaded encoder's,
-  # is a CLOCS mode; so --config.pretrain.mode=cmsc gets the CLOCS split too.
-  c.split = ml_collections.ConfigDict()
-  c.split.train = config_dict.placeholder(float)
-  c.split.val = config_dict.placeholder(float)    # one ECG per patient
-  c.split.test = config_dict.placeholder(float)   # one ECG per patient
-  c.label_fraction = 1.0      # fine-tune on this stratified fraction of the training patients (val/test unchanged)
+    # Patient-level, stratified on the patient label (train/rest, then rest into val/test). Unset = chosen when the
+    # run starts: 0.7/0.15/0.15, or 0.6/0.2/0.2 (the CLOCS paper's) when the pretraining mode, or a loaded encoder's,
+    # is a CLOCS mode; so --config.pretrain.mode=cmsc gets the CLOCS split too.
+    c.split = ml_collections.ConfigDict()
+    c.split.train = config_dict.placeholder(float)
+    c.split.val = config_dict.placeholder(float)  # one ECG per patient
+    c.split.test = config_dict.placeholder(float)  # one ECG per patient
+    c.label_fraction = (
+        1.0  # fine-tune on this stratified fraction of the training patients (val/test unchanged)
+    )
 
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.num_epochs = 40        # validation scored every epoch; the best-AUROC epoch is kept
-  c.finetune.batch_size = 64        # also the prediction batch (the last one padded and masked)
-  c.finetune.learning_rate = 1e-4   # Adam
-  c.finetune.weight_decay = 1e-4    # L2 added to the gradient (torch Adam's weight_decay)
-  c.finetune.head_dropout = 0.3     # Dense(emb) -> ReLU -> dropout -> Dense(1)
-  c.finetune.aggregate = "concat"   # CLOCS encoders: concat | sum | mean | attention over halves/leads
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.num_epochs = 40  # validation scored every epoch; the best-AUROC epoch is kept
+    c.finetune.batch_size = 64  # also the prediction batch (the last one padded and masked)
+    c.finetune.learning_rate = 1e-4  # Adam
+    c.finetune.weight_decay = 1e-4  # L2 added to the gradient (torch Adam's weight_decay)
+    c.finetune.head_dropout = 0.3  # Dense(emb) -> ReLU -> dropout -> Dense(1)
+    c.finetune.aggregate = (
+        "concat"  # CLOCS encoders: concat | sum | mean | attention over halves/leads
+    )
 
-  # Baselines on the same splits (the main row is always the pretrained encoder fine-tuned end to end).
-  c.baselines = ("linear_probe", "random_init", "random_init_linear_probe")
+    # Baselines on the same splits (the main row is always the pretrained encoder fine-tuned end to end).
+    c.baselines = ("linear_probe", "random_init", "random_init_linear_probe")
 
-  c.sweep = ml_collections.ConfigDict()
-  c.sweep.field = ""          # dotted config field to sweep ("" = a single evaluation), e.g. "label_fraction"
-  c.sweep.choices = ()        # its values; one results folder per value
-  c.sweep.metric = "auroc"    # metric of the sweep plot
-  c.lock()
-  return c
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.field = (
+        ""  # dotted config field to sweep ("" = a single evaluation), e.g. "label_fraction"
+    )
+    c.sweep.choices = ()  # its values; one results folder per value
+    c.sweep.metric = "auroc"  # metric of the sweep plot
+    c.lock()
+    return c

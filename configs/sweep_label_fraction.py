@@ -8,11 +8,12 @@ Pretraining does not depend on the label fraction, so the variants share it (WOR
 Resumable: re-running skips finished fractions and repeats. Override the fractions with
 --config.sweep.choices="(0.05,0.2,1.0)".
 """
+
 from configs import eval as eval_config
 
 
 def get_config(pretrain_config: str = "cnn_attn_lstm"):
-  c = eval_config.get_config(pretrain_config)
-  c.sweep.field = "label_fraction"
-  c.sweep.choices = (0.05, 0.1, 0.25, 0.5, 1.0)
-  return c
+    c = eval_config.get_config(pretrain_config)
+    c.sweep.field = "label_fraction"
+    c.sweep.choices = (0.05, 0.1, 0.25, 0.5, 1.0)
+    return c

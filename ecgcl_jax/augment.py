@@ -74,6 +74,7 @@ ALIASES = {
 # ----------------------------------------------------------------------------------------------
 # helpers
 
+
 def _is_traced(v) -> bool:
     return isinstance(v, jax.core.Tracer)
 
@@ -133,6 +134,7 @@ def _normal(key, n: int):
 # ----------------------------------------------------------------------------------------------
 # Gaussian noise
 
+
 def gaussian_noise(key, x, factor):
     """x + N(0, 1) * factor * std(x), std per lead, unbiased (ddof=1).
 
@@ -149,6 +151,7 @@ def gaussian_noise(key, x, factor):
 
 # ----------------------------------------------------------------------------------------------
 # Dropout masking: exactly k = floor(rate * L) distinct positions per lead set to 0.
+
 
 def _distinct_keys(key, length: int, leads: int):
     """(length, leads) uint32 random sort keys, pairwise distinct within each lead.
@@ -249,6 +252,7 @@ def dropout_mask(key, x, rate):
 # ----------------------------------------------------------------------------------------------
 # Zero masking
 
+
 def zero_mask(key, x, ratio):
     """Per lead, zero one window of floor(ratio * L) consecutive samples; start ~ U{0..L-window}.
 
@@ -270,6 +274,7 @@ def zero_mask(key, x, ratio):
 
 # ----------------------------------------------------------------------------------------------
 # Segment permutation
+
 
 def _check_divides(length: int, m: int, where: str, what: str = "num_segments"):
     if m < 1:
@@ -321,7 +326,9 @@ def _permute_traced(key, x, num_segments, shared: bool):
     """permute_segments for a traced segment count: every shape from L (m <= L), a gather per sample."""
     length, leads = x.shape
     m = jnp.asarray(num_segments, jnp.int32)
-    valid = (m == num_segments) & (m >= 1) & (m <= length) & (length % jnp.maximum(m, 1) == 0)  # 5.5 is not 5
+    valid = (
+        (m == num_segments) & (m >= 1) & (m <= length) & (length % jnp.maximum(m, 1) == 0)
+    )  # 5.5 is not 5
     m = jnp.where(valid, m, 1)
     s = length // m
     t = jnp.arange(length, dtype=jnp.int32)
@@ -331,13 +338,17 @@ def _permute_traced(key, x, num_segments, shared: bool):
         y = x[perm[seg] * s + off]
     else:
         perm = jnp.argsort(_first_rows_uniform(key, m, (length, leads)), axis=0).astype(jnp.int32)
-        src = jnp.take_along_axis(perm, jnp.broadcast_to(seg[:, None], (length, leads)), axis=0) * s + off[:, None]
+        src = (
+            jnp.take_along_axis(perm, jnp.broadcast_to(seg[:, None], (length, leads)), axis=0) * s
+            + off[:, None]
+        )
         y = jnp.take_along_axis(x, src, axis=0)
     return _nan_unless(valid, y.astype(_float_dtype(x)))
 
 
 # ----------------------------------------------------------------------------------------------
 # Time warping
+
 
 def _warp_lengths(s: int, warp):
     """(stretched length, squeezed length) of one segment of s samples: floor(s(1+w)), floor(s(1-w))."""
@@ -506,7 +517,9 @@ def _time_warp_traced_m(key, x, num_segments, warp):
     valid = valid & (lq >= 1)
     m = jnp.where(valid, m, ms[0])
     u = _first_rows_uniform(key, m, (length, leads))
-    stretched = jnp.argsort(jnp.argsort(u, axis=0), axis=0) < m // 2  # rows >= m rank last: never stretched
+    stretched = (
+        jnp.argsort(jnp.argsort(u, axis=0), axis=0) < m // 2
+    )  # rows >= m rank last: never stretched
     rows = jnp.arange(length, dtype=jnp.int32)[:, None]
     seg_len = jnp.where(stretched, ls, jnp.where(rows < m, lq, 0)).astype(jnp.int32)  # (L, leads)
     offsets = jnp.cumsum(seg_len, axis=0) - seg_len
@@ -514,7 +527,12 @@ def _time_warp_traced_m(key, x, num_segments, warp):
     off_t, len_t = offsets.T, seg_len.T  # (leads, L)
 
     def source(n):  # n: (leads, length) -> (i0, i1, g), as _warp_source
-        k = jax.vmap(lambda o, nn: jnp.searchsorted(o, nn, side="right"))(off_t, n).astype(jnp.int32) - 1
+        k = (
+            jax.vmap(lambda o, nn: jnp.searchsorted(o, nn, side="right"))(off_t, n).astype(
+                jnp.int32
+            )
+            - 1
+        )
         start = jnp.take_along_axis(off_t, k, axis=1)
         ln = jnp.take_along_axis(len_t, k, axis=1)
         q, g = _frac_index((n - start) * (s - 1), jnp.maximum(ln - 1, 1))
@@ -530,6 +548,7 @@ def _time_warp_traced_m(key, x, num_segments, warp):
 
 # ----------------------------------------------------------------------------------------------
 # Mix over a batch
+
 
 def _mix_from_example_keys(example_keys, xs, rate, factor, global_index):
     """mix with the per-example keys given. example_keys: (B,) keys; global_index: (B,) int."""
@@ -568,6 +587,7 @@ def mix(key, xs, rate=0.1, factor=0.05, global_index=None):
 
 # ----------------------------------------------------------------------------------------------
 # Config-level dispatch
+
 
 def _canonical(name, field: str) -> str:
     if not isinstance(name, str):
@@ -630,10 +650,15 @@ def validate(name, param, length: int, field: str = "augment"):
         shared = canon == "permute_shared"
         if isinstance(param, (tuple, list)):
             m, shared = _pair(param, field, "permute takes m or (m, shared_across_leads)")
-            if isinstance(shared, (bool, np.bool_)) or shared in (0, 1):  # 0.3 is no answer to "shared?"
+            if isinstance(shared, (bool, np.bool_)) or shared in (
+                0,
+                1,
+            ):  # 0.3 is no answer to "shared?"
                 shared = bool(shared)
             else:
-                raise UserError(f"{field}: permute's shared_across_leads must be 0 or 1 (or a bool), got {shared!r}")
+                raise UserError(
+                    f"{field}: permute's shared_across_leads must be 0 or 1 (or a bool), got {shared!r}"
+                )
         else:
             m = param
         m = _static_int(m, "permute num_segments", field)
@@ -722,6 +747,7 @@ def two_views(key, xs, global_index, aug1, aug2):
 
 # ----------------------------------------------------------------------------------------------
 # Frequency-domain input
+
 
 def fft_magnitude(x):
     """|rfft(x)| along time, first L//2 bins. x: (..., length, leads) -> (..., length // 2, leads) float32."""

@@ -22,6 +22,7 @@ each lead's mean; CLOCS encoders see their views (halves and/or single leads; |F
 domain), and the V view embeddings are averaged (`views="mean"`), concatenated (`"concat"`, (N, V*E)) or kept
 (`"none"`, (N, V, E)). The encoder runs in eval mode (running BatchNorm statistics, no dropout).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,24 +53,39 @@ def check_compatible(encoder: checkpoint.ExportedEncoder, dataset, where: str = 
     leads = list(prep.get("leads", ecgcl_jax.LEADS))
     shape = tuple(dataset.raw.shape[1:])
     if shape != (n, len(leads)):
-        raise UserError(f"{where}: ECGs are {shape[0]} samples x {shape[1]} leads; the encoder expects "
-                        f"{n} x {len(leads)}")
+        raise UserError(
+            f"{where}: ECGs are {shape[0]} samples x {shape[1]} leads; the encoder expects "
+            f"{n} x {len(leads)}"
+        )
     if fs != ecgcl_jax.SAMPLE_RATE or leads != list(ecgcl_jax.LEADS):
-        raise UserError(f"{where}: the encoder was trained on {fs} Hz, leads {leads}; prepared datasets are "
-                        f"{ecgcl_jax.SAMPLE_RATE} Hz, leads {list(ecgcl_jax.LEADS)}")
+        raise UserError(
+            f"{where}: the encoder was trained on {fs} Hz, leads {leads}; prepared datasets are "
+            f"{ecgcl_jax.SAMPLE_RATE} Hz, leads {list(ecgcl_jax.LEADS)}"
+        )
     meta = getattr(dataset, "meta", None)
     if meta is not None and "fs" in getattr(meta, "columns", ()):
         rates = sorted({float(v) for v in meta["fs"].dropna()})
         if rates and rates != [float(fs)]:
-            raise UserError(f"{where}: dataset sample rate(s) {rates} Hz differ from the encoder's {fs} Hz")
+            raise UserError(
+                f"{where}: dataset sample rate(s) {rates} Hz differ from the encoder's {fs} Hz"
+            )
     if prep.get("mode") not in (None, *input_pipeline.CONTRAST_MODES):
-        raise UserError(f"encoder: unknown contrast mode {prep.get('mode')!r} in its preprocessing record")
+        raise UserError(
+            f"encoder: unknown contrast mode {prep.get('mode')!r} in its preprocessing record"
+        )
     if prep.get("domain", "time") not in ("time", "frequency"):
-        raise UserError(f"encoder: unknown input domain {prep.get('domain')!r} in its preprocessing record")
+        raise UserError(
+            f"encoder: unknown input domain {prep.get('domain')!r} in its preprocessing record"
+        )
 
 
-def embed_dataset(encoder: checkpoint.ExportedEncoder, dataset, rows=None, batch_size: int = 256,
-                  views: str = "mean") -> np.ndarray:
+def embed_dataset(
+    encoder: checkpoint.ExportedEncoder,
+    dataset,
+    rows=None,
+    batch_size: int = 256,
+    views: str = "mean",
+) -> np.ndarray:
     """Embeddings of dataset `rows` (default: all) in that order: (n, E), (n, V*E) or (n, V, E) float32, with the
     encoder's own normaliser (max_amp fitted on its pretraining pool)."""
     from ecgcl_jax import finetune  # noqa: PLC0415 - keeps `--help` fast
@@ -82,7 +98,9 @@ def embed_dataset(encoder: checkpoint.ExportedEncoder, dataset, rows=None, batch
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         raise UserError("--data: no records to embed")
-    e = finetune.embed_rows(encoder.model_config, spec, encoder.variables, dataset, rows, scale, batch_size)
+    e = finetune.embed_rows(
+        encoder.model_config, spec, encoder.variables, dataset, rows, scale, batch_size
+    )
     if views == "mean":
         return e.mean(axis=1)
     if views == "concat":
@@ -91,15 +109,24 @@ def embed_dataset(encoder: checkpoint.ExportedEncoder, dataset, rows=None, batch
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ecgcl_jax.embed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoder", required=True, help="exported encoder: pretraining WORKDIR or WORKDIR/encoder")
-    p.add_argument("--data", default="", help='prepared dataset folder ("" = the embedded PTB-XL sample)')
+    p = argparse.ArgumentParser(
+        prog="python -m ecgcl_jax.embed", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--encoder", required=True, help="exported encoder: pretraining WORKDIR or WORKDIR/encoder"
+    )
+    p.add_argument(
+        "--data", default="", help='prepared dataset folder ("" = the embedded PTB-XL sample)'
+    )
     p.add_argument("--out", required=True, help="output .npy file")
-    p.add_argument("--views", default="mean", choices=VIEWS, help="CLOCS view embeddings: mean | concat | none")
+    p.add_argument(
+        "--views", default="mean", choices=VIEWS, help="CLOCS view embeddings: mean | concat | none"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     args = p.parse_args(argv)
     try:
         from ecgcl_jax import data  # noqa: PLC0415
+
         enc = load_encoder(args.encoder)
         ds = data.open_dataset(args.data)
         if args.batch_size < 1:

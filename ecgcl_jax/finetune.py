@@ -18,6 +18,7 @@ epoch's permutation, so all batches have one shape). `predict` never drops a rec
 and the padding masked out. The epoch with the best validation AUROC is kept (ties: the earliest) and scored
 once on test.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,13 +62,20 @@ class InputSpec:
 
     @classmethod
     def from_pretrain_config(cls, config) -> "InputSpec":
-        return cls(mode=str(config.mode), domain=str(config.data.domain), clocs_leads=tuple(config.clocs_leads))
+        return cls(
+            mode=str(config.mode),
+            domain=str(config.data.domain),
+            clocs_leads=tuple(config.clocs_leads),
+        )
 
     @classmethod
     def from_preprocessing(cls, prep: dict) -> "InputSpec":
         """From an exported encoder's `preprocessing` dict."""
-        return cls(mode=str(prep.get("mode", "simclr")), domain=str(prep.get("domain", "time")),
-                   clocs_leads=tuple(prep.get("clocs_leads", ("II", "V2", "aVL", "aVR"))))
+        return cls(
+            mode=str(prep.get("mode", "simclr")),
+            domain=str(prep.get("domain", "time")),
+            clocs_leads=tuple(prep.get("clocs_leads", ("II", "V2", "aVL", "aVR"))),
+        )
 
 
 def make_views(x: jax.Array, spec: InputSpec) -> jax.Array:
@@ -77,7 +85,11 @@ def make_views(x: jax.Array, spec: InputSpec) -> jax.Array:
     """
     views = input_pipeline.segments(x, spec.mode)
     if spec.mode in input_pipeline.LEAD_MODES:
-        views = [seg[:, :, j:j + 1] for seg in views for j in input_pipeline.lead_indices(spec.clocs_leads)]
+        views = [
+            seg[:, :, j : j + 1]
+            for seg in views
+            for j in input_pipeline.lead_indices(spec.clocs_leads)
+        ]
     if spec.domain == "frequency":
         views = [augment.fft_magnitude(v) for v in views]
     return views[0] if not spec.multi_view else jnp.stack(views, axis=1)
@@ -102,7 +114,7 @@ def padded_batches(n: int, batch_size: int):
         pos = np.arange(start, min(start + batch_size, n))
         mask = np.ones(batch_size, bool)
         if len(pos) < batch_size:
-            mask[len(pos):] = False
+            mask[len(pos) :] = False
             pos = np.concatenate([pos, np.full(batch_size - len(pos), n - 1)])
         yield pos, mask
 
@@ -112,16 +124,16 @@ def epoch_batches(n: int, batch_size: int, rng: np.random.Generator):
     up with the first positions of the same permutation (every record seen, one batch shape)."""
     perm = rng.permutation(n)
     for start in range(0, n, batch_size):
-        pos = perm[start:start + batch_size]
+        pos = perm[start : start + batch_size]
         if len(pos) < batch_size:
-            pos = np.concatenate([pos, perm[:batch_size - len(pos)]])
+            pos = np.concatenate([pos, perm[: batch_size - len(pos)]])
         yield pos
 
 
 # ------------------------------------------------------------------------------------------------- state
 @flax.struct.dataclass
 class FinetuneState:
-    step: jax.Array   # () int32
+    step: jax.Array  # () int32
     params: Any
     batch_stats: Any
     opt_state: Any
@@ -136,13 +148,22 @@ def new_state(variables: dict, tx: optax.GradientTransformation) -> FinetuneStat
     """A fresh optimizer state over copies of `variables` (the step donates its state; the caller's
     variables, e.g. a pretrained encoder used again by another method, stay valid)."""
     params = _snapshot(variables["params"])
-    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
-                         batch_stats=_snapshot(variables.get("batch_stats", {})), opt_state=tx.init(params))
+    return FinetuneState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=_snapshot(variables.get("batch_stats", {})),
+        opt_state=tx.init(params),
+    )
 
 
-def classifier_variables(model: models.Classifier, spec: InputSpec, key: jax.Array,
-                         encoder_variables: dict | None = None, input_length: int = ecgcl_jax.NUM_SAMPLES,
-                         leads: int = len(ecgcl_jax.LEADS)) -> dict:
+def classifier_variables(
+    model: models.Classifier,
+    spec: InputSpec,
+    key: jax.Array,
+    encoder_variables: dict | None = None,
+    input_length: int = ecgcl_jax.NUM_SAMPLES,
+    leads: int = len(ecgcl_jax.LEADS),
+) -> dict:
     """Initial classifier variables; with `encoder_variables` ({'params', 'batch_stats'} of the encoder
     module) the classifier's 'encoder' subtrees are the pretrained encoder's, the head is fresh."""
     variables = _init_fn(model, spec, int(input_length), int(leads))(key)
@@ -170,23 +191,41 @@ def make_finetune_step(model, tx: optax.GradientTransformation, to_input: Callab
         x = to_input(batch)
 
         def loss_fn(params):
-            logits, upd = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                      rngs={"dropout": k}, mutable=["batch_stats"])
-            return losses.bce_with_logits(logits, batch["y"]), upd.get("batch_stats", state.batch_stats)
+            logits, upd = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                rngs={"dropout": k},
+                mutable=["batch_stats"],
+            )
+            return losses.bce_with_logits(logits, batch["y"]), upd.get(
+                "batch_stats", state.batch_stats
+            )
 
         (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return (FinetuneState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              batch_stats=new_bs, opt_state=opt_state), {"loss": loss})
+        return (
+            FinetuneState(
+                step=state.step + 1,
+                params=optax.apply_updates(state.params, updates),
+                batch_stats=new_bs,
+                opt_state=opt_state,
+            ),
+            {"loss": loss},
+        )
 
-    return jax.jit(step, donate_argnums=(0,), compiler_options=models.xla_compiler_options() or None)
+    return jax.jit(
+        step, donate_argnums=(0,), compiler_options=models.xla_compiler_options() or None
+    )
 
 
 def make_predict(model, to_input: Callable) -> Callable:
     """Returns jitted `predict_logits(params, batch_stats, batch) -> logits (B,)` in eval mode."""
 
     def fn(params, batch_stats, batch):
-        return model.apply({"params": params, "batch_stats": batch_stats}, to_input(batch), train=False)
+        return model.apply(
+            {"params": params, "batch_stats": batch_stats}, to_input(batch), train=False
+        )
 
     return jax.jit(fn)
 
@@ -209,7 +248,9 @@ class RawSource:
         if np.isnan(self.labels).any():
             raise ValueError("RawSource: rows with unknown labels")
         self.max_amp = np.float32(max_amp)
-        self.in_memory = len(self.rows) * int(np.prod(dataset.raw.shape[1:])) * 2 <= self.IN_MEMORY_LIMIT
+        self.in_memory = (
+            len(self.rows) * int(np.prod(dataset.raw.shape[1:])) * 2 <= self.IN_MEMORY_LIMIT
+        )
         self.raw, self.scale = gather(dataset, self.rows) if self.in_memory else (None, None)
 
     def __len__(self):
@@ -256,9 +297,17 @@ class Trainer:
         return dict(_head_init_fn(self.model, tuple(example.shape[1:]))(key))
 
     @classmethod
-    def create(cls, model, to_input: Callable, learning_rate: float, weight_decay: float, batch_size: int):
+    def create(
+        cls, model, to_input: Callable, learning_rate: float, weight_decay: float, batch_size: int
+    ):
         tx = make_optimizer(learning_rate, weight_decay)
-        return cls(model, tx, make_finetune_step(model, tx, to_input), make_predict(model, to_input), batch_size)
+        return cls(
+            model,
+            tx,
+            make_finetune_step(model, tx, to_input),
+            make_predict(model, to_input),
+            batch_size,
+        )
 
     def predict(self, state: FinetuneState, source) -> np.ndarray:
         """(n,) float64 probabilities for every record of `source` (padded last batch, masked)."""
@@ -286,29 +335,50 @@ def _aggregate(spec: InputSpec, ft_config) -> str | None:
         return None
     agg = str(ft_config.aggregate)
     if agg not in models.AGGREGATES:
-        raise UserError(f"config.finetune.aggregate: {agg!r} is not one of {', '.join(models.AGGREGATES)}")
+        raise UserError(
+            f"config.finetune.aggregate: {agg!r} is not one of {', '.join(models.AGGREGATES)}"
+        )
     return agg
 
 
 def classifier_trainer(model_cfg, spec: InputSpec, ft_config, linear: bool = False) -> Trainer:
     """End-to-end classifier trainer on raw batches (RawSource). Cached: one compile per architecture."""
-    return _classifier_trainer(models.encoder_config(model_cfg), spec, float(ft_config.head_dropout),
-                               _aggregate(spec, ft_config), float(ft_config.learning_rate),
-                               float(ft_config.weight_decay), int(ft_config.batch_size), bool(linear))
+    return _classifier_trainer(
+        models.encoder_config(model_cfg),
+        spec,
+        float(ft_config.head_dropout),
+        _aggregate(spec, ft_config),
+        float(ft_config.learning_rate),
+        float(ft_config.weight_decay),
+        int(ft_config.batch_size),
+        bool(linear),
+    )
 
 
 @functools.lru_cache(maxsize=16)
-def _classifier_trainer(enc_cfg, spec, head_dropout, aggregate, lr, wd, batch_size, linear) -> Trainer:
-    model = models.Classifier(enc_cfg, head_dropout=head_dropout, aggregate=aggregate, num_views=spec.num_views,
-                              linear_probe=linear)
+def _classifier_trainer(
+    enc_cfg, spec, head_dropout, aggregate, lr, wd, batch_size, linear
+) -> Trainer:
+    model = models.Classifier(
+        enc_cfg,
+        head_dropout=head_dropout,
+        aggregate=aggregate,
+        num_views=spec.num_views,
+        linear_probe=linear,
+    )
     to_input = lambda b: preprocess(b["raw"], b["scale"], b["max_amp"], spec)
     return Trainer.create(model, to_input, lr, wd, batch_size)
 
 
 def probe_trainer(emb_dim: int, spec: InputSpec, ft_config) -> Trainer:
     """Linear-probe trainer on precomputed embeddings (B, V, E) (FeatureSource): view aggregation + Dense(1)."""
-    return _probe_trainer(int(emb_dim), _aggregate(spec, ft_config), float(ft_config.learning_rate),
-                          float(ft_config.weight_decay), int(ft_config.batch_size))
+    return _probe_trainer(
+        int(emb_dim),
+        _aggregate(spec, ft_config),
+        float(ft_config.learning_rate),
+        float(ft_config.weight_decay),
+        int(ft_config.batch_size),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -319,7 +389,9 @@ def _probe_trainer(emb_dim, aggregate, lr, wd, batch_size) -> Trainer:
 
 @functools.lru_cache(maxsize=16)
 def _head_init_fn(head, feature_shape: tuple) -> Callable:
-    return jax.jit(lambda k: head.init(k, jnp.zeros((2,) + feature_shape, jnp.float32), train=False))
+    return jax.jit(
+        lambda k: head.init(k, jnp.zeros((2,) + feature_shape, jnp.float32), train=False)
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -337,8 +409,15 @@ def _embed_fn(enc_cfg, spec: InputSpec) -> Callable:
     return jax.jit(fn)
 
 
-def embed_rows(model_cfg, spec: InputSpec, variables: dict, dataset, rows: np.ndarray, max_amp: float,
-               batch_size: int = 64) -> np.ndarray:
+def embed_rows(
+    model_cfg,
+    spec: InputSpec,
+    variables: dict,
+    dataset,
+    rows: np.ndarray,
+    max_amp: float,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Embeddings (n, V, E) float32 of dataset `rows` by the encoder `models.build_encoder(model_cfg)` with
     `variables` ({'params', 'batch_stats'}) in eval mode; inputs normalised with `max_amp` (mV) and cut into
     views per `spec`. Padded last batch, masked: no record dropped."""
@@ -366,8 +445,15 @@ def _snapshot(tree):
     return jax.tree.map(lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a, tree)
 
 
-def fit_and_select(state, num_epochs: int, train_epoch: Callable, predict: Callable,
-                   val_labels: np.ndarray, test_labels: np.ndarray, snapshot: Callable = _snapshot) -> dict:
+def fit_and_select(
+    state,
+    num_epochs: int,
+    train_epoch: Callable,
+    predict: Callable,
+    val_labels: np.ndarray,
+    test_labels: np.ndarray,
+    snapshot: Callable = _snapshot,
+) -> dict:
     """Trains `num_epochs`, scores validation after each, keeps the best-AUROC epoch, scores test once.
 
     train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs.
@@ -381,16 +467,29 @@ def fit_and_select(state, num_epochs: int, train_epoch: Callable, predict: Calla
         state, train_loss = train_epoch(state, epoch)
         probs = predict(state, "val")
         if not np.all(np.isfinite(probs)):
-            raise UserError(f"fine-tuning diverged at epoch {epoch} (non-finite predictions, train loss "
-                            f"{float(train_loss):.4g}); lower config.finetune.learning_rate")
+            raise UserError(
+                f"fine-tuning diverged at epoch {epoch} (non-finite predictions, train loss "
+                f"{float(train_loss):.4g}); lower config.finetune.learning_rate"
+            )
         scores = metrics.binary_scores(val_labels, probs)
-        history.append({"epoch": epoch, "train_loss": float(train_loss), "val_loss": _bce(val_labels, probs),
-                        "val": scores})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(train_loss),
+                "val_loss": _bce(val_labels, probs),
+                "val": scores,
+            }
+        )
         if better(scores["auroc"], best_auroc):
             best_auroc, best_epoch, best_state = scores["auroc"], epoch, snapshot(state)
     test_probs = predict(best_state, "test")
-    return {"best_epoch": best_epoch, "history": history, "val": history[best_epoch - 1]["val"],
-            "test": metrics.binary_scores(test_labels, test_probs), "test_probs": test_probs}
+    return {
+        "best_epoch": best_epoch,
+        "history": history,
+        "val": history[best_epoch - 1]["val"],
+        "test": metrics.binary_scores(test_labels, test_probs),
+        "test_probs": test_probs,
+    }
 
 
 def _bce(labels, probs) -> float:
@@ -399,8 +498,9 @@ def _bce(labels, probs) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def run_finetune(trainer: Trainer, variables: dict, train, val, test, num_epochs: int, key: jax.Array,
-                 seed: int) -> dict:
+def run_finetune(
+    trainer: Trainer, variables: dict, train, val, test, num_epochs: int, key: jax.Array, seed: int
+) -> dict:
     """Fine-tunes from `variables` on source `train` (RawSource or FeatureSource); see `fit_and_select`.
 
     key: dropout key (folded with the step inside the step); seed: the batch order of epoch e is

@@ -7,6 +7,7 @@
   `ci95_normal` = 1.96 * sd / sqrt(K) (the reference's normal approximation). Both are NaN for K = 1.
 - Tables (`results.md`, `results.csv`) and PNG plots drawn with matplotlib's Agg canvas (no display needed).
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,7 +55,9 @@ def binary_scores(labels, probs, threshold: float = 0.5) -> dict[str, float]:
 
 def roc_points(labels, probs) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the ROC curve (scikit-learn), for plots."""
-    fpr, tpr, _ = skm.roc_curve(np.asarray(labels).astype(np.int64), np.asarray(probs, dtype=np.float64))
+    fpr, tpr, _ = skm.roc_curve(
+        np.asarray(labels).astype(np.int64), np.asarray(probs, dtype=np.float64)
+    )
     return fpr, tpr
 
 
@@ -64,7 +67,15 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     k = len(v)
     if k == 0:
         nan = math.nan
-        return {"mean": nan, "ci95": nan, "ci95_normal": nan, "sd": nan, "min": nan, "max": nan, "n": 0}
+        return {
+            "mean": nan,
+            "ci95": nan,
+            "ci95_normal": nan,
+            "sd": nan,
+            "min": nan,
+            "max": nan,
+            "n": 0,
+        }
     sd = float(np.std(v, ddof=1)) if k > 1 else math.nan
     se = sd / math.sqrt(k) if k > 1 else math.nan
     return {
@@ -93,8 +104,13 @@ def table_rows(methods: Mapping[str, Mapping]) -> list[dict]:
     for method, res in methods.items():
         for m in METRICS:
             s = res["summary"][m]
-            rows.append({"method": method, "metric": m, **{k: s[k] for k in
-                                                              ("mean", "ci95", "ci95_normal", "sd", "min", "max", "n")}})
+            rows.append(
+                {
+                    "method": method,
+                    "metric": m,
+                    **{k: s[k] for k in ("mean", "ci95", "ci95_normal", "sd", "min", "max", "n")},
+                }
+            )
     return rows
 
 
@@ -106,12 +122,22 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) and not math.isnan(v) else
-                        ("" if isinstance(v, float) else v)) for k, v in r.items()})
+        w.writerow(
+            {
+                k: (
+                    f"{v:.6f}"
+                    if isinstance(v, float) and not math.isnan(v)
+                    else ("" if isinstance(v, float) else v)
+                )
+                for k, v in r.items()
+            }
+        )
     atomic_write(path, buf.getvalue().encode())
 
 
-def markdown_table(methods: Mapping[str, Mapping], title: str = "", notes: Sequence[str] = ()) -> str:
+def markdown_table(
+    methods: Mapping[str, Mapping], title: str = "", notes: Sequence[str] = ()
+) -> str:
     """Markdown: one row per method, one column per metric, cells `mean ± ci95 [min, max]` (t interval)."""
     lines = []
     if title:
@@ -120,11 +146,19 @@ def markdown_table(methods: Mapping[str, Mapping], title: str = "", notes: Seque
     lines.append("|---|---|" + "---|" * len(METRICS))
     for method, res in methods.items():
         summ = res["summary"]
-        cells = [f"{_fmt(summ[m]['mean'])} ± {_fmt(summ[m]['ci95'])} [{_fmt(summ[m]['min'])}, {_fmt(summ[m]['max'])}]"
-                 for m in METRICS]
-        lines.append(f"| {METHOD_TITLES.get(method, method)} | {summ[METRICS[0]]['n']} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{_fmt(summ[m]['mean'])} ± {_fmt(summ[m]['ci95'])} [{_fmt(summ[m]['min'])}, {_fmt(summ[m]['max'])}]"
+            for m in METRICS
+        ]
+        lines.append(
+            f"| {METHOD_TITLES.get(method, method)} | {summ[METRICS[0]]['n']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     lines.append("")
-    lines.append("Cells: mean ± half-width of the Student-t 95% interval over the K repeats [min, max], on test.")
+    lines.append(
+        "Cells: mean ± half-width of the Student-t 95% interval over the K repeats [min, max], on test."
+    )
     lines += [n for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -133,13 +167,15 @@ def _figure(width=6.0, height=4.5):
     """A matplotlib Figure on the Agg canvas (no display, no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
 
 
-def plot_val_curves(histories: Mapping[str, Mapping[int, Sequence[float]]], path: str,
-                    metric: str = "auroc") -> None:
+def plot_val_curves(
+    histories: Mapping[str, Mapping[int, Sequence[float]]], path: str, metric: str = "auroc"
+) -> None:
     """Per-epoch validation metric per repeat, one panel per method.
 
     histories: {method: {seed: [value at epoch 1, 2, ...]}}.
@@ -180,8 +216,14 @@ def plot_roc(curves: Mapping[str, Mapping[int, tuple]], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_sweep(xs: Sequence, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str,
-               xlabel: str, metric: str = "auroc", log_x: bool = False) -> None:
+def plot_sweep(
+    xs: Sequence,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str,
+    xlabel: str,
+    metric: str = "auroc",
+    log_x: bool = False,
+) -> None:
     """Metric vs a swept value with 95% (Student t) error bars. series: {method: (means, ci95s)}."""
     fig = _figure(6.0, 4.5)
     ax = fig.subplots()
@@ -189,7 +231,9 @@ def plot_sweep(xs: Sequence, series: Mapping[str, tuple[Sequence[float], Sequenc
     pos = np.asarray(xs, dtype=np.float64) if numeric else np.arange(len(xs))
     for method, (means, cis) in series.items():
         err = np.nan_to_num(np.asarray(cis, dtype=np.float64), nan=0.0)
-        ax.errorbar(pos, means, yerr=err, marker="o", capsize=3, label=METHOD_TITLES.get(method, method))
+        ax.errorbar(
+            pos, means, yerr=err, marker="o", capsize=3, label=METHOD_TITLES.get(method, method)
+        )
     if not numeric:
         ax.set_xticks(pos)
         ax.set_xticklabels([str(x) for x in xs])

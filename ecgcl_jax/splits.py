@@ -21,6 +21,7 @@ Rules (SPEC "Fine-tuning and evaluation protocol", issue 7):
 - Pretraining pool: every record (labeled or not) whose patient is neither a validation nor a test patient.
   `check_pool` re-checks this on the final indices and raises `LeakageError` otherwise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,8 @@ import numpy as np
 from ecgcl_jax.errors import UserError
 
 RULE = "per class: rest = nearest(n (val + test)), test = nearest(rest test / (val + test))"  # in eval_config.json
-FRACTIONS = (0.7, 0.15, 0.15)        # train, val, test: the SPEC's 70/30, then the rest 50/50
-CLOCS_FRACTIONS = (0.6, 0.2, 0.2)    # the CLOCS variant's
+FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test: the SPEC's 70/30, then the rest 50/50
+CLOCS_FRACTIONS = (0.6, 0.2, 0.2)  # the CLOCS variant's
 
 
 class LeakageError(UserError):
@@ -73,13 +74,17 @@ def patient_labels(keys: np.ndarray, labels: np.ndarray) -> dict[str, int]:
     return {k: int(np.round(sums[k] / counts[k])) for k in sums}
 
 
-def check_fractions(fractions: Sequence[float], field: str = "config.split") -> tuple[float, float, float]:
+def check_fractions(
+    fractions: Sequence[float], field: str = "config.split"
+) -> tuple[float, float, float]:
     """Validates (train, val, test) fractions: each in (0, 1), summing to 1."""
     if len(fractions) != 3:
         raise UserError(f"{field}: need three fractions (train, val, test), got {tuple(fractions)}")
     tr, va, te = (float(f) for f in fractions)
     if not all(0.0 < f < 1.0 for f in (tr, va, te)) or abs(tr + va + te - 1.0) > 1e-6:
-        raise UserError(f"{field}: train/val/test fractions must each be in (0, 1) and sum to 1, got {tr}, {va}, {te}")
+        raise UserError(
+            f"{field}: train/val/test fractions must each be in (0, 1) and sum to 1, got {tr}, {va}, {te}"
+        )
     return tr, va, te
 
 
@@ -88,11 +93,13 @@ class Split:
     """One repeat's split. Index arrays are sorted int64 row indices into the dataset."""
 
     seed: int
-    train: np.ndarray          # every labeled ECG of the training patients
-    finetune: np.ndarray       # the label-fraction subset of `train` used for fine-tuning (== train at 1.0)
-    val: np.ndarray            # one labeled ECG per validation patient
-    test: np.ndarray           # one labeled ECG per test patient
-    pretrain: np.ndarray       # pretraining pool: all records of patients not in val/test
+    train: np.ndarray  # every labeled ECG of the training patients
+    finetune: (
+        np.ndarray
+    )  # the label-fraction subset of `train` used for fine-tuning (== train at 1.0)
+    val: np.ndarray  # one labeled ECG per validation patient
+    test: np.ndarray  # one labeled ECG per test patient
+    pretrain: np.ndarray  # pretraining pool: all records of patients not in val/test
     train_patients: list[str]
     finetune_patients: list[str]
     val_patients: list[str]
@@ -109,12 +116,17 @@ class Split:
             "pretrain": list(self.pretrain_patients),
             "finetune": list(self.finetune_patients),
             "label_fraction": self.label_fraction,
-            "num_records": {k: int(len(getattr(self, k))) for k in ("train", "finetune", "val", "test", "pretrain")},
+            "num_records": {
+                k: int(len(getattr(self, k)))
+                for k in ("train", "finetune", "val", "test", "pretrain")
+            },
         }
         if records is not None:
             recs = np.asarray(records, dtype=object)
-            out["records"] = {k: [str(r) for r in recs[getattr(self, k)]]
-                              for k in ("train", "finetune", "val", "test", "pretrain")}
+            out["records"] = {
+                k: [str(r) for r in recs[getattr(self, k)]]
+                for k in ("train", "finetune", "val", "test", "pretrain")
+            }
         return out
 
 
@@ -124,8 +136,12 @@ def _nearest(x: float) -> int:
     return int(math.floor(x + 0.5 + 1e-9))
 
 
-def _stratified_partition(patients_by_class: dict[int, list[str]], rng: np.random.Generator,
-                          val_fraction: float, test_fraction: float):
+def _stratified_partition(
+    patients_by_class: dict[int, list[str]],
+    rng: np.random.Generator,
+    val_fraction: float,
+    test_fraction: float,
+):
     train, val, test = [], [], []
     for c in sorted(patients_by_class):
         members = list(patients_by_class[c])
@@ -142,13 +158,14 @@ def _stratified_partition(patients_by_class: dict[int, list[str]], rng: np.rando
             else:
                 n_test -= 1
         val += members[:n_val]
-        test += members[n_val:n_val + n_test]
-        train += members[n_val + n_test:]
+        test += members[n_val : n_val + n_test]
+        train += members[n_val + n_test :]
     return train, val, test
 
 
-def label_fraction_subset(train_patients: Sequence[str], plabels: dict[str, int], fraction: float,
-                          seed: int) -> list[str]:
+def label_fraction_subset(
+    train_patients: Sequence[str], plabels: dict[str, int], fraction: float, seed: int
+) -> list[str]:
     """Stratified subset of the training patients: `ceil(fraction * n_c)` of each class (at least 1).
 
     Nested in `fraction` for one seed (one fixed seeded order per class, a prefix of it is kept).
@@ -169,8 +186,14 @@ def label_fraction_subset(train_patients: Sequence[str], plabels: dict[str, int]
     return sorted(keep)
 
 
-def make_split(patient_ids: Sequence[str], labels: Sequence[float], records: Sequence[str], seed: int,
-               fractions: Sequence[float] = FRACTIONS, label_fraction: float = 1.0) -> Split:
+def make_split(
+    patient_ids: Sequence[str],
+    labels: Sequence[float],
+    records: Sequence[str],
+    seed: int,
+    fractions: Sequence[float] = FRACTIONS,
+    label_fraction: float = 1.0,
+) -> Split:
     """Patient-level stratified split of one repeat.
 
     patient_ids: (N,) str ("" = unknown); labels: (N,) float 1/0/NaN; records: (N,) str unique record paths.
@@ -186,12 +209,16 @@ def make_split(patient_ids: Sequence[str], labels: Sequence[float], records: Seq
     for p in sorted(plabels):
         by_class[plabels[p]].append(p)
     if not np.isfinite(labels).any():
-        raise UserError(f"data labels: no record has a known label ({len(labels)} records, all unknown); choose a "
-                        "label column with --config.data.label, or attach labels with prepare --labels")
+        raise UserError(
+            f"data labels: no record has a known label ({len(labels)} records, all unknown); choose a "
+            "label column with --config.data.label, or attach labels with prepare --labels"
+        )
     for c, name in ((0, "negative"), (1, "positive")):
         if len(by_class[c]) < 3:
-            raise UserError(f"data labels: need at least 3 {name} patients for a train/val/test split, "
-                            f"found {len(by_class[c])}")
+            raise UserError(
+                f"data labels: need at least 3 {name} patients for a train/val/test split, "
+                f"found {len(by_class[c])}"
+            )
     rng = np.random.default_rng([int(seed), 0])
     train_p, val_p, test_p = _stratified_partition(by_class, rng, val_fraction, test_fraction)
     finetune_p = label_fraction_subset(train_p, plabels, label_fraction, seed)
@@ -203,8 +230,12 @@ def make_split(patient_ids: Sequence[str], labels: Sequence[float], records: Seq
     pick_rng = np.random.default_rng([int(seed), 2])
 
     def one_per_patient(pats):
-        return np.sort(np.array([rows_of[p][pick_rng.integers(len(rows_of[p]))] for p in sorted(pats)],
-                                dtype=np.int64))
+        return np.sort(
+            np.array(
+                [rows_of[p][pick_rng.integers(len(rows_of[p]))] for p in sorted(pats)],
+                dtype=np.int64,
+            )
+        )
 
     str_keys = keys.astype(str)
 
@@ -216,10 +247,18 @@ def make_split(patient_ids: Sequence[str], labels: Sequence[float], records: Seq
     pool_rows = np.flatnonzero(~np.isin(str_keys, list(held_out))).astype(np.int64)
     split = Split(
         seed=int(seed),
-        train=all_rows(train_p), finetune=all_rows(finetune_p), val=val_rows, test=test_rows, pretrain=pool_rows,
-        train_patients=sorted(train_p), finetune_patients=finetune_p, val_patients=sorted(val_p),
-        test_patients=sorted(test_p), pretrain_patients=sorted(set(keys[pool_rows].tolist())),
-        label_fraction=float(label_fraction))
+        train=all_rows(train_p),
+        finetune=all_rows(finetune_p),
+        val=val_rows,
+        test=test_rows,
+        pretrain=pool_rows,
+        train_patients=sorted(train_p),
+        finetune_patients=finetune_p,
+        val_patients=sorted(val_p),
+        test_patients=sorted(test_p),
+        pretrain_patients=sorted(set(keys[pool_rows].tolist())),
+        label_fraction=float(label_fraction),
+    )
     check_split(split, keys)
     return split
 
@@ -229,39 +268,67 @@ def check_pool(pool_patients, val_patients, test_patients, where: str = "pretrai
     leaked = sorted(set(pool_patients) & (set(val_patients) | set(test_patients)))
     if leaked:
         shown = ", ".join(leaked[:5]) + (" ..." if len(leaked) > 5 else "")
-        raise LeakageError(f"{where}: {len(leaked)} validation/test patient(s) would be seen during pretraining "
-                           f"({shown})", len(leaked))
+        raise LeakageError(
+            f"{where}: {len(leaked)} validation/test patient(s) would be seen during pretraining "
+            f"({shown})",
+            len(leaked),
+        )
 
 
-def check_encoder_pool(pretrain_patients, pretrain_records, split: Split, keys, records,
-                       where: str = "encoder") -> None:
+def check_encoder_pool(
+    pretrain_patients, pretrain_records, split: Split, keys, records, where: str = "encoder"
+) -> None:
     """Raises LeakageError if a loaded encoder saw a validation/test patient: by patient key, or by record path (the
     same recordings prepared into another dataset, where the patient ids may differ or be missing)."""
     seen_records = {str(r) for r in pretrain_records}
     by_recording = {str(k) for r, k in zip(records, keys) if str(r) in seen_records}
-    check_pool({str(p) for p in pretrain_patients} | by_recording, split.val_patients, split.test_patients,
-               where=f"{where} (by patient id or by recording)")
+    check_pool(
+        {str(p) for p in pretrain_patients} | by_recording,
+        split.val_patients,
+        split.test_patients,
+        where=f"{where} (by patient id or by recording)",
+    )
 
 
 def check_split(split: Split, keys: np.ndarray) -> None:
     """Asserts the split's invariants on its final row indices (raises, never `assert`, so -O keeps it)."""
     keys = np.asarray(keys, dtype=object)
-    sets = {name: set(keys[getattr(split, name)].tolist()) for name in ("train", "val", "test", "pretrain")}
+    sets = {
+        name: set(keys[getattr(split, name)].tolist())
+        for name in ("train", "val", "test", "pretrain")
+    }
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         common = sets[a] & sets[b]
         if common:
-            raise LeakageError(f"split seed {split.seed}: patient(s) in both {a} and {b}: {sorted(common)[:5]}")
+            raise LeakageError(
+                f"split seed {split.seed}: patient(s) in both {a} and {b}: {sorted(common)[:5]}"
+            )
     for name in ("val", "test"):
         rows = getattr(split, name)
         if len(sets[name]) != len(rows):
-            raise LeakageError(f"split seed {split.seed}: {name} has more than one ECG for some patient")
+            raise LeakageError(
+                f"split seed {split.seed}: {name} has more than one ECG for some patient"
+            )
     if not set(split.finetune.tolist()) <= set(split.train.tolist()):
-        raise LeakageError(f"split seed {split.seed}: fine-tuning records outside the training split")
-    check_pool(sets["pretrain"], sets["val"], sets["test"], where=f"split seed {split.seed}: pretraining pool")
-    check_pool(split.pretrain_patients, split.val_patients, split.test_patients,
-               where=f"split seed {split.seed}: pretraining pool")
+        raise LeakageError(
+            f"split seed {split.seed}: fine-tuning records outside the training split"
+        )
+    check_pool(
+        sets["pretrain"],
+        sets["val"],
+        sets["test"],
+        where=f"split seed {split.seed}: pretraining pool",
+    )
+    check_pool(
+        split.pretrain_patients,
+        split.val_patients,
+        split.test_patients,
+        where=f"split seed {split.seed}: pretraining pool",
+    )
 
 
 def split_dataset(dataset, seed: int, fractions=FRACTIONS, label_fraction: float = 1.0) -> Split:
     """`make_split` on an `ecgcl_jax.data.Dataset` (its patient_ids, labels, records)."""
-    return make_split(dataset.patient_ids, dataset.labels, dataset.records, seed, fractions, label_fraction)
+    return make_split(
+        dataset.patient_ids, dataset.labels, dataset.records, seed, fractions, label_fraction
+    )

@@ -1,24 +1,27 @@
 """Test setup: 8 fake CPU devices (set before jax is imported anywhere), the repo root on sys.path, and a
 persistent XLA compilation cache shared by the test processes (the suite compiles similar steps many times)."""
+
 import os
 import sys
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ecgcl_jax_test_xla_cache"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ecgcl_jax_test_xla_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+    sys.path.insert(0, ROOT)
 
 
 def override(config, **fields):
-  """Set dotted fields on a ConfigDict: override(c, **{"model.encoder": "cnn"}); returns it."""
-  for key, value in fields.items():
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return config
+    """Set dotted fields on a ConfigDict: override(c, **{"model.encoder": "cnn"}); returns it."""
+    for key, value in fields.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config

@@ -1,4 +1,5 @@
 """Generators of small WFDB test records (written with wfdb's own writer) and corrupt copies."""
+
 from __future__ import annotations
 
 import os
@@ -16,20 +17,39 @@ def ecg_like(n: int, n_leads: int, fs: float, seed: int) -> np.ndarray:
     x = np.zeros((n, n_leads))
     for _ in range(4):
         f = rng.uniform(0.5, 15.0)
-        x += rng.uniform(0.1, 0.5, n_leads) * np.sin(2 * np.pi * f * t[:, None] + rng.uniform(0, 6, n_leads))
+        x += rng.uniform(0.1, 0.5, n_leads) * np.sin(
+            2 * np.pi * f * t[:, None] + rng.uniform(0, 6, n_leads)
+        )
     return x + 0.01 * rng.standard_normal((n, n_leads))
 
 
-def write_record(folder: str, name: str, fs: float = 500, seconds: float = 10.0, leads=STD_LEADS,
-                 comments=(), seed: int = 0, fmt: str = "16", signal=None) -> str:
+def write_record(
+    folder: str,
+    name: str,
+    fs: float = 500,
+    seconds: float = 10.0,
+    leads=STD_LEADS,
+    comments=(),
+    seed: int = 0,
+    fmt: str = "16",
+    signal=None,
+) -> str:
     """Write `folder/name.hea` + `.dat` with wfdb.wrsamp; returns the header path."""
     import wfdb
 
     os.makedirs(folder, exist_ok=True)
     n = int(round(seconds * fs))
     x = ecg_like(n, len(leads), fs, seed) if signal is None else signal
-    wfdb.wrsamp(name, fs=fs, units=["mV"] * len(leads), sig_name=list(leads), p_signal=x,
-                fmt=[fmt] * len(leads), comments=list(comments), write_dir=folder)
+    wfdb.wrsamp(
+        name,
+        fs=fs,
+        units=["mV"] * len(leads),
+        sig_name=list(leads),
+        p_signal=x,
+        fmt=[fmt] * len(leads),
+        comments=list(comments),
+        write_dir=folder,
+    )
     return os.path.join(folder, name + ".hea")
 
 

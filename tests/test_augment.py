@@ -1,4 +1,5 @@
 """Augmentations against their definitions (SPEC), under jit and vmap, on 5000 x 12 signals."""
+
 import itertools
 import math
 
@@ -18,7 +19,9 @@ def xs():
     """(2, 5000, 12) float32 ECG-like signals with no exact zeros and per-lead scales/offsets."""
     rng = np.random.default_rng(0)
     t = np.arange(L)[None, :, None] / 500.0
-    base = np.sin(2 * np.pi * 1.2 * t + rng.uniform(0, 6, (2, 1, C))) * rng.uniform(0.2, 2, (2, 1, C))
+    base = np.sin(2 * np.pi * 1.2 * t + rng.uniform(0, 6, (2, 1, C))) * rng.uniform(
+        0.2, 2, (2, 1, C)
+    )
     x = base + 0.1 * rng.normal(size=(2, L, C)) + rng.uniform(-1, 1, (2, 1, C))
     x[x == 0] = 1e-3
     return jnp.asarray(x, jnp.float32)
@@ -35,6 +38,7 @@ def batched(fn, *params):
 
 # ---------------------------------------------------------------- numpy references
 
+
 def np_time_warp(x, m, w, stretched):
     """Two-stage definition: np.interp per segment, concatenate, np.interp back to L."""
     length, leads = x.shape
@@ -43,7 +47,7 @@ def np_time_warp(x, m, w, stretched):
     for c in range(leads):
         parts = []
         for k in range(m):
-            seg = x[k * s:(k + 1) * s, c]
+            seg = x[k * s : (k + 1) * s, c]
             n = int(np.floor(s * (1 + w))) if stretched[k, c] else int(np.floor(s * (1 - w)))
             parts.append(np.interp(np.linspace(0, s - 1, n), np.arange(s), seg))
         cat = np.concatenate(parts)
@@ -60,6 +64,7 @@ def zero_runs(col):
 
 
 # ---------------------------------------------------------------- Gaussian noise
+
 
 def test_gaussian_noise_statistics(xs):
     factor = 0.5
@@ -95,6 +100,7 @@ def test_gaussian_noise_traced_factor_and_fresh_keys(xs):
 
 # ---------------------------------------------------------------- dropout
 
+
 @pytest.mark.parametrize("rate", [0.1, 0.37])
 def test_dropout_exact_count_per_lead(xs, rate):
     ys = np.asarray(batched(A.dropout_mask, rate)(keys(2), xs))
@@ -128,7 +134,9 @@ def test_dropout_formulations_agree():
         masks = {
             "feistel": A._drop_feistel(k, L, C, kk),
             "topk_threshold": A._drop_topk_threshold(k, L, C, kk),
-            "sort_threshold": jax.jit(A._drop_sort_threshold, static_argnums=(1, 2))(k, L, C, kk),  # k traced
+            "sort_threshold": jax.jit(A._drop_sort_threshold, static_argnums=(1, 2))(
+                k, L, C, kk
+            ),  # k traced
         }
         masks = {m: np.asarray(v) for m, v in masks.items()}
         for m, mask in masks.items():
@@ -146,7 +154,9 @@ def test_dropout_without_feistel_factors_uses_the_key_threshold():
     k = jax.random.key(5)
     static = np.asarray(A._dropout_drop(k, length, C, 0.1))
     traced = np.asarray(jax.jit(lambda r: A._dropout_drop(k, length, C, r))(0.1))
-    np.testing.assert_array_equal(static.sum(axis=0), np.full(C, int(np.floor(np.float32(0.1) * length))))
+    np.testing.assert_array_equal(
+        static.sum(axis=0), np.full(C, int(np.floor(np.float32(0.1) * length)))
+    )
     np.testing.assert_array_equal(static, np.asarray(A._drop_topk_threshold(k, length, C, 499)))
     np.testing.assert_array_equal(traced, static)
 
@@ -186,6 +196,7 @@ def test_dropout_positions_uniform():
 
 # ---------------------------------------------------------------- zero mask
 
+
 @pytest.mark.parametrize("ratio", [0.1, 0.333])
 def test_zero_mask_one_window_per_lead(xs, ratio):
     ys = np.asarray(batched(A.zero_mask, ratio)(keys(2, seed=1), xs))
@@ -200,7 +211,7 @@ def test_zero_mask_one_window_per_lead(xs, ratio):
             assert 0 <= s <= L - w
             starts.append(s)
             keep = np.ones(L, bool)
-            keep[s:s + w] = False
+            keep[s : s + w] = False
             np.testing.assert_array_equal(ys[b, keep, c], x[b, keep, c])
     assert len(set(starts)) > 1  # independent windows per lead / example
 
@@ -218,13 +229,14 @@ def test_zero_mask_start_uniform_and_traced():
 
 # ---------------------------------------------------------------- permutation
 
+
 def segment_perm(x, y, m):
     """The permutation p with y segment i == x segment p[i] (per lead), or None."""
     s = x.shape[0] // m
-    segs_x = [x[i * s:(i + 1) * s] for i in range(m)]
+    segs_x = [x[i * s : (i + 1) * s] for i in range(m)]
     perm = []
     for i in range(m):
-        hits = [j for j in range(m) if np.array_equal(y[i * s:(i + 1) * s], segs_x[j])]
+        hits = [j for j in range(m) if np.array_equal(y[i * s : (i + 1) * s], segs_x[j])]
         if len(hits) != 1:
             return None
         perm.append(hits[0])
@@ -266,7 +278,9 @@ def test_permute_requires_divisible_length(xs):
         A.permute_segments(jax.random.key(0), xs[0], 7)
     # a traced count cannot raise: the result is NaN, never a silently wrong permutation
     assert np.isnan(np.asarray(jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 7))).all()
-    assert np.isnan(np.asarray(jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 5.5))).all()  # not 5
+    assert np.isnan(
+        np.asarray(jax.jit(A.permute_segments)(jax.random.key(0), xs[0], 5.5))
+    ).all()  # not 5
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -275,22 +289,29 @@ def test_permute_with_traced_count_equals_static(xs, shared):
     f = jax.jit(A.permute_segments, static_argnums=3)
     for i, m in enumerate((1, 2, 5, 50, 5000)):
         k, x = jax.random.key(100 + i), xs[i % 2]
-        np.testing.assert_array_equal(np.asarray(f(k, x, m, shared)), np.asarray(A.permute_segments(k, x, m, shared)))
+        np.testing.assert_array_equal(
+            np.asarray(f(k, x, m, shared)), np.asarray(A.permute_segments(k, x, m, shared))
+        )
     # vmapped over per-example counts
     ms, ks = jnp.array([2, 5]), keys(2, seed=4)
     ys = jax.vmap(lambda k, x, m: A.permute_segments(k, x, m, shared))(ks, xs, ms)
     for i in range(2):
-        np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(A.permute_segments(ks[i], xs[i], int(ms[i]), shared)))
+        np.testing.assert_array_equal(
+            np.asarray(ys[i]), np.asarray(A.permute_segments(ks[i], xs[i], int(ms[i]), shared))
+        )
 
 
 # ---------------------------------------------------------------- time warp
+
 
 @pytest.mark.parametrize("m,w", [(4, 0.2), (10, 0.35), (2, 0.0)])
 def test_time_warp_fixed_choices_match_numpy(xs, m, w):
     st = np.asarray(jax.vmap(lambda k: A._random_half(k, m, C))(keys(2, seed=m)))
     assert np.all(st.sum(axis=1) == m // 2)
     fused = jax.jit(jax.vmap(lambda x, s: A._time_warp_fixed(x, m, w, s)))(xs, st)
-    traced_w = jax.jit(jax.vmap(lambda x, s, ww: A._time_warp_fixed(x, m, ww, s), (0, 0, None)))(xs, st, w)
+    traced_w = jax.jit(jax.vmap(lambda x, s, ww: A._time_warp_fixed(x, m, ww, s), (0, 0, None)))(
+        xs, st, w
+    )
     for b in range(2):
         ref = np_time_warp(np.asarray(xs[b], np.float64), m, w, st[b])
         np.testing.assert_allclose(np.asarray(fused[b]), ref, atol=2e-5, rtol=0)
@@ -307,7 +328,7 @@ def test_time_warp_public_is_a_valid_warp_per_lead(xs):
         for c in range(C):
             matches = []
             for i, ch in enumerate(choices):
-                ref = np_time_warp(x[:, c:c + 1], m, w, ch[:, None])[:, 0]
+                ref = np_time_warp(x[:, c : c + 1], m, w, ch[:, None])[:, 0]
                 if np.max(np.abs(ys[b, :, c] - ref)) < 2e-5:
                     matches.append(i)
             assert len(matches) == 1, (b, c, matches)
@@ -320,8 +341,16 @@ def test_time_warp_bad_params(xs):
         with pytest.raises(UserError, match=msg):
             A.time_warp(jax.random.key(0), xs[0], m, w)
     # traced counts cannot raise: NaN, never a silently wrong warp
-    for m, w in [(3, 0.2), (6, 0.2), (5000, 0.2), (4.5, 0.2)]:  # odd; not a divisor; squeezed to nothing; not whole
-        assert np.isnan(np.asarray(jax.jit(A.time_warp)(jax.random.key(0), xs[0], m, w))).all(), (m, w)
+    for m, w in [
+        (3, 0.2),
+        (6, 0.2),
+        (5000, 0.2),
+        (4.5, 0.2),
+    ]:  # odd; not a divisor; squeezed to nothing; not whole
+        assert np.isnan(np.asarray(jax.jit(A.time_warp)(jax.random.key(0), xs[0], m, w))).all(), (
+            m,
+            w,
+        )
 
 
 def test_time_warp_with_traced_count_equals_static(xs):
@@ -330,14 +359,20 @@ def test_time_warp_with_traced_count_equals_static(xs):
     for i, (m, w) in enumerate([(4, 0.2), (2, 0.0), (10, 0.35), (50, 0.5)]):
         k, x = jax.random.key(200 + i), xs[i % 2]
         want = np.asarray(A.time_warp(k, x, m, w))
-        np.testing.assert_allclose(np.asarray(jax.jit(A.time_warp)(k, x, m, w)), want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(A.time_warp)(k, x, m, w)), want, rtol=0, atol=1e-6
+        )
         got = jax.jit(lambda k, x, m: A.time_warp(k, x, m, w))(k, x, m)  # warp static, count traced
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
     ms, ks = jnp.array([4, 10]), keys(2, seed=5)
     ys = jax.vmap(A.time_warp, in_axes=(0, 0, 0, None))(ks, xs, ms, 0.2)
     for i in range(2):
-        np.testing.assert_allclose(np.asarray(ys[i]), np.asarray(A.time_warp(ks[i], xs[i], int(ms[i]), 0.2)),
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(ys[i]),
+            np.asarray(A.time_warp(ks[i], xs[i], int(ms[i]), 0.2)),
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 # ---------------------------------------------------------------- fresh randomness, dispatcher
@@ -410,6 +445,7 @@ def test_apply_and_validate_errors():
 
 # ---------------------------------------------------------------- mix and two_views
 
+
 def test_mix_exact_half(xs):
     b, rate = 6, 0.1
     batch = jnp.concatenate([xs, xs, xs])[:, :1000]  # (6, 1000, 12)
@@ -439,7 +475,9 @@ def test_mix_depends_on_global_index_not_order(xs):
     out_p = np.asarray(f(k, batch[perm], gi[perm]))
     np.testing.assert_array_equal(out_p, out[perm])
     # the choice of the dropout half changes with the key
-    halves = {tuple((np.asarray(f(jax.random.key(s), batch, gi)) == 0).any(axis=(1, 2))) for s in range(6)}
+    halves = {
+        tuple((np.asarray(f(jax.random.key(s), batch, gi)) == 0).any(axis=(1, 2))) for s in range(6)
+    }
     assert len(halves) > 1
 
 

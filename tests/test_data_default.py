@@ -1,4 +1,5 @@
 """The embedded default dataset: 52 real PTB-XL ECGs, checked against wfdb and records.csv."""
+
 import os
 
 import numpy as np
@@ -25,8 +26,16 @@ def test_default_dataset_shape_and_contract():
     assert ds.manifest["status"] == "complete"
     # the lazy view indexes as the float array does (mV = counts x scale), including `...`
     full = ds.raw.astype(np.float32) * ds.scales[:, None, None]
-    for key in (np.s_[..., 0], np.s_[2, ..., 5], np.s_[1:4, :10, 2], np.s_[[0, 5], 7], np.s_[..., 3:5],
-                np.s_[4], np.s_[4, 100], np.s_[:, 0]):
+    for key in (
+        np.s_[..., 0],
+        np.s_[2, ..., 5],
+        np.s_[1:4, :10, 2],
+        np.s_[[0, 5], 7],
+        np.s_[..., 3:5],
+        np.s_[4],
+        np.s_[4, 100],
+        np.s_[:, 0],
+    ):
         np.testing.assert_array_equal(ds.signals[key], full[key], err_msg=str(key))
     # the data files stay small enough to ship in the package
     size = sum(os.path.getsize(os.path.join(ds.path, f)) for f in os.listdir(ds.path))

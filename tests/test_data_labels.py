@@ -1,4 +1,5 @@
 """Issue 9: a user label table attached to the shipped PTB-XL sample."""
+
 import os
 import subprocess
 import sys
@@ -11,19 +12,33 @@ from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
 from ecgcl_jax.data.labels import parse_binary
 from ecgcl_jax.errors import UserError
 
-SAMPLE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample"))
+SAMPLE = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample")
+)
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 HR = "sara-es__PhysionetChallenge2024/tiny_testset/hr_gt"
 
 # record key -> (how it should match, lvh, other, patient_id)
 ROWS = [
     ("00841_hr", "HR/00841_hr", "1", "no", ""),  # by name
-    (f"{HR}/01612_hr", "HR/01612_hr", "0", "yes", ""),  # by path relative to SRC (without extension)
+    (
+        f"{HR}/01612_hr",
+        "HR/01612_hr",
+        "0",
+        "yes",
+        "",
+    ),  # by path relative to SRC (without extension)
     (f"./{HR}/02132_hr.hea", "HR/02132_hr", "TRUE", "", ""),  # same, with ./ and extension
     ("6001", "HR06001", "Yes", "1", ""),  # by PTB-XL ecg_id (CinC copy HR06001)
     ("00002", "HR00002", "false", "0", ""),  # ecg_id with leading zeros
     ("3403", "03403_hr", "", "1", ""),  # ecg_id of a PTB-XL 500 Hz record; empty = unknown
-    ("hr_gt/04482_hr", "04482_hr", "1", "", "PX"),  # trailing part of the path; patient id from the table
+    (
+        "hr_gt/04482_hr",
+        "04482_hr",
+        "1",
+        "",
+        "PX",
+    ),  # trailing part of the path; patient id from the table
     ("06381_hr", "06381_hr", "0", "", "PX"),  # same patient, other label -> conflict
     ("7189", "07189_hr", "0", "", ""),  # id row ...
     ("07189_hr", "07189_hr", "1", "", ""),  # ... and name row for the same record: the name wins
@@ -33,8 +48,14 @@ ROWS = [
 
 
 def _table(path, rows=ROWS, extra=None):
-    df = pd.DataFrame({"record": [r[0] for r in rows], "lvh": [r[2] for r in rows],
-                       "other": [r[3] for r in rows], "patient_id": [r[4] for r in rows]})
+    df = pd.DataFrame(
+        {
+            "record": [r[0] for r in rows],
+            "lvh": [r[2] for r in rows],
+            "other": [r[3] for r in rows],
+            "patient_id": [r[4] for r in rows],
+        }
+    )
     if extra:
         df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
     df.to_csv(path, index=False)
@@ -45,8 +66,13 @@ def _table(path, rows=ROWS, extra=None):
 def labelled(tmp_path_factory):
     d = tmp_path_factory.mktemp("labels")
     table = _table(d / "labels.csv")
-    s = prepare([SAMPLE], str(d / "out"), PrepareOptions(labels=table, label_column="lvh"), workers=1,
-                stream=open(os.devnull, "w"))
+    s = prepare(
+        [SAMPLE],
+        str(d / "out"),
+        PrepareOptions(labels=table, label_column="lvh"),
+        workers=1,
+        stream=open(os.devnull, "w"),
+    )
     return open_dataset(str(d / "out")), s
 
 
@@ -54,8 +80,16 @@ def test_matching_by_name_path_and_ecg_id(labelled):
     ds, s = labelled
     assert len(ds) == 52  # every record kept, labelled or not
     by = dict(zip(ds.names, ds.labels))
-    expected = {"00841_hr": 1, "01612_hr": 0, "02132_hr": 1, "HR06001": 1, "HR00002": 0, "04482_hr": 1,
-                "06381_hr": 0, "07189_hr": 1}
+    expected = {
+        "00841_hr": 1,
+        "01612_hr": 0,
+        "02132_hr": 1,
+        "HR06001": 1,
+        "HR00002": 0,
+        "04482_hr": 1,
+        "06381_hr": 0,
+        "07189_hr": 1,
+    }
     for name, y in expected.items():
         assert by[name] == y, name
     assert np.isnan(by["03403_hr"])  # matched, empty value -> unknown
@@ -63,8 +97,13 @@ def test_matching_by_name_path_and_ecg_id(labelled):
     assert int(np.isfinite(ds.labels).sum()) == len(expected)
     t = s["label_table"]
     assert t["records_matched"] == 9 and t["table_rows"] == len(ROWS)
-    assert t["table_rows_overridden"] == 1 and t["overridden_examples"] == ["7189"]  # the name row won
-    assert t["table_rows_unmatched"] == 2 and set(t["unmatched_examples"]) == {"no_such_record", "99999"}
+    assert t["table_rows_overridden"] == 1 and t["overridden_examples"] == [
+        "7189"
+    ]  # the name row won
+    assert t["table_rows_unmatched"] == 2 and set(t["unmatched_examples"]) == {
+        "no_such_record",
+        "99999",
+    }
     assert s["labels"] == {"positive": 5, "negative": 3, "unknown": 52 - 8}
 
 
@@ -72,7 +111,9 @@ def test_patient_ids_and_conflicts(labelled):
     ds, s = labelled
     pid = dict(zip(ds.names, ds.patient_ids))
     assert pid["04482_hr"] == pid["06381_hr"] == "PX"
-    assert pid["HR00001"] == "" and pid["00841_hr"] == ""  # headers carry none, the table gives none
+    assert (
+        pid["HR00001"] == "" and pid["00841_hr"] == ""
+    )  # headers carry none, the table gives none
     assert s["patients_with_conflicting_labels"] == 1 and s["conflict_examples"] == ["PX"]
 
 
@@ -82,7 +123,9 @@ def test_switch_label_column(labelled):
     by = dict(zip(other.names, other.labels))
     assert by["00841_hr"] == 0 and by["01612_hr"] == 1 and by["HR06001"] == 1 and by["HR00002"] == 0
     assert np.isnan(by["02132_hr"])
-    assert other.raw is ds.raw and np.array_equal(other.signals[3], ds.signals[3])  # same data, other labels
+    assert other.raw is ds.raw and np.array_equal(
+        other.signals[3], ds.signals[3]
+    )  # same data, other labels
     assert "other" in ds.label_columns() and "lvh" in ds.label_columns()
     with pytest.raises(UserError, match="no label column 'nope'"):
         ds.with_label("nope")
@@ -96,7 +139,12 @@ def test_switch_label_column(labelled):
 def test_bad_value_is_one_line_error(tmp_path, bad):
     table = _table(tmp_path / "t.csv", ROWS[:3] + [("6001", None, bad, "", "")])
     with pytest.raises(UserError) as e:
-        prepare([SAMPLE], str(tmp_path / "out"), PrepareOptions(labels=table, label_column="lvh"), workers=1)
+        prepare(
+            [SAMPLE],
+            str(tmp_path / "out"),
+            PrepareOptions(labels=table, label_column="lvh"),
+            workers=1,
+        )
     msg = str(e.value)
     assert "\n" not in msg and table in msg and "row 4" in msg and f"'{bad}'" in msg
     assert not os.path.exists(tmp_path / "out")  # checked before any work
@@ -118,10 +166,17 @@ def test_table_errors(tmp_path):
     with pytest.raises(UserError, match="header but no rows"):
         prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=str(tmp_path / "empty.csv")))
     # a column the dataset writes itself for each record (here the stored length) cannot come from a table
-    pd.DataFrame({"record": ["00841_hr"], "lvh": ["1"], "valid_length": ["x"]}).to_csv(tmp_path / "res.csv",
-                                                                                        index=False)
-    with pytest.raises(UserError, match="column 'valid_length' names a field prepare writes itself"):
-        prepare([SAMPLE], str(tmp_path / "o"), PrepareOptions(labels=str(tmp_path / "res.csv"), label_column="lvh"))
+    pd.DataFrame({"record": ["00841_hr"], "lvh": ["1"], "valid_length": ["x"]}).to_csv(
+        tmp_path / "res.csv", index=False
+    )
+    with pytest.raises(
+        UserError, match="column 'valid_length' names a field prepare writes itself"
+    ):
+        prepare(
+            [SAMPLE],
+            str(tmp_path / "o"),
+            PrepareOptions(labels=str(tmp_path / "res.csv"), label_column="lvh"),
+        )
     assert not os.path.exists(tmp_path / "o")  # each refused before any work
 
 
@@ -136,30 +191,73 @@ def test_empty_table_found_in_src_is_one_line_error(tmp_path):
 
 
 def test_accepted_values():
-    for v, y in [("1", 1), ("0", 0), ("true", 1), ("FALSE", 0), ("Yes", 1), ("no", 0), (" ", None), ("1.0", 1),
-                 ("0.00", 0)]:
+    for v, y in [
+        ("1", 1),
+        ("0", 0),
+        ("true", 1),
+        ("FALSE", 0),
+        ("Yes", 1),
+        ("no", 0),
+        (" ", None),
+        ("1.0", 1),
+        ("0.00", 0),
+    ]:
         got = parse_binary(v)
-        assert (np.isnan(got) if y is None else got == y), v
+        assert np.isnan(got) if y is None else got == y, v
     assert parse_binary("maybe") is None
 
 
 def test_cli_with_label_table(tmp_path):
     table = _table(tmp_path / "labels.csv")
-    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", SAMPLE, "--out", str(tmp_path / "o"),
-                        "--labels", table, "--label-column", "lvh"], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ecgcl_jax.data",
+            "prepare",
+            SAMPLE,
+            "--out",
+            str(tmp_path / "o"),
+            "--labels",
+            table,
+            "--label-column",
+            "lvh",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "9 records matched" in r.stderr and "2 of 12 table rows matched nothing" in r.stderr
     assert "no_such_record" in r.stderr and "conflicting labels: 1" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", SAMPLE, "--out", str(tmp_path / "o"),
-                        "--labels", table, "--label-column", "lvh"], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ecgcl_jax.data",
+            "prepare",
+            SAMPLE,
+            "--out",
+            str(tmp_path / "o"),
+            "--labels",
+            table,
+            "--label-column",
+            "lvh",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=120,
+    )
     assert r.returncode == 0 and "up to date" in r.stderr
 
 
 def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
     """ptbxl_sample/records.csv lies at the top of the SRC: it is attached without --labels."""
-    s = prepare([SAMPLE], str(tmp_path / "out"), PrepareOptions(), workers=2, stream=open(os.devnull, "w"))
+    s = prepare(
+        [SAMPLE], str(tmp_path / "out"), PrepareOptions(), workers=2, stream=open(os.devnull, "w")
+    )
     ds = open_dataset(str(tmp_path / "out"))
     table = pd.read_csv(os.path.join(SAMPLE, "records.csv"), dtype=str, keep_default_na=False)
     assert len(table) == 82 and s["skipped"] == 0 and s["duplicates"] == 30
@@ -172,99 +270,149 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
         assert ds.labels[i] == float(hr.loc[rel, "normal"]), rel
         assert ds.meta["fs_original"].iloc[i] == 500
     pos = int((hr["normal"].astype(float) == 1).sum())
-    assert s["patients"] == hr.loc[hr["patient_id"] != "", "patient_id"].nunique() == 29  # known ids
+    assert (
+        s["patients"] == hr.loc[hr["patient_id"] != "", "patient_id"].nunique() == 29
+    )  # known ids
     assert s["labels"] == {"positive": pos, "negative": len(hr) - pos, "unknown": 0} and pos == 30
     assert np.isfinite(np.asarray(ds.signals)).all()
-    prepare([SAMPLE], str(tmp_path / "plain"), PrepareOptions(auto_labels=False), workers=1,
-            stream=open(os.devnull, "w"))
+    prepare(
+        [SAMPLE],
+        str(tmp_path / "plain"),
+        PrepareOptions(auto_labels=False),
+        workers=1,
+        stream=open(os.devnull, "w"),
+    )
     plain = open_dataset(str(tmp_path / "plain"))
     assert (plain.patient_ids == "").all()  # the headers carry no patient ids
     by = dict(zip(plain.names, plain.labels))
-    assert by["HR00001"] == 0.0  # header #Dx has more than sinus rhythm; records.csv (PTB-XL NORM) says 1
+    assert (
+        by["HR00001"] == 0.0
+    )  # header #Dx has more than sinus rhythm; records.csv (PTB-XL NORM) says 1
 
 
 def test_two_rows_naming_one_record_by_the_same_kind_of_key_are_refused(tmp_path):
-  # ids 841 and 00841 are one PTB-XL ecg_id: the table is ambiguous for record 00841_hr
-  from data_fixtures import write_record
-  write_record(str(tmp_path / "src"), "00841_hr", seed=1)
-  table = tmp_path / "t.csv"
-  pd.DataFrame({"record": ["841", "00841"], "lvh": ["1", "0"]}).to_csv(table, index=False)
-  with pytest.raises(UserError, match=r"rows '841' and '00841' both name record .*00841_hr"):
-    prepare([str(tmp_path / "src")], str(tmp_path / "out"), PrepareOptions(labels=str(table), label_column="lvh"),
-            workers=1, stream=open(os.devnull, "w"))
+    # ids 841 and 00841 are one PTB-XL ecg_id: the table is ambiguous for record 00841_hr
+    from data_fixtures import write_record
+
+    write_record(str(tmp_path / "src"), "00841_hr", seed=1)
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"record": ["841", "00841"], "lvh": ["1", "0"]}).to_csv(table, index=False)
+    with pytest.raises(UserError, match=r"rows '841' and '00841' both name record .*00841_hr"):
+        prepare(
+            [str(tmp_path / "src")],
+            str(tmp_path / "out"),
+            PrepareOptions(labels=str(table), label_column="lvh"),
+            workers=1,
+            stream=open(os.devnull, "w"),
+        )
 
 
 def test_a_row_labelling_several_records_is_reported(tmp_path):
-  from data_fixtures import write_record
-  for folder, seed in (("a", 1), ("b", 2)):
-    write_record(str(tmp_path / "src" / folder), "same", seed=seed)
-  write_record(str(tmp_path / "src" / "a"), "other", seed=3)
-  table = tmp_path / "t.csv"
-  pd.DataFrame({"record": ["same", "other"], "lvh": ["1", "0"]}).to_csv(table, index=False)
-  s = prepare([str(tmp_path / "src")], str(tmp_path / "out"), PrepareOptions(labels=str(table), label_column="lvh"),
-              workers=1, stream=open(os.devnull, "w"))
-  t = s["label_table"]
-  assert t["records_matched"] == 3 and t["table_rows_matching_several_records"] == 1
-  assert t["several_examples"] == ["same"]
+    from data_fixtures import write_record
+
+    for folder, seed in (("a", 1), ("b", 2)):
+        write_record(str(tmp_path / "src" / folder), "same", seed=seed)
+    write_record(str(tmp_path / "src" / "a"), "other", seed=3)
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"record": ["same", "other"], "lvh": ["1", "0"]}).to_csv(table, index=False)
+    s = prepare(
+        [str(tmp_path / "src")],
+        str(tmp_path / "out"),
+        PrepareOptions(labels=str(table), label_column="lvh"),
+        workers=1,
+        stream=open(os.devnull, "w"),
+    )
+    t = s["label_table"]
+    assert t["records_matched"] == 3 and t["table_rows_matching_several_records"] == 1
+    assert t["several_examples"] == ["same"]
 
 
 def test_bad_value_in_a_label_column_of_a_table_found_in_src_stops_before_any_work(tmp_path):
-  from data_fixtures import write_record
-  src = tmp_path / "src"
-  write_record(str(src), "r1", seed=1)
-  write_record(str(src), "r2", seed=2)
-  pd.DataFrame({"record": ["r1", "r2"], "normal": ["1", "2"]}).to_csv(src / "records.csv", index=False)
-  with pytest.raises(UserError, match=r"records.csv: column 'normal' .*row 2 \(record 'r2'\): invalid label value '2'"):
-    prepare([str(src)], str(tmp_path / "out"), PrepareOptions(), workers=1, stream=open(os.devnull, "w"))
-  assert not (tmp_path / "out" / "meta.csv").exists()
+    from data_fixtures import write_record
+
+    src = tmp_path / "src"
+    write_record(str(src), "r1", seed=1)
+    write_record(str(src), "r2", seed=2)
+    pd.DataFrame({"record": ["r1", "r2"], "normal": ["1", "2"]}).to_csv(
+        src / "records.csv", index=False
+    )
+    with pytest.raises(
+        UserError,
+        match=r"records.csv: column 'normal' .*row 2 \(record 'r2'\): invalid label value '2'",
+    ):
+        prepare(
+            [str(src)],
+            str(tmp_path / "out"),
+            PrepareOptions(),
+            workers=1,
+            stream=open(os.devnull, "w"),
+        )
+    assert not (tmp_path / "out" / "meta.csv").exists()
 
 
 def test_tables_not_applied_and_missing_patient_ids_are_said(tmp_path):
-  import io
-  from data_fixtures import write_record
-  sub = tmp_path / "src" / "sub"
-  write_record(str(sub), "r1", seed=1)
-  write_record(str(sub), "r2", seed=2)
-  pd.DataFrame({"record": ["r1", "r2"], "patient_id": ["P1", "P1"], "lvh": ["1", "0"]}).to_csv(
-      sub / "records.csv", index=False)
+    import io
+    from data_fixtures import write_record
 
-  def prep(src, out, **kw):
-    text = io.StringIO()
-    s = prepare([str(src)], str(tmp_path / out), PrepareOptions(**kw), workers=1, stream=text)
-    return s, text.getvalue()
+    sub = tmp_path / "src" / "sub"
+    write_record(str(sub), "r1", seed=1)
+    write_record(str(sub), "r2", seed=2)
+    pd.DataFrame({"record": ["r1", "r2"], "patient_id": ["P1", "P1"], "lvh": ["1", "0"]}).to_csv(
+        sub / "records.csv", index=False
+    )
 
-  # the parent folder: the table one level down is not applied, and the run says so
-  s, text = prep(tmp_path / "src", "parent")
-  assert [t["table"] for t in s["label_tables_not_used"]] == [str(sub / "records.csv")]
-  assert f"note: label table {sub / 'records.csv'} was not used (in a subfolder of SRC" in text
-  assert "note: no record has a patient id" in text
-  # the folder itself: applied, patients known, nothing to say
-  s, text = prep(sub, "sub")
-  assert s["patients"] == 1 and not s["label_tables_not_used"] and "note:" not in text
-  # --labels replaces the table found in SRC, patient ids included: said too
-  other = tmp_path / "other.csv"
-  pd.DataFrame({"record": ["r1"], "lvh": ["1"]}).to_csv(other, index=False)
-  s, text = prep(sub, "given", labels=str(other), label_column="lvh")
-  assert "(--labels was given; its patient ids are not applied either)" in text
-  s, text = prep(sub, "itself", labels=str(sub / "records.csv"), label_column="lvh")  # the same table: applied
-  assert s["patients"] == 1 and "note:" not in text
-  # a table that matches no record at all is a loud warning
-  none = tmp_path / "none.csv"
-  pd.DataFrame({"record": ["no_such"], "lvh": ["1"]}).to_csv(none, index=False)
-  s, text = prep(sub, "nomatch", labels=str(none), label_column="lvh")
-  assert f"WARNING: label table {none} matched no record" in text
+    def prep(src, out, **kw):
+        text = io.StringIO()
+        s = prepare([str(src)], str(tmp_path / out), PrepareOptions(**kw), workers=1, stream=text)
+        return s, text.getvalue()
+
+    # the parent folder: the table one level down is not applied, and the run says so
+    s, text = prep(tmp_path / "src", "parent")
+    assert [t["table"] for t in s["label_tables_not_used"]] == [str(sub / "records.csv")]
+    assert f"note: label table {sub / 'records.csv'} was not used (in a subfolder of SRC" in text
+    assert "note: no record has a patient id" in text
+    # the folder itself: applied, patients known, nothing to say
+    s, text = prep(sub, "sub")
+    assert s["patients"] == 1 and not s["label_tables_not_used"] and "note:" not in text
+    # --labels replaces the table found in SRC, patient ids included: said too
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"record": ["r1"], "lvh": ["1"]}).to_csv(other, index=False)
+    s, text = prep(sub, "given", labels=str(other), label_column="lvh")
+    assert "(--labels was given; its patient ids are not applied either)" in text
+    s, text = prep(
+        sub, "itself", labels=str(sub / "records.csv"), label_column="lvh"
+    )  # the same table: applied
+    assert s["patients"] == 1 and "note:" not in text
+    # a table that matches no record at all is a loud warning
+    none = tmp_path / "none.csv"
+    pd.DataFrame({"record": ["no_such"], "lvh": ["1"]}).to_csv(none, index=False)
+    s, text = prep(sub, "nomatch", labels=str(none), label_column="lvh")
+    assert f"WARNING: label table {none} matched no record" in text
 
 
+def test_a_text_label_column_in_a_table_found_in_src_is_not_an_error_when_another_is_the_label(
+    tmp_path,
+):
+    # records.csv with a diagnosis text in `label` and a 0/1 column: the 0/1 column is the label, `label` a note
+    from data_fixtures import write_record
 
-def test_a_text_label_column_in_a_table_found_in_src_is_not_an_error_when_another_is_the_label(tmp_path):
-  # records.csv with a diagnosis text in `label` and a 0/1 column: the 0/1 column is the label, `label` a note
-  from data_fixtures import write_record
-  src = tmp_path / "src"
-  write_record(str(src), "r1", seed=1)
-  write_record(str(src), "r2", seed=2)
-  pd.DataFrame({"record": ["r1", "r2"], "patient_id": ["P1", "P2"], "label": ["MI", "NORM"],
-                "lvh": ["1", "0"]}).to_csv(src / "records.csv", index=False)
-  for kw in ({}, {"label_column": "lvh"}):
-    s = prepare([str(src)], str(tmp_path / f"out{len(kw)}"), PrepareOptions(**kw), workers=1,
-                stream=open(os.devnull, "w"))
-    assert s["label_column"] == "lvh" and s["patients"] == 2 and s["labels"]["positive"] == 1
+    src = tmp_path / "src"
+    write_record(str(src), "r1", seed=1)
+    write_record(str(src), "r2", seed=2)
+    pd.DataFrame(
+        {
+            "record": ["r1", "r2"],
+            "patient_id": ["P1", "P2"],
+            "label": ["MI", "NORM"],
+            "lvh": ["1", "0"],
+        }
+    ).to_csv(src / "records.csv", index=False)
+    for kw in ({}, {"label_column": "lvh"}):
+        s = prepare(
+            [str(src)],
+            str(tmp_path / f"out{len(kw)}"),
+            PrepareOptions(**kw),
+            workers=1,
+            stream=open(os.devnull, "w"),
+        )
+        assert s["label_column"] == "lvh" and s["patients"] == 2 and s["labels"]["positive"] == 1

@@ -1,4 +1,5 @@
 """prepare: generated WFDB records of many shapes, corrupt inputs, manifest behaviour, array sources."""
+
 import json
 import os
 import shutil
@@ -9,12 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_fixtures import STD_LEADS, UPPER_LEADS, copy_record, ecg_like, read_reference, write_record
+from data_fixtures import (
+    STD_LEADS,
+    UPPER_LEADS,
+    copy_record,
+    ecg_like,
+    read_reference,
+    write_record,
+)
 from ecgcl_jax import LEADS
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
 from ecgcl_jax.errors import UserError
 
-SAMPLE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample"))
+SAMPLE = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample")
+)
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -34,8 +44,13 @@ def _sines(fs, seconds, n_leads, seed):
 
 def _prep(src, out, **kw):
     workers = kw.pop("workers", 1)
-    return prepare([str(s) for s in (src if isinstance(src, list) else [src])], str(out), PrepareOptions(**kw),
-                   workers=workers, stream=open(os.devnull, "w"))
+    return prepare(
+        [str(s) for s in (src if isinstance(src, list) else [src])],
+        str(out),
+        PrepareOptions(**kw),
+        workers=workers,
+        stream=open(os.devnull, "w"),
+    )
 
 
 # ------------------------------------------------------------------------------------------ shapes in the wild
@@ -43,18 +58,39 @@ def test_rates_lengths_lead_names_and_patient_ids(tmp_path):
     src = tmp_path / "src"
     cases = {  # name: (fs, seconds, leads, fmt, comments, expected patient id)
         "r400": (400, 7.0, UPPER_LEADS, "16", ["Age: 51", "Sex: Male", "patient_id: 1234"], "1234"),
-        "r1000": (1000, 115.0, [l.lower() for l in STD_LEADS] + ["vx", "vy", "vz"], "16",
-                  ["age: 60", "sex: female"], ""),
+        "r1000": (
+            1000,
+            115.0,
+            [l.lower() for l in STD_LEADS] + ["vx", "vy", "vz"],
+            "16",
+            ["age: 60", "sex: female"],
+            "",
+        ),
         "r257": (257, 30.0, UPPER_LEADS, "212", ["Patient: P-7"], "P-7"),
         "r250": (250, 10.0, STD_LEADS, "24", ["#Patient ID: 55.0"], "55"),
-        "r500": (500, 12.0, STD_LEADS[::-1], "16", ["<subject_id>: s9", "Chagas label: True"], "s9"),
+        "r500": (
+            500,
+            12.0,
+            STD_LEADS[::-1],
+            "16",
+            ["<subject_id>: s9", "Chagas label: True"],
+            "s9",
+        ),
         "r100": (100, 6.0, UPPER_LEADS, "16", ["PID = abc"], "abc"),
     }
     truth = {}
     for i, (name, (fs, sec, leads, fmt, com, _)) in enumerate(cases.items()):
         x, f = _sines(fs, sec, len(leads), seed=i)
-        write_record(str(src / "sub" / name), name, fs=fs, seconds=sec, leads=leads, fmt=fmt, comments=com,
-                     signal=x)
+        write_record(
+            str(src / "sub" / name),
+            name,
+            fs=fs,
+            seconds=sec,
+            leads=leads,
+            fmt=fmt,
+            comments=com,
+            signal=x,
+        )
         truth[name] = (f, leads)
     # annotation and other files lying beside the records are ignored
     (src / "sub" / "r400" / "r400.atr").write_bytes(b"\x00\x01garbage")
@@ -142,9 +178,21 @@ def test_python_api_expands_the_home_folder(tmp_path, monkeypatch):
 
 def test_lead_names_and_inverted_leads_by_hand():
     from ecgcl_jax.data.leads import parse_lead
-    cases = {"II": ("II", False), "AVR": ("aVR", False), "lead_II": ("II", False), "Lead V2": ("V2", False),
-             "C3": ("V3", False), "-aVR": ("aVR", True), " -AVR": ("aVR", True), "lead -aVR": ("aVR", True),
-             "lead_-aVR": ("aVR", True), "\u2212aVR": ("aVR", True), "-": (None, True), "vx": (None, False)}
+
+    cases = {
+        "II": ("II", False),
+        "AVR": ("aVR", False),
+        "lead_II": ("II", False),
+        "Lead V2": ("V2", False),
+        "C3": ("V3", False),
+        "-aVR": ("aVR", True),
+        " -AVR": ("aVR", True),
+        "lead -aVR": ("aVR", True),
+        "lead_-aVR": ("aVR", True),
+        "\u2212aVR": ("aVR", True),
+        "-": (None, True),
+        "vx": (None, False),
+    }
     assert {n: parse_lead(n) for n in cases} == cases
 
 
@@ -180,26 +228,34 @@ def test_header_label_is_the_default_label_and_kept_when_another_is_picked(tmp_p
     _prep(src, tmp_path / "a")
     a = open_dataset(str(tmp_path / "a"))
     order = np.argsort(a.names)
-    np.testing.assert_array_equal(a.labels[order], [0.0, 1.0])  # the stated label, not one derived from Dx
+    np.testing.assert_array_equal(
+        a.labels[order], [0.0, 1.0]
+    )  # the stated label, not one derived from Dx
     _prep(src, tmp_path / "b", label_column="normal")
     b = open_dataset(str(tmp_path / "b"))
     order = np.argsort(b.names)
     np.testing.assert_array_equal(b.labels[order], [1.0, 0.0])
-    np.testing.assert_array_equal(b.with_label("source_label").labels[order], [0.0, 1.0])  # not lost
+    np.testing.assert_array_equal(
+        b.with_label("source_label").labels[order], [0.0, 1.0]
+    )  # not lost
 
 
 # ------------------------------------------------------------------------------------------ bad input
 def _corrupt_set(tmp_path):
     """Good generated records plus every kind of broken input; returns (src, expected bad -> reason word)."""
     src = tmp_path / "src"
-    good = [write_record(str(src / "good"), f"g{i}", fs=500, seconds=10, seed=10 + i) for i in range(4)]
+    good = [
+        write_record(str(src / "good"), f"g{i}", fs=500, seconds=10, seed=10 + i) for i in range(4)
+    ]
     bad = {}
     h = copy_record(good[0], str(src / "bad" / "trunc"))  # truncated .dat
     dat = h[:-4] + ".dat"
     with open(dat, "r+b") as f:
         f.truncate(os.path.getsize(dat) // 2)
     bad[h] = "truncated"
-    h = write_record(str(src / "bad" / "trunc212"), "t212", fmt="212")  # truncated, read through wfdb
+    h = write_record(
+        str(src / "bad" / "trunc212"), "t212", fmt="212"
+    )  # truncated, read through wfdb
     with open(h[:-4] + ".dat", "r+b") as f:
         f.truncate(1000)
     bad[h] = "truncated"
@@ -216,9 +272,15 @@ def _corrupt_set(tmp_path):
     x = ecg_like(5000, 12, 500, 0)
     x[100:110, 3] = np.nan
     bad[write_record(str(src / "bad" / "nan"), "nan", signal=x)] = "NaN"
-    bad[write_record(str(src / "bad" / "eleven"), "eleven", leads=STD_LEADS[:11])] = "missing leads V6"
-    bad[write_record(str(src / "bad" / "unknown"), "unknown", leads=[f"X{i}" for i in range(12)])] = "unknown lead"
-    h = write_record(str(src / "bad" / "zero"), "zero")  # zero-length: header says 0 samples, empty file
+    bad[write_record(str(src / "bad" / "eleven"), "eleven", leads=STD_LEADS[:11])] = (
+        "missing leads V6"
+    )
+    bad[
+        write_record(str(src / "bad" / "unknown"), "unknown", leads=[f"X{i}" for i in range(12)])
+    ] = "unknown lead"
+    h = write_record(
+        str(src / "bad" / "zero"), "zero"
+    )  # zero-length: header says 0 samples, empty file
     with open(h) as f:
         lines = f.read().splitlines()
     first = lines[0].split()
@@ -260,27 +322,74 @@ def test_bad_inputs_are_reported_and_good_ones_kept(tmp_path, capsys):
 def test_cli_exit_codes_and_one_line_errors(tmp_path):
     src, good, bad = _corrupt_set(tmp_path)
     env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert sum(l.startswith("skip ") for l in r.stderr.splitlines()) == len(bad)
     # nothing preparable -> non-zero exit with a one-line error
     only_bad = tmp_path / "only_bad"
     shutil.copytree(src / "bad", only_bad)
-    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(only_bad), "--out",
-                        str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ecgcl_jax.data",
+            "prepare",
+            str(only_bad),
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
-    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(tmp_path / "nope"), "--out",
-                        str(tmp_path / "o3")], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ecgcl_jax.data",
+            "prepare",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o3"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode != 0
-    assert r.stderr.strip() == f"python -m ecgcl_jax.data prepare: error: {tmp_path / 'nope'}: no such file or folder"
+    assert (
+        r.stderr.strip()
+        == f"python -m ecgcl_jax.data prepare: error: {tmp_path / 'nope'}: no such file or folder"
+    )
 
     # an output folder that cannot be created: the path and the reason, one line
     (tmp_path / "a_file").write_text("")
-    r = subprocess.run([sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src / "good"), "--out",
-                        str(tmp_path / "a_file" / "o")], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ecgcl_jax.data",
+            "prepare",
+            str(src / "good"),
+            "--out",
+            str(tmp_path / "a_file" / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
 
@@ -303,7 +412,9 @@ def test_corrupt_copies_of_the_shipped_sample(tmp_path):
     names = {os.path.basename(r)[:-4]: why for r, why in zip(rep.record, rep.reason)}
     assert set(names) == {"00841_hr", "01612_hr", "02132_hr", "HR06003", "HR06004"}
     assert "truncated" in names["00841_hr"] and "header" in names["01612_hr"]
-    assert "missing" in names["02132_hr"] and ".mat" in names["HR06003"] and ".mat" in names["HR06004"]
+    assert (
+        "missing" in names["02132_hr"] and ".mat" in names["HR06003"] and ".mat" in names["HR06004"]
+    )
     assert s["rows"] == 82 - 5
     # with de-duplication, the 100 Hz twins of the three broken 500 Hz records stand in for them
     s = _prep(src, tmp_path / "dedup")
@@ -332,7 +443,9 @@ def test_rerun_is_noop_changed_options_rebuild(tmp_path, capsys):
     man2 = json.loads((out / "manifest.json").read_text())
     assert man2["identity"] != man["identity"] and man2["options"]["short"] == "drop"
     assert len(open_dataset(str(out))) == 3  # 12 s -> one window each
-    write_record(str(src), "r_new", fs=250, seconds=12, seed=9)  # new source file -> rebuilt, not a no-op
+    write_record(
+        str(src), "r_new", fs=250, seconds=12, seed=9
+    )  # new source file -> rebuilt, not a no-op
     s = _prep(src, out, length="windows", short="drop")
     assert not s.get("up_to_date") and len(open_dataset(str(out))) == 4
 
@@ -368,7 +481,9 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
     assert list(ds.names) == [f"r{i:02d}" for i in range(10)]
     # identical to an uninterrupted run
     _prep(src, tmp_path / "ref")
-    np.testing.assert_array_equal(np.asarray(open_dataset(str(tmp_path / "ref")).raw), np.asarray(ds.raw))
+    np.testing.assert_array_equal(
+        np.asarray(open_dataset(str(tmp_path / "ref")).raw), np.asarray(ds.raw)
+    )
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -383,7 +498,9 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's"
+)
 def test_sigterm_leaves_no_worker_behind_and_the_run_continues(tmp_path):
     import signal
     import time
@@ -392,20 +509,46 @@ def test_sigterm_leaves_no_worker_behind_and_the_run_continues(tmp_path):
     for i in range(240):
         write_record(str(src), f"r{i:03d}", fs=257, seconds=10, seed=i)
     out = tmp_path / "out_sigterm_marker"
-    cmd = [sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src), "--out", str(out), "--workers", "2"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO))
+    cmd = [
+        sys.executable,
+        "-m",
+        "ecgcl_jax.data",
+        "prepare",
+        str(src),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     deadline = time.monotonic() + 60
-    while not list((out / ".partial").glob("chunk_*.json")) and p.poll() is None and time.monotonic() < deadline:
+    while (
+        not list((out / ".partial").glob("chunk_*.json"))
+        and p.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)
-    done = len(list((out / ".partial").glob("chunk_*.json"))) if (out / ".partial").exists() else None
-    assert p.returncode == -signal.SIGTERM and done is not None and done < 60, (p.returncode, done)  # mid-run
+    done = (
+        len(list((out / ".partial").glob("chunk_*.json"))) if (out / ".partial").exists() else None
+    )
+    assert p.returncode == -signal.SIGTERM and done is not None and done < 60, (
+        p.returncode,
+        done,
+    )  # mid-run
     deadline = time.monotonic() + 10
     while _processes_with(str(out)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_with(str(out)) == []  # its workers went with it
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300
+    )
     assert r.returncode == 0 and "continuing an interrupted run" in r.stderr
     assert len(open_dataset(str(out))) == 240
 
@@ -415,17 +558,22 @@ def test_npy_npz_with_csv(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     # smooth signals known in closed form, so the 250 -> 500 Hz resampling is checked against the function itself
-    freq = 0.5 + 0.4 * np.arange(12)          # Hz per lead, far below the 125 Hz Nyquist of 250 Hz
+    freq = 0.5 + 0.4 * np.arange(12)  # Hz per lead, far below the 125 Hz Nyquist of 250 Hz
     phase = np.linspace(0, 3, 12)
 
-    def sines(t, n):                           # (n, len(t), 12) mV; record i is scaled by (1 + i)/4
-        return np.stack([0.25 * (1 + i) * np.sin(2 * np.pi * freq * t[:, None] + phase) for i in range(n)])
+    def sines(t, n):  # (n, len(t), 12) mV; record i is scaled by (1 + i)/4
+        return np.stack(
+            [0.25 * (1 + i) * np.sin(2 * np.pi * freq * t[:, None] + phase) for i in range(n)]
+        )
 
-    a = sines(np.arange(2500) / 250.0, 3)       # 250 Hz, 10 s, (N, length, leads), uV below
+    a = sines(np.arange(2500) / 250.0, 3)  # 250 Hz, 10 s, (N, length, leads), uV below
     np.save(src / "batch.npy", a * 1000.0)
-    pd.DataFrame({"record": ["a", "b", "c"], "patient_id": ["p1", "p1", "p2"], "label": ["1", "0", ""]}).to_csv(
-        src / "batch.csv", index=False)
-    b = sines(np.arange(5000) / 250.0, 2).transpose(0, 2, 1)  # (N, leads, length), read at 250 Hz too
+    pd.DataFrame(
+        {"record": ["a", "b", "c"], "patient_id": ["p1", "p1", "p2"], "label": ["1", "0", ""]}
+    ).to_csv(src / "batch.csv", index=False)
+    b = sines(np.arange(5000) / 250.0, 2).transpose(
+        0, 2, 1
+    )  # (N, leads, length), read at 250 Hz too
     np.savez(src / "more.npz", signals=b * 1000.0)
     _prep(src, tmp_path / "out", array_fs=250, array_units="uV", label_column="label")
     ds = open_dataset(str(tmp_path / "out"))
@@ -440,7 +588,9 @@ def test_npy_npz_with_csv(tmp_path):
     inner = slice(100, 4900)
     for row, ref in ((0, want[0]), (2, want[2]), (4, want[1])):
         amp = float(np.max(np.abs(ref)))
-        np.testing.assert_allclose(ds.signals[row][inner], ref[inner], atol=float(ds.scales[row]) + 2e-3 * amp)
+        np.testing.assert_allclose(
+            ds.signals[row][inner], ref[inner], atol=float(ds.scales[row]) + 2e-3 * amp
+        )
         assert np.max(np.abs(ds.signals[row] - ref)) < 0.05 * amp  # the edges too, more loosely
 
 
@@ -451,12 +601,16 @@ def test_array_csv_of_another_length_skips_the_file(tmp_path):
     np.save(src / "x.npy", np.zeros((4, 5000, 12)) + 0.1)
     pd.DataFrame({"record": list("abcdef"), "label": ["1"] * 6}).to_csv(src / "x.csv", index=False)
     np.save(src / "y.npy", np.zeros((2, 5000, 12)) + 0.1)
-    pd.DataFrame({"record": ["p", "q"], "label": ["1", "0"], "patient_id": ["3.0", "P7"]}).to_csv(src / "y.csv",
-                                                                                                   index=False)
+    pd.DataFrame({"record": ["p", "q"], "label": ["1", "0"], "patient_id": ["3.0", "P7"]}).to_csv(
+        src / "y.csv", index=False
+    )
     s = _prep(src, tmp_path / "out", array_fs=500)
     ds = open_dataset(str(tmp_path / "out"))
     assert list(ds.names) == ["p", "q"]
-    assert list(ds.patient_ids) == ["3", "P7"]  # 3.0 as pandas writes an integer id: the id a header gives as 3
+    assert list(ds.patient_ids) == [
+        "3",
+        "P7",
+    ]  # 3.0 as pandas writes an integer id: the id a header gives as 3
     rep = pd.read_csv(tmp_path / "out" / "skipped.csv")
     # the file is skipped once (one line, one count), not once per array row
     assert len(rep) == 1 and rep.record[0] == str(src / "x.npy")
@@ -469,10 +623,14 @@ def test_array_csv_is_parsed_once_per_file(tmp_path, monkeypatch):
     import ecgcl_jax.data.arrays as A
 
     np.save(tmp_path / "x.npy", np.zeros((6, 5000, 12)) + 0.1)
-    pd.DataFrame({"record": list("abcdef"), "label": ["1", "0"] * 3}).to_csv(tmp_path / "x.csv", index=False)
+    pd.DataFrame({"record": list("abcdef"), "label": ["1", "0"] * 3}).to_csv(
+        tmp_path / "x.csv", index=False
+    )
     reads = []
     real = pd.read_csv
-    monkeypatch.setattr(A.pd, "read_csv", lambda p, *a, **k: reads.append(str(p)) or real(p, *a, **k))
+    monkeypatch.setattr(
+        A.pd, "read_csv", lambda p, *a, **k: reads.append(str(p)) or real(p, *a, **k)
+    )
     A._read_side_csv.cache_clear()
     _prep(tmp_path, tmp_path / "out", array_fs=500)
     assert reads.count(str(tmp_path / "x.csv")) == 1
@@ -504,7 +662,9 @@ def test_parquet_reference_schema(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(0, 0.3, (3, 5000, 12))
     cols = {f"full_lead_{l}": [list(x[i, :, j]) for i in range(3)] for j, l in enumerate(LEADS)}
-    cols.update(patient_id=[3.0, 4.0, None], label=[1, 0, 1])  # a float column, as pandas stores ids with gaps
+    cols.update(
+        patient_id=[3.0, 4.0, None], label=[1, 0, 1]
+    )  # a float column, as pandas stores ids with gaps
     pq.write_table(pa.table(cols), tmp_path / "ref.parquet")
     _prep(tmp_path, tmp_path / "out", label_column="label")
     ds = open_dataset(str(tmp_path / "out"))
@@ -518,11 +678,18 @@ def test_ptbxl_layout_with_database_csv(tmp_path):
     for ecg_id, norm in ((1, 100.0), (2, 80.0)):
         write_record(str(src / "records500" / "00000"), f"{ecg_id:05d}_hr", fs=500, seed=ecg_id)
         write_record(str(src / "records100" / "00000"), f"{ecg_id:05d}_lr", fs=100, seed=ecg_id)
-    pd.DataFrame({"ecg_id": [1, 2], "patient_id": [15709.0, 13243.0], "age": [56, 19], "sex": [1, 0],
-                  "scp_codes": ["{'NORM': 100.0, 'SR': 0.0}", "{'NORM': 80.0, 'SBRAD': 0.0}"],
-                  "strat_fold": [3, 2], "filename_lr": ["records100/00000/00001_lr", "records100/00000/00002_lr"],
-                  "filename_hr": ["records500/00000/00001_hr", "records500/00000/00002_hr"]}
-                 ).to_csv(src / "ptbxl_database.csv", index=False)
+    pd.DataFrame(
+        {
+            "ecg_id": [1, 2],
+            "patient_id": [15709.0, 13243.0],
+            "age": [56, 19],
+            "sex": [1, 0],
+            "scp_codes": ["{'NORM': 100.0, 'SR': 0.0}", "{'NORM': 80.0, 'SBRAD': 0.0}"],
+            "strat_fold": [3, 2],
+            "filename_lr": ["records100/00000/00001_lr", "records100/00000/00002_lr"],
+            "filename_hr": ["records500/00000/00001_hr", "records500/00000/00002_hr"],
+        }
+    ).to_csv(src / "ptbxl_database.csv", index=False)
     s = _prep(src, tmp_path / "out")
     ds = open_dataset(str(tmp_path / "out"))
     assert list(ds.names) == ["00001_hr", "00002_hr"] and s["duplicates"] == 2
@@ -535,7 +702,9 @@ def test_ptbxl_layout_with_database_csv(tmp_path):
 def _ptbxl_pair(src, rows):
     for ecg_id in (1, 2):
         write_record(str(src / "records500" / "00000"), f"{ecg_id:05d}_hr", fs=500, seed=ecg_id)
-    pd.DataFrame(rows, columns=["ecg_id", "patient_id", "scp_codes"]).to_csv(src / "ptbxl_database.csv", index=False)
+    pd.DataFrame(rows, columns=["ecg_id", "patient_id", "scp_codes"]).to_csv(
+        src / "ptbxl_database.csv", index=False
+    )
 
 
 def test_ptbxl_database_csv_problems(tmp_path, monkeypatch):
@@ -552,15 +721,21 @@ def test_ptbxl_database_csv_problems(tmp_path, monkeypatch):
     processed = []
     real = B._process_chunk
     monkeypatch.setattr(B, "_process_chunk", lambda job: processed.append(job) or real(job))
-    for name, rows, expect in (("b", [(1, 11, "{}"), ("00001", 11, "{}")], "ecg_id 1 appears in more than one row"),
-                               ("c", None, "cannot read as CSV")):
+    for name, rows, expect in (
+        ("b", [(1, 11, "{}"), ("00001", 11, "{}")], "ecg_id 1 appears in more than one row"),
+        ("c", None, "cannot read as CSV"),
+    ):
         src = tmp_path / name
         _ptbxl_pair(src, rows or [(1, 11, "{}")])
         if rows is None:
             (src / "ptbxl_database.csv").write_text('ecg_id,patient_id\n1,"11\n2,12,13,14\n')
         with pytest.raises(UserError) as e:
             _prep(src, tmp_path / f"o{name}")
-        assert "\n" not in str(e.value) and "ptbxl_database.csv" in str(e.value) and expect in str(e.value)
+        assert (
+            "\n" not in str(e.value)
+            and "ptbxl_database.csv" in str(e.value)
+            and expect in str(e.value)
+        )
     assert processed == []
 
 
@@ -591,4 +766,6 @@ def test_output_folder_inside_source_is_not_read(tmp_path):
     s = _prep(src, src / "prepared")
     assert s.get("up_to_date")  # its own output files did not change the source listing
     _prep(src, src / "prepared", length="windows")
-    assert len(open_dataset(str(src / "prepared"))) == 2  # another prepared dataset inside SRC is skipped too
+    assert (
+        len(open_dataset(str(src / "prepared"))) == 2
+    )  # another prepared dataset inside SRC is skipped too

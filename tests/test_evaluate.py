@@ -1,5 +1,6 @@
 """The evaluation protocol: seeds, leakage refusal, reproducibility, resume after a kill, sweeps, and one
 end-to-end `run_eval.py` run (with pretraining) on the embedded data."""
+
 import json
 import math
 import os
@@ -18,8 +19,20 @@ from ecgcl_jax import checkpoint, evaluate, models, splits
 from ecgcl_jax.errors import UserError
 
 from tests.conftest import ROOT, override
-TINY = dict(encoder="cnn", emb_dim=8, proj_dim=4, kernel_size=15, dropout=0.1, channels=(4, 4, 4, 4, 4),
-            lstm_layers=1, attention_dim=0, transformer_layers=1, transformer_heads=2, transformer_d_model=8)
+
+TINY = dict(
+    encoder="cnn",
+    emb_dim=8,
+    proj_dim=4,
+    kernel_size=15,
+    dropout=0.1,
+    channels=(4, 4, 4, 4, 4),
+    lstm_layers=1,
+    attention_dim=0,
+    transformer_layers=1,
+    transformer_heads=2,
+    transformer_d_model=8,
+)
 METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
 SUMMARY_KEYS = {"mean", "ci95", "min", "max"}
 
@@ -44,8 +57,10 @@ class FakeDataset:
         self.records = np.array([f"fake/r{i:03d}" for i in range(n)])
         t = np.arange(ecgcl_jax.NUM_SAMPLES) / ecgcl_jax.SAMPLE_RATE
         amp = 0.2 + 0.8 * np.nan_to_num(self.labels)
-        x = rng.normal(0, 0.1, (n, ecgcl_jax.NUM_SAMPLES, 12)) + amp[:, None, None] * np.sin(2 * np.pi * 1.2 * t)[
-            None, :, None]
+        x = (
+            rng.normal(0, 0.1, (n, ecgcl_jax.NUM_SAMPLES, 12))
+            + amp[:, None, None] * np.sin(2 * np.pi * 1.2 * t)[None, :, None]
+        )
         self.scales = np.full(n, 0.005, np.float32)
         self.raw = np.round(x / 0.005).astype(np.int16)
         self.manifest = {"identity": "fake-0"}
@@ -57,17 +72,30 @@ class FakeDataset:
 
 def export_tiny_encoder(path, patients, records=()):
     enc = models.build_encoder(TINY)
-    variables = enc.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                         np.zeros((2, ecgcl_jax.NUM_SAMPLES, 12), np.float32), train=False)
-    prep = {"sample_rate": 500, "num_samples": 5000, "leads": list(ecgcl_jax.LEADS), "max_amp": 1.0,
-            "domain": "time", "mode": "simclr", "input_length": 5000, "in_leads": 12}
-    checkpoint.export_encoder(str(path), ml_collections.ConfigDict(TINY), dict(variables), prep, patients,
-                              list(records))
+    variables = enc.init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+        np.zeros((2, ecgcl_jax.NUM_SAMPLES, 12), np.float32),
+        train=False,
+    )
+    prep = {
+        "sample_rate": 500,
+        "num_samples": 5000,
+        "leads": list(ecgcl_jax.LEADS),
+        "max_amp": 1.0,
+        "domain": "time",
+        "mode": "simclr",
+        "input_length": 5000,
+        "in_leads": 12,
+    }
+    checkpoint.export_encoder(
+        str(path), ml_collections.ConfigDict(TINY), dict(variables), prep, patients, list(records)
+    )
     return str(path)
 
 
 def eval_config(encoder_dir="", **kw):
     from configs import eval as eval_cfg
+
     c = eval_cfg.get_config()
     c.encoder_checkpoint = encoder_dir
     c.repeats = 2
@@ -107,29 +135,45 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
     keys = splits.patient_keys(ds.patient_ids, ds.records)
     leaky = export_tiny_encoder(tmp_path / "leaky", sorted(set(keys.tolist())))  # saw every patient
     with pytest.raises(splits.LeakageError, match="allow_leakage"):
-        evaluate.run(eval_config(leaky, repeats=1, **{"finetune.num_epochs": 1}), str(tmp_path / "w1"), dataset=ds)
+        evaluate.run(
+            eval_config(leaky, repeats=1, **{"finetune.num_epochs": 1}),
+            str(tmp_path / "w1"),
+            dataset=ds,
+        )
     assert not os.path.exists(tmp_path / "w1" / "results.json")
-    res = evaluate.run(eval_config(leaky, repeats=1, allow_leakage=True, **{"finetune.num_epochs": 1}),
-                       str(tmp_path / "w2"), dataset=ds)
+    res = evaluate.run(
+        eval_config(leaky, repeats=1, allow_leakage=True, **{"finetune.num_epochs": 1}),
+        str(tmp_path / "w2"),
+        dataset=ds,
+    )
     split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321)
     n = len(split.val_patients) + len(split.test_patients)
     assert res["repeats"][0]["encoder"]["leaked_patients"] == n
-    assert {k: res["repeats"][0]["encoder"][k] for k in ("encoder", "mode", "domain")} == \
-        {"encoder": "cnn", "mode": "simclr", "domain": "time"}  # what was loaded, not config.pretrain
+    assert {k: res["repeats"][0]["encoder"][k] for k in ("encoder", "mode", "domain")} == {
+        "encoder": "cnn",
+        "mode": "simclr",
+        "domain": "time",
+    }  # what was loaded, not config.pretrain
     with open(tmp_path / "w2" / "results.md") as f:
-        assert f"**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/test " \
-               f"patients (seed 321: {n})" in f.read()
+        assert (
+            f"**Leakage allowed** (config.allow_leakage): the loaded encoder was pretrained on validation/test "
+            f"patients (seed 321: {n})" in f.read()
+        )
 
 
 def test_seed_and_pretraining_field_errors_name_the_evaluation_fields(tmp_path, ds):
-    for seeds, needle in (((-5,), r"config.seeds: each must be in \[0, 2\*\*32\) \(got -5\)"),
-                          ((2**32,), r"\(got 4294967296\)")):
+    for seeds, needle in (
+        ((-5,), r"config.seeds: each must be in \[0, 2\*\*32\) \(got -5\)"),
+        ((2**32,), r"\(got 4294967296\)"),
+    ):
         with pytest.raises(UserError, match=needle):
             evaluate.run(eval_config(seeds=seeds, repeats=1), str(tmp_path / "w"), dataset=ds)
     with pytest.raises(UserError, match=r"^config.pretrain.temperature: must be positive"):
         evaluate.run(eval_config(**{"pretrain.temperature": 0.0}), str(tmp_path / "w"), dataset=ds)
     with pytest.raises(UserError, match=r"^config.pretrain.model.encoder: unknown encoder"):
-        evaluate.run(eval_config(**{"pretrain.model.encoder": "resnet"}), str(tmp_path / "w"), dataset=ds)
+        evaluate.run(
+            eval_config(**{"pretrain.model.encoder": "resnet"}), str(tmp_path / "w"), dataset=ds
+        )
 
 
 def test_leakage_by_recording_under_other_patient_ids(tmp_path, ds):
@@ -139,7 +183,11 @@ def test_leakage_by_recording_under_other_patient_ids(tmp_path, ds):
     seen = [ds.records[split.test[0]], ds.records[split.val[0]], ds.records[split.pretrain[0]]]
     enc = export_tiny_encoder(tmp_path / "enc", ["elsewhere_1", "elsewhere_2"], seen)
     with pytest.raises(splits.LeakageError, match="2 validation/test patient"):
-        evaluate.run(eval_config(enc, repeats=1, **{"finetune.num_epochs": 1}), str(tmp_path / "w"), dataset=ds)
+        evaluate.run(
+            eval_config(enc, repeats=1, **{"finetune.num_epochs": 1}),
+            str(tmp_path / "w"),
+            dataset=ds,
+        )
 
 
 def _kill_second_repeat(monkeypatch):
@@ -164,7 +212,9 @@ def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeyp
     assert a["status"] == "done" and [r["seed"] for r in a["repeats"]] == [321, 123]
     # same seeds, fresh workdir: the same numbers
     b = evaluate.run(eval_config(clean_encoder), str(tmp_path / "b"), dataset=ds)
-    assert (tmp_path / "a" / "results.json").read_text() == (tmp_path / "b" / "results.json").read_text()
+    assert (tmp_path / "a" / "results.json").read_text() == (
+        tmp_path / "b" / "results.json"
+    ).read_text()
     assert b["summary"] == a["summary"]
     # killed as the second repeat starts: the first one is kept, a re-run finishes with identical results.json
     calls = _kill_second_repeat(monkeypatch)
@@ -173,11 +223,16 @@ def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeyp
     assert not (tmp_path / "c" / "repeat_123" / "repeat.json").exists()
     # the files of the interrupted evaluation say so themselves
     assert json.loads((tmp_path / "c" / "results.json").read_text())["status"] == "preempted"
-    assert "**Incomplete**: 1 of the 2 repeats asked for have finished" in (tmp_path / "c" / "results.md").read_text()
+    assert (
+        "**Incomplete**: 1 of the 2 repeats asked for have finished"
+        in (tmp_path / "c" / "results.md").read_text()
+    )
     monkeypatch.undo()
     c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds)
     assert c["status"] == "done"
-    assert (tmp_path / "c" / "results.json").read_text() == (tmp_path / "a" / "results.json").read_text()
+    assert (tmp_path / "c" / "results.json").read_text() == (
+        tmp_path / "a" / "results.json"
+    ).read_text()
     assert "Incomplete" not in (tmp_path / "c" / "results.md").read_text()
     # another seed gives another split
     d = json.loads((tmp_path / "a" / "splits.json").read_text())
@@ -185,18 +240,32 @@ def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeyp
     # a workdir started by a version with the old split rule is refused: its repeats were split another way
     saved = json.loads((tmp_path / "a" / "eval_config.json").read_text())
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "eval_config.json").write_text(json.dumps({k: v for k, v in saved.items()
-                                                                   if k != "split_rule"}))
-    with pytest.raises(UserError, match="started by an older version, whose split rounded differently"):
+    (tmp_path / "old" / "eval_config.json").write_text(
+        json.dumps({k: v for k, v in saved.items() if k != "split_rule"})
+    )
+    with pytest.raises(
+        UserError, match="started by an older version, whose split rounded differently"
+    ):
         evaluate.run(eval_config(clean_encoder), str(tmp_path / "old"), dataset=ds)
     # a changed fine-tuning config is refused on resume, naming the field
     with pytest.raises(UserError, match="finetune.num_epochs"):
-        evaluate.run(eval_config(clean_encoder, **{"finetune.num_epochs": 3}), str(tmp_path / "a"), dataset=ds)
+        evaluate.run(
+            eval_config(clean_encoder, **{"finetune.num_epochs": 3}),
+            str(tmp_path / "a"),
+            dataset=ds,
+        )
 
 
 def test_label_fraction_sweep(tmp_path, ds, clean_encoder):
-    cfg = eval_config(clean_encoder, **{"finetune.num_epochs": 1, "sweep.field": "label_fraction",
-                                        "sweep.choices": (0.5, 1.0), "baselines": ("random_init",)})
+    cfg = eval_config(
+        clean_encoder,
+        **{
+            "finetune.num_epochs": 1,
+            "sweep.field": "label_fraction",
+            "sweep.choices": (0.5, 1.0),
+            "baselines": ("random_init",),
+        },
+    )
     out = evaluate.run(cfg, str(tmp_path), dataset=ds)
     assert out["status"] == "done" and out["values"] == [0.5, 1.0]
     for v in ("0.5", "1.0"):
@@ -213,16 +282,29 @@ def test_label_fraction_sweep(tmp_path, ds, clean_encoder):
     assert again["rows"] == out["rows"]
 
 
-def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(tmp_path, monkeypatch):
+def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(
+    tmp_path, monkeypatch
+):
     """A SIGTERM that lands inside a repeat's pretraining (not between repeats): the pretraining checkpoints and
     stops, the evaluation reports itself preempted, and the same command resumes that pretraining from its
     checkpoint and ends with the results.json of an uninterrupted run."""
     from ecgcl_jax import pretrain
-    over = {"repeats": 1, "finetune.num_epochs": 1, "baselines": ("random_init",), "data.label": "normal",
-            "pretrain.num_steps": 4, "pretrain.checkpoint_every": 2, "pretrain.log_every": 1,
-            "pretrain.batch_size": 8, "pretrain.model.encoder": "cnn", "pretrain.model.emb_dim": 16,
-            "pretrain.model.channels": (4, 4, 4, 4, 4), "pretrain.augment.view1": "gaussian_noise:0.05",
-            "pretrain.augment.view2": "dropout:0.1"}
+
+    over = {
+        "repeats": 1,
+        "finetune.num_epochs": 1,
+        "baselines": ("random_init",),
+        "data.label": "normal",
+        "pretrain.num_steps": 4,
+        "pretrain.checkpoint_every": 2,
+        "pretrain.log_every": 1,
+        "pretrain.batch_size": 8,
+        "pretrain.model.encoder": "cnn",
+        "pretrain.model.emb_dim": 16,
+        "pretrain.model.channels": (4, 4, 4, 4, 4),
+        "pretrain.augment.view1": "gaussian_noise:0.05",
+        "pretrain.augment.view2": "dropout:0.1",
+    }
     a = evaluate.run(eval_config(**over), str(tmp_path / "a"))
     assert a["status"] == "done"
     real, checks = pretrain._stop_requested, []
@@ -238,12 +320,24 @@ def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(tm
     monkeypatch.undo()
     assert b["status"] == "preempted" and not b["repeats"]
     ckpts = tmp_path / "b" / "repeat_321" / "pretrain" / "checkpoints"
-    assert sorted(os.listdir(ckpts)) == ["2"] and not (tmp_path / "b" / "repeat_321" / "repeat.json").exists()
+    assert (
+        sorted(os.listdir(ckpts)) == ["2"]
+        and not (tmp_path / "b" / "repeat_321" / "repeat.json").exists()
+    )
     b = evaluate.run(eval_config(**over), str(tmp_path / "b"))
     assert b["status"] == "done"
-    metrics_b = (tmp_path / "b" / "repeat_321" / "pretrain" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in metrics_b] == [1, 2, 3, 4]  # resumed at step 2, not started again
-    assert (tmp_path / "b" / "results.json").read_text() == (tmp_path / "a" / "results.json").read_text()
+    metrics_b = (
+        (tmp_path / "b" / "repeat_321" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    )
+    assert [json.loads(l)["step"] for l in metrics_b] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # resumed at step 2, not started again
+    assert (tmp_path / "b" / "results.json").read_text() == (
+        tmp_path / "a" / "results.json"
+    ).read_text()
 
 
 def test_damaged_exported_encoder_is_one_line_error(tmp_path):
@@ -251,23 +345,36 @@ def test_damaged_exported_encoder_is_one_line_error(tmp_path):
     enc = checkpoint.load_encoder(good)
     assert enc.model_config.emb_dim == TINY["emb_dim"]
     n_params = sum(int(np.size(v)) for v in jax.tree.leaves(enc.variables["params"]))
-    assert repr(enc) == (f"ExportedEncoder(encoder='cnn', emb_dim={TINY['emb_dim']}, mode='simclr', "
-                         f"params={n_params:,}, pretrain_patients=1, pretrain_records=0, steps=None)")
+    assert repr(enc) == (
+        f"ExportedEncoder(encoder='cnn', emb_dim={TINY['emb_dim']}, mode='simclr', "
+        f"params={n_params:,}, pretrain_patients=1, pretrain_records=0, steps=None)"
+    )
     meta_path = os.path.join(good, "encoder.json")
     meta = json.loads(open(meta_path).read())
     # a model config that is not the one the weights were trained with
-    json.dump(dict(meta, model_config=dict(meta["model_config"], emb_dim=TINY["emb_dim"] + 1)), open(meta_path, "w"))
-    with pytest.raises(UserError, match=r"variables.msgpack does not fit the model config in encoder.json"):
+    json.dump(
+        dict(meta, model_config=dict(meta["model_config"], emb_dim=TINY["emb_dim"] + 1)),
+        open(meta_path, "w"),
+    )
+    with pytest.raises(
+        UserError, match=r"variables.msgpack does not fit the model config in encoder.json"
+    ):
         checkpoint.load_encoder(good)
     json.dump({k: v for k, v in meta.items() if k != "model_config"}, open(meta_path, "w"))
-    with pytest.raises(UserError, match=r"encoder.json: not an exported encoder's metadata \(no model_config\)"):
+    with pytest.raises(
+        UserError, match=r"encoder.json: not an exported encoder's metadata \(no model_config\)"
+    ):
         checkpoint.load_encoder(good)
 
 
 def test_split_fractions_follow_the_mode_however_it_is_set():
     from configs import eval as eval_cfg
+
     simclr, clocs = splits.FRACTIONS, splits.CLOCS_FRACTIONS
-    assert (simclr, clocs) == ((0.7, 0.15, 0.15), (0.6, 0.2, 0.2))  # the SPEC's 70/30 and the CLOCS 60/20/20
+    assert (simclr, clocs) == (
+        (0.7, 0.15, 0.15),
+        (0.6, 0.2, 0.2),
+    )  # the SPEC's 70/30 and the CLOCS 60/20/20
 
     def fractions(c, exported=None):
         r = evaluate.resolve_split(c, exported)
@@ -282,8 +389,12 @@ def test_split_fractions_follow_the_mode_however_it_is_set():
     c.split.val, c.split.test, c.split.train = 0.25, 0.25, 0.5  # set by the user: kept
     assert fractions(c) == (0.5, 0.25, 0.25)
     half = eval_cfg.get_config()
-    half.split.train = 0.8  # alone: the defaults of the other two do not fit with it, and the error says why
-    with pytest.raises(UserError, match=r"set train, val and test together; the unset val, test took the defaults"):
+    half.split.train = (
+        0.8  # alone: the defaults of the other two do not fit with it, and the error says why
+    )
+    with pytest.raises(
+        UserError, match=r"set train, val and test together; the unset val, test took the defaults"
+    ):
         fractions(half)
     # a loaded encoder's own mode decides, not the unused pretraining section's
     exported = types.SimpleNamespace(preprocessing={"mode": "cmsmlc"})
@@ -293,7 +404,11 @@ def test_split_fractions_follow_the_mode_however_it_is_set():
 def _done_result():
     """What evaluate.run returns for a finished evaluation, with every summary figure made up: for sweep tests
     that stub run() and look only at what each variant was given."""
-    one = {k: 0.5 for k in ("mean", "min", "max")} | {k: 0.0 for k in ("ci95", "ci95_normal", "sd")} | {"n": 1}
+    one = (
+        {k: 0.5 for k in ("mean", "min", "max")}
+        | {k: 0.0 for k in ("ci95", "ci95_normal", "sd")}
+        | {"n": 1}
+    )
     return {"status": "done", "baselines": {}, "summary": {m: dict(one) for m in METRIC_KEYS}}
 
 
@@ -311,7 +426,9 @@ def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, mon
     assert seen[0][1] == seen[1][1] == {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
-def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_encoder, monkeypatch):
+def test_sweep_over_the_data_path_opens_each_variants_data(
+    tmp_path, ds, clean_encoder, monkeypatch
+):
     # every variant used to get the base config's opened dataset, so a swept data.path was never read
     seen = []
 
@@ -323,8 +440,14 @@ def test_sweep_over_the_data_path_opens_each_variants_data(tmp_path, ds, clean_e
     import shutil
 
     from ecgcl_jax.data.dataset import default_data_path
-    shutil.copytree(default_data_path(), tmp_path / "other")  # a real dataset: every variant is checked first
-    cfg = eval_config(clean_encoder, **{"sweep.field": "data.path", "sweep.choices": ("", str(tmp_path / "other"))})
+
+    shutil.copytree(
+        default_data_path(), tmp_path / "other"
+    )  # a real dataset: every variant is checked first
+    cfg = eval_config(
+        clean_encoder,
+        **{"sweep.field": "data.path", "sweep.choices": ("", str(tmp_path / "other"))},
+    )
     out = evaluate.run_sweep(cfg, str(tmp_path / "sweep"), dataset=ds)
     assert out["status"] == "done"
     assert [(a, b) for a, b, _ in seen] == [("", ""), (str(tmp_path / "other"),) * 2]
@@ -336,22 +459,39 @@ def test_each_seeds_split_is_made_once(tmp_path, ds, clean_encoder, monkeypatch)
     # checked up front by prepare_run, then used by the repeats (it was made again per repeat)
     made = []
     real = splits.split_dataset
-    monkeypatch.setattr(splits, "split_dataset", lambda d, seed, *a, **k: made.append(seed) or real(d, seed, *a, **k))
-    out = evaluate.run(eval_config(clean_encoder, **{"finetune.num_epochs": 1}), str(tmp_path / "w"), dataset=ds)
+    monkeypatch.setattr(
+        splits,
+        "split_dataset",
+        lambda d, seed, *a, **k: made.append(seed) or real(d, seed, *a, **k),
+    )
+    out = evaluate.run(
+        eval_config(clean_encoder, **{"finetune.num_epochs": 1}), str(tmp_path / "w"), dataset=ds
+    )
     assert out["status"] == "done" and made == [321, 123]
 
 
 def test_sweep_checks_every_variant_before_running_any(tmp_path, ds, clean_encoder, monkeypatch):
     ran = []
-    monkeypatch.setattr(evaluate, "run", lambda variant, workdir, dataset=None, pretrain_root=None, prepared=None:
-                        ran.append(workdir) or _done_result())
-    bad = eval_config(clean_encoder, **{"sweep.field": "label_fraction", "sweep.choices": (0.5, 1.5, 1.0)})
-    with pytest.raises(UserError, match=r"^sweep label_fraction = 1.5: config.label_fraction: must be in"):
+    monkeypatch.setattr(
+        evaluate,
+        "run",
+        lambda variant, workdir, dataset=None, pretrain_root=None, prepared=None: (
+            ran.append(workdir) or _done_result()
+        ),
+    )
+    bad = eval_config(
+        clean_encoder, **{"sweep.field": "label_fraction", "sweep.choices": (0.5, 1.5, 1.0)}
+    )
+    with pytest.raises(
+        UserError, match=r"^sweep label_fraction = 1.5: config.label_fraction: must be in"
+    ):
         evaluate.run_sweep(bad, str(tmp_path / "a"), dataset=ds)
     assert ran == []  # not after the first variant's hours
     # with a loaded encoder, a pretraining field would give the same variant every time
-    same = eval_config(clean_encoder, **{"sweep.field": "pretrain.model.encoder",
-                                         "sweep.choices": ("cnn", "cnn_transformer")})
+    same = eval_config(
+        clean_encoder,
+        **{"sweep.field": "pretrain.model.encoder", "sweep.choices": ("cnn", "cnn_transformer")},
+    )
     with pytest.raises(UserError, match="changes pretraining, but config.encoder_checkpoint loads"):
         evaluate.run_sweep(same, str(tmp_path / "b"), dataset=ds)
     # folder names: a long value is cut and hashed; two values that clean to one name get two folders
@@ -359,20 +499,35 @@ def test_sweep_checks_every_variant_before_running_any(tmp_path, ds, clean_encod
     names = [evaluate.variant_name("finetune.aggregate", v) for v in (long_a, long_a + "y")]
     assert all(len(n) <= 100 for n in names) and names[0] != names[1]
     monkeypatch.setattr(evaluate, "prepare_run", lambda variant, dataset=None: None)
-    evaluate.run_sweep(eval_config(clean_encoder, **{"sweep.field": "finetune.aggregate",
-                                                     "sweep.choices": ("a/b", "a_b")}), str(tmp_path / "c"), dataset=ds)
-    assert len(set(ran)) == 2 and os.path.basename(ran[0]) == "aggregate=a_b" and ran[1].startswith(ran[0] + "-")
+    evaluate.run_sweep(
+        eval_config(
+            clean_encoder, **{"sweep.field": "finetune.aggregate", "sweep.choices": ("a/b", "a_b")}
+        ),
+        str(tmp_path / "c"),
+        dataset=ds,
+    )
+    assert (
+        len(set(ran)) == 2
+        and os.path.basename(ran[0]) == "aggregate=a_b"
+        and ran[1].startswith(ran[0] + "-")
+    )
 
 
 def _check_method(block, seeds):
     assert [r["seed"] for r in block["repeats"]] == seeds
     for r in block["repeats"]:
-        assert set(r["test"]) >= METRIC_KEYS and 1 <= r["best_epoch"] <= 2 and len(r["history"]) == 2
+        assert (
+            set(r["test"]) >= METRIC_KEYS and 1 <= r["best_epoch"] <= 2 and len(r["history"]) == 2
+        )
     assert set(block["summary"]) >= METRIC_KEYS
     for m, s in block["summary"].items():
         vals = [r["test"][m] for r in block["repeats"]]
         assert SUMMARY_KEYS <= set(s)
-        assert s["mean"] == pytest.approx(np.mean(vals)) and s["min"] == min(vals) and s["max"] == max(vals)
+        assert (
+            s["mean"] == pytest.approx(np.mean(vals))
+            and s["min"] == min(vals)
+            and s["max"] == max(vals)
+        )
         # K = 2: t_{0.975, 1} = 12.7062047 (t table); sd = |a - b| / sqrt(2)
         sd = abs(vals[0] - vals[1]) / math.sqrt(2)
         assert s["ci95"] == pytest.approx(12.7062047 * sd / math.sqrt(2), rel=1e-7, abs=1e-12)
@@ -382,17 +537,38 @@ def _check_method(block, seeds):
 def test_run_eval_cli_end_to_end(tmp_path):
     """run_eval.py with pretraining per repeat on the embedded PTB-XL sample, tiny settings."""
     wd = tmp_path / "eval"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(ROOT, "run_eval.py"), "--config", os.path.join(ROOT, "configs", "eval.py"),
-           f"--workdir={wd}", "--config.repeats=2", "--config.pretrain.num_steps=2", "--config.pretrain.batch_size=8",
-           "--config.finetune.num_epochs=2", "--config.finetune.batch_size=16",
-           "--config.pretrain.model.encoder=cnn", "--config.pretrain.model.emb_dim=16",
-           "--config.pretrain.model.channels=(4,4,4,4,4)", "--config.pretrain.augment.view1=none",
-           "--config.pretrain.augment.view2=none", "--config.data.label=normal"]
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
+    )
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "run_eval.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "eval.py"),
+        f"--workdir={wd}",
+        "--config.repeats=2",
+        "--config.pretrain.num_steps=2",
+        "--config.pretrain.batch_size=8",
+        "--config.finetune.num_epochs=2",
+        "--config.finetune.batch_size=16",
+        "--config.pretrain.model.encoder=cnn",
+        "--config.pretrain.model.emb_dim=16",
+        "--config.pretrain.model.channels=(4,4,4,4,4)",
+        "--config.pretrain.augment.view1=none",
+        "--config.pretrain.augment.view2=none",
+        "--config.data.label=normal",
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    for name in ("results.json", "splits.json", "results.md", "results.csv", "plots/val_auroc.png",
-                 "plots/roc_test.png", "repeat_321/test_predictions.csv"):
+    for name in (
+        "results.json",
+        "splits.json",
+        "results.md",
+        "results.csv",
+        "plots/val_auroc.png",
+        "plots/roc_test.png",
+        "repeat_321/test_predictions.csv",
+    ):
         assert (wd / name).stat().st_size > 0, name
     res = json.loads((wd / "results.json").read_text())
     seeds = [321, 123]
@@ -410,55 +586,81 @@ def test_run_eval_cli_end_to_end(tmp_path):
         tr, va, te, pool = (set(s[k]) for k in ("train", "val", "test", "pretrain"))
         assert not (tr & va) and not (tr & te) and not (va & te) and not (pool & (va | te))
         assert len(s["records"]["val"]) == len(va) and len(s["records"]["test"]) == len(te)
-        enc = checkpoint.load_encoder(str(wd / f"repeat_{seeds[0] if s is sp['321'] else seeds[1]}" / "pretrain"
-                                          / "encoder"))
+        enc = checkpoint.load_encoder(
+            str(wd / f"repeat_{seeds[0] if s is sp['321'] else seeds[1]}" / "pretrain" / "encoder")
+        )
         assert not set(enc.pretrain_patients) & (va | te)
     assert "± " in (wd / "results.md").read_text()
     # which data and label the table is about
-    assert (f"Data: {os.path.join(os.path.dirname(ecgcl_jax.__file__), 'default_data')} (52 records, label column "
-            "'normal').") in (wd / "results.md").read_text()
-    assert res["protocol"]["dataset"]["records"] == 52 and res["protocol"]["dataset"]["label"] == "normal"
+    assert (
+        f"Data: {os.path.join(os.path.dirname(ecgcl_jax.__file__), 'default_data')} (52 records, label column "
+        "'normal')."
+    ) in (wd / "results.md").read_text()
+    assert (
+        res["protocol"]["dataset"]["records"] == 52
+        and res["protocol"]["dataset"]["label"] == "normal"
+    )
     # every test ECG has a prediction, and the reported test AUROC is that of the saved predictions
     import csv
     from sklearn.metrics import roc_auc_score
+
     for i, seed in enumerate(seeds):
         with open(wd / f"repeat_{seed}" / "test_predictions.csv") as f:
             rows = list(csv.DictReader(f))
         assert [r["record"] for r in rows] == sp[str(seed)]["records"]["test"]
         y = [int(r["label"]) for r in rows]
         assert res["repeats"][i]["test"]["auroc"] == pytest.approx(
-            roc_auc_score(y, [float(r["p_finetune"]) for r in rows]), abs=1e-12)
+            roc_auc_score(y, [float(r["p_finetune"]) for r in rows]), abs=1e-12
+        )
         assert res["baselines"]["random_init"]["repeats"][i]["test"]["auroc"] == pytest.approx(
-            roc_auc_score(y, [float(r["p_random_init"]) for r in rows]), abs=1e-12)
+            roc_auc_score(y, [float(r["p_random_init"]) for r in rows]), abs=1e-12
+        )
     # a config error is one line on stderr, exit status 2
-    p = subprocess.run(cmd[:5] + ["--config.split.train=0.9"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        cmd[:5] + ["--config.split.train=0.9"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "config.split" in p.stderr
 
 
 def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
     from ecgcl_jax import embed
-    enc = embed.load_encoder(os.path.dirname(clean_encoder))  # the WORKDIR that holds encoder/ works too
+
+    enc = embed.load_encoder(
+        os.path.dirname(clean_encoder)
+    )  # the WORKDIR that holds encoder/ works too
     rows = np.array([5, 0, 3])
     z = embed.embed_dataset(enc, ds, rows=rows, batch_size=2)
     # independent path: NumPy normalisation with the encoder's max_amp, then the encoder module directly
     x = ds.raw[rows].astype(np.float64) * ds.scales[rows, None, None] / enc.preprocessing["max_amp"]
     x = x - x.mean(axis=1, keepdims=True)
-    want, _ = models.build_encoder(enc.model_config).apply(enc.variables, np.float32(x), train=False)
+    want, _ = models.build_encoder(enc.model_config).apply(
+        enc.variables, np.float32(x), train=False
+    )
     np.testing.assert_allclose(z, np.asarray(want), rtol=1e-4, atol=1e-5)
     assert z.shape == (3, TINY["emb_dim"])
     # the command on the embedded dataset: one row per record, with a records table
     out = tmp_path / "emb.npy"
     assert embed.main(["--encoder", clean_encoder, "--out", str(out)]) == 0
     from ecgcl_jax import data
+
     n = len(data.open_dataset(""))
     assert np.load(out).shape == (n, TINY["emb_dim"])
     assert len((tmp_path / "emb.records.csv").read_text().splitlines()) == n + 1
     # an output path that cannot be written: one line with the path and the reason, exit code 2
     (tmp_path / "a_file").write_text("")
-    assert embed.main(["--encoder", clean_encoder, "--out", str(tmp_path / "a_file" / "e.npy")]) == 2
+    assert (
+        embed.main(["--encoder", clean_encoder, "--out", str(tmp_path / "a_file" / "e.npy")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0] == f"python -m ecgcl_jax.embed: error: {tmp_path / 'a_file'}: File exists"
+    assert (
+        len(err) == 1
+        and err[0] == f"python -m ecgcl_jax.embed: error: {tmp_path / 'a_file'}: File exists"
+    )
     # a dataset in another format is refused with one line
     short = FakeDataset()
     short.raw = short.raw[:, :2500]
@@ -468,8 +670,14 @@ def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
 
 def test_sweep_over_field_pairs(tmp_path, ds, clean_encoder):
     """Several fields at once (e.g. augmentation pairs): every choice is a tuple with one value per field."""
-    cfg = eval_config(clean_encoder, **{"sweep.field": "finetune.num_epochs,label_fraction",
-                                        "sweep.choices": ((1, 0.5), (2, 1.0)), "baselines": ()})
+    cfg = eval_config(
+        clean_encoder,
+        **{
+            "sweep.field": "finetune.num_epochs,label_fraction",
+            "sweep.choices": ((1, 0.5), (2, 1.0)),
+            "baselines": (),
+        },
+    )
     out = evaluate.run(cfg, str(tmp_path), dataset=ds)
     assert out["status"] == "done"
     a = json.loads((tmp_path / "num_epochs=1+label_fraction=0.5" / "results.json").read_text())
@@ -477,13 +685,17 @@ def test_sweep_over_field_pairs(tmp_path, ds, clean_encoder):
     assert a["config"]["finetune"]["num_epochs"] == 1 and a["config"]["label_fraction"] == 0.5
     assert len(a["repeats"][0]["history"]) == 1 and len(b["repeats"][0]["history"]) == 2
     assert a["baselines"] == {} and "1, 0.5" in (tmp_path / "sweep.md").read_text()
-    bad = eval_config(clean_encoder, **{"sweep.field": "finetune.num_epochs,label_fraction", "sweep.choices": (1, 2)})
+    bad = eval_config(
+        clean_encoder,
+        **{"sweep.field": "finetune.num_epochs,label_fraction", "sweep.choices": (1, 2)},
+    )
     with pytest.raises(UserError, match="tuple of 2 values"):
         evaluate.run(bad, str(tmp_path / "bad"), dataset=ds)
 
 
 def test_one_writer_per_workdir(tmp_path, ds, clean_encoder):
     from ecgcl_jax.pretrain import WorkdirLock
+
     with WorkdirLock(str(tmp_path)):
         with pytest.raises(UserError, match="in use"):
             evaluate.run(eval_config(clean_encoder), str(tmp_path), dataset=ds)

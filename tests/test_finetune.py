@@ -1,5 +1,6 @@
 """Fine-tuning: views, padded prediction, the optimizer step against a hand-derived update, linear-probe
 equivalence, plugging a pretrained encoder, and best-epoch selection with a fake model."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,13 +11,32 @@ import ecgcl_jax
 from ecgcl_jax import finetune, models
 from ecgcl_jax.errors import UserError
 
-TINY = dict(encoder="cnn", emb_dim=8, proj_dim=4, kernel_size=15, dropout=0.1, channels=(4, 4, 4, 4, 4),
-            lstm_layers=1, attention_dim=0, transformer_layers=1, transformer_heads=2, transformer_d_model=8)
+TINY = dict(
+    encoder="cnn",
+    emb_dim=8,
+    proj_dim=4,
+    kernel_size=15,
+    dropout=0.1,
+    channels=(4, 4, 4, 4, 4),
+    lstm_layers=1,
+    attention_dim=0,
+    transformer_layers=1,
+    transformer_heads=2,
+    transformer_d_model=8,
+)
 
 
 def ft_config(**kw):
-    c = ml_collections.ConfigDict(dict(num_epochs=2, batch_size=8, learning_rate=1e-3, weight_decay=1e-4,
-                                       head_dropout=0.3, aggregate="concat"))
+    c = ml_collections.ConfigDict(
+        dict(
+            num_epochs=2,
+            batch_size=8,
+            learning_rate=1e-3,
+            weight_decay=1e-4,
+            head_dropout=0.3,
+            aggregate="concat",
+        )
+    )
     c.update(kw)
     return c
 
@@ -84,7 +104,9 @@ def test_step_is_l2_plus_adam_and_predict_pads():
     first Adam update is -lr * g / (|g| + eps)."""
     lr, wd = 1e-2, 0.1
     x, y = _features(n=8)
-    tr = finetune.probe_trainer(5, finetune.InputSpec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8))
+    tr = finetune.probe_trainer(
+        5, finetune.InputSpec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8)
+    )
     variables = tr.model.init(jax.random.key(0), jnp.asarray(x), train=False)
     w0 = np.asarray(variables["params"]["out"]["kernel"], np.float64)[:, 0]
     b0 = float(variables["params"]["out"]["bias"][0])
@@ -97,15 +119,23 @@ def test_step_is_l2_plus_adam_and_predict_pads():
     gw = X.T @ (p - y) / 8 + wd * w0
     gb = np.mean(p - y) + wd * b0
     assert float(m["loss"]) == pytest.approx(loss, rel=1e-5)
-    np.testing.assert_allclose(np.asarray(state.params["out"]["kernel"])[:, 0], w0 - lr * gw / (np.abs(gw) + 1e-8),
-                               rtol=1e-4, atol=1e-6)
-    assert float(state.params["out"]["bias"][0]) == pytest.approx(b0 - lr * gb / (abs(gb) + 1e-8), rel=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(state.params["out"]["kernel"])[:, 0],
+        w0 - lr * gw / (np.abs(gw) + 1e-8),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    assert float(state.params["out"]["bias"][0]) == pytest.approx(
+        b0 - lr * gb / (abs(gb) + 1e-8), rel=1e-4
+    )
     # predict over 13 records with batch 8: 13 probabilities, equal to a float64 forward of all at once
     x13, y13 = _features(n=13, seed=1)
     probs = tr.predict(state, finetune.FeatureSource(x13, y13))
     w1 = np.asarray(state.params["out"]["kernel"], np.float64)[:, 0]
     b1 = float(state.params["out"]["bias"][0])
-    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-(x13[:, 0].astype(np.float64) @ w1 + b1))), rtol=1e-5)
+    np.testing.assert_allclose(
+        probs, 1 / (1 + np.exp(-(x13[:, 0].astype(np.float64) @ w1 + b1))), rtol=1e-5
+    )
 
 
 def test_plug_encoder_and_linear_probe_equivalence():
@@ -113,8 +143,11 @@ def test_plug_encoder_and_linear_probe_equivalence():
     spec = finetune.InputSpec("cmsc")
     max_amp = 2.0
     enc = models.build_encoder(TINY)
-    enc_vars = enc.init({"params": jax.random.key(3), "dropout": jax.random.key(3)},
-                        jnp.zeros((2, 2500, 12)), train=False)
+    enc_vars = enc.init(
+        {"params": jax.random.key(3), "dropout": jax.random.key(3)},
+        jnp.zeros((2, 2500, 12)),
+        train=False,
+    )
     enc_vars = jax.tree.map(lambda a: a + 0.01, dict(enc_vars))  # distinguishable from a fresh init
     cfg = ft_config(aggregate="mean")
     # end-to-end classifier with the encoder plugged in
@@ -129,14 +162,21 @@ def test_plug_encoder_and_linear_probe_equivalence():
     assert emb.shape == (10, 2, 8)
     probe = finetune.probe_trainer(8, spec, cfg)
     head_vars = {"params": cv["params"]["head"]}
-    via_probe = probe.predict(finetune.new_state(head_vars, probe.tx), finetune.FeatureSource(emb, src.labels))
+    via_probe = probe.predict(
+        finetune.new_state(head_vars, probe.tx), finetune.FeatureSource(emb, src.labels)
+    )
     np.testing.assert_allclose(via_probe, direct, rtol=1e-4, atol=1e-6)
 
 
 def test_best_epoch_selection_with_fake_model():
     val_y = np.array([0, 0, 1, 1])
     # validation AUROC per epoch: 0.5, 1.0, 0.75, 1.0 (tie -> earliest, epoch 2)
-    val_probs = {1: [0.5, 0.5, 0.5, 0.5], 2: [0.1, 0.2, 0.8, 0.9], 3: [0.1, 0.4, 0.35, 0.8], 4: [0.1, 0.2, 0.3, 0.4]}
+    val_probs = {
+        1: [0.5, 0.5, 0.5, 0.5],
+        2: [0.1, 0.2, 0.8, 0.9],
+        3: [0.1, 0.4, 0.35, 0.8],
+        4: [0.1, 0.2, 0.3, 0.4],
+    }
     calls = []
 
     def train_epoch(state, epoch):
@@ -148,18 +188,32 @@ def test_best_epoch_selection_with_fake_model():
             return np.array(val_probs[state["epoch"]])
         return np.array([0.3, 0.6]) if state["epoch"] == 2 else np.array([0.6, 0.3])
 
-    out = finetune.fit_and_select({"epoch": 0}, 4, train_epoch, predict, val_y, np.array([0, 1]),
-                                  snapshot=dict)
+    out = finetune.fit_and_select(
+        {"epoch": 0}, 4, train_epoch, predict, val_y, np.array([0, 1]), snapshot=dict
+    )
     assert out["best_epoch"] == 2
-    assert [c for c in calls if c[0] == "test"] == [("test", 2)]  # test scored once, with epoch 2's state
+    assert [c for c in calls if c[0] == "test"] == [
+        ("test", 2)
+    ]  # test scored once, with epoch 2's state
     assert out["test"]["auroc"] == 1.0
     assert [h["val"]["auroc"] for h in out["history"]] == [0.5, 1.0, 0.75, 1.0]
     assert out["val"]["auroc"] == 1.0
     # a diverged epoch (NaN predictions) stops with one line; scikit-learn raised a traceback on it
     val_probs[3] = [0.1, float("nan"), 0.3, 0.4]
-    with pytest.raises(UserError, match=r"^fine-tuning diverged at epoch 3 \(non-finite predictions, train loss "
-                                        r"0.3333\); lower config.finetune.learning_rate$"):
-        finetune.fit_and_select({"epoch": 0}, 4, train_epoch, predict, val_y, np.array([0, 1]), snapshot=dict)
-    nan = float("nan")  # the selection rule: strictly better wins (ties keep the earliest); NaN only beats nothing
+    with pytest.raises(
+        UserError,
+        match=r"^fine-tuning diverged at epoch 3 \(non-finite predictions, train loss "
+        r"0.3333\); lower config.finetune.learning_rate$",
+    ):
+        finetune.fit_and_select(
+            {"epoch": 0}, 4, train_epoch, predict, val_y, np.array([0, 1]), snapshot=dict
+        )
+    nan = float(
+        "nan"
+    )  # the selection rule: strictly better wins (ties keep the earliest); NaN only beats nothing
     assert finetune.better(0.6, None) and finetune.better(nan, None) and finetune.better(0.6, nan)
-    assert not finetune.better(0.7, 0.7) and not finetune.better(nan, 0.6) and not finetune.better(nan, nan)
+    assert (
+        not finetune.better(0.7, 0.7)
+        and not finetune.better(nan, 0.6)
+        and not finetune.better(nan, nan)
+    )

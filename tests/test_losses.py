@@ -1,4 +1,5 @@
 """Losses against float64 NumPy computations of their formulas."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,9 @@ def test_nt_xent_nearly_identical_rows_at_t001():
     a = base + 1e-3 * rand((12, 64), 3)
     b = base + 1e-3 * rand((12, 64), 4)
     t = 0.01
-    val, (ga, gb) = jax.jit(jax.value_and_grad(losses.nt_xent, argnums=(0, 1)), static_argnums=2)(a, b, t)
+    val, (ga, gb) = jax.jit(jax.value_and_grad(losses.nt_xent, argnums=(0, 1)), static_argnums=2)(
+        a, b, t
+    )
     assert np.isfinite(float(val))
     assert np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))
     assert rel(val, np_nt_xent_spec(a, b, t)) < 1e-4
@@ -84,7 +87,8 @@ def test_nt_xent_gradient_matches_finite_differences():
     eps = 1e-6
     for i, j in [(0, 0), (2, 3), (5, 7)]:
         ap, am = a.astype(np.float64), a.astype(np.float64)
-        ap = ap.copy(); am = am.copy()
+        ap = ap.copy()
+        am = am.copy()
         ap[i, j] += eps
         am[i, j] -= eps
         fd = (np_nt_xent_ids(ap, b, t, ids) - np_nt_xent_ids(am, b, t, ids)) / (2 * eps)
@@ -167,8 +171,9 @@ def test_nt_xent_sharded_over_8_devices_with_ids():
     h = (a, b, b + a, a - b)
     terms = [(0, 1), (2, 3), (0, 3), (2, 1)]
     ref = sum(np_nt_xent_ids(h[i], h[j], 0.07, ids) for i, j in terms)
-    out = jax.jit(losses.clocs_cmsc)(*(jax.device_put(x, sh) for x in h), 0.07,
-                                     jax.device_put(jnp.asarray(ids), sh))
+    out = jax.jit(losses.clocs_cmsc)(
+        *(jax.device_put(x, sh) for x in h), 0.07, jax.device_put(jnp.asarray(ids), sh)
+    )
     assert rel(out, ref) < 1e-4
 
 

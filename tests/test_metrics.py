@@ -1,4 +1,5 @@
 """Metrics against hand-worked examples, the t interval against a hand computation, tables and plots."""
+
 import csv
 import math
 
@@ -46,15 +47,23 @@ def test_summary_t_interval_hand_computation():
     assert (s["min"], s["max"], s["n"]) == (pytest.approx(0.7), pytest.approx(0.9), 3)
     # K = 5: t_{0.975, 4} = 2.776445
     v5 = [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert metrics.summarize(v5)["ci95"] == pytest.approx(2.776445 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    assert metrics.summarize(v5)["ci95"] == pytest.approx(
+        2.776445 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6
+    )
     one = metrics.summarize([0.5])
     assert one["mean"] == 0.5 and math.isnan(one["ci95"]) and math.isnan(one["ci95_normal"])
 
 
 def _methods():
-    reps = [{"seed": s, "test": {m: 0.5 + 0.1 * i for m in metrics.METRICS}} for i, s in enumerate((321, 123, 51))]
+    reps = [
+        {"seed": s, "test": {m: 0.5 + 0.1 * i for m in metrics.METRICS}}
+        for i, s in enumerate((321, 123, 51))
+    ]
     summ = metrics.summarize_repeats(reps)
-    return {"finetune": {"repeats": reps, "summary": summ}, "random_init": {"repeats": reps, "summary": summ}}
+    return {
+        "finetune": {"repeats": reps, "summary": summ},
+        "random_init": {"repeats": reps, "summary": summ},
+    }
 
 
 def test_tables(tmp_path):
@@ -72,11 +81,19 @@ def test_tables(tmp_path):
 
 
 def test_plots(tmp_path):
-    metrics.plot_val_curves({"finetune": {321: [0.5, 0.6, 0.7], 123: [0.4, 0.5, 0.55]}}, tmp_path / "v.png")
+    metrics.plot_val_curves(
+        {"finetune": {321: [0.5, 0.6, 0.7], 123: [0.4, 0.5, 0.55]}}, tmp_path / "v.png"
+    )
     fpr, tpr = metrics.roc_points([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-    metrics.plot_roc({"finetune": {321: (fpr, tpr, 0.75)}, "linear_probe": {321: (fpr, tpr, 0.75)}},
-                     tmp_path / "r.png")
-    metrics.plot_sweep([0.1, 0.5, 1.0], {"finetune": ([0.6, 0.7, 0.8], [0.05, float("nan"), 0.02])},
-                       tmp_path / "s.png", xlabel="label fraction")
+    metrics.plot_roc(
+        {"finetune": {321: (fpr, tpr, 0.75)}, "linear_probe": {321: (fpr, tpr, 0.75)}},
+        tmp_path / "r.png",
+    )
+    metrics.plot_sweep(
+        [0.1, 0.5, 1.0],
+        {"finetune": ([0.6, 0.7, 0.8], [0.05, float("nan"), 0.02])},
+        tmp_path / "s.png",
+        xlabel="label fraction",
+    )
     for name in ("v.png", "r.png", "s.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """Split invariants on hand-made patient tables (issue 7)."""
+
 import math
 
 import numpy as np
@@ -36,8 +37,10 @@ def make_table(n_pos=12, n_neg=28, seed=0):
 
 
 def test_patient_keys_and_label_rounding():
-    keys = splits.patient_keys(["a", "a", "", "b", "b", "b", "c", "c", "d"],
-                               ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8"])
+    keys = splits.patient_keys(
+        ["a", "a", "", "b", "b", "b", "c", "c", "d"],
+        ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8"],
+    )
     assert list(keys) == ["a", "a", "record:r2", "b", "b", "b", "c", "c", "d"]
     labels = np.array([1, 0, 1, 1, 1, 0, 0, np.nan, np.nan])
     # a: mean 0.5 -> 0 (half to even); record:r2: 1; b: 2/3 -> 1; c: NaN ignored -> 0; d: unknown -> absent
@@ -72,8 +75,13 @@ def test_split_invariants():
 
 def _class_counts(s, truth):
     """(val, test, train) patient counts of each class: {label: (n_val, n_test, n_train)}."""
-    return {c: tuple(sum(truth[p] == c for p in pats) for pats in (s.val_patients, s.test_patients,
-                                                                    s.train_patients)) for c in (0, 1)}
+    return {
+        c: tuple(
+            sum(truth[p] == c for p in pats)
+            for pats in (s.val_patients, s.test_patients, s.train_patients)
+        )
+        for c in (0, 1)
+    }
 
 
 def test_stratification_counts_by_hand():
@@ -143,7 +151,9 @@ def test_pool_check_raises():
     pids, labels, records, _ = make_table()
     s = splits.make_split(pids, labels, records, seed=3)
     keys = splits.patient_keys(pids, records)
-    bad = splits.Split(**{**s.__dict__, "pretrain": np.sort(np.concatenate([s.pretrain, s.test[:1]]))})
+    bad = splits.Split(
+        **{**s.__dict__, "pretrain": np.sort(np.concatenate([s.pretrain, s.test[:1]]))}
+    )
     with pytest.raises(splits.LeakageError):
         splits.check_split(bad, keys)
     assert issubclass(splits.LeakageError, UserError)
@@ -157,7 +167,9 @@ def test_bad_inputs_are_user_errors():
         splits.make_split(pids, labels, records, seed=0, label_fraction=0.0)
     with pytest.raises(UserError, match="positive patients"):
         splits.make_split(pids, np.where(labels == 1, 0.0, labels), records, seed=0)
-    with pytest.raises(UserError, match=r"no record has a known label \(\d+ records, all unknown\)"):
+    with pytest.raises(
+        UserError, match=r"no record has a known label \(\d+ records, all unknown\)"
+    ):
         splits.make_split(pids, np.full(len(labels), np.nan), records, seed=0)
 
 

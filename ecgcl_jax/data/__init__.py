@@ -3,6 +3,7 @@
 `open_dataset(path)` -> `Dataset` (path "" = the embedded default set); `prepare(sources, out, PrepareOptions())`;
 command line: `python -m ecgcl_jax.data prepare SRC [SRC ...] --out DIR`.
 """
+
 from ecgcl_jax.data.dataset import Dataset, Signals, default_data_path, open_dataset
 from ecgcl_jax.data.build import PrepareOptions, prepare
 

@@ -8,6 +8,7 @@
 - `*.parquet` (reference schema): one list column per lead named `<prefix><lead>` (default prefix `full_lead_`),
   a patient column and a binary label column (names configurable). Needs the optional extra `parquet` (pyarrow).
 """
+
 from __future__ import annotations
 
 import functools
@@ -76,7 +77,9 @@ def check_side_csv(path: str, n_rows: int) -> None:
     side = _side_csv(path)
     if side is not None and len(side) != n_rows:
         stem = os.path.splitext(os.path.basename(path))[0]
-        raise SkipRecord(f"{stem}.csv has {len(side)} lines for {n_rows} array rows (one line per row)")
+        raise SkipRecord(
+            f"{stem}.csv has {len(side)} lines for {n_rows} array rows (one line per row)"
+        )
 
 
 def _orient(x: np.ndarray, n_leads: int, layout: str) -> np.ndarray:
@@ -105,8 +108,9 @@ def _row_meta(side: pd.DataFrame | None, i: int, stem: str) -> dict:
     return m
 
 
-def iter_array_records(path: str, rows: list[int] | None, fs: float, units: str, leads: list[str],
-                       layout: str):
+def iter_array_records(
+    path: str, rows: list[int] | None, fs: float, units: str, leads: list[str], layout: str
+):
     """Yield (row, RawSignal or SkipRecord, meta) for rows of a .npy/.npz file (rows None = all)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     try:
@@ -117,7 +121,9 @@ def iter_array_records(path: str, rows: list[int] | None, fs: float, units: str,
                 if key is None:
                     k3 = [k for k in keys if z[k].ndim == 3]
                     if len(k3) != 1:
-                        raise SkipRecord(f"no 'signals' array in .npz (keys: {', '.join(keys[:8])})")
+                        raise SkipRecord(
+                            f"no 'signals' array in .npz (keys: {', '.join(keys[:8])})"
+                        )
                     key = k3[0]
                 arr = np.asarray(z[key])
         else:
@@ -135,7 +141,7 @@ def iter_array_records(path: str, rows: list[int] | None, fs: float, units: str,
     except Exception as e:
         yield None, SkipRecord(f"unreadable array file ({type(e).__name__})"), {"name": stem}
         return
-    for i in (range(arr.shape[0]) if rows is None else rows):
+    for i in range(arr.shape[0]) if rows is None else rows:
         try:
             meta = _row_meta(side, i, stem)
             x = _orient(np.asarray(arr[i], np.float64), len(leads), layout) * fac
@@ -144,7 +150,9 @@ def iter_array_records(path: str, rows: list[int] | None, fs: float, units: str,
             yield i, e, {"name": f"{stem}_{i}"}
 
 
-def iter_parquet_records(path: str, fs: float, units: str, prefix: str, patient_col: str, label_col: str):
+def iter_parquet_records(
+    path: str, fs: float, units: str, prefix: str, patient_col: str, label_col: str
+):
     """Yield (row, RawSignal or SkipRecord, meta) for each row of a reference-schema parquet file."""
     import pyarrow.parquet as pq
 
@@ -158,13 +166,16 @@ def iter_parquet_records(path: str, fs: float, units: str, prefix: str, patient_
     if not lead_cols:
         yield None, SkipRecord(f"no lead columns named '{prefix}<lead>'"), {"name": stem}
         return
-    names = [c[len(prefix):] for c in lead_cols]
+    names = [c[len(prefix) :] for c in lead_cols]
     cols = {c: table.column(c).to_pylist() for c in lead_cols}
     pids = table.column(patient_col).to_pylist() if patient_col in table.column_names else None
     labs = table.column(label_col).to_pylist() if label_col in table.column_names else None
     fac = unit_factor(units)
     for i in range(table.num_rows):
-        meta = {"name": f"{stem}_{i}", "patient_id": "" if pids is None or pids[i] is None else clean_id(str(pids[i]))}
+        meta = {
+            "name": f"{stem}_{i}",
+            "patient_id": "" if pids is None or pids[i] is None else clean_id(str(pids[i])),
+        }
         if labs is not None:
             meta[label_col] = "" if labs[i] is None else str(labs[i])
         try:

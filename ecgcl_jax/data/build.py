@@ -4,6 +4,7 @@ Work is cut into fixed chunks of inputs; each finished chunk is written to DIR/.
 continues where it stopped. The manifest's `identity` (sources and their file listing, every option, the label
 table's hash, the package version) decides whether a re-run is a no-op, a continuation or a fresh build.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,19 +28,36 @@ from ecgcl_jax import LEADS, NUM_SAMPLES
 from ecgcl_jax.data import arrays
 from ecgcl_jax.data.dataset import FORMAT, FORMAT_VERSION
 from ecgcl_jax.data.header_meta import clean_id, parse_comments, ptbxl_rate_tag, source_id
-from ecgcl_jax.data.labels import (AUTO_TABLE_NAMES, apply_label_table, binary_column, find_auto_table,
-                                   load_label_table, patient_conflicts)
+from ecgcl_jax.data.labels import (
+    AUTO_TABLE_NAMES,
+    apply_label_table,
+    binary_column,
+    find_auto_table,
+    load_label_table,
+    patient_conflicts,
+)
 from ecgcl_jax.data.leads import normalise_lead
 from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
 from ecgcl_jax.data.wfdb_io import SkipRecord, read_wfdb
 from ecgcl_jax.errors import UserError
 
-OUTPUT_FILES = ("manifest.json", "signals.npy", "signals.npz", "scales.npy", "meta.csv", "skipped.csv")
+OUTPUT_FILES = (
+    "manifest.json",
+    "signals.npy",
+    "signals.npz",
+    "scales.npy",
+    "meta.csv",
+    "skipped.csv",
+)
 PARTIAL = ".partial"
 
 
-CHOICES = {"length": ("crop", "windows"), "short": ("pad", "drop"), "missing_leads": ("drop", "zero"),
-           "array_layout": ("auto", "NLC", "NCL")}  # the allowed values of PrepareOptions' string options
+CHOICES = {
+    "length": ("crop", "windows"),
+    "short": ("pad", "drop"),
+    "missing_leads": ("drop", "zero"),
+    "array_layout": ("auto", "NLC", "NCL"),
+}  # the allowed values of PrepareOptions' string options
 
 
 @dataclass(frozen=True)
@@ -51,11 +69,17 @@ class PrepareOptions:
     missing_leads: str = "drop"  # drop | zero
     min_seconds: float = 1.0
     max_denominator: int = 1000
-    dedupe: bool = True  # PTB-XL NNNNN_lr with a NNNNN_hr twin in the same SRC: keep only the 500 Hz one
+    dedupe: bool = (
+        True  # PTB-XL NNNNN_lr with a NNNNN_hr twin in the same SRC: keep only the 500 Hz one
+    )
     labels: str | None = None  # label table CSV
     label_column: str | None = None  # None: the table's only label column, else 'normal'
-    auto_labels: bool = True  # without --labels: attach labels.csv / records.csv found at the top of a SRC folder
-    compress: bool = False  # signals.npz (compressed, loaded whole) instead of signals.npy (memory-mapped)
+    auto_labels: bool = (
+        True  # without --labels: attach labels.csv / records.csv found at the top of a SRC folder
+    )
+    compress: bool = (
+        False  # signals.npz (compressed, loaded whole) instead of signals.npy (memory-mapped)
+    )
     array_fs: float = 500.0  # .npy/.npz/.parquet: sampling rate, unit and lead order of the arrays
     array_units: str = "mV"
     array_leads: tuple = tuple(LEADS)
@@ -65,12 +89,16 @@ class PrepareOptions:
     parquet_label_column: str = "label"
 
     def process(self) -> ProcessOptions:
-        return ProcessOptions(self.length, self.short, self.missing_leads, self.min_seconds, self.max_denominator)
+        return ProcessOptions(
+            self.length, self.short, self.missing_leads, self.min_seconds, self.max_denominator
+        )
 
     def validate(self) -> None:
         for k, allowed in CHOICES.items():
             if getattr(self, k) not in allowed:
-                raise UserError(f"--{k.replace('_', '-')}: '{getattr(self, k)}' is not one of {', '.join(allowed)}")
+                raise UserError(
+                    f"--{k.replace('_', '-')}: '{getattr(self, k)}' is not one of {', '.join(allowed)}"
+                )
         if not (self.array_fs > 0):
             raise UserError(f"--array-fs: must be > 0, got {self.array_fs}")
         if self.min_seconds < 0 or self.min_seconds > NUM_SAMPLES / ecgcl_jax.SAMPLE_RATE:
@@ -85,17 +113,23 @@ class PrepareOptions:
 class Inputs:
     items: list = field(default_factory=list)  # (kind, src_index, path, row)
     duplicates: list = field(default_factory=list)  # (100 Hz twin left out, reason)
-    twins: dict = field(default_factory=dict)  # PTB-XL 500 Hz header -> (src index, its 100 Hz twin's header)
+    twins: dict = field(
+        default_factory=dict
+    )  # PTB-XL 500 Hz header -> (src index, its 100 Hz twin's header)
     ptbxl_csvs: list = field(default_factory=list)
-    nested_tables: list = field(default_factory=list)  # (src index, labels.csv / records.csv below the SRC's top)
+    nested_tables: list = field(
+        default_factory=list
+    )  # (src index, labels.csv / records.csv below the SRC's top)
     listing_hash: str = ""
     n_files: int = 0
 
 
 def _is_prepared(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "manifest.json")) and (
-        os.path.isfile(os.path.join(folder, "signals.npy")) or os.path.isfile(os.path.join(folder, "signals.npz"))
-        or os.path.isdir(os.path.join(folder, PARTIAL)))
+        os.path.isfile(os.path.join(folder, "signals.npy"))
+        or os.path.isfile(os.path.join(folder, "signals.npz"))
+        or os.path.isdir(os.path.join(folder, PARTIAL))
+    )
 
 
 def discover(sources: list[str], dedupe: bool, out: str | None = None) -> Inputs:
@@ -149,7 +183,9 @@ def discover(sources: list[str], dedupe: bool, out: str | None = None) -> Inputs
                 inp.items.append(("parquet", si, f, None))
             elif os.path.basename(low) == "ptbxl_database.csv":
                 inp.ptbxl_csvs.append(f)
-            elif os.path.basename(f) in AUTO_TABLE_NAMES and os.path.dirname(fa) != os.path.abspath(src):
+            elif os.path.basename(f) in AUTO_TABLE_NAMES and os.path.dirname(fa) != os.path.abspath(
+                src
+            ):
                 inp.nested_tables.append((si, f))
             elif low.endswith(".mat") and not os.path.exists(f[:-4] + ".hea"):
                 inp.items.append(("bad", si, f, "'.mat' file without its '.hea' header"))
@@ -166,7 +202,14 @@ def discover(sources: list[str], dedupe: bool, out: str | None = None) -> Inputs
                     inp.twins[d["hr"]] = (si, d["lr"])
         inp.items.extend(("wfdb", si, f, None) for f in heas if f not in twins)
     order = {k: i for i, k in enumerate(("wfdb", "npy", "npz", "parquet", "bad"))}
-    inp.items.sort(key=lambda t: (t[1], t[2], order[t[0]], -1 if t[3] is None or isinstance(t[3], str) else t[3]))
+    inp.items.sort(
+        key=lambda t: (
+            t[1],
+            t[2],
+            order[t[0]],
+            -1 if t[3] is None or isinstance(t[3], str) else t[3],
+        )
+    )
     inp.listing_hash = h.hexdigest()
     return inp
 
@@ -197,11 +240,23 @@ def _records_of(item, sources, opts: PrepareOptions, popts: ProcessOptions):
         yield path, rel, name, sig, meta
         return
     if kind == "parquet":
-        gen = arrays.iter_parquet_records(path, opts.array_fs, opts.array_units, opts.parquet_lead_prefix,
-                                          opts.parquet_patient_column, opts.parquet_label_column)
+        gen = arrays.iter_parquet_records(
+            path,
+            opts.array_fs,
+            opts.array_units,
+            opts.parquet_lead_prefix,
+            opts.parquet_patient_column,
+            opts.parquet_label_column,
+        )
     else:
-        gen = arrays.iter_array_records(path, None if row is None else [row], opts.array_fs, opts.array_units,
-                                        list(opts.array_leads), opts.array_layout)
+        gen = arrays.iter_array_records(
+            path,
+            None if row is None else [row],
+            opts.array_fs,
+            opts.array_units,
+            list(opts.array_leads),
+            opts.array_layout,
+        )
     for r, sig, meta in gen:
         rec = path if r is None else f"{path}#{r}"
         name = meta.pop("name", os.path.splitext(os.path.basename(path))[0])
@@ -228,8 +283,16 @@ def _process_chunk(job) -> dict:
                 skips.append((rec, f"unexpected error ({type(e).__name__}: {str(e)[:100]})"))
                 continue
             for q, scale, win in rows:
-                m = {"record": rec, "name": name, "relpath": rel, "source": sources[item[1]],
-                     "source_id": source_id(name), **info, **win, **extra}
+                m = {
+                    "record": rec,
+                    "name": name,
+                    "relpath": rel,
+                    "source": sources[item[1]],
+                    "source_id": source_id(name),
+                    **info,
+                    **win,
+                    **extra,
+                }
                 counts.append(q)
                 scales.append(scale)
                 metas.append(m)
@@ -238,7 +301,11 @@ def _process_chunk(job) -> dict:
     np.save(base + ".tmp.npy", arr)
     os.replace(base + ".tmp.npy", base + ".npy")
     with open(base + ".tmp.json", "w") as f:
-        json.dump({"inputs": len(items), "scales": scales, "meta": metas, "skips": skips}, f, default=_json_default)
+        json.dump(
+            {"inputs": len(items), "scales": scales, "meta": metas, "skips": skips},
+            f,
+            default=_json_default,
+        )
     os.replace(base + ".tmp.json", base + ".json")  # the .json marks the chunk as done
     return {"chunk": idx, "inputs": len(items), "rows": len(metas), "skips": skips}
 
@@ -264,7 +331,9 @@ class Progress:
 
     def line(self) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = (self.done - self.base) / dt  # records read in this run (a continued run starts at base)
+        rate = (
+            self.done - self.base
+        ) / dt  # records read in this run (a continued run starts at base)
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta_s = "--" if not math.isfinite(eta) else f"{int(eta // 60)}:{int(eta % 60):02d}"
         return f"prepare: {self.done}/{self.total} records  {rate:.0f} records/s  ETA {eta_s}"
@@ -295,13 +364,26 @@ def _versions() -> dict:
     import scipy
     import wfdb
 
-    return {"ecgcl_jax": ecgcl_jax.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "wfdb": wfdb.__version__, "pandas": pd.__version__, "python": sys.version.split()[0]}
+    return {
+        "ecgcl_jax": ecgcl_jax.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "wfdb": wfdb.__version__,
+        "pandas": pd.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 def _identity(sources, inputs: Inputs, opts: PrepareOptions, table_sha, chunk: int) -> str:
-    d = {"format_version": FORMAT_VERSION, "version": ecgcl_jax.__version__, "sources": sources,
-         "listing": inputs.listing_hash, "options": asdict(opts), "labels_sha1": table_sha, "chunk": chunk}
+    d = {
+        "format_version": FORMAT_VERSION,
+        "version": ecgcl_jax.__version__,
+        "sources": sources,
+        "listing": inputs.listing_hash,
+        "options": asdict(opts),
+        "labels_sha1": table_sha,
+        "chunk": chunk,
+    }
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -335,7 +417,9 @@ def load_ptbxl_db(csv: str) -> pd.DataFrame | None:
         raise UserError(f"{csv}: cannot read as CSV ({type(e).__name__}: {first})") from None
     if "ecg_id" not in db.columns:
         return None
-    db = db.set_index(db["ecg_id"].map(lambda v: str(int(c)) if (c := clean_id(v)).isdigit() else c))
+    db = db.set_index(
+        db["ecg_id"].map(lambda v: str(int(c)) if (c := clean_id(v)).isdigit() else c)
+    )
     dup = db.index[db.index.duplicated() & (db.index != "")]
     if len(dup):
         raise UserError(f"{csv}: ecg_id {dup[0]} appears in more than one row")
@@ -352,7 +436,11 @@ def _apply_ptbxl(meta: pd.DataFrame, dbs: list[tuple[str, pd.DataFrame]]) -> pd.
                 meta[col] = "" if col != "normal" else np.nan
         for i in range(len(meta)):
             sid = meta.at[i, "source_id"]
-            if not sid or sid not in db.index or not os.path.abspath(meta.at[i, "record"]).startswith(root):
+            if (
+                not sid
+                or sid not in db.index
+                or not os.path.abspath(meta.at[i, "record"]).startswith(root)
+            ):
                 continue
             r = db.loc[sid]
             pid = clean_id(str(r.get("patient_id", "")))
@@ -371,56 +459,91 @@ def _apply_ptbxl(meta: pd.DataFrame, dbs: list[tuple[str, pd.DataFrame]]) -> pd.
             try:  # a malformed scp_codes cell leaves `normal` unknown for that record
                 codes = ast.literal_eval(str(r.get("scp_codes", "")))
                 meta.at[i, "normal"] = 1.0 if float(codes.get("NORM", 0)) == 100.0 else 0.0
-            except (ValueError, TypeError, SyntaxError, AttributeError, MemoryError, RecursionError):
+            except (
+                ValueError,
+                TypeError,
+                SyntaxError,
+                AttributeError,
+                MemoryError,
+                RecursionError,
+            ):
                 pass
     return meta
 
 
 def _reason_kind(reason: str) -> str:
     r = reason.lower()
-    for key, kind in (("duplicate:", "duplicate (lower-rate copy)"), ("truncated", "truncated signal file"),
-                      ("signal file", "missing signal file"), ("header", "bad header"),
-                      ("nan", "NaN samples"), ("missing leads", "missing/unknown leads"),
-                      ("lead names", "wrong lead count"),
-                      ("no axis of", "wrong lead count"), ("duplicate leads", "duplicate leads"),
-                      ("zero-length", "zero-length"), ("too short", "too short"),
-                      ("shorter than 10 s", "shorter than 10 s"), (".mat", "unreadable .mat"),
-                      ("unit", "unknown unit"), ("unreadable", "unreadable file")):
+    for key, kind in (
+        ("duplicate:", "duplicate (lower-rate copy)"),
+        ("truncated", "truncated signal file"),
+        ("signal file", "missing signal file"),
+        ("header", "bad header"),
+        ("nan", "NaN samples"),
+        ("missing leads", "missing/unknown leads"),
+        ("lead names", "wrong lead count"),
+        ("no axis of", "wrong lead count"),
+        ("duplicate leads", "duplicate leads"),
+        ("zero-length", "zero-length"),
+        ("too short", "too short"),
+        ("shorter than 10 s", "shorter than 10 s"),
+        (".mat", "unreadable .mat"),
+        ("unit", "unknown unit"),
+        ("unreadable", "unreadable file"),
+    ):
         if key in r:
             return kind
     return "other"
 
 
 # ----------------------------------------------------------------------------------------------- main entry
-def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, workers: int | None = None,
-            force: bool = False, stream=None) -> dict:
+def prepare(
+    sources: list[str],
+    out: str,
+    opts: PrepareOptions | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    stream=None,
+) -> dict:
     """Prepare `sources` into dataset folder `out`; returns the summary dict. Raises UserError on bad usage or
     when no record could be prepared; bad records are skipped and reported."""
     opts = opts or PrepareOptions()
     opts.validate()
     stream = stream or sys.stderr
     t0 = time.perf_counter()
-    sources = [os.path.expanduser(str(s)) for s in sources]  # `~/data/x` from Python as from a shell
+    sources = [
+        os.path.expanduser(str(s)) for s in sources
+    ]  # `~/data/x` from Python as from a shell
     out = os.path.expanduser(str(out))
     if not sources:
         raise UserError("prepare: give at least one SRC")
     unused = []  # label tables in SRC that are not applied, and why (said in the summary)
     if opts.labels:
         tables = [(None, load_label_table(opts.labels, opts.label_column))]
-        unused = [(p, "--labels was given; its patient ids are not applied either")
-                  for p in (find_auto_table(s) for s in sources)
-                  if p and os.path.abspath(p) != os.path.abspath(opts.labels)]
+        unused = [
+            (p, "--labels was given; its patient ids are not applied either")
+            for p in (find_auto_table(s) for s in sources)
+            if p and os.path.abspath(p) != os.path.abspath(opts.labels)
+        ]
     else:
-        found = [(si, find_auto_table(s)) for si, s in enumerate(sources)] if opts.auto_labels else []
+        found = (
+            [(si, find_auto_table(s)) for si, s in enumerate(sources)] if opts.auto_labels else []
+        )
         tables = [(si, load_label_table(p, opts.label_column, auto=True)) for si, p in found if p]
     inputs = discover(sources, opts.dedupe, out)
     ptbxl_dbs = [(p, db) for p in inputs.ptbxl_csvs if (db := load_ptbxl_db(p)) is not None]
-    if opts.auto_labels and not opts.labels:  # tables below a SRC's top, which only that subfolder as SRC would use
-        unused = [(p, "in a subfolder of SRC: give that folder as SRC, or the table with --labels")
-                  for si, p in inputs.nested_tables if not found[si][1] and find_auto_table(os.path.dirname(p)) == p]
+    if (
+        opts.auto_labels and not opts.labels
+    ):  # tables below a SRC's top, which only that subfolder as SRC would use
+        unused = [
+            (p, "in a subfolder of SRC: give that folder as SRC, or the table with --labels")
+            for si, p in inputs.nested_tables
+            if not found[si][1] and find_auto_table(os.path.dirname(p)) == p
+        ]
     n_items = len(inputs.items)
     chunk = _chunk_size(n_items)
-    ident = _identity([os.path.abspath(s) for s in sources], inputs, opts, [t.sha1 for _, t in tables], chunk)
+    ident = _identity(
+        [os.path.abspath(s) for s in sources], inputs, opts, [t.sha1 for _, t in tables], chunk
+    )
     os.makedirs(out, exist_ok=True)
     man_path = os.path.join(out, "manifest.json")
     old = None
@@ -431,38 +554,66 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
         except (OSError, ValueError):
             old = None
     if old and not force and old.get("identity") == ident and old.get("status") == "complete":
-        stream.write(f"prepare: {out} is up to date ({old.get('summary', {}).get('rows', '?')} rows); nothing to "
-                     "do (--force rebuilds)\n")
+        stream.write(
+            f"prepare: {out} is up to date ({old.get('summary', {}).get('rows', '?')} rows); nothing to "
+            "do (--force rebuilds)\n"
+        )
         return dict(old.get("summary", {}), up_to_date=True)
-    resume = bool(old and not force and old.get("identity") == ident and old.get("status") == "in_progress")
+    resume = bool(
+        old and not force and old.get("identity") == ident and old.get("status") == "in_progress"
+    )
     if not resume:
         _clear(out)
     partial = os.path.join(out, PARTIAL)
     os.makedirs(partial, exist_ok=True)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "in_progress", "identity": ident,
-                "sources": sources,
-                "source_files": inputs.n_files, "options": asdict(opts),
-                "label_tables": [{"path": t.path, "sha1": t.sha1, "found_in_src": si is not None,
-                                  "label_column": t.label_column} for si, t in tables],
-                "versions": _versions(), "chunk_size": chunk,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "status": "in_progress",
+        "identity": ident,
+        "sources": sources,
+        "source_files": inputs.n_files,
+        "options": asdict(opts),
+        "label_tables": [
+            {
+                "path": t.path,
+                "sha1": t.sha1,
+                "found_in_src": si is not None,
+                "label_column": t.label_column,
+            }
+            for si, t in tables
+        ],
+        "versions": _versions(),
+        "chunk_size": chunk,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     manifest["options"]["array_leads"] = list(opts.array_leads)
     _write_json(man_path, manifest)
 
-    chunks = [inputs.items[i:i + chunk] for i in range(0, n_items, chunk)]
-    done = {i for i in range(len(chunks)) if os.path.isfile(os.path.join(partial, f"chunk_{i:05d}.json"))}
+    chunks = [inputs.items[i : i + chunk] for i in range(0, n_items, chunk)]
+    done = {
+        i
+        for i in range(len(chunks))
+        if os.path.isfile(os.path.join(partial, f"chunk_{i:05d}.json"))
+    }
     prog = Progress(n_items, stream)
     if inputs.twins:
-        prog.message(f"prepare: {len(inputs.twins)} PTB-XL 100 Hz records have a 500 Hz twin in the same "
-                     "SRC; the 500 Hz ones are used (--keep-duplicates keeps both; list in skipped.csv)")
+        prog.message(
+            f"prepare: {len(inputs.twins)} PTB-XL 100 Hz records have a 500 Hz twin in the same "
+            "SRC; the 500 Hz ones are used (--keep-duplicates keeps both; list in skipped.csv)"
+        )
     if done:
-        prog.message(f"prepare: continuing an interrupted run: {len(done)} of {len(chunks)} chunks already done")
+        prog.message(
+            f"prepare: continuing an interrupted run: {len(done)} of {len(chunks)} chunks already done"
+        )
         prog.done = prog.base = sum(len(chunks[i]) for i in done)
     todo = [i for i in range(len(chunks)) if i not in done]
     opts_d = asdict(opts)
     jobs = [(i, chunks[i], sources, opts_d, partial) for i in todo]
     if not workers:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
     workers = max(1, min(int(workers or 1), len(jobs) or 1))
 
     def report(res):
@@ -474,10 +625,15 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
         for j in jobs:
             report(_process_chunk(j))
     else:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() and "jax" not in sys.modules
-                             else "spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
-                                    initargs=(os.getpid(),)) as pool:
+        ctx = mp.get_context(
+            "fork" if "fork" in mp.get_all_start_methods() and "jax" not in sys.modules else "spawn"
+        )
+        with cf.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futs = [pool.submit(_process_chunk, j) for j in jobs]
             try:
                 for fut in cf.as_completed(futs):
@@ -489,19 +645,28 @@ def prepare(sources: list[str], out: str, opts: PrepareOptions | None = None, wo
     # A 100 Hz twin stands in for a 500 Hz record that could not be read, so no good ECG is lost.
     results = [_chunk_result(partial, i) for i in range(len(chunks))]
     failed = {r for c in results for r, _ in c["skips"]}
-    rescue = [("wfdb", si, lr, None) for hr, (si, lr) in sorted(inputs.twins.items()) if hr in failed]
+    rescue = [
+        ("wfdb", si, lr, None) for hr, (si, lr) in sorted(inputs.twins.items()) if hr in failed
+    ]
     if rescue:
         prog.total += len(rescue)
-        prog.message(f"prepare: reading {len(rescue)} 100 Hz twins of 500 Hz records that were skipped")
+        prog.message(
+            f"prepare: reading {len(rescue)} 100 Hz twins of 500 Hz records that were skipped"
+        )
         if not os.path.isfile(os.path.join(partial, f"chunk_{len(chunks):05d}.json")):
             report(_process_chunk((len(chunks), rescue, sources, opts_d, partial)))
         chunks.append(rescue)
         results.append(_chunk_result(partial, len(chunks) - 1))
     used = {lr for _, _, lr, _ in rescue}
-    inputs.duplicates = [(lr, f"duplicate: 100 Hz copy of {hr} (500 Hz kept)")
-                         for hr, (_, lr) in sorted(inputs.twins.items()) if lr not in used]
+    inputs.duplicates = [
+        (lr, f"duplicate: 100 Hz copy of {hr} (500 Hz kept)")
+        for hr, (_, lr) in sorted(inputs.twins.items())
+        if lr not in used
+    ]
     prog.close()
-    summary = _assemble(out, chunks, results, inputs, opts, tables, ptbxl_dbs, sources, manifest, stream)
+    summary = _assemble(
+        out, chunks, results, inputs, opts, tables, ptbxl_dbs, sources, manifest, stream
+    )
     summary["label_tables_not_used"] = [{"table": p, "why": why} for p, why in unused]
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["records_per_s"] = round(n_items / max(summary["seconds"], 1e-9), 1)
@@ -534,8 +699,18 @@ def _chunk_result(partial: str, i: int) -> dict:
         return json.load(f)
 
 
-def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables, ptbxl_dbs, sources, manifest,
-              stream) -> dict:
+def _assemble(
+    out,
+    chunks,
+    results,
+    inputs: Inputs,
+    opts: PrepareOptions,
+    tables,
+    ptbxl_dbs,
+    sources,
+    manifest,
+    stream,
+) -> dict:
     partial = os.path.join(out, PARTIAL)
     metas, scales, skips, sizes = [], [], [], []
     for c in results:
@@ -544,16 +719,26 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
         skips.extend(c["skips"])
         sizes.append(len(c["meta"]))
     skips = [(p, r) for p, r in inputs.duplicates] + [tuple(s) for s in skips]
-    pd.DataFrame(skips, columns=["record", "reason"]).to_csv(os.path.join(out, "skipped.csv"), index=False)
+    pd.DataFrame(skips, columns=["record", "reason"]).to_csv(
+        os.path.join(out, "skipped.csv"), index=False
+    )
     n = len(metas)
     if n == 0:
         manifest["status"] = "empty"
         _write_json(os.path.join(out, "manifest.json"), manifest)
-        raise UserError(f"{out}: no record could be prepared ({len(skips)} inputs skipped, see "
-                        f"{os.path.join(out, 'skipped.csv')})")
+        raise UserError(
+            f"{out}: no record could be prepared ({len(skips)} inputs skipped, see "
+            f"{os.path.join(out, 'skipped.csv')})"
+        )
     meta = pd.DataFrame(metas)
-    for col, default in (("patient_id", ""), ("age", np.nan), ("sex", ""), ("dx", ""), ("labels", ""),
-                         ("normal", np.nan)):
+    for col, default in (
+        ("patient_id", ""),
+        ("age", np.nan),
+        ("sex", ""),
+        ("dx", ""),
+        ("labels", ""),
+        ("normal", np.nan),
+    ):
         if col not in meta.columns:
             meta[col] = default
     meta["patient_id"] = meta["patient_id"].fillna("").astype(str)
@@ -579,31 +764,66 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
         column = picked[0]
     else:
         # a label the source states (a header's `Label:`, an array CSV's `label`) before one derived from Dx codes
-        column = opts.label_column or next((c for c in ("label", "normal") if c in meta.columns and
-                                            pd.to_numeric(meta[c], errors="coerce").notna().any()), "normal")
+        column = opts.label_column or next(
+            (
+                c
+                for c in ("label", "normal")
+                if c in meta.columns and pd.to_numeric(meta[c], errors="coerce").notna().any()
+            ),
+            "normal",
+        )
         if column not in meta.columns:
-            raise UserError(f"--label-column: no column '{column}' in the prepared records "
-                            f"(columns: {', '.join(meta.columns)})")
-    if column != "label" and "label" in meta.columns and meta["label"].astype(str).str.strip().replace(
-            "nan", "").ne("").any():
-        if "source_label" not in meta.columns:  # a label table's own `label` column already kept the header's
-            meta["source_label"] = meta["label"]  # the source's own `label`, kept: `label` becomes the chosen column
-    meta["label"] = binary_column(meta[column].tolist(), f"--label-column {column}", meta["record"].tolist())
+            raise UserError(
+                f"--label-column: no column '{column}' in the prepared records "
+                f"(columns: {', '.join(meta.columns)})"
+            )
+    if (
+        column != "label"
+        and "label" in meta.columns
+        and meta["label"].astype(str).str.strip().replace("nan", "").ne("").any()
+    ):
+        if (
+            "source_label" not in meta.columns
+        ):  # a label table's own `label` column already kept the header's
+            meta["source_label"] = meta[
+                "label"
+            ]  # the source's own `label`, kept: `label` becomes the chosen column
+    meta["label"] = binary_column(
+        meta[column].tolist(), f"--label-column {column}", meta["record"].tolist()
+    )
     manifest["options"]["label_column"] = column
-    front = ["record", "name", "patient_id", "label", "window", "valid_length", "fs_original",
-             "n_samples_original", "age", "sex"]
+    front = [
+        "record",
+        "name",
+        "patient_id",
+        "label",
+        "window",
+        "valid_length",
+        "fs_original",
+        "n_samples_original",
+        "age",
+        "sex",
+    ]
     meta = meta[front + [c for c in meta.columns if c not in front]]
     # signals
     if opts.compress:
-        raw = np.concatenate([np.load(os.path.join(partial, f"chunk_{i:05d}.npy")) for i in range(len(chunks))])
-        np.savez_compressed(os.path.join(out, "signals.npz"), raw=raw, scales=np.asarray(scales, np.float32))
+        raw = np.concatenate(
+            [np.load(os.path.join(partial, f"chunk_{i:05d}.npy")) for i in range(len(chunks))]
+        )
+        np.savez_compressed(
+            os.path.join(out, "signals.npz"), raw=raw, scales=np.asarray(scales, np.float32)
+        )
     else:
-        mm = np.lib.format.open_memmap(os.path.join(out, "signals.tmp.npy"), mode="w+", dtype=np.int16,
-                                       shape=(n, NUM_SAMPLES, len(LEADS)))
+        mm = np.lib.format.open_memmap(
+            os.path.join(out, "signals.tmp.npy"),
+            mode="w+",
+            dtype=np.int16,
+            shape=(n, NUM_SAMPLES, len(LEADS)),
+        )
         pos = 0
         for i in range(len(chunks)):
             a = np.load(os.path.join(partial, f"chunk_{i:05d}.npy"), mmap_mode="r")
-            mm[pos:pos + len(a)] = a
+            mm[pos : pos + len(a)] = a
             pos += len(a)
             del a
         del mm  # no msync: the kernel writes the pages back; a crash before the manifest says "complete" reruns
@@ -614,19 +834,29 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
     labels = meta["label"].to_numpy(np.float64)
     pids = meta["patient_id"].astype(str)
     conflicts = patient_conflicts(pids.tolist(), labels.tolist())
-    kinds = Counter(_reason_kind(r) for _, r in skips[len(inputs.duplicates):])
+    kinds = Counter(_reason_kind(r) for _, r in skips[len(inputs.duplicates) :])
     summary = {
-        "rows": n, "records": int(meta["record"].nunique()), "inputs": sum(len(c) for c in chunks),
-        "skipped": len(skips) - len(inputs.duplicates), "skipped_by_reason": dict(sorted(kinds.items())),
+        "rows": n,
+        "records": int(meta["record"].nunique()),
+        "inputs": sum(len(c) for c in chunks),
+        "skipped": len(skips) - len(inputs.duplicates),
+        "skipped_by_reason": dict(sorted(kinds.items())),
         "duplicates": len(inputs.duplicates),
-        "patients": int(pids[pids != ""].nunique()), "rows_without_patient_id": int((pids == "").sum()),
+        "patients": int(pids[pids != ""].nunique()),
+        "rows_without_patient_id": int((pids == "").sum()),
         "label_column": column,
-        "labels": {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
-                   "unknown": int(np.isnan(labels).sum())},
-        "rates_hz": {f"{k:g}": int(v) for k, v in sorted(Counter(meta.drop_duplicates("record")["fs_original"])
-                                                         .items())},
+        "labels": {
+            "positive": int((labels == 1).sum()),
+            "negative": int((labels == 0).sum()),
+            "unknown": int(np.isnan(labels).sum()),
+        },
+        "rates_hz": {
+            f"{k:g}": int(v)
+            for k, v in sorted(Counter(meta.drop_duplicates("record")["fs_original"]).items())
+        },
         "padded_rows": int((meta["valid_length"] < NUM_SAMPLES).sum()),
-        "patients_with_conflicting_labels": len(conflicts), "conflict_examples": conflicts[:5],
+        "patients_with_conflicting_labels": len(conflicts),
+        "conflict_examples": conflicts[:5],
     }
     if label_stats:
         summary["label_table"] = label_stats[0]
@@ -636,36 +866,55 @@ def _assemble(out, chunks, results, inputs: Inputs, opts: PrepareOptions, tables
 
 def format_summary(s: dict, out: str) -> str:
     lab = s["labels"]
-    lines = [f"prepared {s['rows']} rows from {s['records']} records into {out} "
-             f"({s.get('seconds', 0):.2f} s, {s.get('records_per_s', 0):.0f} inputs/s); skipped {s['skipped']}"
-             + (": " + ", ".join(f"{k} {v}" for k, v in s["skipped_by_reason"].items()) if s["skipped"] else "")
-             + (f"; {s['duplicates']} lower-rate duplicates left out" if s.get("duplicates") else ""),
-             f"patients: {s['patients']} ({s['rows_without_patient_id']} rows without patient id); rates seen: "
-             + ", ".join(f"{k} Hz x{v}" for k, v in s["rates_hz"].items()),
-             f"label '{s['label_column']}': {lab['positive']} positive, {lab['negative']} negative, "
-             f"{lab['unknown']} unknown; patients with conflicting labels: {s['patients_with_conflicting_labels']}"
-             + (f" (e.g. {', '.join(s['conflict_examples'])})" if s["conflict_examples"] else "")]
+    lines = [
+        f"prepared {s['rows']} rows from {s['records']} records into {out} "
+        f"({s.get('seconds', 0):.2f} s, {s.get('records_per_s', 0):.0f} inputs/s); skipped {s['skipped']}"
+        + (
+            ": " + ", ".join(f"{k} {v}" for k, v in s["skipped_by_reason"].items())
+            if s["skipped"]
+            else ""
+        )
+        + (f"; {s['duplicates']} lower-rate duplicates left out" if s.get("duplicates") else ""),
+        f"patients: {s['patients']} ({s['rows_without_patient_id']} rows without patient id); rates seen: "
+        + ", ".join(f"{k} Hz x{v}" for k, v in s["rates_hz"].items()),
+        f"label '{s['label_column']}': {lab['positive']} positive, {lab['negative']} negative, "
+        f"{lab['unknown']} unknown; patients with conflicting labels: {s['patients_with_conflicting_labels']}"
+        + (f" (e.g. {', '.join(s['conflict_examples'])})" if s["conflict_examples"] else ""),
+    ]
     for t in s.get("label_tables", [s["label_table"]] if s.get("label_table") else []):
-        lines.append(f"label table {t['table']}{' (found in SRC)' if t.get('found_in_src') else ''}: {t['records_matched']} records matched, {t['records_unmatched']} "
-                     f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
-                     "nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"]
-                                  else "")
-                     + ("; rows that name the lower-rate duplicates left out count among them"
-                        if s.get("duplicates") and t["table_rows_unmatched"] else ""))
+        lines.append(
+            f"label table {t['table']}{' (found in SRC)' if t.get('found_in_src') else ''}: {t['records_matched']} records matched, {t['records_unmatched']} "
+            f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
+            "nothing"
+            + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"] else "")
+            + (
+                "; rows that name the lower-rate duplicates left out count among them"
+                if s.get("duplicates") and t["table_rows_unmatched"]
+                else ""
+            )
+        )
         if t["records_matched"] == 0:
-            lines.append(f"WARNING: label table {t['table']} matched no record, so its labels and patient ids are "
-                         "not in the dataset; check its record column against the records' names or paths")
+            lines.append(
+                f"WARNING: label table {t['table']} matched no record, so its labels and patient ids are "
+                "not in the dataset; check its record column against the records' names or paths"
+            )
         if t.get("table_rows_overridden"):
-            lines.append(f"label table {t['table']}: rows not used because a more specific row names the same "
-                         f"record (path over name over id): {t['table_rows_overridden']} "
-                         f"(e.g. {', '.join(t['overridden_examples'])})")
+            lines.append(
+                f"label table {t['table']}: rows not used because a more specific row names the same "
+                f"record (path over name over id): {t['table_rows_overridden']} "
+                f"(e.g. {', '.join(t['overridden_examples'])})"
+            )
         if t.get("table_rows_matching_several_records"):
-            lines.append(f"label table {t['table']}: table rows that label more than one record each: "
-                         f"{t['table_rows_matching_several_records']} (e.g. {', '.join(t['several_examples'])}); "
-                         "a path in the record column picks one")
+            lines.append(
+                f"label table {t['table']}: table rows that label more than one record each: "
+                f"{t['table_rows_matching_several_records']} (e.g. {', '.join(t['several_examples'])}); "
+                "a path in the record column picks one"
+            )
     for t in s.get("label_tables_not_used", []):
         lines.append(f"note: label table {t['table']} was not used ({t['why']})")
     if s["rows"] and s["patients"] == 0:
-        lines.append("note: no record has a patient id, so the evaluation counts every ECG as its own patient "
-                     "(a label table's patient_id column, or header comments, give them)")
+        lines.append(
+            "note: no record has a patient id, so the evaluation counts every ECG as its own patient "
+            "(a label table's patient_id column, or header comments, give them)"
+        )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ On-disk layout of a prepared dataset DIR (written by `python -m ecgcl_jax.data p
   meta.csv        one row per stored row (record, name, patient_id, label, fs_original, ...)
   skipped.csv     every skipped input with its reason
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ from ecgcl_jax.errors import UserError
 
 FORMAT = "ecgcl-jax prepared dataset"
 FORMAT_VERSION = 1
-NUMERIC_COLUMNS = ("label", "normal", "age", "fs_original", "n_samples_original", "n_leads_original",
-                   "valid_length", "window")
+NUMERIC_COLUMNS = (
+    "label",
+    "normal",
+    "age",
+    "fs_original",
+    "n_samples_original",
+    "n_leads_original",
+    "valid_length",
+    "window",
+)
 INT_COLUMNS = ("n_samples_original", "n_leads_original", "valid_length", "window")
 
 
@@ -47,13 +56,17 @@ class Signals:
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
-        if any(k is Ellipsis for k in key):  # spell `...` out against the 3 axes (record, time, lead)
+        if any(
+            k is Ellipsis for k in key
+        ):  # spell `...` out against the 3 axes (record, time, lead)
             i = next(j for j, k in enumerate(key) if k is Ellipsis)
-            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1:]
+            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
         first, rest = key[0], key[1:]
         raw = np.asarray(self._raw[first])
         s = self._scales[first]
-        x = raw.astype(np.float32) * (np.asarray(s, np.float32)[..., None, None] if np.ndim(s) else np.float32(s))
+        x = raw.astype(np.float32) * (
+            np.asarray(s, np.float32)[..., None, None] if np.ndim(s) else np.float32(s)
+        )
         return x[(slice(None),) * (x.ndim - 2) + rest] if rest else x
 
     def __array__(self, dtype=None, copy=None):
@@ -64,8 +77,15 @@ class Signals:
 class Dataset:
     """A prepared dataset. See module docstring for the layout; `signals[i]`: (5000, 12) float32 mV."""
 
-    def __init__(self, path: str, manifest: dict, raw, scales: np.ndarray, meta: pd.DataFrame,
-                 label_column: str):
+    def __init__(
+        self,
+        path: str,
+        manifest: dict,
+        raw,
+        scales: np.ndarray,
+        meta: pd.DataFrame,
+        label_column: str,
+    ):
         self.path = path
         self.manifest = manifest
         self.raw = raw
@@ -83,8 +103,10 @@ class Dataset:
 
     def __repr__(self) -> str:
         known = ~np.isnan(self.labels)
-        return (f"Dataset({self.path!r}, n={len(self)}, label={self.label_column!r}, "
-                f"positives={int(np.nansum(self.labels))}/{int(known.sum())} known)")
+        return (
+            f"Dataset({self.path!r}, n={len(self)}, label={self.label_column!r}, "
+            f"positives={int(np.nansum(self.labels))}/{int(known.sum())} known)"
+        )
 
     def label_columns(self) -> list[str]:
         """Columns of `meta` usable as a binary label (all values 0/1, true/false, yes/no or empty)."""
@@ -103,8 +125,10 @@ class Dataset:
     def with_label(self, column: str) -> "Dataset":
         """Same data, `.labels` taken from meta column `column` (UserError if absent or not binary)."""
         if column not in self.meta.columns:
-            raise UserError(f"{self.path}: no label column '{column}' (label columns: "
-                            f"{', '.join(self.label_columns())})")
+            raise UserError(
+                f"{self.path}: no label column '{column}' (label columns: "
+                f"{', '.join(self.label_columns())})"
+            )
         return Dataset(self.path, self.manifest, self.raw, self.scales, self.meta, column)
 
 
@@ -120,16 +144,38 @@ def _label_array(meta: pd.DataFrame, column: str, path: str) -> np.ndarray:
     return binary_column(vals.tolist(), f"{os.path.join(path, 'meta.csv')}: column '{column}'")
 
 
-STRING_COLUMNS = ("record", "name", "relpath", "source", "source_id", "patient_id", "ecg_id", "sex", "dx",
-                  "labels", "scp_codes", "leads_original", "missing_leads", "repeated_leads", "resample", "reader",
-                  "format")
+STRING_COLUMNS = (
+    "record",
+    "name",
+    "relpath",
+    "source",
+    "source_id",
+    "patient_id",
+    "ecg_id",
+    "sex",
+    "dx",
+    "labels",
+    "scp_codes",
+    "leads_original",
+    "missing_leads",
+    "repeated_leads",
+    "resample",
+    "reader",
+    "format",
+)
 
 
 def read_meta(path: str) -> pd.DataFrame:
     """meta.csv -> DataFrame: ids stay strings; known numeric columns and 0/1 columns become floats/ints."""
     meta = pd.read_csv(path, dtype=str, keep_default_na=False)
-    binary = [c for c in meta.columns if c not in STRING_COLUMNS and c not in NUMERIC_COLUMNS
-              and meta[c].isin(["", "0", "1", "0.0", "1.0"]).all() and (meta[c] != "").any()]
+    binary = [
+        c
+        for c in meta.columns
+        if c not in STRING_COLUMNS
+        and c not in NUMERIC_COLUMNS
+        and meta[c].isin(["", "0", "1", "0.0", "1.0"]).all()
+        and (meta[c] != "").any()
+    ]
     for c in list(NUMERIC_COLUMNS) + binary:
         if c in meta.columns:
             meta[c] = pd.to_numeric(meta[c].replace("", np.nan), errors="coerce")
@@ -143,10 +189,14 @@ def open_dataset(path: str) -> Dataset:
     path = default_data_path() if path in ("", None) else os.path.expanduser(str(path))
     man_path = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
-        raise UserError(f"{path}: dataset folder not found (make one with: python -m ecgcl_jax.data prepare SRC "
-                        f"--out {path})")
+        raise UserError(
+            f"{path}: dataset folder not found (make one with: python -m ecgcl_jax.data prepare SRC "
+            f"--out {path})"
+        )
     if not os.path.isfile(man_path):
-        raise UserError(f"{path}: not a prepared dataset (no manifest.json; run python -m ecgcl_jax.data prepare)")
+        raise UserError(
+            f"{path}: not a prepared dataset (no manifest.json; run python -m ecgcl_jax.data prepare)"
+        )
     try:
         with open(man_path) as f:
             manifest = json.load(f)
@@ -155,8 +205,10 @@ def open_dataset(path: str) -> Dataset:
     if manifest.get("format") != FORMAT:
         raise UserError(f"{man_path}: not an ecgcl-jax prepared dataset manifest")
     if manifest.get("status") != "complete":
-        raise UserError(f"{path}: preparation did not finish (status '{manifest.get('status')}'); re-run the same "
-                        "prepare command to continue it")
+        raise UserError(
+            f"{path}: preparation did not finish (status '{manifest.get('status')}'); re-run the same "
+            "prepare command to continue it"
+        )
     npy, npz = os.path.join(path, "signals.npy"), os.path.join(path, "signals.npz")
     try:  # a truncated copy, a disk that filled up: one line naming the file, not numpy's traceback
         if os.path.isfile(npy):
@@ -171,11 +223,15 @@ def open_dataset(path: str) -> Dataset:
         else:
             raise UserError(f"{path}: signals.npy missing")
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"{where}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "is it a complete copy? re-run prepare to rebuild it") from None
+        raise UserError(
+            f"{where}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "is it a complete copy? re-run prepare to rebuild it"
+        ) from None
     meta = read_meta(os.path.join(path, "meta.csv"))
     if not (raw.shape[0] == len(scales) == len(meta)):
-        raise UserError(f"{path}: signals ({raw.shape[0]}), scales ({len(scales)}) and meta.csv ({len(meta)}) "
-                        "disagree in length")
+        raise UserError(
+            f"{path}: signals ({raw.shape[0]}), scales ({len(scales)}) and meta.csv ({len(meta)}) "
+            "disagree in length"
+        )
     column = manifest.get("options", {}).get("label_column") or "label"
     return Dataset(path, manifest, raw, scales, meta, column if column in meta.columns else "label")

@@ -9,6 +9,7 @@ Understood comment spellings (case-insensitive, `#Key: value`, `# Key: value`, `
 - binary labels: `Label: v` -> column `label`; `<Name> label: v` (e.g. CODE-15%'s `Chagas label: True`) -> column
   `<name>` (lower case, spaces as `_`), values 0/1, true/false, yes/no.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,12 +18,23 @@ import re
 SINUS_RHYTHM = "426783006"
 
 _KV = re.compile(r"^\s*<?\s*([A-Za-z][A-Za-z0-9 _\-/.]*?)\s*>?\s*[:=]\s*(.*?)\s*$")
-_PATIENT_KEYS = {"patient", "patientid", "patientno", "patientnumber", "patientnr", "subject", "subjectid",
-                 "pid", "patid"}
+_PATIENT_KEYS = {
+    "patient",
+    "patientid",
+    "patientno",
+    "patientnumber",
+    "patientnr",
+    "subject",
+    "subjectid",
+    "pid",
+    "patid",
+}
 _SQUASH = re.compile(r"[\s_\-/.]+")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
-_FLOAT01 = re.compile(r"([01])\.0*")  # 1.0 / 0.0, as pandas writes a 0/1 column that has empty cells
+_FLOAT01 = re.compile(
+    r"([01])\.0*"
+)  # 1.0 / 0.0, as pandas writes a 0/1 column that has empty cells
 
 
 def parse_binary(value) -> float | None:
@@ -72,7 +84,9 @@ def parse_comments(comments: list[str]) -> dict:
                 out["age"] = a if math.isfinite(a) and 0 <= a < 150 else math.nan
             elif key in ("sex", "gender"):
                 s = val.strip().lower()
-                out["sex"] = ("M" if s in ("m", "male", "0") else "F" if s in ("f", "female", "1") else "")
+                out["sex"] = (
+                    "M" if s in ("m", "male", "0") else "F" if s in ("f", "female", "1") else ""
+                )
             elif key in _PATIENT_KEYS:
                 pid = clean_id(val)
                 if pid:
@@ -90,8 +104,11 @@ def parse_comments(comments: list[str]) -> dict:
             elif key == "label" or key.endswith("label"):
                 v = parse_binary(val)
                 if v is not None:
-                    name = "label" if key == "label" else _SQUASH.sub(
-                        "_", key_raw.lower()[: -len("label")].strip()).strip("_")
+                    name = (
+                        "label"
+                        if key == "label"
+                        else _SQUASH.sub("_", key_raw.lower()[: -len("label")].strip()).strip("_")
+                    )
                     out[name or "label"] = v
     return out
 

@@ -4,6 +4,7 @@ A table row matches a record when `record` equals (in this order of precedence) 
 SRC without extension, its name (file stem), its id in the source's own metadata (PTB-XL ecg_id, e.g. `841` or
 `00841`), or a trailing part of its path (`hr_gt/00841_hr`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,23 @@ from ecgcl_jax.errors import UserError
 _EXTS = (".hea", ".dat", ".mat", ".npy", ".npz", ".parquet")
 # Fields `prepare` writes itself for every record; a table column may not replace them (label, normal, age, sex,
 # patient_id, dx, ... it may: the old values stay as `source_<name>`).
-RESERVED_COLUMNS = ("name", "relpath", "source", "source_id", "window", "valid_length", "fs_original",
-                    "n_samples_original", "n_leads_original", "leads_original", "missing_leads", "repeated_leads",
-                    "resample", "reader", "format")
+RESERVED_COLUMNS = (
+    "name",
+    "relpath",
+    "source",
+    "source_id",
+    "window",
+    "valid_length",
+    "fs_original",
+    "n_samples_original",
+    "n_leads_original",
+    "leads_original",
+    "missing_leads",
+    "repeated_leads",
+    "resample",
+    "reader",
+    "format",
+)
 
 
 def normalise_key(v: str) -> str:
@@ -51,8 +66,10 @@ def binary_column(values, where: str, records=None) -> np.ndarray:
         p = parse_binary(v)
         if p is None:
             rec = f" (record '{records[i]}')" if records is not None else ""
-            raise UserError(f"{where}: row {i + 1}{rec}: invalid label value '{v}' (expected 0/1, true/false, "
-                            "yes/no or empty for unknown)")
+            raise UserError(
+                f"{where}: row {i + 1}{rec}: invalid label value '{v}' (expected 0/1, true/false, "
+                "yes/no or empty for unknown)"
+            )
         out[i] = p
     return out
 
@@ -108,34 +125,55 @@ def load_label_table(path: str, label_column: str | None, auto: bool = False) ->
         raise UserError(f"{path}: the table has a header but no rows{hint}")
     clash = [c for c in cols if c in RESERVED_COLUMNS]
     if clash:
-        raise UserError(f"{path}: column '{clash[0]}' names a field prepare writes itself for every record "
-                        f"({', '.join(RESERVED_COLUMNS)}); rename it{hint}")
+        raise UserError(
+            f"{path}: column '{clash[0]}' names a field prepare writes itself for every record "
+            f"({', '.join(RESERVED_COLUMNS)}); rename it{hint}"
+        )
     df["record"] = df["record"].map(normalise_key)
     dup = df["record"][df["record"].duplicated()]
     if len(dup):
         raise UserError(f"{path}: record '{dup.iloc[0]}' appears in more than one row{hint}")
     if auto:
-        valid = [c for c in cols if c != "patient_id" and all(parse_binary(v) is not None for v in df[c])
-                 and (df[c].str.strip() != "").any()]
+        valid = [
+            c
+            for c in cols
+            if c != "patient_id"
+            and all(parse_binary(v) is not None for v in df[c])
+            and (df[c].str.strip() != "").any()
+        ]
         pick = [c for c in (label_column, "label", "normal") if c in valid]
         chosen = pick[0] if pick else (valid[0] if len(valid) == 1 else None)
         # the column that will become the label must hold labels: say so now, not after every record is read. That
         # is an asked-for column, or, when the table offers none, a `label` / `normal` column, which replaces the
         # records' own and is then prepare's default
-        for c in ([label_column] if label_column else []) + (["label", "normal"] if chosen is None else []):
-            if c in df.columns and c not in valid and c != "record" and (df[c].str.strip() != "").any():
-                binary_column(df[c].tolist(), f"{path}: column '{c}' (found in SRC; --no-auto-labels ignores it)",
-                              df["record"].tolist())
+        for c in ([label_column] if label_column else []) + (
+            ["label", "normal"] if chosen is None else []
+        ):
+            if (
+                c in df.columns
+                and c not in valid
+                and c != "record"
+                and (df[c].str.strip() != "").any()
+            ):
+                binary_column(
+                    df[c].tolist(),
+                    f"{path}: column '{c}' (found in SRC; --no-auto-labels ignores it)",
+                    df["record"].tolist(),
+                )
         label_column = chosen
         return LabelTable(path, df, label_column, sha1, cols)
     if label_column is None:
         cands = [c for c in cols if c != "patient_id"]
         if len(cands) != 1:
-            raise UserError(f"{path}: choose the label with --label-column (columns: {', '.join(cands)})")
+            raise UserError(
+                f"{path}: choose the label with --label-column (columns: {', '.join(cands)})"
+            )
         label_column = cands[0]
     if label_column not in df.columns or label_column == "record":
         raise UserError(f"{path}: no label column '{label_column}' (columns: {', '.join(cols)})")
-    binary_column(df[label_column].tolist(), f"{path}: column '{label_column}'", df["record"].tolist())
+    binary_column(
+        df[label_column].tolist(), f"{path}: column '{label_column}'", df["record"].tolist()
+    )
     return LabelTable(path, df, label_column, sha1, cols)
 
 
@@ -168,8 +206,10 @@ def match_rows(table: LabelTable, meta: pd.DataFrame) -> tuple[np.ndarray, np.nd
                     if rank[kind] < best[i]:
                         best[i], row_of[i] = rank[kind], t
                     elif rank[kind] == best[i] and row_of[i] != t:
-                        raise UserError(f"{table.path}: rows '{table.df['record'].iloc[row_of[i]]}' and '{key}' "
-                                        f"both name record {meta['record'].iloc[i]} (by {kind}); keep one")
+                        raise UserError(
+                            f"{table.path}: rows '{table.df['record'].iloc[row_of[i]]}' and '{key}' "
+                            f"both name record {meta['record'].iloc[i]} (by {kind}); keep one"
+                        )
                 break
     return row_of, used
 
@@ -187,8 +227,10 @@ def apply_label_table(table: LabelTable, meta: pd.DataFrame) -> tuple[pd.DataFra
         vals = table.df[col].to_numpy(dtype=object)
         new = np.where(matched, vals[np.maximum(row_of, 0)], "")
         if col == "patient_id":
-            new = [clean_id(str(n)) if (m and clean_id(str(n))) else str(o)
-                   for n, m, o in zip(new, matched, meta["patient_id"])]
+            new = [
+                clean_id(str(n)) if (m and clean_id(str(n))) else str(o)
+                for n, m, o in zip(new, matched, meta["patient_id"])
+            ]
             meta["patient_id"] = new
             continue
         if col in meta.columns:
@@ -200,14 +242,26 @@ def apply_label_table(table: LabelTable, meta: pd.DataFrame) -> tuple[pd.DataFra
     for t, rec in zip(row_of, meta["record"]):
         if t >= 0:
             records_of.setdefault(int(t), set()).add(str(rec))
-    several = [table.df["record"].iloc[t] for t, recs in sorted(records_of.items()) if len(recs) > 1]
+    several = [
+        table.df["record"].iloc[t] for t, recs in sorted(records_of.items()) if len(recs) > 1
+    ]
     # rows that matched records, each of which a more specific row (path over name over id) took instead
-    shadowed = [table.df["record"].iloc[t] for t in np.flatnonzero(used) if int(t) not in records_of]
-    stats = {"table": table.path, "label_column": table.label_column, "records_matched": int(matched.sum()),
-             "records_unmatched": int((~matched).sum()), "table_rows": int(len(table.df)),
-             "table_rows_unmatched": len(unmatched), "unmatched_examples": unmatched[:5],
-             "table_rows_matching_several_records": len(several), "several_examples": several[:5],
-             "table_rows_overridden": len(shadowed), "overridden_examples": shadowed[:5]}
+    shadowed = [
+        table.df["record"].iloc[t] for t in np.flatnonzero(used) if int(t) not in records_of
+    ]
+    stats = {
+        "table": table.path,
+        "label_column": table.label_column,
+        "records_matched": int(matched.sum()),
+        "records_unmatched": int((~matched).sum()),
+        "table_rows": int(len(table.df)),
+        "table_rows_unmatched": len(unmatched),
+        "unmatched_examples": unmatched[:5],
+        "table_rows_matching_several_records": len(several),
+        "several_examples": several[:5],
+        "table_rows_overridden": len(shadowed),
+        "overridden_examples": shadowed[:5],
+    }
     return meta, stats
 
 

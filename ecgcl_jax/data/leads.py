@@ -1,4 +1,5 @@
 """Lead-name normalisation: map the many spellings seen in the wild onto `ecgcl_jax.LEADS`."""
+
 from __future__ import annotations
 
 import re
@@ -6,10 +7,16 @@ import re
 from ecgcl_jax import LEADS
 
 _ALIASES = {
-    "i": "I", "ii": "II", "iii": "III",
-    "avr": "aVR", "avl": "aVL", "avf": "aVF",
+    "i": "I",
+    "ii": "II",
+    "iii": "III",
+    "avr": "aVR",
+    "avl": "aVL",
+    "avf": "aVF",
     # Brazilian / CODE-style "DI, DII, DIII"
-    "di": "I", "dii": "II", "diii": "III",
+    "di": "I",
+    "dii": "II",
+    "diii": "III",
 }
 for _k in range(1, 7):
     _ALIASES[f"v{_k}"] = f"V{_k}"

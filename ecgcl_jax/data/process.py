@@ -1,4 +1,5 @@
 """From a source record to stored rows: lead order, resampling, length policy, int16 quantisation."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ class ProcessOptions:
 
 def rate_ratio(fs: float, max_denominator: int = 1000) -> tuple[int, int]:
     """(up, down) with up/down ~= SAMPLE_RATE / fs, e.g. 257 Hz -> (500, 257), 1000 Hz -> (1, 2)."""
-    r = (Fraction(SAMPLE_RATE) / Fraction(fs).limit_denominator(100000)).limit_denominator(max_denominator)
+    r = (Fraction(SAMPLE_RATE) / Fraction(fs).limit_denominator(100000)).limit_denominator(
+        max_denominator
+    )
     return r.numerator, r.denominator
 
 
@@ -68,7 +71,9 @@ def quantise(x: np.ndarray, gains: list[float] | None) -> tuple[np.ndarray, floa
     return q, scale
 
 
-def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray, float, dict]], dict]:
+def to_rows(
+    sig: RawSignal, opts: ProcessOptions
+) -> tuple[list[tuple[np.ndarray, float, dict]], dict]:
     """Standardise one source record.
 
     Returns (rows, info): rows = [(counts (5000, 12) int16, scale, {'window', 'valid_length'})], info = record-level
@@ -91,7 +96,11 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
     cols = [mapping.get(l) for l in LEADS]
     used = x[:, [c for c in cols if c is not None]]
     if not np.all(np.isfinite(used)):
-        bad = [LEADS[i] for i, c in enumerate(cols) if c is not None and not np.all(np.isfinite(x[:, c]))]
+        bad = [
+            LEADS[i]
+            for i, c in enumerate(cols)
+            if c is not None and not np.all(np.isfinite(x[:, c]))
+        ]
         raise SkipRecord(f"NaN samples in leads {','.join(bad)}")
     std = np.zeros((x.shape[0], len(LEADS)), np.float64)
     for i, c in enumerate(cols):
@@ -101,7 +110,9 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
     if sig.gains is not None:
         gains = [sig.gains[c] for c in cols if c is not None]
     y, ratio = resample(std, sig.fs, opts.max_denominator)
-    n_total = math.ceil(sig.n_samples * SAMPLE_RATE / sig.fs - 1e-9)  # length of the whole record at 500 Hz
+    n_total = math.ceil(
+        sig.n_samples * SAMPLE_RATE / sig.fs - 1e-9
+    )  # length of the whole record at 500 Hz
     n = min(y.shape[0], n_total)
     y = y[:n]
     if n < opts.min_seconds * SAMPLE_RATE:
@@ -110,7 +121,7 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
         raise SkipRecord(f"shorter than 10 s ({n / SAMPLE_RATE:.2f} s)")
     if n >= NUM_SAMPLES:
         n_win = n // NUM_SAMPLES if opts.length == "windows" else 1
-        segs = [(w, y[w * NUM_SAMPLES:(w + 1) * NUM_SAMPLES], NUM_SAMPLES) for w in range(n_win)]
+        segs = [(w, y[w * NUM_SAMPLES : (w + 1) * NUM_SAMPLES], NUM_SAMPLES) for w in range(n_win)]
     else:
         pad = np.zeros((NUM_SAMPLES, len(LEADS)), np.float64)
         pad[:n] = y
@@ -125,7 +136,9 @@ def to_rows(sig: RawSignal, opts: ProcessOptions) -> tuple[list[tuple[np.ndarray
         "n_leads_original": int(x.shape[1]),
         "leads_original": ",".join(map(str, sig.names)),
         "missing_leads": ",".join(miss),
-        "repeated_leads": ",".join(dup),  # a lead given twice (e.g. a rhythm strip): the first channel is used
+        "repeated_leads": ",".join(
+            dup
+        ),  # a lead given twice (e.g. a rhythm strip): the first channel is used
         "resample": ratio,
         "reader": sig.reader,
     }

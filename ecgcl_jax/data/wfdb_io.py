@@ -5,6 +5,7 @@ sets: PTB-XL, CinC 2020/21 `.mat`, LUDB, PTB, INCART, MIMIC-IV-ECG). Anything el
 24, 32, 80, FLAC, multi-segment records, several samples per frame) goes through `wfdb.rdrecord`.
 Both return physical units (mV) and raise `SkipRecord` with a one-line reason on bad input.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,20 @@ class RawSignal:
 
 
 # units -> factor to mV
-_UNIT_FACTORS = {"mv": 1.0, "millivolt": 1.0, "millivolts": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3,
-                 "microvolt": 1e-3, "microvolts": 1e-3, "v": 1e3, "volt": 1e3, "volts": 1e3, "nv": 1e-6}
+_UNIT_FACTORS = {
+    "mv": 1.0,
+    "millivolt": 1.0,
+    "millivolts": 1.0,
+    "uv": 1e-3,
+    "µv": 1e-3,
+    "μv": 1e-3,
+    "microvolt": 1e-3,
+    "microvolts": 1e-3,
+    "v": 1e3,
+    "volt": 1e3,
+    "volts": 1e3,
+    "nv": 1e-6,
+}
 
 
 def unit_factor(unit: str | None) -> float:
@@ -118,7 +131,7 @@ def parse_header(path: str) -> Header:
         raise SkipRecord(f"garbage header (record line '{lines[0][:60]}')")
     if nseg is not None:
         return Header(name, nseg, nsig, fs, nsamp, [], comments)
-    specs = lines[1:1 + nsig]
+    specs = lines[1 : 1 + nsig]
     if len(specs) < nsig:
         raise SkipRecord(f"header declares {nsig} signals but lists {len(specs)}")
     sigs = []
@@ -139,16 +152,28 @@ def parse_header(path: str) -> Header:
             adczero = int(t[4]) if len(t) > 4 else 0
         except ValueError:
             raise SkipRecord(f"garbage header (signal line '{s[:60]}')") from None
-        sigs.append(_SigSpec(
-            file=t[0], fmt=m.group(1), spf=int(m.group(2) or 1), skew=int(m.group(3) or 0),
-            offset=int(m.group(4) or 0), gain=gain, baseline=adczero if baseline is None else baseline,
-            units=units, name=" ".join(t[8:]) if len(t) > 8 else ""))
+        sigs.append(
+            _SigSpec(
+                file=t[0],
+                fmt=m.group(1),
+                spf=int(m.group(2) or 1),
+                skew=int(m.group(3) or 0),
+                offset=int(m.group(4) or 0),
+                gain=gain,
+                baseline=adczero if baseline is None else baseline,
+                units=units,
+                name=" ".join(t[8:]) if len(t) > 8 else "",
+            )
+        )
     return Header(name, None, nsig, fs, nsamp, sigs, comments)
 
 
 def _fast_ok(h: Header) -> bool:
-    return (h.nseg is None and h.nsig > 0
-            and all(s.fmt == "16" and s.spf == 1 and s.skew == 0 and s.file != "~" for s in h.signals))
+    return (
+        h.nseg is None
+        and h.nsig > 0
+        and all(s.fmt == "16" and s.spf == 1 and s.skew == 0 and s.file != "~" for s in h.signals)
+    )
 
 
 def read_wfdb(hea_path: str, max_seconds: float | None = None) -> RawSignal:
@@ -234,8 +259,18 @@ def _loadmat(path: str, nsig: int) -> np.ndarray:
     return np.asarray(val.T)
 
 
-_BYTES_PER_SAMPLE = {"8": 1, "16": 2, "61": 2, "80": 1, "160": 2, "212": 1.5, "24": 3, "32": 4, "310": 4 / 3,
-                     "311": 4 / 3}
+_BYTES_PER_SAMPLE = {
+    "8": 1,
+    "16": 2,
+    "61": 2,
+    "80": 1,
+    "160": 2,
+    "212": 1.5,
+    "24": 3,
+    "32": 4,
+    "310": 4 / 3,
+    "311": 4 / 3,
+}
 
 
 def _check_sizes(hea_path: str, h: Header) -> None:
@@ -254,7 +289,9 @@ def _check_sizes(hea_path: str, h: Header) -> None:
             raise SkipRecord(f"signal file {fname} missing")
         if any(sp.fmt not in _BYTES_PER_SAMPLE for sp in sigs):
             continue
-        need = sigs[0].offset + int(np.ceil(h.nsamp * sum(_BYTES_PER_SAMPLE[sp.fmt] * sp.spf for sp in sigs)))
+        need = sigs[0].offset + int(
+            np.ceil(h.nsamp * sum(_BYTES_PER_SAMPLE[sp.fmt] * sp.spf for sp in sigs))
+        )
         size = os.path.getsize(path)
         if size < need:
             raise SkipRecord(f"truncated signal file {fname} ({size} bytes, header needs {need})")
@@ -269,7 +306,9 @@ def _read_with_wfdb(hea_path: str, h: Header, max_samples: int | None) -> RawSig
         sampto = None if (max_samples is None or not total) else min(total, max_samples)
         r = wfdb.rdrecord(rec_name, sampto=sampto, physical=True, smooth_frames=True)
     except FileNotFoundError as e:
-        raise SkipRecord(f"signal file missing ({os.path.basename(str(e.filename or e))})") from None
+        raise SkipRecord(
+            f"signal file missing ({os.path.basename(str(e.filename or e))})"
+        ) from None
     except Exception as e:  # wfdb raises many types on corrupt files
         msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise SkipRecord(f"unreadable record ({type(e).__name__}: {msg})") from None
@@ -285,5 +324,12 @@ def _read_with_wfdb(hea_path: str, h: Header, max_samples: int | None) -> RawSig
     gains = None
     if r.adc_gain is not None:
         gains = [float(g) / f if g else 200.0 / f for g, f in zip(r.adc_gain, fac)]
-    return RawSignal(x, list(r.sig_name or []), float(r.fs), int(total or x.shape[0]), gains,
-                     list(r.comments or h.comments), "wfdb")
+    return RawSignal(
+        x,
+        list(r.sig_name or []),
+        float(r.fs),
+        int(total or x.shape[0]),
+        gains,
+        list(r.comments or h.comments),
+        "wfdb",
+    )
