@@ -1,6 +1,7 @@
 """The evaluation protocol: K repeats of patient-level split, pretrain-or-load, fine-tune, best-epoch, test.
 
-  python run_eval.py --config configs/eval.py --workdir runs/eval [--config.repeats=5 --config.finetune.num_epochs=40 ...]
+  python run_eval.py --config configs/eval.py --workdir runs/eval \
+      [--config.repeats=5 --config.finetune.num_epochs=40 ...]
   python run_eval.py --config configs/sweep_label_fraction.py --workdir runs/sweep_lf
 
 Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/; re-running continues an
@@ -12,9 +13,8 @@ import sys
 
 from ecgcl_jax import cli  # light (standard library only)
 
-if (
-    __name__ == "__main__"
-):  # a SIGTERM while JAX loads stops the run at its first step instead of killing it
+# a SIGTERM while JAX loads stops the run at its first step instead of killing it
+if __name__ == "__main__":
     cli.hold_early_stop_signals()
 
 from absl import app, flags  # noqa: E402
@@ -38,9 +38,8 @@ def main(argv):
     del argv
     xla_flags = os.environ.get("XLA_FLAGS", "")
     if _DETERMINISTIC.value and "xla_gpu_deterministic_ops" not in xla_flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
-        )  # before JAX starts a backend
+        # before JAX starts a backend
+        os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
 
     def run():
         from configs import eval as eval_config  # noqa: PLC0415 - every evaluation field, to check the config file

@@ -11,9 +11,8 @@ import sys
 
 from ecgcl_jax import cli  # light (standard library only)
 
-if (
-    __name__ == "__main__"
-):  # a SIGTERM while JAX loads stops the run at its first step instead of killing it
+# a SIGTERM while JAX loads stops the run at its first step instead of killing it
+if __name__ == "__main__":
     cli.hold_early_stop_signals()
 
 from absl import app, flags  # noqa: E402

@@ -30,7 +30,6 @@ import numpy as np
 from ecgcl_jax import augment as A
 from ecgcl_jax import models
 
-
 # ------------------------------------------------------------------ alternative formulations
 # (the library's choices live in ecgcl_jax/augment.py; these are the ones measured against them)
 

@@ -1,6 +1,7 @@
 """Does checkpointing slow the step? Pretraining throughput with a checkpoint every N steps vs only at the end.
 
-  python bench/bench_checkpoint.py [--encoder cnn --batch 16 --steps 60 --rounds 2 --json bench/results_checkpoint.jsonl]
+  python bench/bench_checkpoint.py [--encoder cnn --batch 16 --steps 60 --rounds 2 \
+      --json bench/results_checkpoint.jsonl]
 
 Runs the real loop (`pretrain.run`) on the embedded data, alternating the two settings (A B A B ...), and
 reports the median ECG/s of the logged intervals after the first (which includes compilation).
@@ -56,7 +57,7 @@ def main():
         )
     tmp = tempfile.mkdtemp()
     res = {"with_checkpoints": [], "final_only": []}
-    for r in range(a.rounds):
+    for _ in range(a.rounds):
         res["with_checkpoints"].append(
             one(a.encoder, a.batch, a.steps, a.every, os.path.join(tmp, "a"))
         )

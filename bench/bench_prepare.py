@@ -139,11 +139,12 @@ def main() -> None:
         import scipy
         import wfdb
 
-        import ecgcl_jax
-
+        # bench/ is the script's folder; imported late: it imports jax
         from bench_pretrain import (
             cpu_name,
-        )  # bench/ is the script's folder; imported late: it imports jax
+        )
+
+        import ecgcl_jax
 
         cpu = cpu_name()
         rec = {

@@ -101,9 +101,8 @@ def machine_info() -> dict:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    if not info.get(
-        "git_commit"
-    ):  # a copy of the tree without .git (a device machine): say it from outside
+    # a copy of the tree without .git (a device machine): say it from outside
+    if not info.get("git_commit"):
         info["git_commit"] = os.environ.get("ECGCL_GIT_COMMIT", "")
     return info
 
@@ -218,9 +217,8 @@ class ProjectCase:
             c.data.prefetch,
             input_pipeline.reader_threads(c.data.reader_threads),
         )
-        self.max_amp = parallel.replicate_from_host(
-            mesh, np.asarray(max_amp, np.float32)
-        )  # as pretrain.run feeds it
+        # as pretrain.run feeds it
+        self.max_amp = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))
         self._it = self.source.iterate(0, 1 << 40)
         self.conv = models.conv_formulation()
         self.compiler_options = compiler_options(args)
@@ -607,8 +605,10 @@ def main(argv=None) -> int:
                             cases[key] = ProjectCase(args, dataset, enc, pair, prec, b, data, mesh)
                         rec.update(cases[key].measure(args.seconds, args.windows, args.warmup))
                         log(
-                            f"[round {r + 1}] ecgcl-jax {enc} {pair} {prec} {data} B={b}: {rec['ecg_per_s_median']:.1f} ECG/s "
-                            f"({rec['ecg_per_s_min']:.1f}-{rec['ecg_per_s_max']:.1f}), compile {rec['compile_s']:.1f} s, "
+                            f"[round {r + 1}] ecgcl-jax {enc} {pair} {prec} {data} B={b}: "
+                            f"{rec['ecg_per_s_median']:.1f} ECG/s "
+                            f"({rec['ecg_per_s_min']:.1f}-{rec['ecg_per_s_max']:.1f}), "
+                            f"compile {rec['compile_s']:.1f} s, "
                             f"loss {rec['final_loss']:.4f}, load {rec['load1']}"
                         )
                     except Exception as e:  # report and go on
@@ -770,7 +770,8 @@ def scaling(
                             base = base or rate
                             rec["efficiency"] = rate / (n * base)
                             log(
-                                f"{enc:15} {pair[:46]:46} {prec:8} {b:>9} {n:>7} {b * n:>8} {rate:>10.1f} {rate / n:>10.1f} "
+                                f"{enc:15} {pair[:46]:46} {prec:8} {b:>9} {n:>7} {b * n:>8} {rate:>10.1f} "
+                                f"{rate / n:>10.1f} "
                                 f"{rec['efficiency']:>10.2f}"
                             )
                         except Exception as e:

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from bench_pretrain import machine_info, write_synthetic_dataset
+
     from ecgcl_jax.data import open_dataset
     from ecgcl_jax.input_pipeline import available_cpus, read_rows
 

@@ -124,9 +124,8 @@ def op_events(
     stream_lines = [
         (plane, line) for plane in devices for line in plane.lines if line.name.startswith("Stream")
     ]
-    if (
-        stream_lines
-    ):  # raw GPU trace: kernels and copies per stream, each kernel tagged with its HLO op
+    # raw GPU trace: kernels and copies per stream, each kernel tagged with its HLO op
+    if stream_lines:
         for _, line in stream_lines:
             for ev in line.events:
                 add(dict(ev.stats).get("hlo_op", ev.name), ev.duration_ns)

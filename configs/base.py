@@ -25,12 +25,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.patient_positives = (
         False  # ECGs of the same patient in the global batch are positives of each other
     )
+    # leads used by cmlc / cmsmlc (each a single-lead input)
     c.clocs_leads = (
         "II",
         "V2",
         "aVL",
         "aVR",
-    )  # leads used by cmlc / cmsmlc (each a single-lead input)
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # prepared dataset folder; "" = the embedded PTB-XL sample

@@ -1,4 +1,6 @@
-"""CLOCS CMSMLC (halves x leads are all positives) contrastive pretraining (Kiyasseh et al., ICML 2021). See ecgcl_jax/pretrain.py for the views.
+"""CLOCS CMSMLC (halves x leads are all positives) contrastive pretraining.
+
+Kiyasseh et al., ICML 2021. See ecgcl_jax/pretrain.py for the views.
 
 Any encoder: --config.model.encoder=cnn|cnn_lstm|cnn_attn_lstm|cnn_transformer.
 Patient-level positives on top: --config.patient_positives=True.

@@ -33,16 +33,16 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
             ) from None
         c.pretrain = module.get_config()
     # Pretraining per repeat uses every c.pretrain field; its seed is replaced by the repeat's seed.
-    c.data = (
-        c.pretrain.data
-    )  # shared: data.path ("" = embedded PTB-XL sample), data.label (label column)
+    # shared: data.path ("" = embedded PTB-XL sample), data.label (label column)
+    c.data = c.pretrain.data
 
     c.repeats = 3  # K: number of repeats (split + pretrain-or-load + fine-tune + test)
+    # the reference's seeds; repeats beyond these draw further seeds deterministically
     c.seeds = (
         321,
         123,
         51,
-    )  # the reference's seeds; repeats beyond these draw further seeds deterministically
+    )
     c.encoder_checkpoint = ""  # exported encoder (run_pretrain.py WORKDIR or WORKDIR/encoder); "" = pretrain per repeat
     c.allow_leakage = (
         False  # evaluate a loaded encoder even if it saw this repeat's val/test patients

@@ -326,9 +326,8 @@ def _permute_traced(key, x, num_segments, shared: bool):
     """permute_segments for a traced segment count: every shape from L (m <= L), a gather per sample."""
     length, leads = x.shape
     m = jnp.asarray(num_segments, jnp.int32)
-    valid = (
-        (m == num_segments) & (m >= 1) & (m <= length) & (length % jnp.maximum(m, 1) == 0)
-    )  # 5.5 is not 5
+    # 5.5 is not 5
+    valid = (m == num_segments) & (m >= 1) & (m <= length) & (length % jnp.maximum(m, 1) == 0)
     m = jnp.where(valid, m, 1)
     s = length // m
     t = jnp.arange(length, dtype=jnp.int32)
@@ -517,9 +516,8 @@ def _time_warp_traced_m(key, x, num_segments, warp):
     valid = valid & (lq >= 1)
     m = jnp.where(valid, m, ms[0])
     u = _first_rows_uniform(key, m, (length, leads))
-    stretched = (
-        jnp.argsort(jnp.argsort(u, axis=0), axis=0) < m // 2
-    )  # rows >= m rank last: never stretched
+    # rows >= m rank last: never stretched
+    stretched = jnp.argsort(jnp.argsort(u, axis=0), axis=0) < m // 2
     rows = jnp.arange(length, dtype=jnp.int32)[:, None]
     seg_len = jnp.where(stretched, ls, jnp.where(rows < m, lq, 0)).astype(jnp.int32)  # (L, leads)
     offsets = jnp.cumsum(seg_len, axis=0) - seg_len
@@ -650,10 +648,11 @@ def validate(name, param, length: int, field: str = "augment"):
         shared = canon == "permute_shared"
         if isinstance(param, (tuple, list)):
             m, shared = _pair(param, field, "permute takes m or (m, shared_across_leads)")
+            # 0.3 is no answer to "shared?"
             if isinstance(shared, (bool, np.bool_)) or shared in (
                 0,
                 1,
-            ):  # 0.3 is no answer to "shared?"
+            ):
                 shared = bool(shared)
             else:
                 raise UserError(

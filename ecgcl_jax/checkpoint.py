@@ -20,7 +20,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -41,9 +42,8 @@ def _one_writer_per_array() -> None:
     to split states of a few MB. Everything else stays as orbax registered it (its array metadata store included).
     """
     current = ocp.type_handlers.get_type_handler(jax.Array)
-    if not getattr(
-        current, "_use_replica_parallel", False
-    ):  # GPU default, done already, or an orbax without it
+    # GPU default, done already, or an orbax without it
+    if not getattr(current, "_use_replica_parallel", False):
         return
     try:
         handler = ocp.type_handlers.ArrayHandler(
@@ -75,9 +75,8 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     )
     # One unnamed item, fixed here: left open, orbax decides it at the first save or restore, from that step's folder,
     # and a damaged newest step (no default/ inside) turned every later restore and save of this manager into an error.
-    with (
-        _absl_quiet()
-    ):  # it reads every step's metadata; restore_latest says in one line what is wrong
+    # it reads every step's metadata; restore_latest says in one line what is wrong
+    with _absl_quiet():
         return ocp.CheckpointManager(
             os.path.abspath(directory),
             options=options,
@@ -104,9 +103,8 @@ def restore_latest(
     than starting over (see quarantine_all for starting over); the message names `restart_field`, the config field
     that asks for that.
     """
-    with (
-        _absl_quiet()
-    ):  # a damaged step makes orbax log its missing files; the reason is said in one line below
+    # a damaged step makes orbax log its missing files; the reason is said in one line below
+    with _absl_quiet():
         manager.reload()
         steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -122,17 +120,15 @@ def restore_latest(
                 try:
                     state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
                 except Exception:
-                    _until_quiet(
-                        printed
-                    )  # the callbacks print from other threads for a moment after the failure
-                    with (
-                        warnings.catch_warnings()
-                    ):  # "coroutine ... was never awaited": the same abandoned reads
+                    # the callbacks print from other threads for a moment after the failure
+                    _until_quiet(printed)
+                    # "coroutine ... was never awaited": the same abandoned reads
+                    with warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
-                        gc.collect()  # the failed reads' coroutines report themselves when collected: here, into the buffer
-                    logging.getLogger("asyncio").setLevel(
-                        logging.CRITICAL
-                    )  # their futures' "exception never retrieved"
+                        # the failed reads' coroutines report themselves when collected: here, into the buffer
+                        gc.collect()
+                    # their futures' "exception never retrieved"
+                    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                     raise
             _check_finite_tree(state)
         except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable

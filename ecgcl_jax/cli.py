@@ -8,10 +8,10 @@ import signal
 import sys
 import sysconfig
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ecgcl_jax.errors import UserError
-
 
 _EARLY_SIGNALS: list[int] = []  # stop signals received before a run installed its own handler
 _DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
@@ -179,9 +179,8 @@ def _config_error(e: BaseException) -> str:
     frame = _user_frame(e)
     if frame is not None:  # code in the config file raised: name its file and line
         return f"{frame.filename}:{frame.lineno}: {type(e).__name__}: {_last_line(e)}"
-    if isinstance(e, AttributeError) and isinstance(
-        e.__context__, KeyError
-    ):  # an override naming no field
+    # an override naming no field
+    if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):
         lines = str(e.__context__.args[0] if e.__context__.args else "").splitlines() or ["?"]
         hint = " ".join(ln.strip() for ln in lines[1:])
         hint = f"; {hint[0].lower()}{hint[1:]}" if hint else ""
@@ -204,9 +203,8 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
             return flags.FLAGS(argv)
         except flags.Error as e:
             inner = _innermost(e)
-            if (
-                isinstance(inner, SyntaxError) or _user_frame(inner) is not None
-            ):  # the config file's code, wrapped
+            # the config file's code, wrapped
+            if isinstance(inner, SyntaxError) or _user_frame(inner) is not None:
                 msg = _config_error(inner)
             else:
                 msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -37,7 +37,6 @@ import jax
 import ml_collections
 import numpy as np
 
-import ecgcl_jax
 from ecgcl_jax import checkpoint, cli, configdiff, embed, finetune, input_pipeline, metrics, splits
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
@@ -638,9 +637,8 @@ def run(
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
                 saved = json.load(f)
-            if (
-                saved.get("split_rule") != splits.RULE
-            ):  # its finished repeats were split another way
+            # its finished repeats were split another way
+            if saved.get("split_rule") != splits.RULE:
                 raise UserError(
                     f"{cfg_path}: this evaluation was started by an older version, whose split rounded "
                     "differently; use a new --workdir"
@@ -836,14 +834,12 @@ def _run_sweep_locked(
             _set_path(variant, f, v)
         variant.sweep.field = ""
         name = variant_name(field, value)
-        if (
-            name in names
-        ):  # e.g. '/a/pt_x' and '/a/pt/x': the later one's folder gets a hash of its value
+        # e.g. '/a/pt_x' and '/a/pt/x': the later one's folder gets a hash of its value
+        if name in names:
             name = f"{name}-{hashlib.sha1(repr(value).encode()).hexdigest()[:12]}"
         names[name] = value
-        same_data = str(variant.data.path) == str(
-            config.data.path
-        )  # a swept data.path opens its own dataset
+        # a swept data.path opens its own dataset
+        same_data = str(variant.data.path) == str(config.data.path)
         try:
             prepared = prepare_run(variant, ds if same_data else None)
         except UserError as e:

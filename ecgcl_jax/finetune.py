@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -61,7 +62,7 @@ class InputSpec:
         return self.mode != "simclr"
 
     @classmethod
-    def from_pretrain_config(cls, config) -> "InputSpec":
+    def from_pretrain_config(cls, config) -> InputSpec:
         return cls(
             mode=str(config.mode),
             domain=str(config.data.domain),
@@ -69,7 +70,7 @@ class InputSpec:
         )
 
     @classmethod
-    def from_preprocessing(cls, prep: dict) -> "InputSpec":
+    def from_preprocessing(cls, prep: dict) -> InputSpec:
         """From an exported encoder's `preprocessing` dict."""
         return cls(
             mode=str(prep.get("mode", "simclr")),

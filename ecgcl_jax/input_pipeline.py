@@ -17,7 +17,7 @@ import concurrent.futures
 import os
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp

@@ -50,9 +50,8 @@ def nt_xent(a, b, temperature=0.07, ids=None):
     n = a.shape[0]
     z = _normalise(jnp.concatenate([a, b], axis=0))
     s = jnp.matmul(z, z.T, precision=_HIGHEST) / jnp.asarray(temperature, jnp.float32)
-    ids = (
-        jnp.arange(n) if ids is None else jnp.asarray(ids)
-    )  # distinct ids: the other view is the only positive
+    # distinct ids: the other view is the only positive
+    ids = jnp.arange(n) if ids is None else jnp.asarray(ids)
     ids2 = jnp.concatenate([ids, ids])
     pos = (ids2[:, None] == ids2[None, :]) & ~jnp.eye(2 * n, dtype=bool)
     return jnp.mean(_row_losses(s, pos))
@@ -109,12 +108,10 @@ def multi_view_nt_xent(views, temperature=0.07, ids=None, reduction="mean"):
     lse_pair = jnp.logaddexp(diag(block_lse)[:, :, None], block_lse)
     pos_pair = diag(block_pos)[:, :, None] + block_pos
     cnt_pair = diag(block_cnt)[:, :, None] + block_cnt
-    row = lse_pair - pos_pair / jnp.maximum(
-        cnt_pair, 1
-    )  # (V, N, V): row loss of (a, r) in pair (a, b)
-    per_anchor_view = jnp.sum(
-        row, axis=1
-    )  # (V, V): sum over the N anchors of view a in pair (a, b)
+    # (V, N, V): row loss of (a, r) in pair (a, b)
+    row = lse_pair - pos_pair / jnp.maximum(cnt_pair, 1)
+    # (V, V): sum over the N anchors of view a in pair (a, b)
+    per_anchor_view = jnp.sum(row, axis=1)
     pair = (per_anchor_view + per_anchor_view.T) / (2 * n)  # pair loss, symmetric
     iu = jnp.triu_indices(v, k=1)
     total = jnp.sum(pair[iu])

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 
 from ecgcl_jax import hashing
@@ -346,7 +346,10 @@ class AvgPool(nn.Module):
 
 
 class ConvBNAct(nn.Module):
-    """Conv1d (no bias; BatchNorm follows) -> BatchNorm -> LeakyReLU(0.1) -> Dropout(p). (B, L, Cin) -> (B, L', Cout)."""
+    """Conv1d (no bias; BatchNorm follows) -> BatchNorm -> LeakyReLU(0.1) -> Dropout(p).
+
+    (B, L, Cin) -> (B, L', Cout).
+    """
 
     features: int
     kernel_size: int
@@ -503,9 +506,8 @@ class BiLSTMLayer(nn.Module):
             return nn.Bidirectional(nn.RNN(forward), nn.RNN(backward))(x)
         h_forward = nn.RNN(forward)(x)[:, -1]
         x_last = x[:, -1]
-        zeros = jnp.zeros(
-            x_last.shape[:-1] + (self.hidden,), jnp.float32
-        )  # nn.RNN's initial (c, h)
+        # nn.RNN's initial (c, h)
+        zeros = jnp.zeros(x_last.shape[:-1] + (self.hidden,), jnp.float32)
         _, h_backward = backward((zeros, zeros), x_last)
         return jnp.concatenate([h_forward, h_backward], axis=-1)
 
@@ -513,7 +515,8 @@ class BiLSTMLayer(nn.Module):
 class AdditivePooling(nn.Module):
     """Additive attention pooling over steps with the last step as query.
 
-    o: (B, T, D). energy_t = tanh(W [q; o_t] + b), score_t = v . energy_t, w = softmax_t(score), context = sum_t w_t o_t.
+    o: (B, T, D). energy_t = tanh(W [q; o_t] + b), score_t = v . energy_t, w = softmax_t(score),
+    context = sum_t w_t o_t.
     Returns context (B, D); sows w (B, T) float32 as intermediates/attention_weights.
     """
 
@@ -532,7 +535,10 @@ class AdditivePooling(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Post-norm encoder layer like torch.nn.TransformerEncoderLayer (ReLU, LayerNorm eps 1e-5). (B, T, d) -> (B, T, d)."""
+    """Post-norm encoder layer like torch.nn.TransformerEncoderLayer (ReLU, LayerNorm eps 1e-5).
+
+    (B, T, d) -> (B, T, d).
+    """
 
     heads: int
     ff_dim: int
@@ -594,9 +600,8 @@ class CNNEncoder(Encoder):
     @nn.compact
     def __call__(self, x, train: bool):
         s = self.trunk()(x, train)
-        h = s.reshape(
-            s.shape[0], -1
-        )  # time-major flatten (PyTorch flattened channel-major: weights differ in order)
+        # time-major flatten (PyTorch flattened channel-major: weights differ in order)
+        h = s.reshape(s.shape[0], -1)
         h = EmbeddingHead(self.emb_dim, self.dropout, self.dtype, name="head")(h, train)
         return h, self.project(h)
 

@@ -9,13 +9,13 @@ so NT-Xent negatives, BatchNorm statistics and the gradient mean all span every 
 from __future__ import annotations
 
 import hashlib
-
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ecgcl_jax.errors import UserError
 

@@ -75,9 +75,8 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    nonfinite: (
-        jax.Array
-    )  # () int32, steps with a non-finite loss, gradient or update (their update skipped)
+    # () int32, steps with a non-finite loss, gradient or update (their update skipped)
+    nonfinite: jax.Array
     first_nonfinite: jax.Array  # () int32, the first such step (0-based), -1 when none
 
 
@@ -124,9 +123,8 @@ def validate_config(config, num_devices: int, field_prefix: str = "") -> None:
     except UserError as e:
         if not field_prefix:
             raise
-        msg = str(
-            e
-        )  # "config.x: ..." from the checks here, "model.x: ..." / "optim..." from the modules they call
+        # "config.x: ..." from the checks here, "model.x: ..." / "optim..." from the modules they call
+        msg = str(e)
         if msg.startswith("config."):
             msg = msg[len("config.") :]
         if msg.split(":", 1)[0].split(".", 1)[0] in config.keys():  # the field's top-level name
@@ -157,9 +155,8 @@ def _validate_config(config, num_devices: int) -> None:
             raise UserError(f"config.{field}: must be a positive integer (got {config[field]})")
     if config.batch_size <= 0:
         raise UserError(f"config.batch_size: must be positive (got {config.batch_size})")
-    if (
-        config.batch_size < 2
-    ):  # alone in its batch, an ECG has no negative: the loss is 0 and nothing is learnt
+    # alone in its batch, an ECG has no negative: the loss is 0 and nothing is learnt
+    if config.batch_size < 2:
         raise UserError(
             f"config.batch_size: must be at least 2, for NT-Xent's negatives (got {config.batch_size})"
         )
@@ -259,9 +256,8 @@ def make_pretrain_step(config, model, tx):
         raw = jnp.take(batch["pool"], batch["rows"], axis=0) if "rows" in batch else batch["raw"]
         x = raw.astype(jnp.float32) * batch["scale"][:, None, None]
         x = input_pipeline.normalize(x, batch["max_amp"])
-        if (
-            "raw" in batch
-        ):  # streamed: one buffer for x, read by the mean and both views (CPU: 0.93x -> ~1.0x resident)
+        # streamed: one buffer for x, read by the mean and both views (CPU: 0.93x -> ~1.0x resident)
+        if "raw" in batch:
             x = augment.materialize(x)
         views = make_views(config, k_aug, x)
         ids = batch["ids"] if use_ids else None
@@ -447,9 +443,8 @@ def run(
         if len(pool) == 0:
             raise UserError("pretraining pool is empty")
         patients = input_pipeline.patient_codes(ds.patient_ids, ds.records)[pool]
-        if (
-            config.patient_positives and len(np.unique(patients)) < 2
-        ):  # every pair a positive: nothing to contrast
+        # every pair a positive: nothing to contrast
+        if config.patient_positives and len(np.unique(patients)) < 2:
             raise UserError(
                 f"config.patient_positives: all {len(pool)} pretraining records belong to one patient, so no "
                 "ECG would have a negative; turn it off or add other patients"
@@ -458,9 +453,8 @@ def run(
     except Exception as e:  # noqa: BLE001 - re-raised by all_succeeded, after the other processes heard of it
         err = e
     parallel.all_succeeded(err, "setting up the run")
-    if (
-        jax.process_count() > 1
-    ):  # every process must run the same config (its data may sit elsewhere on each host)
+    # every process must run the same config (its data may sit elsewhere on each host)
+    if jax.process_count() > 1:
         same = copy.deepcopy(config)
         same.data.path = ""
         parallel.same_on_all(same.to_json(), "the config")
@@ -662,9 +656,8 @@ def _run_locked(
             done = step + 1
             last = done == num_steps
             if done % config.log_every == 0 or last:
-                ls, nonfinite = parallel.to_host(
-                    (pending, state.nonfinite)
-                )  # the logged losses and the count, one transfer
+                # the logged losses and the count, one transfer
+                ls, nonfinite = parallel.to_host((pending, state.nonfinite))
                 ls, nonfinite = np.asarray(ls, np.float64), int(nonfinite)
                 pending = []
                 now = time.perf_counter()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -94,9 +94,8 @@ class Split:
 
     seed: int
     train: np.ndarray  # every labeled ECG of the training patients
-    finetune: (
-        np.ndarray
-    )  # the label-fraction subset of `train` used for fine-tuning (== train at 1.0)
+    # the label-fraction subset of `train` used for fine-tuning (== train at 1.0)
+    finetune: np.ndarray
     val: np.ndarray  # one labeled ECG per validation patient
     test: np.ndarray  # one labeled ECG per test patient
     pretrain: np.ndarray  # pretraining pool: all records of patients not in val/test

@@ -134,9 +134,8 @@ def test_dropout_formulations_agree():
         masks = {
             "feistel": A._drop_feistel(k, L, C, kk),
             "topk_threshold": A._drop_topk_threshold(k, L, C, kk),
-            "sort_threshold": jax.jit(A._drop_sort_threshold, static_argnums=(1, 2))(
-                k, L, C, kk
-            ),  # k traced
+            # k traced
+            "sort_threshold": jax.jit(A._drop_sort_threshold, static_argnums=(1, 2))(k, L, C, kk),
         }
         masks = {m: np.asarray(v) for m, v in masks.items()}
         for m, mask in masks.items():
@@ -362,7 +361,8 @@ def test_time_warp_with_traced_count_equals_static(xs):
         np.testing.assert_allclose(
             np.asarray(jax.jit(A.time_warp)(k, x, m, w)), want, rtol=0, atol=1e-6
         )
-        got = jax.jit(lambda k, x, m: A.time_warp(k, x, m, w))(k, x, m)  # warp static, count traced
+        # warp static, count traced
+        got = jax.jit(lambda k, x, m, w=w: A.time_warp(k, x, m, w))(k, x, m)
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
     ms, ks = jnp.array([4, 10]), keys(2, seed=5)
     ys = jax.vmap(A.time_warp, in_axes=(0, 0, 0, None))(ks, xs, ms, 0.2)
@@ -505,7 +505,8 @@ def test_two_views_invariant_to_batch_split(xs, aug1, aug2):
 
 
 def test_two_views_sharded_equals_single_device(xs):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     devs = np.array(jax.devices()[:8])
     if len(devs) < 8:

@@ -16,12 +16,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_augment  # noqa: E402
 import bench_pretrain  # noqa: E402
+
 from ecgcl_jax import augment  # noqa: E402
 
 TORCH_STUB = textwrap.dedent("""\
@@ -324,9 +324,8 @@ def test_profile_step_outlines_a_trace_without_op_events(tmp_path):
         f(jnp.ones(8)).block_until_ready()
     [path] = glob.glob(os.path.join(str(tmp_path), "**", "*.xplane.pb"), recursive=True)
     hlo = profile_step.parse_hlo(f.lower(jnp.ones(8)).compile().as_text())
-    assert (
-        sum(profile_step.op_events(path, hlo)[0].values()) > 0
-    )  # the fused op's event is found by its name
+    # the fused op's event is found by its name
+    assert sum(profile_step.op_events(path, hlo)[0].values()) > 0
     assert not profile_step.op_events(path, {"other_fusion": ("fusion", "")})[0]
     outline = profile_step.trace_outline(path)
     assert "/host:CPU" in outline, outline

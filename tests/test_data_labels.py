@@ -21,24 +21,26 @@ HR = "sara-es__PhysionetChallenge2024/tiny_testset/hr_gt"
 # record key -> (how it should match, lvh, other, patient_id)
 ROWS = [
     ("00841_hr", "HR/00841_hr", "1", "no", ""),  # by name
+    # by path relative to SRC (without extension)
     (
         f"{HR}/01612_hr",
         "HR/01612_hr",
         "0",
         "yes",
         "",
-    ),  # by path relative to SRC (without extension)
+    ),
     (f"./{HR}/02132_hr.hea", "HR/02132_hr", "TRUE", "", ""),  # same, with ./ and extension
     ("6001", "HR06001", "Yes", "1", ""),  # by PTB-XL ecg_id (CinC copy HR06001)
     ("00002", "HR00002", "false", "0", ""),  # ecg_id with leading zeros
     ("3403", "03403_hr", "", "1", ""),  # ecg_id of a PTB-XL 500 Hz record; empty = unknown
+    # trailing part of the path; patient id from the table
     (
         "hr_gt/04482_hr",
         "04482_hr",
         "1",
         "",
         "PX",
-    ),  # trailing part of the path; patient id from the table
+    ),
     ("06381_hr", "06381_hr", "0", "", "PX"),  # same patient, other label -> conflict
     ("7189", "07189_hr", "0", "", ""),  # id row ...
     ("07189_hr", "07189_hr", "1", "", ""),  # ... and name row for the same record: the name wins
@@ -111,9 +113,8 @@ def test_patient_ids_and_conflicts(labelled):
     ds, s = labelled
     pid = dict(zip(ds.names, ds.patient_ids))
     assert pid["04482_hr"] == pid["06381_hr"] == "PX"
-    assert (
-        pid["HR00001"] == "" and pid["00841_hr"] == ""
-    )  # headers carry none, the table gives none
+    # headers carry none, the table gives none
+    assert pid["HR00001"] == "" and pid["00841_hr"] == ""
     assert s["patients_with_conflicting_labels"] == 1 and s["conflict_examples"] == ["PX"]
 
 
@@ -123,9 +124,8 @@ def test_switch_label_column(labelled):
     by = dict(zip(other.names, other.labels))
     assert by["00841_hr"] == 0 and by["01612_hr"] == 1 and by["HR06001"] == 1 and by["HR00002"] == 0
     assert np.isnan(by["02132_hr"])
-    assert other.raw is ds.raw and np.array_equal(
-        other.signals[3], ds.signals[3]
-    )  # same data, other labels
+    # same data, other labels
+    assert other.raw is ds.raw and np.array_equal(other.signals[3], ds.signals[3])
     assert "other" in ds.label_columns() and "lvh" in ds.label_columns()
     with pytest.raises(UserError, match="no label column 'nope'"):
         ds.with_label("nope")
@@ -270,9 +270,8 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
         assert ds.labels[i] == float(hr.loc[rel, "normal"]), rel
         assert ds.meta["fs_original"].iloc[i] == 500
     pos = int((hr["normal"].astype(float) == 1).sum())
-    assert (
-        s["patients"] == hr.loc[hr["patient_id"] != "", "patient_id"].nunique() == 29
-    )  # known ids
+    # known ids
+    assert s["patients"] == hr.loc[hr["patient_id"] != "", "patient_id"].nunique() == 29
     assert s["labels"] == {"positive": pos, "negative": len(hr) - pos, "unknown": 0} and pos == 30
     assert np.isfinite(np.asarray(ds.signals)).all()
     prepare(
@@ -285,9 +284,8 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
     plain = open_dataset(str(tmp_path / "plain"))
     assert (plain.patient_ids == "").all()  # the headers carry no patient ids
     by = dict(zip(plain.names, plain.labels))
-    assert (
-        by["HR00001"] == 0.0
-    )  # header #Dx has more than sinus rhythm; records.csv (PTB-XL NORM) says 1
+    # header #Dx has more than sinus rhythm; records.csv (PTB-XL NORM) says 1
+    assert by["HR00001"] == 0.0
 
 
 def test_two_rows_naming_one_record_by_the_same_kind_of_key_are_refused(tmp_path):
@@ -352,6 +350,7 @@ def test_bad_value_in_a_label_column_of_a_table_found_in_src_stops_before_any_wo
 
 def test_tables_not_applied_and_missing_patient_ids_are_said(tmp_path):
     import io
+
     from data_fixtures import write_record
 
     sub = tmp_path / "src" / "sub"
@@ -379,9 +378,8 @@ def test_tables_not_applied_and_missing_patient_ids_are_said(tmp_path):
     pd.DataFrame({"record": ["r1"], "lvh": ["1"]}).to_csv(other, index=False)
     s, text = prep(sub, "given", labels=str(other), label_column="lvh")
     assert "(--labels was given; its patient ids are not applied either)" in text
-    s, text = prep(
-        sub, "itself", labels=str(sub / "records.csv"), label_column="lvh"
-    )  # the same table: applied
+    # the same table: applied
+    s, text = prep(sub, "itself", labels=str(sub / "records.csv"), label_column="lvh")
     assert s["patients"] == 1 and "note:" not in text
     # a table that matches no record at all is a loud warning
     none = tmp_path / "none.csv"

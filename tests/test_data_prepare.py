@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from data_fixtures import (
     STD_LEADS,
     UPPER_LEADS,
@@ -18,6 +17,7 @@ from data_fixtures import (
     read_reference,
     write_record,
 )
+
 from ecgcl_jax import LEADS
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
 from ecgcl_jax.errors import UserError
@@ -228,16 +228,14 @@ def test_header_label_is_the_default_label_and_kept_when_another_is_picked(tmp_p
     _prep(src, tmp_path / "a")
     a = open_dataset(str(tmp_path / "a"))
     order = np.argsort(a.names)
-    np.testing.assert_array_equal(
-        a.labels[order], [0.0, 1.0]
-    )  # the stated label, not one derived from Dx
+    # the stated label, not one derived from Dx
+    np.testing.assert_array_equal(a.labels[order], [0.0, 1.0])
     _prep(src, tmp_path / "b", label_column="normal")
     b = open_dataset(str(tmp_path / "b"))
     order = np.argsort(b.names)
     np.testing.assert_array_equal(b.labels[order], [1.0, 0.0])
-    np.testing.assert_array_equal(
-        b.with_label("source_label").labels[order], [0.0, 1.0]
-    )  # not lost
+    # not lost
+    np.testing.assert_array_equal(b.with_label("source_label").labels[order], [0.0, 1.0])
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -253,9 +251,8 @@ def _corrupt_set(tmp_path):
     with open(dat, "r+b") as f:
         f.truncate(os.path.getsize(dat) // 2)
     bad[h] = "truncated"
-    h = write_record(
-        str(src / "bad" / "trunc212"), "t212", fmt="212"
-    )  # truncated, read through wfdb
+    # truncated, read through wfdb
+    h = write_record(str(src / "bad" / "trunc212"), "t212", fmt="212")
     with open(h[:-4] + ".dat", "r+b") as f:
         f.truncate(1000)
     bad[h] = "truncated"
@@ -278,9 +275,8 @@ def _corrupt_set(tmp_path):
     bad[
         write_record(str(src / "bad" / "unknown"), "unknown", leads=[f"X{i}" for i in range(12)])
     ] = "unknown lead"
-    h = write_record(
-        str(src / "bad" / "zero"), "zero"
-    )  # zero-length: header says 0 samples, empty file
+    # zero-length: header says 0 samples, empty file
+    h = write_record(str(src / "bad" / "zero"), "zero")
     with open(h) as f:
         lines = f.read().splitlines()
     first = lines[0].split()
@@ -443,9 +439,8 @@ def test_rerun_is_noop_changed_options_rebuild(tmp_path, capsys):
     man2 = json.loads((out / "manifest.json").read_text())
     assert man2["identity"] != man["identity"] and man2["options"]["short"] == "drop"
     assert len(open_dataset(str(out))) == 3  # 12 s -> one window each
-    write_record(
-        str(src), "r_new", fs=250, seconds=12, seed=9
-    )  # new source file -> rebuilt, not a no-op
+    # new source file -> rebuilt, not a no-op
+    write_record(str(src), "r_new", fs=250, seconds=12, seed=9)
     s = _prep(src, out, length="windows", short="drop")
     assert not s.get("up_to_date") and len(open_dataset(str(out))) == 4
 
@@ -538,10 +533,11 @@ def test_sigterm_leaves_no_worker_behind_and_the_run_continues(tmp_path):
     done = (
         len(list((out / ".partial").glob("chunk_*.json"))) if (out / ".partial").exists() else None
     )
+    # mid-run
     assert p.returncode == -signal.SIGTERM and done is not None and done < 60, (
         p.returncode,
         done,
-    )  # mid-run
+    )
     deadline = time.monotonic() + 10
     while _processes_with(str(out)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -571,9 +567,8 @@ def test_npy_npz_with_csv(tmp_path):
     pd.DataFrame(
         {"record": ["a", "b", "c"], "patient_id": ["p1", "p1", "p2"], "label": ["1", "0", ""]}
     ).to_csv(src / "batch.csv", index=False)
-    b = sines(np.arange(5000) / 250.0, 2).transpose(
-        0, 2, 1
-    )  # (N, leads, length), read at 250 Hz too
+    # (N, leads, length), read at 250 Hz too
+    b = sines(np.arange(5000) / 250.0, 2).transpose(0, 2, 1)
     np.savez(src / "more.npz", signals=b * 1000.0)
     _prep(src, tmp_path / "out", array_fs=250, array_units="uV", label_column="label")
     ds = open_dataset(str(tmp_path / "out"))
@@ -662,9 +657,8 @@ def test_parquet_reference_schema(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(0, 0.3, (3, 5000, 12))
     cols = {f"full_lead_{l}": [list(x[i, :, j]) for i in range(3)] for j, l in enumerate(LEADS)}
-    cols.update(
-        patient_id=[3.0, 4.0, None], label=[1, 0, 1]
-    )  # a float column, as pandas stores ids with gaps
+    # a float column, as pandas stores ids with gaps
+    cols.update(patient_id=[3.0, 4.0, None], label=[1, 0, 1])
     pq.write_table(pa.table(cols), tmp_path / "ref.parquet")
     _prep(tmp_path, tmp_path / "out", label_column="label")
     ds = open_dataset(str(tmp_path / "out"))
@@ -675,7 +669,7 @@ def test_parquet_reference_schema(tmp_path):
 def test_ptbxl_layout_with_database_csv(tmp_path):
     """records100/records500 layout: 500 Hz preferred; patient, scp_codes and NORM-100 label from the csv."""
     src = tmp_path / "ptbxl"
-    for ecg_id, norm in ((1, 100.0), (2, 80.0)):
+    for ecg_id in (1, 2):
         write_record(str(src / "records500" / "00000"), f"{ecg_id:05d}_hr", fs=500, seed=ecg_id)
         write_record(str(src / "records100" / "00000"), f"{ecg_id:05d}_lr", fs=100, seed=ecg_id)
     pd.DataFrame(
@@ -766,6 +760,5 @@ def test_output_folder_inside_source_is_not_read(tmp_path):
     s = _prep(src, src / "prepared")
     assert s.get("up_to_date")  # its own output files did not change the source listing
     _prep(src, src / "prepared", length="windows")
-    assert (
-        len(open_dataset(str(src / "prepared"))) == 2
-    )  # another prepared dataset inside SRC is skipped too
+    # another prepared dataset inside SRC is skipped too
+    assert len(open_dataset(str(src / "prepared"))) == 2

@@ -17,7 +17,6 @@ import pytest
 import ecgcl_jax
 from ecgcl_jax import checkpoint, evaluate, models, splits
 from ecgcl_jax.errors import UserError
-
 from tests.conftest import ROOT, override
 
 TINY = dict(
@@ -371,10 +370,11 @@ def test_split_fractions_follow_the_mode_however_it_is_set():
     from configs import eval as eval_cfg
 
     simclr, clocs = splits.FRACTIONS, splits.CLOCS_FRACTIONS
+    # the SPEC's 70/30 and the CLOCS 60/20/20
     assert (simclr, clocs) == (
         (0.7, 0.15, 0.15),
         (0.6, 0.2, 0.2),
-    )  # the SPEC's 70/30 and the CLOCS 60/20/20
+    )
 
     def fractions(c, exported=None):
         r = evaluate.resolve_split(c, exported)
@@ -441,9 +441,8 @@ def test_sweep_over_the_data_path_opens_each_variants_data(
 
     from ecgcl_jax.data.dataset import default_data_path
 
-    shutil.copytree(
-        default_data_path(), tmp_path / "other"
-    )  # a real dataset: every variant is checked first
+    # a real dataset: every variant is checked first
+    shutil.copytree(default_data_path(), tmp_path / "other")
     cfg = eval_config(
         clean_encoder,
         **{"sweep.field": "data.path", "sweep.choices": ("", str(tmp_path / "other"))},
@@ -602,6 +601,7 @@ def test_run_eval_cli_end_to_end(tmp_path):
     )
     # every test ECG has a prediction, and the reported test AUROC is that of the saved predictions
     import csv
+
     from sklearn.metrics import roc_auc_score
 
     for i, seed in enumerate(seeds):
@@ -630,9 +630,8 @@ def test_run_eval_cli_end_to_end(tmp_path):
 def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
     from ecgcl_jax import embed
 
-    enc = embed.load_encoder(
-        os.path.dirname(clean_encoder)
-    )  # the WORKDIR that holds encoder/ works too
+    # the WORKDIR that holds encoder/ works too
+    enc = embed.load_encoder(os.path.dirname(clean_encoder))
     rows = np.array([5, 0, 3])
     z = embed.embed_dataset(enc, ds, rows=rows, batch_size=2)
     # independent path: NumPy normalisation with the encoder's max_amp, then the encoder module directly

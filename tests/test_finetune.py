@@ -208,9 +208,8 @@ def test_best_epoch_selection_with_fake_model():
         finetune.fit_and_select(
             {"epoch": 0}, 4, train_epoch, predict, val_y, np.array([0, 1]), snapshot=dict
         )
-    nan = float(
-        "nan"
-    )  # the selection rule: strictly better wins (ties keep the earliest); NaN only beats nothing
+    # the selection rule: strictly better wins (ties keep the earliest); NaN only beats nothing
+    nan = float("nan")
     assert finetune.better(0.6, None) and finetune.better(nan, None) and finetune.better(0.6, nan)
     assert (
         not finetune.better(0.7, 0.7)

@@ -85,7 +85,6 @@ def test_run_eval_on_prepared_dataset_with_label_table(tmp_path):
     sp = json.loads((wd / "splits.json").read_text())["321"]
     name_of = dict(zip(map(str, ds.records), ds.names))
     labelled = [name_of[r] for k in ("train", "val", "test") for r in sp["records"][k]]
-    assert (
-        labelled and not set(labelled) & unknown_other
-    )  # unknown labels stay out of the labeled splits
+    # unknown labels stay out of the labeled splits
+    assert labelled and not set(labelled) & unknown_other
     assert len(sp["pretrain"]) > 0

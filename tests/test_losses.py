@@ -160,7 +160,8 @@ def test_multi_view_nt_xent_is_sum_over_pairs(use_ids):
 
 
 def test_nt_xent_sharded_over_8_devices_with_ids():
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     devs = np.array(jax.devices()[:8])
     if len(devs) < 8:

@@ -81,9 +81,8 @@ def hand_counts(encoder, emb, proj=128, leads=12, length=5000, k=15, att=0, d_mo
     if encoder == "cnn_transformer":
         d = d_model
         inp = dense(64, d) if d != 64 else 0
-        layer = (
-            4 * dense(d, d) + 2 * 2 * d + dense(d, d) + dense(d, d)
-        )  # q,k,v,out; 2 LayerNorms; ff (width d)
+        # q,k,v,out; 2 LayerNorms; ff (width d)
+        layer = 4 * dense(d, d) + 2 * 2 * d + dense(d, d) + dense(d, d)
         return conv + bn + inp + layers * layer + dense(d, emb) + projector, stats
     h = (
         emb + 1
@@ -321,9 +320,8 @@ TINY = dict(channels=(4, 5, 6, 6, 7), kernel_size=5, dropout=0.2)
     ids=lambda c: c.encoder,
 )
 def test_encoder_matches_numpy_float64_and_modes(c):
-    x = (
-        np.random.default_rng(1).normal(size=(3, 320, 2)).astype(np.float32)
-    )  # lengths 160,80,38,19,8,4,2
+    # lengths 160,80,38,19,8,4,2
+    x = np.random.default_rng(1).normal(size=(3, 320, 2)).astype(np.float32)
     model = models.build_encoder(c)
     v = random_variables(model, x)
     keys = jax.random.split(jax.random.key(10, impl="rbg"), 2)
@@ -526,9 +524,10 @@ def test_bfloat16_compute(encoder):
 
     @jax.jit
     def run(v, x):
+        # noqa
         fwd = lambda m: m.apply(
             v, x, train=True, rngs={"dropout": KEYS["dropout"]}, mutable=["batch_stats"]
-        )  # noqa
+        )
         return fwd(model), fwd(f32)[0][0]
 
     ((e, z), s), e32 = run(v, x)
@@ -796,9 +795,8 @@ def test_dropout_is_bernoulli_and_inverted(rate):
     n = y0.size
     for y in (y0, y1):
         kept = y != 0
-        np.testing.assert_allclose(
-            y[kept], 1.0 / (1.0 - rate), rtol=1e-6
-        )  # survivors scaled by 1/(1-p)
+        # survivors scaled by 1/(1-p)
+        np.testing.assert_allclose(y[kept], 1.0 / (1.0 - rate), rtol=1e-6)
         assert abs(kept.mean() - (1 - rate)) < 5 * math.sqrt(rate * (1 - rate) / n)
     # independence: between two keys, between neighbours in time, between neighbouring channels and examples
     d0, d1 = (y0 == 0).ravel().astype(float), (y1 == 0).ravel().astype(float)
@@ -871,7 +869,8 @@ def test_transformer_layer_drops_attention_weights_per_weight(monkeypatch):
 
 
 def test_hash_bits_do_not_depend_on_sharding():
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     devices = jax.devices()
     assert len(devices) >= 2, "tests/conftest.py sets 8 fake CPU devices"
@@ -902,9 +901,8 @@ def test_xla_compiler_options_keep_barriers_and_change_no_result():
         return jax.grad(lambda v: jnp.sum(jnp.sin(conv.apply(v, jnp.cos(x)))))(v)
 
     plain, kept = jax.jit(grads), jax.jit(grads, compiler_options=opts)
-    if (
-        jax.default_backend() == "cpu"
-    ):  # the barrier on the paired input survives into the optimised program
+    # the barrier on the paired input survives into the optimised program
+    if jax.default_backend() == "cpu":
         assert "opt-barrier" in kept.lower(v, x).compile().as_text()
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain(v, x), kept(v, x)

@@ -91,16 +91,15 @@ def test_two_processes_equal_one(tmp_path, resident):
         for i in (0, 1)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for i, (p, (o, e)) in enumerate(zip(procs, outs)):
+    for i, (p, (_o, e)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, (
             f"process {i}: " + e[-3000:] + f"\nprocess {1 - i}: " + outs[1 - i][1][-1500:]
         )
     assert "step 3/3" in outs[0][0] and "step" not in outs[1][0]  # logs from process 0 only
     assert "devices: 4 (cpu) in 2 process(es); global batch 8, 2 per device" in outs[0][0]
     logs = sorted(tmp_path.glob("rows.*"))
-    if (
-        resident == "no"
-    ):  # each process reads only its own half of every global batch, never the other's
+    # each process reads only its own half of every global batch, never the other's
+    if resident == "no":
         per_process = [[set(map(int, l.split())) for l in f.read_text().splitlines()] for f in logs]
         assert len(per_process) == 2 and [len(p) for p in per_process] == [3, 3]
         for a, b in zip(*per_process):

@@ -115,6 +115,7 @@ def test_streamed_equals_resident(tmp_path):
 
 def test_resident_auto_follows_the_devices_memory():
     from types import SimpleNamespace
+
     from ecgcl_jax import input_pipeline as ip
 
     class Dev:
@@ -128,12 +129,10 @@ def test_resident_auto_follows_the_devices_memory():
 
     gpu80, gpu16 = Dev({"bytes_limit": 80 << 30}), Dev({"bytes_limit": 16 << 30})
     assert ip.resident_limit([gpu80]) == 20 << 30
-    assert (
-        ip.resident_limit([gpu80, gpu16]) == 4 << 30
-    )  # the pool is replicated: the smallest device decides
-    assert (
-        ip.resident_limit([Dev(None)]) == ip.RESIDENT_AUTO_LIMIT
-    )  # CPU reports no memory statistics
+    # the pool is replicated: the smallest device decides
+    assert ip.resident_limit([gpu80, gpu16]) == 4 << 30
+    # CPU reports no memory statistics
+    assert ip.resident_limit([Dev(None)]) == ip.RESIDENT_AUTO_LIMIT
     assert ip.resident_limit([Dev(RuntimeError("unsupported"))]) == ip.RESIDENT_AUTO_LIMIT
     ds = SimpleNamespace(raw=np.zeros((0, 5000, 12), np.int16))  # 120,000 bytes a record
     pool = np.arange(100_000)  # 12 GB of int16
@@ -157,10 +156,11 @@ def test_read_rows_equals_fancy_indexing(tmp_path):
 
     with concurrent.futures.ThreadPoolExecutor(3) as ex:
         for rows in ([5, 1, 19, 0, 7], [3], [4, 4, 2], list(range(19, -1, -1)) + [6, 6]):
+            # one reader, or three copying file-ordered runs in parallel
             for executor, workers in (
                 (None, 1),
                 (ex, 3),
-            ):  # one reader, or three copying file-ordered runs in parallel
+            ):
                 got = read_rows(mm, np.asarray(rows), executor, workers)
                 assert got.dtype == np.int16 and got.shape == (len(rows), 7, 3)
                 np.testing.assert_array_equal(got, np.asarray(a)[rows])
@@ -168,6 +168,7 @@ def test_read_rows_equals_fancy_indexing(tmp_path):
 
 def test_streamed_batches_are_the_same_with_several_reader_threads(monkeypatch):
     import threading
+
     from ecgcl_jax import data, input_pipeline, parallel
 
     ds = data.open_dataset("")
@@ -200,14 +201,14 @@ def test_streamed_batches_are_the_same_with_several_reader_threads(monkeypatch):
     assert readers_alive()
     it.close()
     assert not readers_alive()
-    assert (
-        input_pipeline.reader_threads(0) == 1 and input_pipeline.reader_threads(5) == 5
-    )  # auto on CPU: 1
+    # auto on CPU: 1
+    assert input_pipeline.reader_threads(0) == 1 and input_pipeline.reader_threads(5) == 5
 
 
 @pytest.mark.parametrize("mode", ["simclr", "cmsc"])
 def test_one_device_equals_eight(tmp_path, mode):
     import jax
+
     from ecgcl_jax import parallel, pretrain
 
     assert jax.device_count() == 8
@@ -235,6 +236,7 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
     the BatchNorm running statistics (global-batch statistics on 8 devices as on 1)."""
     import jax
     import optax
+
     from ecgcl_jax import input_pipeline, models, parallel, pretrain
     from ecgcl_jax.data import open_dataset
 
@@ -425,23 +427,26 @@ def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "over,needle",
     [
+        # no negatives: a loss of exactly 0
         (
             {"batch_size": 1},
             "config.batch_size: must be at least 2",
-        ),  # no negatives: a loss of exactly 0
+        ),
         (
             {"mode": "cmlc", "clocs_leads": ("II", "V2", "II")},
             "config.clocs_leads: II listed more than once",
         ),
         ({"augment.view1": "permute:5,0.3"}, "shared_across_leads must be 0 or 1"),
+        # numpy refused it with a traceback
         (
             {"seed": -3},
             r"config.seed: must be an integer in \[0, 2\*\*32\)",
-        ),  # numpy refused it with a traceback
+        ),
+        # jax keys hold 32 bits: it would repeat seed 0
         (
             {"seed": 2**32},
             r"config.seed: must be an integer in",
-        ),  # jax keys hold 32 bits: it would repeat seed 0
+        ),
     ],
 )
 def test_configs_that_would_train_on_nothing_are_refused(over, needle):
@@ -551,14 +556,15 @@ def test_every_config_pretrains_from_cli(tmp_path, cfg):
 def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from ecgcl_jax import losses, parallel
 
     rng = np.random.default_rng(0)
     zs = [rng.normal(size=(16, 8)).astype(np.float32) for _ in range(4)]
-    ids = np.array(
-        [0, 0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11], np.int32
-    )  # three ECGs of patient 0
+    # three ECGs of patient 0
+    ids = np.array([0, 0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11], np.int32)
     f = jax.jit(lambda a, b, c, d, i: losses.clocs_cmsc(a, b, c, d, temperature=0.1, ids=i))
     one = float(f(*zs, ids))
     mesh = parallel.make_mesh(8)
@@ -602,9 +608,8 @@ def test_damaged_workdir_files_are_one_line_errors(tmp_path):
     pool = np.arange(len(ds))
     wd = str(tmp_path)
     max_amp = pretrain._admit_workdir(c, wd, ds, pool, 8)  # a new workdir: recorded
-    assert (
-        max_amp > 0 and pretrain._admit_workdir(c, wd, ds, pool, 8) == max_amp
-    )  # resumed: the recorded value
+    # resumed: the recorded value
+    assert max_amp > 0 and pretrain._admit_workdir(c, wd, ds, pool, 8) == max_amp
     with open(os.path.join(wd, "run.json"), "w") as f:
         f.write('{"pool_records": []}')
     with pytest.raises(UserError, match="no max_amp recorded"):
@@ -640,6 +645,7 @@ def test_make_views_routes_halves_leads_and_augmentations(mode):
     view2 is the identity, and every lead of x is the same signal, so a view equals its raw slice exactly where no
     noise was drawn and two noised leads differ only through their keys."""
     import jax
+
     import ecgcl_jax
     from ecgcl_jax import pretrain
 
@@ -668,9 +674,8 @@ def test_make_views_routes_halves_leads_and_augmentations(mode):
             noised.append(v)
         else:
             np.testing.assert_array_equal(v, raw)
-    if (
-        mode != "cmsc"
-    ):  # the single-lead views of one half: same signal, different keys, different noise
+    # the single-lead views of one half: same signal, different keys, different noise
+    if mode != "cmsc":
         for a in range(len(cols)):
             for b in range(a + 1, len(cols)):
                 assert not np.allclose(noised[a], noised[b])
@@ -682,6 +687,7 @@ def test_step_runs_one_encoder_forward_per_view():
     import jax
     import jax.numpy as jnp
     import optax
+
     from ecgcl_jax import input_pipeline, models, pretrain
 
     cfg = small_config(
@@ -715,9 +721,8 @@ def test_step_runs_one_encoder_forward_per_view():
     @jax.jit
     def reference(params, batch_stats, raw):
         x = input_pipeline.normalize(raw.astype(jnp.float32) * 1e-3, jnp.float32(3.0))
-        views = pretrain.make_views(
-            cfg, jax.random.PRNGKey(0), x
-        )  # identity augmentations: the key does not matter
+        # identity augmentations: the key does not matter
+        views = pretrain.make_views(cfg, jax.random.PRNGKey(0), x)
         bs, zs = batch_stats, []
         for v in views:
             (_, z), upd = model.apply(

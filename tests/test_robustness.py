@@ -128,9 +128,8 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys, monkeypatch):
     )
     # none restores: a one-line error, unless the user asks to start over
     assert os.listdir(os.path.join(wd, "corrupt_checkpoints"))  # kept aside for inspection
-    for step in os.listdir(
-        os.path.join(wd, "checkpoints")
-    ):  # array data cut short, metadata intact
+    # array data cut short, metadata intact
+    for step in os.listdir(os.path.join(wd, "checkpoints")):
         for root, _, files in os.walk(os.path.join(wd, "checkpoints", step)):
             for name in files:
                 if os.path.basename(root) == "d":
@@ -138,16 +137,14 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys, monkeypatch):
     left = sorted(os.listdir(os.path.join(wd, "checkpoints")))
     # as outside pytest, whose own hook would collect what orbax's failed reads leave behind
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
-    for attempt in range(
-        2
-    ):  # refused, and refused again: the checkpoints stay, nothing starts over
+    # refused, and refused again: the checkpoints stay, nothing starts over
+    for _ in range(2):
         capsys.readouterr()
         with pytest.raises(UserError, match="no checkpoint restores"):
             pretrain.run(small_config(num_steps=10, checkpoint_every=3), wd)
         assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == left
-        assert (
-            "Event loop is closed" not in capsys.readouterr().err
-        )  # orbax's hundreds of traceback lines
+        # orbax's hundreds of traceback lines
+        assert "Event loop is closed" not in capsys.readouterr().err
     assert len(read_metrics(wd)) == 9  # the progress on record is untouched
     aside = len(os.listdir(os.path.join(wd, "corrupt_checkpoints")))
     r = pretrain.run(
@@ -207,9 +204,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         )
 
 
-@pytest.mark.filterwarnings(
-    "ignore:overflow encountered in cast"
-)  # 1e39 is past float32's range, on purpose
+# 1e39 is past float32's range, on purpose
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_update_that_overflows_is_a_bad_step(tmp_path):
     # finite loss and gradients, but a learning rate that takes the parameters past float32's range
     from ecgcl_jax import checkpoint, pretrain
@@ -237,9 +233,8 @@ def test_update_that_overflows_is_a_bad_step(tmp_path):
         str(tmp_path / "skip"),
     )
     assert r["steps"] == 6 and read_metrics(str(tmp_path / "skip"))[-1]["nonfinite_steps"] == 6
-    enc = checkpoint.load_encoder(
-        str(tmp_path / "skip")
-    )  # every update dropped: the weights stay finite
+    # every update dropped: the weights stay finite
+    enc = checkpoint.load_encoder(str(tmp_path / "skip"))
     assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(enc.variables))
 
 
@@ -334,6 +329,7 @@ def test_checkpoint_of_a_replicated_state_compiles_nothing_and_restores_exactly(
     """orbax's replica-parallel writes would compile a slice program per array shape and device at the first save."""
     import jax
     import jax.monitoring
+
     from ecgcl_jax import checkpoint, parallel
 
     mesh = parallel.make_mesh(8)

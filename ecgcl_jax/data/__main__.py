@@ -130,8 +130,8 @@ def main(argv=None) -> int:
             )
             prepare(args.sources, args.out, opts, workers=args.workers or None, force=args.force)
         else:
-            from ecgcl_jax.data.dataset import open_dataset
             from ecgcl_jax.data.build import format_summary
+            from ecgcl_jax.data.dataset import open_dataset
 
             ds = open_dataset(args.path)
             print(repr(ds))

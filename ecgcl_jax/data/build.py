@@ -113,13 +113,11 @@ class PrepareOptions:
 class Inputs:
     items: list = field(default_factory=list)  # (kind, src_index, path, row)
     duplicates: list = field(default_factory=list)  # (100 Hz twin left out, reason)
-    twins: dict = field(
-        default_factory=dict
-    )  # PTB-XL 500 Hz header -> (src index, its 100 Hz twin's header)
+    # PTB-XL 500 Hz header -> (src index, its 100 Hz twin's header)
+    twins: dict = field(default_factory=dict)
     ptbxl_csvs: list = field(default_factory=list)
-    nested_tables: list = field(
-        default_factory=list
-    )  # (src index, labels.csv / records.csv below the SRC's top)
+    # (src index, labels.csv / records.csv below the SRC's top)
+    nested_tables: list = field(default_factory=list)
     listing_hash: str = ""
     n_files: int = 0
 
@@ -196,7 +194,7 @@ def discover(sources: list[str], dedupe: bool, out: str | None = None) -> Inputs
                 tag = ptbxl_rate_tag(os.path.basename(f)[:-4])
                 if tag:
                     by.setdefault(tag[0], {})[tag[1]] = f
-            for num, d in by.items():
+            for d in by.values():
                 if "hr" in d and "lr" in d:
                     twins.add(d["lr"])
                     inp.twins[d["hr"]] = (si, d["lr"])
@@ -531,9 +529,8 @@ def prepare(
         tables = [(si, load_label_table(p, opts.label_column, auto=True)) for si, p in found if p]
     inputs = discover(sources, opts.dedupe, out)
     ptbxl_dbs = [(p, db) for p in inputs.ptbxl_csvs if (db := load_ptbxl_db(p)) is not None]
-    if (
-        opts.auto_labels and not opts.labels
-    ):  # tables below a SRC's top, which only that subfolder as SRC would use
+    # tables below a SRC's top, which only that subfolder as SRC would use
+    if opts.auto_labels and not opts.labels:
         unused = [
             (p, "in a subfolder of SRC: give that folder as SRC, or the table with --labels")
             for si, p in inputs.nested_tables
@@ -782,9 +779,8 @@ def _assemble(
         and "label" in meta.columns
         and meta["label"].astype(str).str.strip().replace("nan", "").ne("").any()
     ):
-        if (
-            "source_label" not in meta.columns
-        ):  # a label table's own `label` column already kept the header's
+        # a label table's own `label` column already kept the header's
+        if "source_label" not in meta.columns:
             meta["source_label"] = meta[
                 "label"
             ]  # the source's own `label`, kept: `label` becomes the chosen column
@@ -883,7 +879,8 @@ def format_summary(s: dict, out: str) -> str:
     ]
     for t in s.get("label_tables", [s["label_table"]] if s.get("label_table") else []):
         lines.append(
-            f"label table {t['table']}{' (found in SRC)' if t.get('found_in_src') else ''}: {t['records_matched']} records matched, {t['records_unmatched']} "
+            f"label table {t['table']}{' (found in SRC)' if t.get('found_in_src') else ''}: "
+            f"{t['records_matched']} records matched, {t['records_unmatched']} "
             f"records without a row; {t['table_rows_unmatched']} of {t['table_rows']} table rows matched "
             "nothing"
             + (f" (e.g. {', '.join(t['unmatched_examples'])})" if t["unmatched_examples"] else "")

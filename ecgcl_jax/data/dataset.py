@@ -56,9 +56,8 @@ class Signals:
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
-        if any(
-            k is Ellipsis for k in key
-        ):  # spell `...` out against the 3 axes (record, time, lead)
+        # spell `...` out against the 3 axes (record, time, lead)
+        if any(k is Ellipsis for k in key):
             i = next(j for j, k in enumerate(key) if k is Ellipsis)
             key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
         first, rest = key[0], key[1:]
@@ -122,7 +121,7 @@ class Dataset:
                 out.append(c)
         return out
 
-    def with_label(self, column: str) -> "Dataset":
+    def with_label(self, column: str) -> Dataset:
         """Same data, `.labels` taken from meta column `column` (UserError if absent or not binary)."""
         if column not in self.meta.columns:
             raise UserError(

@@ -32,9 +32,8 @@ _PATIENT_KEYS = {
 _SQUASH = re.compile(r"[\s_\-/.]+")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
-_FLOAT01 = re.compile(
-    r"([01])\.0*"
-)  # 1.0 / 0.0, as pandas writes a 0/1 column that has empty cells
+# 1.0 / 0.0, as pandas writes a 0/1 column that has empty cells
+_FLOAT01 = re.compile(r"([01])\.0*")
 
 
 def parse_binary(value) -> float | None:

@@ -110,9 +110,8 @@ def to_rows(
     if sig.gains is not None:
         gains = [sig.gains[c] for c in cols if c is not None]
     y, ratio = resample(std, sig.fs, opts.max_denominator)
-    n_total = math.ceil(
-        sig.n_samples * SAMPLE_RATE / sig.fs - 1e-9
-    )  # length of the whole record at 500 Hz
+    # length of the whole record at 500 Hz
+    n_total = math.ceil(sig.n_samples * SAMPLE_RATE / sig.fs - 1e-9)
     n = min(y.shape[0], n_total)
     y = y[:n]
     if n < opts.min_seconds * SAMPLE_RATE:
@@ -136,9 +135,8 @@ def to_rows(
         "n_leads_original": int(x.shape[1]),
         "leads_original": ",".join(map(str, sig.names)),
         "missing_leads": ",".join(miss),
-        "repeated_leads": ",".join(
-            dup
-        ),  # a lead given twice (e.g. a rhythm strip): the first channel is used
+        # a lead given twice (e.g. a rhythm strip): the first channel is used
+        "repeated_leads": ",".join(dup),
         "resample": ratio,
         "reader": sig.reader,
     }
