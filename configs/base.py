@@ -11,9 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # one seed for init, data order and augmentations
     c.num_steps = 300  # optimizer steps
-    c.batch_size = (
-        128  # global batch (all devices, all hosts); clamped to the dataset size with a warning
-    )
+    # global batch (all devices, all hosts); clamped to the dataset size with a warning
+    c.batch_size = 128
     c.log_every = 10  # steps between metrics.jsonl lines / progress lines
     c.checkpoint_every = 100  # steps between checkpoints (the final step is always saved)
     c.keep_checkpoints = 3  # newest N checkpoints kept (the final one is always kept)
@@ -22,9 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Contrast mode: simclr (two views of the whole ECG) | cmsc | cmlc | cmsmlc (CLOCS family).
     c.mode = "simclr"
-    c.patient_positives = (
-        False  # ECGs of the same patient in the global batch are positives of each other
-    )
+    # ECGs of the same patient in the global batch are positives of each other
+    c.patient_positives = False
     # leads used by cmlc / cmsmlc (each a single-lead input)
     c.clocs_leads = (
         "II",
@@ -37,26 +35,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # prepared dataset folder; "" = the embedded PTB-XL sample
     c.data.label = ""  # label column of the dataset ("" = its default); used by evaluation
     c.data.domain = "time"  # time | frequency (|FFT|, first L/2 bins)
-    c.data.resident = (
-        "auto"  # auto | yes | no: keep the whole int16 dataset on the device, or stream batches
-    )
+    # auto | yes | no: keep the whole int16 dataset on the device, or stream batches
+    c.data.resident = "auto"
     c.data.prefetch = 2  # batches assembled ahead by the host thread when streaming
-    c.data.reader_threads = (
-        0  # threads gathering a streamed batch; 0 = auto (1 on CPU, min(8, CPUs) otherwise)
-    )
+    # threads gathering a streamed batch; 0 = auto (1 on CPU, min(8, CPUs) otherwise)
+    c.data.reader_threads = 0
 
     c.augment = ml_collections.ConfigDict()
     # NAME[:PARAM]; NAME in gaussian_noise, dropout, zero_mask, permute, time_warp (PARAM m,w), mix, none.
     c.augment.view1 = "gaussian_noise:0.05"
     c.augment.view2 = "dropout:0.1"
-    c.augment.permute_shared_leads = (
-        False  # one permutation for all leads (keeps leads synchronous)
-    )
+    # one permutation for all leads (keeps leads synchronous)
+    c.augment.permute_shared_leads = False
 
     c.model = ml_collections.ConfigDict()
-    c.model.encoder = (
-        "cnn_attn_lstm"  # cnn | cnn_lstm | cnn_attn_lstm | cnn_transformer | res_cnn_lstm
-    )
+    # cnn | cnn_lstm | cnn_attn_lstm | cnn_transformer | res_cnn_lstm
+    c.model.encoder = "cnn_attn_lstm"
     c.model.emb_dim = 256
     c.model.proj_dim = 128
     c.model.kernel_size = 15
@@ -70,17 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-5
-    c.optim.weight_decay = (
-        1e-5  # L2 added to the gradient before Adam, as torch.optim.Adam(weight_decay=...)
-    )
+    # L2 added to the gradient before Adam, as torch.optim.Adam(weight_decay=...)
+    c.optim.weight_decay = 1e-5
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
 
     c.on_nonfinite = "stop"  # stop | skip: what a non-finite loss, gradient or update does
-    c.restart_if_unrestorable = (
-        False  # start from scratch when no checkpoint restores (else: error)
-    )
+    # start from scratch when no checkpoint restores (else: error)
+    c.restart_if_unrestorable = False
     c.debug_nan_at_step = -1  # test hook: inject a NaN loss at this step (-1 = off)
     c.lock()  # a typo in an override is an error, not a new field
     return c

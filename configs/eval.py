@@ -38,15 +38,10 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
 
     c.repeats = 3  # K: number of repeats (split + pretrain-or-load + fine-tune + test)
     # the reference's seeds; repeats beyond these draw further seeds deterministically
-    c.seeds = (
-        321,
-        123,
-        51,
-    )
+    c.seeds = (321, 123, 51)
     c.encoder_checkpoint = ""  # exported encoder (run_pretrain.py WORKDIR or WORKDIR/encoder); "" = pretrain per repeat
-    c.allow_leakage = (
-        False  # evaluate a loaded encoder even if it saw this repeat's val/test patients
-    )
+    # evaluate a loaded encoder even if it saw this repeat's val/test patients
+    c.allow_leakage = False
 
     # Patient-level, stratified on the patient label (train/rest, then rest into val/test). Unset = chosen when the
     # run starts: 0.7/0.15/0.15, or 0.6/0.2/0.2 (the CLOCS paper's) when the pretraining mode, or a loaded encoder's,
@@ -55,9 +50,8 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
     c.split.train = config_dict.placeholder(float)
     c.split.val = config_dict.placeholder(float)  # one ECG per patient
     c.split.test = config_dict.placeholder(float)  # one ECG per patient
-    c.label_fraction = (
-        1.0  # fine-tune on this stratified fraction of the training patients (val/test unchanged)
-    )
+    # fine-tune on this stratified fraction of the training patients (val/test unchanged)
+    c.label_fraction = 1.0
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.num_epochs = 40  # validation scored every epoch; the best-AUROC epoch is kept
@@ -65,17 +59,15 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
     c.finetune.learning_rate = 1e-4  # Adam
     c.finetune.weight_decay = 1e-4  # L2 added to the gradient (torch Adam's weight_decay)
     c.finetune.head_dropout = 0.3  # Dense(emb) -> ReLU -> dropout -> Dense(1)
-    c.finetune.aggregate = (
-        "concat"  # CLOCS encoders: concat | sum | mean | attention over halves/leads
-    )
+    # CLOCS encoders: concat | sum | mean | attention over halves/leads
+    c.finetune.aggregate = "concat"
 
     # Baselines on the same splits (the main row is always the pretrained encoder fine-tuned end to end).
     c.baselines = ("linear_probe", "random_init", "random_init_linear_probe")
 
     c.sweep = ml_collections.ConfigDict()
-    c.sweep.field = (
-        ""  # dotted config field to sweep ("" = a single evaluation), e.g. "label_fraction"
-    )
+    # dotted config field to sweep ("" = a single evaluation), e.g. "label_fraction"
+    c.sweep.field = ""
     c.sweep.choices = ()  # its values; one results folder per value
     c.sweep.metric = "auroc"  # metric of the sweep plot
     c.lock()

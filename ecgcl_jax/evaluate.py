@@ -687,9 +687,8 @@ def run(
         results = assemble(config, records, seeds)
         where = str(getattr(ds, "path", "") or config.data.path) or "(a dataset given in Python)"
         results["protocol"]["dataset"] = dict(current["dataset"], path=where)
-        results["status"] = (
-            status  # "preempted": fewer repeats than asked; the same command continues
-        )
+        # "preempted": fewer repeats than asked; the same command continues
+        results["status"] = status
         write_json(os.path.join(workdir, "results.json"), results)
         write_json(
             os.path.join(workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records}

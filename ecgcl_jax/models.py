@@ -77,9 +77,8 @@ class EncoderConfig:
     `build_encoder` / `Classifier`.
     """
 
-    encoder: str = (
-        "cnn_attn_lstm"  # cnn | cnn_lstm | cnn_attn_lstm | cnn_transformer | res_cnn_lstm
-    )
+    # cnn | cnn_lstm | cnn_attn_lstm | cnn_transformer | res_cnn_lstm
+    encoder: str = "cnn_attn_lstm"
     emb_dim: int = 256  # embedding width
     proj_dim: int = 128  # projection width (the contrastive loss sees this)
     kernel_size: int = 15  # conv kernel (trunk and residual blocks) and AvgPool window

@@ -389,9 +389,8 @@ def test_split_fractions_follow_the_mode_however_it_is_set():
     c.split.val, c.split.test, c.split.train = 0.25, 0.25, 0.5  # set by the user: kept
     assert fractions(c) == (0.5, 0.25, 0.25)
     half = eval_cfg.get_config()
-    half.split.train = (
-        0.8  # alone: the defaults of the other two do not fit with it, and the error says why
-    )
+    # alone: the defaults of the other two do not fit with it, and the error says why
+    half.split.train = 0.8
     with pytest.raises(
         UserError, match=r"set train, val and test together; the unset val, test took the defaults"
     ):

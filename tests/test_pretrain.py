@@ -382,9 +382,8 @@ def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
         cfg.write_text(
             text.replace("configs.cnn", "configs.eval").replace("c.data[", "c.pretrain.data[")
         )
-        needle = (
-            "pretrain.data.reader_threads"  # config.data is config.pretrain.data: named under both
-        )
+        # config.data is config.pretrain.data: named under both
+        needle = "pretrain.data.reader_threads"
     p = subprocess.run(
         [
             PY,
@@ -704,9 +703,8 @@ def test_step_runs_one_encoder_forward_per_view():
     state = pretrain.init_state(cfg, model, tx, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
     raw = rng.integers(-800, 800, size=(8, 5000, 12)).astype(np.int16)
-    raw[:4] *= (
-        3  # amplitudes that differ between ECGs and halves make pooled statistics differ from per-view ones
-    )
+    # amplitudes that differ between ECGs and halves make pooled statistics differ from per-view ones
+    raw[:4] *= 3
     raw[:, 2500:] //= 4
     batch = {
         "raw": raw,

@@ -69,17 +69,14 @@ class PrepareOptions:
     missing_leads: str = "drop"  # drop | zero
     min_seconds: float = 1.0
     max_denominator: int = 1000
-    dedupe: bool = (
-        True  # PTB-XL NNNNN_lr with a NNNNN_hr twin in the same SRC: keep only the 500 Hz one
-    )
+    # PTB-XL NNNNN_lr with a NNNNN_hr twin in the same SRC: keep only the 500 Hz one
+    dedupe: bool = True
     labels: str | None = None  # label table CSV
     label_column: str | None = None  # None: the table's only label column, else 'normal'
-    auto_labels: bool = (
-        True  # without --labels: attach labels.csv / records.csv found at the top of a SRC folder
-    )
-    compress: bool = (
-        False  # signals.npz (compressed, loaded whole) instead of signals.npy (memory-mapped)
-    )
+    # without --labels: attach labels.csv / records.csv found at the top of a SRC folder
+    auto_labels: bool = True
+    # signals.npz (compressed, loaded whole) instead of signals.npy (memory-mapped)
+    compress: bool = False
     array_fs: float = 500.0  # .npy/.npz/.parquet: sampling rate, unit and lead order of the arrays
     array_units: str = "mV"
     array_leads: tuple = tuple(LEADS)
