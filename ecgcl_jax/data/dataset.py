@@ -130,6 +130,18 @@ class Dataset:
             )
         return Dataset(self.path, self.manifest, self.raw, self.scales, self.meta, column)
 
+    def task(self, spec: str, field: str = "config.data.task"):
+        """`spec` -> `tasks.Task` (labels (N, C) float32, NaN = unknown); see `tasks.resolve_task`."""
+        from ecgcl_jax.data.tasks import resolve_task
+
+        return resolve_task(self, spec, field)
+
+    def tasks(self) -> dict[str, tuple[str, ...]]:
+        """Task name -> its ordered meta.csv columns, for every task `prepare` wrote (see `tasks.list_tasks`)."""
+        from ecgcl_jax.data.tasks import list_tasks
+
+        return list_tasks(self)
+
 
 def _label_array(meta: pd.DataFrame, column: str, path: str) -> np.ndarray:
     if column not in meta.columns:
