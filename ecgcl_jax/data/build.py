@@ -474,10 +474,11 @@ def _apply_ptbxl(meta: pd.DataFrame, dbs: list[tuple[str, pd.DataFrame]]) -> pd.
 def find_scp_statements(ptbxl_csvs, table_paths, sources) -> str | None:
     """PTB-XL's scp_statements.csv: the first found beside a ptbxl_database.csv, beside a label table, or at the
     top of a SRC folder; None when there is none."""
-    folders = [os.path.dirname(os.path.abspath(p)) for p in list(ptbxl_csvs) + list(table_paths)]
-    folders += [os.path.abspath(s) for s in sources if os.path.isdir(s)]
+    # paths as given (relative ones stay relative, as the label tables' in the manifest)
+    folders = [os.path.dirname(p) for p in list(ptbxl_csvs) + list(table_paths)]
+    folders += [s for s in sources if os.path.isdir(s)]
     for d in folders:
-        p = os.path.join(d, SCP_STATEMENTS)
+        p = os.path.join(d, SCP_STATEMENTS) if d else SCP_STATEMENTS
         if os.path.isfile(p):
             return p
     return None
