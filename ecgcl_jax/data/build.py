@@ -506,11 +506,13 @@ def _add_tasks(meta, header_words, header_dx, statements, opts, manifest):
         stats["scp_statements"] = statements[0]
     manifest["tasks"] = {}
     summary = {}
+    new = {}
     for t in tasks:
         for j, col in enumerate(t.columns):
             if col in meta.columns:  # a label table's column of that name stays as source_<name>
                 meta[f"source_{col}"] = meta[col]
-            meta[col] = t.labels[:, j]
+                meta = meta.drop(columns=[col])
+            new[col] = t.labels[:, j]
         manifest["tasks"][t.name] = {
             "columns": list(t.columns),
             "classes": list(t.classes),
@@ -521,6 +523,8 @@ def _add_tasks(meta, header_words, header_dx, statements, opts, manifest):
             "known": int(known.sum()),
             "positives": {c: int(np.nansum(t.labels[:, j])) for j, c in enumerate(t.classes)},
         }
+    if new:  # all at once: a column at a time fragments the frame (PTB-XL has ~170 task columns)
+        meta = pd.concat([meta, pd.DataFrame(new, index=meta.index)], axis=1)
     if not manifest["tasks"]:
         del manifest["tasks"]
     return meta, ({"tasks": summary, **stats} if summary or stats else {})

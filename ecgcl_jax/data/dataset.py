@@ -124,9 +124,12 @@ class Dataset:
     def with_label(self, column: str) -> Dataset:
         """Same data, `.labels` taken from meta column `column` (UserError if absent or not binary)."""
         if column not in self.meta.columns:
+            tasks = self.tasks()
+            plain = [c for c in self.label_columns() if not any(c in v for v in tasks.values())]
             raise UserError(
-                f"{self.path}: no label column '{column}' (label columns: "
-                f"{', '.join(self.label_columns())})"
+                f"{self.path}: no label column '{column}' (label columns: {', '.join(plain)}"
+                + (f"; and the columns of tasks {', '.join(tasks)}" if tasks else "")
+                + ")"
             )
         return Dataset(self.path, self.manifest, self.raw, self.scales, self.meta, column)
 
