@@ -198,26 +198,43 @@ def parse_scp_codes(value) -> dict | None:
     return {str(k).strip(): v for k, v in d.items()} if isinstance(d, dict) else None
 
 
-def ptbxl_classes(codes: dict, statements: pd.DataFrame) -> dict[str, set]:
+@dataclasses.dataclass(frozen=True)
+class StatementMaps:
+    """scp_statements.csv as sets and dicts (a record's classes by set/dict lookups, ~20k records in < 1 s)."""
+
+    known: frozenset
+    diagnostic: frozenset
+    form: frozenset
+    rhythm: frozenset
+    superclass: dict  # diagnostic statement -> diagnostic_class ('' dropped)
+    subclass: dict  # diagnostic statement -> diagnostic_subclass ('' dropped)
+
+    @classmethod
+    def of(cls, statements: pd.DataFrame) -> StatementMaps:
+        diag = frozenset(statements.index[statements["diagnostic"]])
+        return cls(
+            frozenset(statements.index),
+            diag,
+            frozenset(statements.index[statements["form"]]),
+            frozenset(statements.index[statements["rhythm"]]),
+            {k: v for k, v in statements["diagnostic_class"].items() if k in diag and v},
+            {k: v for k, v in statements["diagnostic_subclass"].items() if k in diag and v},
+        )
+
+
+def ptbxl_classes(codes: dict, statements) -> dict[str, set]:
     """One record's statements -> {task: its set of classes} for the six PTB-XL tasks (an empty set: the record
-    has no statement of that task, so it is unknown there)."""
+    has no statement of that task, so it is unknown there). statements: load_scp_statements' frame or its
+    StatementMaps."""
+    m = statements if isinstance(statements, StatementMaps) else StatementMaps.of(statements)
     keys = set(codes)
-    known = [k for k in keys if k in statements.index]
-    diag = [k for k in known if statements.at[k, "diagnostic"]]
+    diag = keys & m.diagnostic
     return {
-        "ptbxl_superdiagnostic": {
-            statements.at[k, "diagnostic_class"]
-            for k in diag
-            if statements.at[k, "diagnostic_class"]
-        },
-        "ptbxl_subdiagnostic": {
-            statements.at[k, "diagnostic_subclass"]
-            for k in diag
-            if statements.at[k, "diagnostic_subclass"]
-        },
-        "ptbxl_diagnostic": set(diag),
-        "ptbxl_form": {k for k in known if statements.at[k, "form"]},
-        "ptbxl_rhythm": {k for k in known if statements.at[k, "rhythm"]},
+        "ptbxl_superdiagnostic": {m.superclass[k] for k in diag if k in m.superclass},
+        "ptbxl_subdiagnostic": {m.subclass[k] for k in diag if k in m.subclass},
+        "ptbxl_diagnostic": diag,
+        "ptbxl_form": keys & m.form,
+        "ptbxl_rhythm": keys & m.rhythm,
         "ptbxl_all": keys,
     }
 
@@ -304,10 +321,11 @@ def derive_tasks(
         stats["scp_codes_malformed"] = sum(
             p is None and str(v).strip() not in ("", "nan") for p, v in zip(parsed, scp_codes)
         )
+        maps = StatementMaps.of(statements)
         for i, p in enumerate(parsed):
             if p is None:
                 continue
-            for t, cl in ptbxl_classes(p, statements).items():
+            for t, cl in ptbxl_classes(p, maps).items():
                 sets[t][i] = cl or None
     words = [parse_label_words(v) for v in label_words] if label_words is not None else [None] * n
     from_words = disagree = 0
