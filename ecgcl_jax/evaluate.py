@@ -867,12 +867,11 @@ def split_protocol(config, records: list[dict]) -> dict:
     return out
 
 
-def _run_units(variants: list[_Variant], shard, on_variant_done=None) -> str:
+def _run_units(variants: list[_Variant], shard) -> str:
     """Runs the units (variant x seed, variant-major) of this process: every one, or with shard (i, n) those
     whose index k has k % n == i. Each is claimed with a lock on WORKDIR/repeat_<seed>/unit.lock, so that no
     two processes run one unit; the lock dies with its process, so a killed unit runs again in the next command.
     Without a shard, units another live process holds are waited for at the end (and run if it died).
-    on_variant_done(v): called (without a shard) as soon as a variant's last unit has finished.
     Returns "done" or "preempted"."""
     units = [(v, s) for v in variants for s in v.prepared.seeds]
     mine = [u for k, u in enumerate(units) if shard is None or k % shard[1] == shard[0]]
@@ -892,13 +891,6 @@ def _run_units(variants: list[_Variant], shard, on_variant_done=None) -> str:
         finally:
             lock.release()
 
-    reported = set()
-
-    def after(v):
-        if on_variant_done is not None and id(v) not in reported and v.complete():
-            reported.add(id(v))
-            on_variant_done(v)
-
     try:
         with _interruptible():
             for v, seed in mine:
@@ -906,7 +898,6 @@ def _run_units(variants: list[_Variant], shard, on_variant_done=None) -> str:
                 where = f" ({os.path.basename(v.workdir)})" if v.value is not None else ""
                 if v.done(seed):
                     _log(f"repeat {i + 1}/{total[id(v)]} (seed {seed}){where}: already done, kept")
-                    after(v)
                     continue
                 _log(f"repeat {i + 1}/{total[id(v)]} (seed {seed}){where}")
                 out = attempt(v, seed, blocking=False)
@@ -916,13 +907,11 @@ def _run_units(variants: list[_Variant], shard, on_variant_done=None) -> str:
                     continue
                 if out == "preempted":
                     return "preempted"
-                after(v)
             if shard is None:
                 for v, seed in deferred:
                     _log(f"seed {seed}: waiting for the process that runs it")
                     if attempt(v, seed, blocking=True) == "preempted":
                         return "preempted"
-                    after(v)
     except Interrupted as e:
         where = variants[0].workdir if len(variants) == 1 else os.path.dirname(variants[0].workdir)
         _log(
@@ -1104,7 +1093,7 @@ def _run_sweep_locked(
         )
     # every variant and its folder are checked before any runs: a bad value in the middle must not stop the sweep
     # after hours of the variants before it
-    variants, names = [], {}
+    variants, names, configs = [], {}, []
     for value in values:
         variant = copy.deepcopy(config)
         for f, v in _assignments(fields, value):
@@ -1122,32 +1111,29 @@ def _run_sweep_locked(
         except UserError as e:
             raise UserError(f"sweep {field} = {value!r}: {e}") from None
         variants.append(_Variant(os.path.join(workdir, name), prepared, pretrain_root, value))
-    for v in variants:
-        _open_variant(v)
+        configs.append(variant)
     results: dict[int, dict] = {}
-
-    def finish(v):
-        _log(f"sweep {field} = {v.value!r}: every repeat done -> {v.workdir}")
-        results[id(v)] = _finish_variant(v, "done")
-
-    status = _run_units(variants, shard, on_variant_done=finish if shard is None else None)
-    if shard is not None:
-        if not all(v.complete() for v in variants):
-            return _incomplete(variants, shard)
-        for v in variants:  # this shard is the last one: every unit is done
-            finish(v)
     done_values = []
-    for (
-        v
-    ) in variants:  # the sweep table holds the variants up to the first unfinished one, in order
-        if id(v) not in results:
-            if status != "done" and shard is None:
-                _finish_variant(v, "preempted")  # the interrupted variant's finished repeats
+    if shard is None:  # variant after variant, each a whole evaluation
+        for v, vconfig in zip(variants, configs):
+            _log(f"sweep {field} = {v.value!r} -> {v.workdir}")
+            res = run(vconfig, v.workdir, pretrain_root=v.pretrain_root, prepared=v.prepared)
+            if res.get("status") != "done":
                 _log(
                     f"sweep interrupted at {field} = {v.value!r}; run the same command to continue"
                 )
-            break
-        done_values.append(v.value)
+                break
+            results[id(v)] = res
+            done_values.append(v.value)
+    else:  # this shard's share of the units of every variant
+        for v in variants:
+            _open_variant(v)
+        _run_units(variants, shard)
+        if not all(v.complete() for v in variants):
+            return _incomplete(variants, shard)
+        for v in variants:  # this shard is the last one: every unit is done
+            results[id(v)] = _finish_variant(v, "done")
+            done_values.append(v.value)
     rows = _sweep_rows(fields, variants, results, len(done_values))
     if rows:
         _write_sweep_reports(workdir, field, fields, done_values, rows, metric)

@@ -274,7 +274,7 @@ def test_label_fraction_sweep(tmp_path, ds, clean_encoder):
     half = json.loads((tmp_path / "label_fraction=0.5" / "splits.json").read_text())["321"]
     full = json.loads((tmp_path / "label_fraction=1.0" / "splits.json").read_text())["321"]
     assert set(half["finetune"]) < set(full["finetune"]) and half["test"] == full["test"]
-    for name in ("sweep.md", "sweep.csv", "sweep_auroc.png"):
+    for name in ("sweep.md", "sweep.csv", "sweep_auroc.png", "label_efficiency_auroc.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * len(METRIC_KEYS)  # header + values x methods x metrics
@@ -416,7 +416,8 @@ def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, mon
     seen = []
 
     def fake_run(variant, workdir, dataset=None, pretrain_root=None, prepared=None):
-        seen.append((variant.pretrain.mode, evaluate.resolve_split(variant).split.to_dict()))
+        sp = evaluate.resolve_split(variant).split
+        seen.append((variant.pretrain.mode, {k: sp[k] for k in ("train", "val", "test")}))
         return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
