@@ -3,6 +3,7 @@
   python run_eval.py --config configs/eval.py --workdir runs/eval \
       [--config.repeats=5 --config.finetune.num_epochs=40 ...]
   python run_eval.py --config configs/sweep_label_fraction.py --workdir runs/sweep_lf
+  python run_eval.py --config configs/eval_ptbxl.py --workdir runs/ptbxl --shard=0/4   # one of 4 shards
 
 Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/; re-running continues an
 interrupted evaluation. See the README, "How to evaluate".
@@ -26,6 +27,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Evaluation directory (results, splits, per-repeat runs)."
 )
+_SHARD = flags.DEFINE_string(
+    "shard",
+    "",
+    "i/n (0 <= i < n): run only this process's share of the units (repeats, or variant x repeat of a sweep) "
+    "in a --workdir shared with the other shards, e.g. --shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT "
+    "in a job array --array=0-(n-1). The last shard to finish, or a run without --shard, writes the reports.",
+)
 _DETERMINISTIC = flags.DEFINE_bool(
     "deterministic",
     True,
@@ -46,7 +54,9 @@ def main(argv):
         from ecgcl_jax import evaluate  # noqa: PLC0415
 
         return evaluate.run(
-            cli.config_value(_CONFIG, eval_config.get_config), os.path.expanduser(_WORKDIR.value)
+            cli.config_value(_CONFIG, eval_config.get_config),
+            os.path.expanduser(_WORKDIR.value),
+            shard=_SHARD.value or None,
         )
 
     return cli.run_entry("run_eval.py", run)

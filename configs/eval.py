@@ -50,6 +50,14 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
     c.split.train = config_dict.placeholder(float)
     c.split.val = config_dict.placeholder(float)  # one ECG per patient
     c.split.test = config_dict.placeholder(float)  # one ECG per patient
+    # random: the patient-level stratified split above, one per seed (multi-label tasks: iterative stratification)
+    # folds: the dataset's own folds (fixed; the repeats then vary only the training seed), e.g. PTB-XL's
+    # strat_fold; val/test hold every labeled ECG of their folds; records without a fold are in no split (counted)
+    c.split.rule = "random"
+    c.split.fold_column = "strat_fold"  # meta.csv column of the folds (split.rule = folds)
+    c.split.train_folds = (1, 2, 3, 4, 5, 6, 7, 8)  # PTB-XL's recommended training folds
+    c.split.val_folds = (9,)
+    c.split.test_folds = (10,)
     # fine-tune on this stratified fraction of the training patients (val/test unchanged)
     c.label_fraction = 1.0
 

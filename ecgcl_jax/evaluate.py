@@ -21,8 +21,10 @@ WORKDIR/<field>=<value>/ and writes sweep.md, sweep.csv and sweep_<metric>.png.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -131,8 +133,25 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json())
 
 
+# Fields added after evaluations were first written, with the value that gives the behaviour of before: a
+# workdir whose saved config lacks one resumes when the current config keeps that value.
+ADDED_FIELDS = {
+    "split.rule": "random",
+    "split.fold_column": "strat_fold",
+    "split.train_folds": [1, 2, 3, 4, 5, 6, 7, 8],
+    "split.val_folds": [9],
+    "split.test_folds": [10],
+    "data.task": "",
+    "pretrain.data.task": "",
+}
+
+
 def check_resume(saved: dict, current: dict, path: str) -> None:
     """Refuses a resume whose config differs in a field that changes results (lists them)."""
+    saved, current = configdiff.flatten(saved), configdiff.flatten(current)
+    for k, default in ADDED_FIELDS.items():
+        if k not in saved and json.dumps(current.get(k)) == json.dumps(default):
+            saved[k] = current[k]
     detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
     if detail:
         raise UserError(
@@ -173,7 +192,9 @@ def resolve_split(config, exported=None):
     for name, value in zip(names, preset):
         if config.split[name] is None:
             config.split[name] = value
-    if len(unset) < 3 and abs(sum(config.split[n] for n in names) - 1.0) > 1e-6:
+    # fold splits do not use the fractions
+    fractions_used = config.split.rule != "folds"
+    if fractions_used and len(unset) < 3 and abs(sum(config.split[n] for n in names) - 1.0) > 1e-6:
         raise UserError(
             f"config.split: set train, val and test together; the unset {', '.join(unset)} took the "
             f"defaults ({'/'.join(f'{v:g}' for v in preset)}) and the three do not sum to 1"
@@ -183,9 +204,12 @@ def resolve_split(config, exported=None):
 
 def validate(config) -> None:
     """Checks of the evaluation fields (the nested pretraining config is checked by pretrain)."""
-    splits.check_fractions(
-        (config.split.train, config.split.val, config.split.test), "config.split"
-    )
+    if config.split.rule not in ("random", "folds"):
+        raise UserError(f"config.split.rule: {config.split.rule!r} is not one of random, folds")
+    if config.split.rule == "random":
+        splits.check_fractions(
+            (config.split.train, config.split.val, config.split.test), "config.split"
+        )
     if not 0.0 < float(config.label_fraction) <= 1.0:
         raise UserError(f"config.label_fraction: must be in (0, 1] (got {config.label_fraction})")
     ft = config.finetune
@@ -288,20 +312,72 @@ def _method_record(seed: int, out: dict) -> dict:
     }
 
 
-def repeat_split(config, ds, seed: int) -> splits.Split:
-    """This seed's patient-level split; UserError when its validation or test split holds one class only."""
-    split = splits.split_dataset(
-        ds,
-        seed,
-        (config.split.train, config.split.val, config.split.test),
-        float(config.label_fraction),
-    )
+def task_labels(config, ds) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, (N, C) float32 labels, NaN = unknown) of the evaluation's task: config.data.task, or the
+    single column config.data.label (C = 1) when it is ""."""
+    spec = str(config.data.get("task", "") or "")
+    if spec:
+        t = ds.task(spec, "config.data.task")
+        return tuple(t.classes), np.asarray(t.labels, np.float32)
+    col = str(getattr(ds, "label_column", "") or "label")
+    return (col,), np.asarray(ds.labels, np.float32).reshape(-1, 1)
+
+
+def fold_values(config, ds) -> np.ndarray:
+    """(N,) the dataset's fold column config.split.fold_column (object; '' or NaN = no fold)."""
+    col = str(config.split.fold_column)
+    meta = getattr(ds, "meta", None)
+    if meta is None or col not in meta.columns:
+        where = os.path.join(str(getattr(ds, "path", "") or "(dataset)"), "meta.csv")
+        have = ", ".join(
+            c for c in (meta.columns if meta is not None else []) if "fold" in c.lower()
+        )
+        raise UserError(
+            f"config.split.fold_column: no column '{col}' in {where}"
+            + (f" (fold-like columns: {have})" if have else "")
+        )
+    return meta[col].to_numpy(dtype=object)
+
+
+def repeat_split(config, ds, seed: int, task=None) -> splits.Split:
+    """This seed's patient-level split (config.split.rule: random, or the dataset's folds); UserError when its
+    validation or test split holds one class only (single label), or no class with both values (multi-label).
+    task: `task_labels(config, ds)`, when already made."""
+    classes, labels = task if task is not None else task_labels(config, ds)
+    if config.split.rule == "folds":
+        split = splits.make_fold_split(
+            ds.patient_ids,
+            labels,
+            ds.records,
+            fold_values(config, ds),
+            seed,
+            tuple(config.split.train_folds),
+            tuple(config.split.val_folds),
+            tuple(config.split.test_folds),
+            float(config.label_fraction),
+            column=str(config.split.fold_column),
+        )
+    else:
+        split = splits.split_dataset(
+            ds,
+            seed,
+            (config.split.train, config.split.val, config.split.test),
+            float(config.label_fraction),
+            labels=labels,
+        )
+    what = f"of seed {seed}" if config.split.rule != "folds" else f"({config.split.rule})"
     for name in ("val", "test"):
-        ys = np.asarray(ds.labels)[getattr(split, name)]
-        if len(np.unique(ys)) < 2:
+        ys = labels[getattr(split, name)]
+        if labels.shape[1] == 1:
+            if len(np.unique(ys[:, 0])) < 2:
+                raise UserError(
+                    f"data labels: the {name} split {what} holds one class only ({len(ys)} ECGs); "
+                    "AUROC is undefined - more labeled patients are needed"
+                )
+        elif not any(len(np.unique(c[np.isfinite(c)])) == 2 for c in ys.T):
             raise UserError(
-                f"data labels: the {name} split of seed {seed} holds one class only ({len(ys)} ECGs); "
-                "AUROC is undefined - more labeled patients are needed"
+                f"data labels: no class of task {config.data.task} has both values in the {name} split "
+                f"{what} ({len(ys)} ECGs); AUROC is undefined - more labeled patients are needed"
             )
     return split
 
@@ -319,9 +395,10 @@ def run_repeat(
     seed's `repeat_split`, when already made."""
     t0 = time.time()
     split = split if split is not None else repeat_split(config, ds, seed)
-    enc, info = _pretrained_encoder(
-        config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir)
-    )
+    with pretraining_lock(None if exported is not None else pretrain_dir):
+        enc, info = _pretrained_encoder(
+            config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir)
+        )
     if enc is None:
         return None
     embed.check_compatible(enc, ds, where=f"encoder of seed {seed}")
@@ -581,6 +658,7 @@ class Prepared(typing.NamedTuple):
     seeds: list
     ds: Any
     splits: dict  # seed -> splits.Split
+    task: tuple = ((), None)  # task_labels: (class names, (N, C) float32 labels)
 
 
 def prepare_run(config, dataset=None) -> Prepared:
@@ -600,40 +678,109 @@ def prepare_run(config, dataset=None) -> Prepared:
         pretrain.validate_config(
             config.pretrain, parallel.make_mesh().size, field_prefix="pretrain."
         )
+    task = task_labels(config, ds)
     return Prepared(
-        config, exported, seeds, ds, {seed: repeat_split(config, ds, seed) for seed in seeds}
+        config,
+        exported,
+        seeds,
+        ds,
+        {seed: repeat_split(config, ds, seed, task) for seed in seeds},
+        task,
     )
 
 
-def run(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    dataset=None,
-    pretrain_root: str | None = None,
-    prepared: Prepared | None = None,
-) -> dict:
-    """Runs (or continues) the evaluation in `workdir`; returns results.json's content (or the sweep's).
+def parse_shard(shard) -> tuple[int, int] | None:
+    """'i/n' -> (i, n) with 0 <= i < n (a SLURM array's $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with
+    --array=0-(n-1)); None or '' -> None (every unit)."""
+    if shard is None or (isinstance(shard, str) and not shard.strip()):
+        return None
+    if isinstance(shard, tuple):
+        i, n = shard
+    else:
+        try:
+            i, n = (int(x) for x in str(shard).split("/"))
+        except ValueError:
+            raise UserError(f"--shard: expected i/n, e.g. 0/4 (got {shard!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard: i/n needs n >= 1 and 0 <= i < n, counting from 0 (got {i}/{n})")
+    return int(i), int(n)
 
-    dataset: an opened `ecgcl_jax.data.Dataset` (default: open config.data.path). pretrain_root: where the
-    per-seed pretraining runs live (default WORKDIR/repeat_<seed>/pretrain; sweeps share one when the swept
-    field cannot change pretraining).
-    """
-    if config.sweep.field:
-        return run_sweep(config, workdir, dataset)
-    if not workdir:
-        raise UserError("--workdir: required")
-    prepared = prepared if prepared is not None else prepare_run(config, dataset)
-    config, exported, seeds, ds = prepared.config, prepared.exported, prepared.seeds, prepared.ds
-    os.makedirs(workdir, exist_ok=True)
-    from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
 
-    with WorkdirLock(workdir):
-        cfg_path = os.path.join(workdir, "eval_config.json")
-        current = {
-            "config": _config_json(config),
-            "dataset": _dataset_identity(ds),
-            "split_rule": splits.RULE,
-        }
+class _Flock:
+    """An flock on `path` (created), released by the OS when the process dies. `acquire(blocking)` -> bool."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def acquire(self, blocking: bool) -> bool:
+        import fcntl  # noqa: PLC0415
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BaseException as e:  # busy, or a stop signal while waiting
+            os.close(self.fd)
+            self.fd = None
+            if isinstance(e, OSError) and not blocking:
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl  # noqa: PLC0415
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire(blocking=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def pretraining_lock(pretrain_dir: str | None):
+    """Held while a unit pretrains or loads its repeat's encoder: units of a sweep that share one pretraining
+    (WORKDIR/pretrain/repeat_<seed>) wait for each other instead of running it twice. None: no lock."""
+    return _Flock(f"{pretrain_dir}.lock") if pretrain_dir else contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class _Variant:
+    """One evaluation (a sweep point, or the whole of a plain run) and its units (one per seed)."""
+
+    workdir: str
+    prepared: Prepared
+    pretrain_root: str | None = None
+    value: Any = None  # the sweep value; None in a plain run
+    identity: dict | None = None  # eval_config.json's dataset entry, once opened
+
+    def record_path(self, seed: int) -> str:
+        return os.path.join(self.workdir, f"repeat_{seed}", "repeat.json")
+
+    def done(self, seed: int) -> bool:
+        return os.path.exists(self.record_path(seed))
+
+    def complete(self) -> bool:
+        return all(self.done(s) for s in self.prepared.seeds)
+
+
+def _open_variant(v: _Variant) -> None:
+    """Creates the workdir and checks (or writes) its eval_config.json, under a short lock shared by every
+    process of the evaluation (so that two shards starting together write it once)."""
+    config, ds = v.prepared.config, v.prepared.ds
+    os.makedirs(v.workdir, exist_ok=True)
+    cfg_path = os.path.join(v.workdir, "eval_config.json")
+    current = {
+        "config": _config_json(config),
+        "dataset": _dataset_identity(ds),
+        "split_rule": splits.RULE,
+    }
+    with _Flock(os.path.join(v.workdir, ".config.lock")):
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
                 saved = json.load(f)
@@ -649,57 +796,176 @@ def run(
                     f"{cfg_path}: this evaluation was started on another dataset "
                     f"({saved.get('dataset')} vs {current['dataset']}); use a new --workdir"
                 )
-        write_json(cfg_path, current)
-        records, status = [], "done"
-        try:
-            with _interruptible():
-                for i, seed in enumerate(seeds):
-                    rep_dir = os.path.join(workdir, f"repeat_{seed}")
-                    rec_path = os.path.join(rep_dir, "repeat.json")
-                    if os.path.exists(rec_path):
-                        with open(rec_path) as f:
-                            records.append(json.load(f))
-                        _log(f"repeat {i + 1}/{len(seeds)} (seed {seed}): already done, kept")
-                        continue
-                    os.makedirs(rep_dir, exist_ok=True)
-                    _log(f"repeat {i + 1}/{len(seeds)} (seed {seed})")
-                    pdir = (
-                        os.path.join(pretrain_root, f"repeat_{seed}")
-                        if pretrain_root
-                        else os.path.join(rep_dir, "pretrain")
-                    )
-                    rec = run_repeat(
-                        config, ds, seed, rep_dir, pdir, exported, split=prepared.splits[seed]
-                    )
-                    if rec is None:
-                        status = "preempted"
-                        break
-                    with open(rec_path) as f:  # exactly what a resumed run will read
-                        records.append(json.load(f))
-        except Interrupted as e:
-            status = "preempted"
-            _log(
-                f"interrupted ({e}) during repeat {len(records) + 1}; {len(records)} finished repeat(s) kept in "
-                f"{workdir}; run the same command to continue"
-            )
-        if not records:
-            return {"status": status, "repeats": []}
-        results = assemble(config, records, seeds)
-        where = str(getattr(ds, "path", "") or config.data.path) or "(a dataset given in Python)"
-        results["protocol"]["dataset"] = dict(current["dataset"], path=where)
-        # "preempted": fewer repeats than asked; the same command continues
-        results["status"] = status
-        write_json(os.path.join(workdir, "results.json"), results)
+            if (
+                saved != current
+            ):  # a resumable change (e.g. more repeats): the newest config is recorded
+                write_json(cfg_path, current)
+        else:
+            write_json(cfg_path, current)
+    v.identity = current["dataset"]
+
+
+def _run_unit(v: _Variant, seed: int) -> bool:
+    """Runs one unit (v, seed) whose lock the caller holds; False if its pretraining was interrupted."""
+    p = v.prepared
+    rep_dir = os.path.join(v.workdir, f"repeat_{seed}")
+    os.makedirs(rep_dir, exist_ok=True)
+    pdir = (
+        os.path.join(v.pretrain_root, f"repeat_{seed}")
+        if v.pretrain_root
+        else os.path.join(rep_dir, "pretrain")
+    )
+    rec = run_repeat(p.config, p.ds, seed, rep_dir, pdir, p.exported, split=p.splits[seed])
+    return rec is not None
+
+
+def _finish_variant(v: _Variant, status: str) -> dict:
+    """results.json, splits.json and the reports of `v` from its finished repeat records (a pure function of
+    them, so that any process may write them); {"status", "repeats": []} when none has finished."""
+    p = v.prepared
+    records = []
+    for seed in p.seeds:
+        if v.done(seed):
+            with open(v.record_path(seed)) as f:  # exactly what a resumed run reads
+                records.append(json.load(f))
+    if not records:
+        return {"status": status, "repeats": []}
+    config, ds = p.config, p.ds
+    results = assemble(config, records, p.seeds)
+    where = str(getattr(ds, "path", "") or config.data.path) or "(a dataset given in Python)"
+    results["protocol"]["dataset"] = dict(v.identity or _dataset_identity(ds), path=where)
+    results["protocol"]["split"].update(split_protocol(config, records))
+    # "preempted": fewer repeats than asked; the same command continues
+    results["status"] = status
+    # one writer of the reports at a time (a shard finishing while the run without --shard writes them)
+    with _Flock(os.path.join(v.workdir, ".reports.lock")):
+        write_json(os.path.join(v.workdir, "results.json"), results)
         write_json(
-            os.path.join(workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records}
+            os.path.join(v.workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records}
         )
-        write_reports(workdir, config, results, records)
-        s = results["summary"]["auroc"]
+        write_reports(v.workdir, config, results, records)
+    s = results["summary"]["auroc"]
+    _log(
+        f"{'done' if status == 'done' else status}: {len(records)}/{len(p.seeds)} repeats; test AUROC "
+        f"{s['mean']:.4f} ± {s['ci95']:.4f} (t 95%) -> {v.workdir}/results.md"
+    )
+    return results
+
+
+def split_protocol(config, records: list[dict]) -> dict:
+    """results.json's protocol.split additions: the rule, the folds and their counts, and how close each
+    repeat's split kept each class's positive rate (splits.json has the rates)."""
+    out: dict[str, Any] = {"rule": str(config.split.rule)}
+    if config.split.rule == "folds":
+        folds = records[0]["split"].get("folds", {})
+        out["folds"] = folds
+        out["by"] = f"the dataset's folds (column '{config.split.fold_column}')"
+        out["val_test_ecgs_per_patient"] = "all (every labeled ECG of the validation/test folds)"
+    out["stratification_max_abs_diff"] = {
+        str(r["seed"]): r["split"].get("stratification", {}).get("max") for r in records
+    }
+    return out
+
+
+def _run_units(variants: list[_Variant], shard) -> str:
+    """Runs the units (variant x seed, variant-major) of this process: every one, or with shard (i, n) those
+    whose index k has k % n == i. Each is claimed with a lock on WORKDIR/repeat_<seed>/unit.lock, so that no
+    two processes run one unit; the lock dies with its process, so a killed unit runs again in the next command.
+    Without a shard, units another live process holds are waited for at the end (and run if it died).
+    Returns "done" or "preempted"."""
+    units = [(v, s) for v in variants for s in v.prepared.seeds]
+    mine = [u for k, u in enumerate(units) if shard is None or k % shard[1] == shard[0]]
+    total = {id(v): len(v.prepared.seeds) for v in variants}
+    deferred = []
+
+    def attempt(v, seed, blocking) -> str:
+        if v.done(seed):
+            return "done"
+        lock = _Flock(os.path.join(v.workdir, f"repeat_{seed}", "unit.lock"))
+        if not lock.acquire(blocking):
+            return "busy"
+        try:
+            if v.done(seed):  # finished by the process that held the lock
+                return "done"
+            return "done" if _run_unit(v, seed) else "preempted"
+        finally:
+            lock.release()
+
+    try:
+        with _interruptible():
+            for v, seed in mine:
+                i = v.prepared.seeds.index(seed)
+                where = f" ({os.path.basename(v.workdir)})" if v.value is not None else ""
+                if v.done(seed):
+                    _log(f"repeat {i + 1}/{total[id(v)]} (seed {seed}){where}: already done, kept")
+                    continue
+                _log(f"repeat {i + 1}/{total[id(v)]} (seed {seed}){where}")
+                out = attempt(v, seed, blocking=False)
+                if out == "busy":
+                    _log(f"seed {seed}{where}: running in another process; left to it")
+                    deferred.append((v, seed))
+                    continue
+                if out == "preempted":
+                    return "preempted"
+            if shard is None:
+                for v, seed in deferred:
+                    _log(f"seed {seed}: waiting for the process that runs it")
+                    if attempt(v, seed, blocking=True) == "preempted":
+                        return "preempted"
+    except Interrupted as e:
+        where = variants[0].workdir if len(variants) == 1 else os.path.dirname(variants[0].workdir)
         _log(
-            f"{'done' if status == 'done' else status}: {len(records)}/{len(seeds)} repeats; test AUROC "
-            f"{s['mean']:.4f} ± {s['ci95']:.4f} (t 95%) -> {workdir}/results.md"
+            f"interrupted ({e}); finished repeats are kept in {where}; run the same command to continue"
         )
-        return results
+        return "preempted"
+    return "done"
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset=None,
+    pretrain_root: str | None = None,
+    prepared: Prepared | None = None,
+    shard=None,
+) -> dict:
+    """Runs (or continues) the evaluation in `workdir`; returns results.json's content (or the sweep's).
+
+    dataset: an opened `ecgcl_jax.data.Dataset` (default: open config.data.path). pretrain_root: where the
+    per-seed pretraining runs live (default WORKDIR/repeat_<seed>/pretrain; sweeps share one when the swept
+    field cannot change pretraining). shard: 'i/n' (or (i, n)): run only this process's share of the units
+    (repeats, or variant x repeat in a sweep) in a workdir shared with the other shards; the reports are
+    written by the last shard to find every unit finished, or by a run without a shard. A shard that leaves
+    units to others returns {"status": "incomplete", "units_done", "units"}.
+    """
+    shard = parse_shard(shard)
+    if config.sweep.field:
+        return run_sweep(config, workdir, dataset, shard=shard)
+    if not workdir:
+        raise UserError("--workdir: required")
+    prepared = prepared if prepared is not None else prepare_run(config, dataset)
+    os.makedirs(workdir, exist_ok=True)
+    from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
+
+    # shared: the shards of this evaluation work side by side (each unit has its own lock)
+    with WorkdirLock(workdir, shared=True):
+        v = _Variant(workdir, prepared, pretrain_root)
+        _open_variant(v)
+        status = _run_units([v], shard)
+        if shard is not None and not v.complete():
+            return _incomplete([v], shard)
+        del status  # complete or not is what the files say
+        return _finish_variant(v, "done" if v.complete() else "preempted")
+
+
+def _incomplete(variants: list[_Variant], shard) -> dict:
+    done = sum(v.done(s) for v in variants for s in v.prepared.seeds)
+    total = sum(len(v.prepared.seeds) for v in variants)
+    _log(
+        f"shard {shard[0]}/{shard[1]}: its units are finished or taken; {done}/{total} units done in all. "
+        "The last shard to finish, or the same command without --shard, writes the reports"
+    )
+    return {"status": "incomplete", "units_done": done, "units": total}
 
 
 def _dataset_identity(ds) -> dict:
@@ -771,8 +1037,9 @@ def variant_name(field: str, value) -> str:
     return name
 
 
-def run_sweep(config, workdir: str, dataset=None) -> dict:
-    """The protocol once per choice of config.sweep.field; a sweep table and plot. Resumable.
+def run_sweep(config, workdir: str, dataset=None, shard=None) -> dict:
+    """The protocol once per choice of config.sweep.field; a sweep table and plot. Resumable; with shard (i, n)
+    only this process's share of the units (variant x repeat).
 
     sweep.field: one dotted config field, or several separated by commas (then every choice is a tuple with
     one value per field, e.g. augmentation pairs: field "pretrain.augment.view1,pretrain.augment.view2").
@@ -798,12 +1065,12 @@ def run_sweep(config, workdir: str, dataset=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
 
-    with WorkdirLock(workdir):
-        return _run_sweep_locked(config, workdir, ds, field, fields, values, metric)
+    with WorkdirLock(workdir, shared=True):
+        return _run_sweep_locked(config, workdir, ds, field, fields, values, metric, shard)
 
 
 def _run_sweep_locked(
-    config, workdir: str, ds, field: str, fields: list[str], values: list, metric: str
+    config, workdir: str, ds, field: str, fields: list[str], values: list, metric: str, shard=None
 ) -> dict:
     # One split for every variant (chosen from the base config unless the sweep sets it), so that all are scored on
     # the same test patients, even when the swept field is the contrast mode whose own default split differs.
@@ -826,7 +1093,7 @@ def _run_sweep_locked(
         )
     # every variant and its folder are checked before any runs: a bad value in the middle must not stop the sweep
     # after hours of the variants before it
-    variants, names = [], {}
+    variants, names, configs = [], {}, []
     for value in values:
         variant = copy.deepcopy(config)
         for f, v in _assignments(fields, value):
@@ -843,25 +1110,55 @@ def _run_sweep_locked(
             prepared = prepare_run(variant, ds if same_data else None)
         except UserError as e:
             raise UserError(f"sweep {field} = {value!r}: {e}") from None
-        variants.append((value, variant, os.path.join(workdir, name), prepared))
-    rows, series = [], {}
+        variants.append(_Variant(os.path.join(workdir, name), prepared, pretrain_root, value))
+        configs.append(variant)
+    results: dict[int, dict] = {}
     done_values = []
-    for value, variant, sub, prepared in variants:
-        _log(f"sweep {field} = {value!r} -> {sub}")
-        res = run(variant, sub, pretrain_root=pretrain_root, prepared=prepared)
-        if res.get("status") != "done":
-            _log(f"sweep interrupted at {field} = {value!r}; run the same command to continue")
-            break
-        done_values.append(value)
-        methods = {"finetune": res, **res["baselines"]}
-        for m, r in methods.items():
+    if shard is None:  # variant after variant, each a whole evaluation
+        for v, vconfig in zip(variants, configs):
+            _log(f"sweep {field} = {v.value!r} -> {v.workdir}")
+            res = run(vconfig, v.workdir, pretrain_root=v.pretrain_root, prepared=v.prepared)
+            if res.get("status") != "done":
+                _log(
+                    f"sweep interrupted at {field} = {v.value!r}; run the same command to continue"
+                )
+                break
+            results[id(v)] = res
+            done_values.append(v.value)
+    else:  # this shard's share of the units of every variant
+        for v in variants:
+            _open_variant(v)
+        _run_units(variants, shard)
+        if not all(v.complete() for v in variants):
+            return _incomplete(variants, shard)
+        for v in variants:  # this shard is the last one: every unit is done
+            results[id(v)] = _finish_variant(v, "done")
+            done_values.append(v.value)
+    rows = _sweep_rows(fields, variants, results, len(done_values))
+    if rows:
+        _write_sweep_reports(workdir, field, fields, done_values, rows, metric)
+    return {
+        "status": "done" if len(done_values) == len(values) else "preempted",
+        "field": field,
+        "values": done_values,
+        "rows": rows,
+    }
+
+
+def _sweep_rows(fields, variants, results, n_done: int) -> list[dict]:
+    rows = []
+    for v in variants[:n_done]:
+        res = results[id(v)]
+        for m, r in {"finetune": res, **res["baselines"]}.items():
             for name in metrics.METRICS:
+                if name not in r["summary"]:
+                    continue
                 s = r["summary"][name]
                 rows.append(
                     {
-                        "value": _value_str(value)
+                        "value": _value_str(v.value)
                         if len(fields) == 1
-                        else ", ".join(_value_str(v) for v in value),
+                        else ", ".join(_value_str(x) for x in v.value),
                         "method": m,
                         "metric": name,
                         **{
@@ -870,31 +1167,86 @@ def _run_sweep_locked(
                         },
                     }
                 )
-            s = r["summary"][metric]
-            series.setdefault(m, ([], []))
-            series[m][0].append(_nan(s["mean"]))
-            series[m][1].append(_nan(s["ci95"]))
-    if rows:
+    return rows
+
+
+def _write_sweep_reports(workdir, field, fields, done_values, rows, metric) -> None:
+    """sweep.csv, sweep.md, sweep_<metric>.png and, for a label-fraction sweep,
+    label_efficiency_<metric>.png."""
+    series: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        if r["metric"] == metric:
+            series.setdefault(r["method"], ([], []))
+            series[r["method"]][0].append(_nan(r["mean"]))
+            series[r["method"]][1].append(_nan(r["ci95"]))
+    with _Flock(os.path.join(workdir, ".reports.lock")):
         metrics.write_csv(rows, os.path.join(workdir, "sweep.csv"))
         atomic_write(
             os.path.join(workdir, "sweep.md"), _sweep_markdown(field, rows, metric).encode()
         )
         numeric = len(fields) == 1 and all(isinstance(v, (int, float)) for v in done_values)
         xs = done_values if numeric else list(dict.fromkeys(r["value"] for r in rows))
+        log_x = numeric and min(done_values) > 0 and max(done_values) / min(done_values) >= 20
         metrics.plot_sweep(
             xs,
             series,
             os.path.join(workdir, f"sweep_{metric}.png"),
             xlabel=field,
             metric=metric,
-            log_x=numeric and min(done_values) > 0 and max(done_values) / min(done_values) >= 20,
+            log_x=log_x,
         )
-    return {
-        "status": "done" if len(done_values) == len(values) else "preempted",
-        "field": field,
-        "values": done_values,
-        "rows": rows,
-    }
+        if fields == ["label_fraction"]:
+            plot_label_efficiency(
+                done_values,
+                series,
+                os.path.join(workdir, f"label_efficiency_{metric}.png"),
+                metric=metric,
+                log_x=log_x,
+            )
+
+
+def plot_label_efficiency(
+    fractions, series, path: str, metric: str = "auroc", log_x: bool = False
+) -> None:
+    """Test `metric` vs label fraction, one line per method, with its Student-t 95% interval over the repeats
+    as a band (clipped to the metric's range [0, 1]). series: {method: (means, ci95 half-widths)}, one value per
+    fraction (NaN half-width: no band at that point)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(6.0, 4.5))
+    ax = fig.subplots()
+    x = np.asarray(fractions, dtype=np.float64) * 100
+    order = np.argsort(x)
+    for method, (means, cis) in series.items():
+        m = np.asarray(means, dtype=np.float64)[order]
+        h = np.asarray(cis, dtype=np.float64)[order]
+        (line,) = ax.plot(x[order], m, marker="o", label=metrics.METHOD_TITLES.get(method, method))
+        ok = np.isfinite(h) & np.isfinite(m)
+        ax.fill_between(
+            x[order],
+            np.clip(m - h, 0, 1),
+            np.clip(m + h, 0, 1),
+            where=ok,
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("labeled training patients (%)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(
+        "Label efficiency: mean over repeats, band = Student-t 95% interval (clipped to [0, 1])",
+        fontsize=8,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _sweep_markdown(field: str, rows: list[dict], metric: str) -> str:

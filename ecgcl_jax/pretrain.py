@@ -369,16 +369,20 @@ class _Preemption:
 
 
 class WorkdirLock:
-    """One writer per workdir: an flock on WORKDIR/.lock, released by the OS when the process dies."""
+    """One writer per workdir: an flock on WORKDIR/.lock, released by the OS when the process dies.
 
-    def __init__(self, workdir: str):
+    shared=True: a shared flock, held together by cooperating processes (the shards of one evaluation, which
+    claim their units with locks of their own) and refused while an exclusive holder runs, and vice versa."""
+
+    def __init__(self, workdir: str, shared: bool = False):
         self.path = os.path.join(workdir, ".lock")
         self.fd = None
+        self.shared = shared
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             try:
                 holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
@@ -389,8 +393,9 @@ class WorkdirLock:
                 f"{os.path.dirname(self.path)}: in use by another live run ({holder or 'unknown pid'}); "
                 "wait for it or choose another --workdir"
             ) from None
+        holder = f"pid {os.getpid()} on {os.uname().nodename}"
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        os.pwrite(self.fd, (f"shared, e.g. {holder}" if self.shared else holder).encode(), 0)
         return self
 
     def __exit__(self, *exc):

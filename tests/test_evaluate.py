@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -273,7 +274,7 @@ def test_label_fraction_sweep(tmp_path, ds, clean_encoder):
     half = json.loads((tmp_path / "label_fraction=0.5" / "splits.json").read_text())["321"]
     full = json.loads((tmp_path / "label_fraction=1.0" / "splits.json").read_text())["321"]
     assert set(half["finetune"]) < set(full["finetune"]) and half["test"] == full["test"]
-    for name in ("sweep.md", "sweep.csv", "sweep_auroc.png"):
+    for name in ("sweep.md", "sweep.csv", "sweep_auroc.png", "label_efficiency_auroc.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * len(METRIC_KEYS)  # header + values x methods x metrics
@@ -415,7 +416,8 @@ def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, mon
     seen = []
 
     def fake_run(variant, workdir, dataset=None, pretrain_root=None, prepared=None):
-        seen.append((variant.pretrain.mode, evaluate.resolve_split(variant).split.to_dict()))
+        sp = evaluate.resolve_split(variant).split
+        seen.append((variant.pretrain.mode, {k: sp[k] for k in ("train", "val", "test")}))
         return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
@@ -697,3 +699,118 @@ def test_one_writer_per_workdir(tmp_path, ds, clean_encoder):
     with WorkdirLock(str(tmp_path)):
         with pytest.raises(UserError, match="in use"):
             evaluate.run(eval_config(clean_encoder), str(tmp_path), dataset=ds)
+
+
+_SHARD_CHILD = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from ecgcl_jax import evaluate
+from tests.test_evaluate import FakeDataset, eval_config
+
+def claimed_then_killed(v, seed):
+    open({marker!r}, "w").close()  # the unit's lock is held: this shard is killed in the middle of it
+    time.sleep(600)
+
+evaluate._run_unit = claimed_then_killed
+cfg = eval_config({enc!r}, **{{"finetune.num_epochs": 1, "baselines": ()}})
+evaluate.run(cfg, {wd!r}, dataset=FakeDataset(), shard="0/2")
+"""
+
+
+def test_shards_share_a_workdir_and_a_killed_shards_unit_reruns(tmp_path, ds, clean_encoder):
+    """Shard 0/2 (a subprocess) claims its unit and is killed in the middle of it, while shard 1/2 runs beside it
+    in the same workdir; a second shard 0/2 leaves the claimed unit alone; after the kill the same command runs
+    it and, being the last, writes the reports: the results of one unsharded run, byte for byte."""
+    cfg = eval_config(clean_encoder, **{"finetune.num_epochs": 1, "baselines": ()})
+    wd, marker = tmp_path / "sharded", tmp_path / "claimed"
+    script = _SHARD_CHILD.format(root=ROOT, marker=str(marker), enc=clean_encoder, wd=str(wd))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert child.poll() is None and time.time() < deadline, "the shard did not start"
+            time.sleep(0.2)
+        # side by side with the live shard 0/2: shard 1/2 runs its unit; nobody writes reports yet
+        out = evaluate.run(cfg, str(wd), dataset=ds, shard="1/2")
+        assert out == {"status": "incomplete", "units_done": 1, "units": 2}
+        assert (wd / "repeat_123" / "repeat.json").exists()
+        # a second shard 0/2: its unit is claimed by the live one, so it is left alone
+        assert evaluate.run(cfg, str(wd), dataset=ds, shard="0/2")["units_done"] == 1
+        assert (
+            not (wd / "repeat_321" / "repeat.json").exists() and not (wd / "results.json").exists()
+        )
+    finally:
+        child.kill()
+        child.wait()
+    # the killed shard's unit: run by the next command, which finds every unit done and writes the reports
+    res = evaluate.run(cfg, str(wd), dataset=ds, shard="0/2")
+    assert res["status"] == "done" and [r["seed"] for r in res["repeats"]] == [321, 123]
+    evaluate.run(cfg, str(tmp_path / "one"), dataset=ds)
+    for name in ("results.json", "splits.json", "results.csv"):
+        assert (wd / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    with pytest.raises(UserError, match=r"--shard: i/n needs n >= 1 and 0 <= i < n"):
+        evaluate.run(cfg, str(wd), dataset=ds, shard="2/2")
+
+
+class FoldDataset(FakeDataset):
+    """FakeDataset with a meta table: strat_fold per patient (1-10), two records without a fold."""
+
+    def __init__(self):
+        super().__init__()
+        import pandas as pd
+
+        keys = splits.patient_keys(self.patient_ids, self.records)
+        fold = [str(1 + sum(map(ord, k)) % 10) for k in keys]
+        fold[0] = fold[-1] = ""
+        self.meta = pd.DataFrame({"record": self.records, "strat_fold": fold})
+        self.path = "fake"
+
+
+FOLDS = {
+    "split.rule": "folds",
+    "split.train_folds": (1, 2, 3, 6, 7, 8),
+    "split.val_folds": (9, 4),
+    "split.test_folds": (10, 5),
+}
+
+
+def test_fold_rule_in_the_evaluation(tmp_path, clean_encoder):
+    fds = FoldDataset()
+    cfg = eval_config(clean_encoder, **FOLDS)
+    p = evaluate.prepare_run(cfg, fds)
+    fold = fds.meta["strat_fold"].to_numpy()
+    known = ~np.isnan(fds.labels)
+    sets = {"train": set("123678"), "val": {"9", "4"}, "test": {"10", "5"}}
+    for seed in p.seeds:  # every repeat: exactly the labeled records of the fold column's folds
+        for name, fs in sets.items():
+            want = [i for i in range(len(fold)) if known[i] and fold[i] in fs]
+            assert getattr(p.splits[seed], name).tolist() == want, name
+        assert p.splits[seed].to_json()["folds"]["records_without_fold"] == 2
+    with pytest.raises(UserError, match="config.split.fold_column: no column 'fold'"):
+        evaluate.prepare_run(override(cfg, **{"split.fold_column": "fold"}), fds)
+    with pytest.raises(UserError, match="config.split.rule: 'kfold'"):
+        evaluate.prepare_run(override(cfg, **{"split.rule": "kfold"}), fds)
+    # a loaded encoder that saw a test-fold patient is refused, as with random splits
+    leaky = export_tiny_encoder(tmp_path / "leaky", [p.splits[321].test_patients[0]])
+    with pytest.raises(splits.LeakageError, match="allow_leakage"):
+        evaluate.run(eval_config(leaky, **FOLDS), str(tmp_path / "w"), dataset=fds)
+
+
+def test_eval_ptbxl_smoke_on_the_embedded_set(tmp_path, clean_encoder):
+    """configs/eval_ptbxl.py at a smoke size on the embedded set (its superdiagnostic task and strat_fold)."""
+    from configs import eval_ptbxl
+    from ecgcl_jax import data
+
+    emb = data.open_dataset("")
+    if "ptbxl_superdiagnostic" not in emb.tasks():
+        pytest.skip("the embedded set carries no ptbxl_superdiagnostic task yet")
+    cfg = override(
+        eval_ptbxl.get_config(),
+        encoder_checkpoint=clean_encoder,
+        repeats=1,
+        baselines=("linear_probe",),
+        **{"finetune.num_epochs": 1, "finetune.batch_size": 16},
+    )
+    res = evaluate.run(cfg, str(tmp_path / "ptbxl"), dataset=emb)
+    assert res["status"] == "done" and res["protocol"]["split"]["rule"] == "folds"

@@ -180,3 +180,185 @@ def test_split_json_lists_patients():
     assert set(j) >= {"train", "val", "test", "pretrain"}
     assert j["test"] == s.test_patients
     assert j["records"]["val"] == [records[i] for i in s.val]
+
+
+# ------------------------------------------------------------------------------ multi-label and folds
+def _frozen_single_label_split(patient_ids, labels, records, seed, fractions, label_fraction):
+    """The single-label split as it was before multi-label tasks (a frozen copy of its steps): C = 1 splits
+    must stay exactly these."""
+    _, val_fraction, test_fraction = splits.check_fractions(fractions)
+    keys = splits.patient_keys(patient_ids, records)
+    labels = np.asarray(labels, dtype=np.float64)
+    plabels = splits.patient_labels(keys, labels)
+    by_class = {0: [], 1: []}
+    for p in sorted(plabels):
+        by_class[plabels[p]].append(p)
+    rng = np.random.default_rng([int(seed), 0])
+    train, val, test = [], [], []
+    for c in sorted(by_class):
+        members = list(by_class[c])
+        rng.shuffle(members)
+        n = len(members)
+        n_rest = int(math.floor(n * (val_fraction + test_fraction) + 0.5 + 1e-9))
+        n_test = int(
+            math.floor(n_rest * test_fraction / (val_fraction + test_fraction) + 0.5 + 1e-9)
+        )
+        n_val = n_rest - n_test
+        if n >= 3:
+            n_val, n_test = max(n_val, 1), max(n_test, 1)
+        while n_val + n_test > n - 1 and n_val + n_test > 0 and n > 1:
+            if n_val >= n_test:
+                n_val -= 1
+            else:
+                n_test -= 1
+        val += members[:n_val]
+        test += members[n_val : n_val + n_test]
+        train += members[n_val + n_test :]
+    fin = sorted(train)
+    if label_fraction < 1.0:
+        frng = np.random.default_rng([int(seed), 1])
+        fin = []
+        for c in (0, 1):
+            members = sorted(p for p in train if plabels[p] == c)
+            order = frng.permutation(len(members))
+            fin += [members[i] for i in order[: max(1, math.ceil(label_fraction * len(members)))]]
+        fin = sorted(fin)
+    known = ~np.isnan(labels)
+    rows_of = {}
+    for i in np.flatnonzero(known):
+        rows_of.setdefault(keys[i], []).append(int(i))
+    pick = np.random.default_rng([int(seed), 2])
+    val_rows = sorted(rows_of[p][pick.integers(len(rows_of[p]))] for p in sorted(val))
+    test_rows = sorted(rows_of[p][pick.integers(len(rows_of[p]))] for p in sorted(test))
+    return sorted(train), fin, sorted(val), sorted(test), val_rows, test_rows
+
+
+@pytest.mark.parametrize("seed", [321, 123, 51, 7])
+@pytest.mark.parametrize("frac", [1.0, 0.3])
+def test_single_label_splits_unchanged(seed, frac):
+    pids, labels, records, _ = make_table(n_pos=13, n_neg=31, seed=seed)
+    want = _frozen_single_label_split(pids, labels, records, seed, splits.FRACTIONS, frac)
+    for lab in (labels, labels[:, None]):  # (N,) and a task of one column (N, 1)
+        s = splits.make_split(pids, lab, records, seed=seed, label_fraction=frac)
+        got = (
+            s.train_patients,
+            s.finetune_patients,
+            s.val_patients,
+            s.test_patients,
+            s.val.tolist(),
+            s.test.tolist(),
+        )
+        assert got == want
+
+
+def _multilabel_table(n=400, seed=0):
+    """n patients (1-2 ECGs each) with 5 correlated classes of positive rates ~0.45/0.25/0.2/0.12/0.05."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((n, 5)) < np.array([0.45, 0.25, 0.2, 0.12, 0.05])
+    base[:, 3] |= base[:, 1] & (rng.random(n) < 0.3)  # correlated classes
+    pids, labels = [], []
+    for j in range(n):
+        for _ in range(1 + j % 2):
+            pids.append(f"P{j}")
+            labels.append(base[j].astype(np.float32))
+    labels = np.array(labels)
+    labels[::17, 2] = np.nan  # some unknown entries
+    return np.array(pids), labels, np.array([f"r{i}" for i in range(len(pids))])
+
+
+def test_multilabel_split_keeps_each_class_ratio():
+    pids, labels, records = _multilabel_table()
+    keys = splits.patient_keys(pids, records)
+    plab = splits.patient_label_matrix(keys, labels)
+    for seed in (321, 123):
+        s = splits.make_split(pids, labels, records, seed=seed)
+        tr, va, te = (set(getattr(s, f"{k}_patients")) for k in ("train", "val", "test"))
+        assert not (tr & va or tr & te or va & te) and tr | va | te == set(plab)
+        assert abs(len(va) - 0.15 * len(plab)) <= 3 and abs(len(te) - 0.15 * len(plab)) <= 3
+        # independent re-count: per class the patient-level positive rate in each split
+        st = s.info["stratification"]
+        worst = 0.0
+        for c in range(5):
+            rates = []
+            for pats in (tr, va, te):
+                y = np.array([plab[p][c] for p in pats])
+                y = y[np.isfinite(y)]
+                rates.append(y.mean())
+            worst = max(worst, max(rates) - min(rates))
+            assert (
+                max(rates) - min(rates) <= 0.03
+            )  # the stated tolerance: 3 points of positive rate
+            assert (
+                st["max_abs_diff"][c] >= max(rates) - min(rates) - 1e-6
+            )  # finetune == train at 1.0
+        # val/test: one ECG per patient; the pool leaves them out
+        assert len(set(keys[s.val])) == len(s.val) and not set(s.pretrain_patients) & (va | te)
+        # label fraction: nested prefixes, each class's rate kept within the tolerance too
+        prev = tr
+        for frac in (0.5, 0.2):
+            f = splits.make_split(pids, labels, records, seed=seed, label_fraction=frac)
+            sub = set(f.finetune_patients)
+            assert sub <= prev and len(sub) == math.ceil(frac * len(tr))
+            assert f.test_patients == s.test_patients
+            for c in range(5):
+                y = np.array([plab[p][c] for p in sub])
+                t = np.array([plab[p][c] for p in tr])
+                assert abs(np.nanmean(y) - np.nanmean(t)) <= 0.03
+            prev = sub
+
+
+def test_iterative_stratification_beats_a_random_split():
+    """Against a seeded random patient split of the same sizes, the class-rate gap is smaller on average."""
+    pids, labels, records = _multilabel_table(n=300, seed=2)
+    keys = splits.patient_keys(pids, records)
+    plab = splits.patient_label_matrix(keys, labels)
+    pats = sorted(plab)
+    y = np.stack([plab[p] for p in pats])
+    gaps_strat, gaps_rand = [], []
+    for seed in range(5):
+        a = splits.iterative_stratification(y, (0.7, 0.15, 0.15), np.random.default_rng(seed))
+        b = np.random.default_rng(seed).permutation(np.repeat([0, 1, 2], [210, 45, 45]))
+        for assign, out in ((a, gaps_strat), (b, gaps_rand)):
+            r = np.array([np.nanmean(y[assign == j], 0) for j in range(3)])
+            out.append((r.max(0) - r.min(0)).max())
+    assert np.mean(gaps_strat) < 0.5 * np.mean(gaps_rand)
+
+
+def test_fold_split_is_the_fold_column():
+    pids, labels, records = _multilabel_table(n=120, seed=3)
+    keys = splits.patient_keys(pids, records)
+    pfold = {p: 1 + int(p[1:]) % 10 for p in set(keys.tolist())}
+    folds = np.array([str(pfold[k]) for k in keys], dtype=object)
+    folds[5] = ""  # a record without a fold: in no labeled split, counted
+    folds[6] = np.nan
+    for seed in (1, 2):
+        s = splits.make_fold_split(
+            pids, labels, records, folds, seed, range(1, 9), (9,), ("10",), label_fraction=1.0
+        )
+        for name, fs in (("train", set(range(1, 9))), ("val", {9}), ("test", {10})):
+            want = [
+                i
+                for i in range(len(keys))
+                if folds[i] not in ("",) and folds[i] == folds[i] and int(folds[i]) in fs
+            ]
+            assert getattr(s, name).tolist() == want  # every labeled ECG of its folds
+        assert s.info["folds"]["records_without_fold"] == 2
+        held = {k for k in keys if pfold[k] in (9, 10)}
+        assert set(s.pretrain_patients) == set(keys.tolist()) - held
+    # fixed: another seed, the same split
+    a = splits.make_fold_split(pids, labels, records, folds, 1, range(1, 9), (9,), (10,))
+    b = splits.make_fold_split(pids, labels, records, folds, 2, range(1, 9), (9,), (10,))
+    assert a.train_patients == b.train_patients and a.test.tolist() == b.test.tolist()
+    # ...but the label-fraction subset varies with the seed
+    a = splits.make_fold_split(pids, labels, records, folds, 1, range(1, 9), (9,), (10,), 0.3)
+    b = splits.make_fold_split(pids, labels, records, folds, 2, range(1, 9), (9,), (10,), 0.3)
+    assert a.finetune_patients != b.finetune_patients
+    # a patient in two folds is refused, in one line
+    bad = folds.copy()
+    i, j = np.flatnonzero(keys == "P1")  # P1 has two ECGs
+    bad[j] = "4"
+    with pytest.raises(splits.LeakageError, match=r"patient P1 has records in folds 2, 4") as e:
+        splits.make_fold_split(pids, labels, records, bad, 1, range(1, 9), (9,), (10,))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"config.split.test_folds: fold\(s\) 9 also in"):
+        splits.make_fold_split(pids, labels, records, folds, 1, range(1, 9), (9,), (9,))
