@@ -194,9 +194,7 @@ def validate(config) -> None:
             raise UserError(
                 f"config.finetune.{field}: must be a positive integer (got {ft[field]})"
             )
-    for field in ("learning_rate", "weight_decay"):
-        if float(ft[field]) < 0 or (field == "learning_rate" and float(ft[field]) == 0):
-            raise UserError(f"config.finetune.{field}: must be positive (got {ft[field]})")
+    finetune.finetune_recipe(ft, None)
     if not 0.0 <= float(ft.head_dropout) < 1.0:
         raise UserError(f"config.finetune.head_dropout: must be in [0, 1) (got {ft.head_dropout})")
     from ecgcl_jax import models  # noqa: PLC0415
@@ -333,7 +331,7 @@ def run_repeat(
     test = finetune.RawSource(ds, split.test, max_amp)
     key = jax.random.PRNGKey(seed)
     length, leads = int(ds.raw.shape[1]), int(ds.raw.shape[2])
-    trainer = finetune.classifier_trainer(enc.model_config, spec, ft)
+    trainer = finetune.classifier_trainer(enc.model_config, spec, ft, train_size=len(train))
     emb_dim = int(enc.model_config.emb_dim)
     epochs = int(ft.num_epochs)
     results: dict[str, dict] = {}
@@ -360,7 +358,7 @@ def run_repeat(
             )
             for name, src in (("train", train), ("val", val), ("test", test))
         }
-        probe = finetune.probe_trainer(emb_dim, spec, ft)
+        probe = finetune.probe_trainer(emb_dim, spec, ft, train_size=len(train))
         head_vars = probe.init_head(jax.random.fold_in(k, 0), feats["train"])
         fs = {
             n: finetune.FeatureSource(feats[n], s.labels)
