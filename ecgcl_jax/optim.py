@@ -136,9 +136,9 @@ def recipe(section, total_steps: int | None, field: str = "config.optim") -> Rec
         return Recipe(**r)
     length = r["decay_steps"] or (int(total_steps) if total_steps is not None else 0)
     if length and length <= r["warmup_steps"]:
-        what = "decay_steps" if r["decay_steps"] else "decay_steps (0: the run's steps, here)"
+        what = f"got {length}" if r["decay_steps"] else f"0: the run's {length} steps"
         raise UserError(
-            f"{field}.{what}: the cosine needs more steps than warmup_steps={r['warmup_steps']} (got {length})"
+            f"{field}.decay_steps: the cosine needs more steps than warmup_steps={r['warmup_steps']} ({what})"
         )
     r["decay_steps"] = length
     return Recipe(**r)
