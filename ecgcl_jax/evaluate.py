@@ -37,7 +37,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from ecgcl_jax import checkpoint, cli, configdiff, embed, finetune, input_pipeline, metrics, splits
+from ecgcl_jax import (
+    checkpoint,
+    cli,
+    configdiff,
+    embed,
+    finetune,
+    input_pipeline,
+    metrics,
+    optim,
+    splits,
+)
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
 
@@ -133,7 +143,11 @@ def _config_json(config) -> dict:
 
 def check_resume(saved: dict, current: dict, path: str) -> None:
     """Refuses a resume whose config differs in a field that changes results (lists them)."""
-    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
+    before = {
+        **optim.fields_before_recipes("pretrain.optim."),
+        **optim.fields_before_recipes("finetune.", finetune=True),
+    }
+    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, before)
     if detail:
         raise UserError(
             f"{path}: this evaluation workdir was started with another config; changed fields: "

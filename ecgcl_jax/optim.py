@@ -38,6 +38,27 @@ OPTIMIZERS = ("adam_l2", "adamw", "lars")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_constant")
 
 
+# The recipe fields' values that reproduce a run whose saved config predates them (constant-rate Adam with L2;
+# b1, b2, eps were optax's defaults in fine-tuning): a workdir saved then still resumes.
+_BEFORE_RECIPES = {
+    "optimizer": "adam_l2",
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "decay_steps": 0,
+    "min_lr_ratio": 0.0,
+    "clip_norm": 0.0,
+    "momentum": 0.9,
+    "trust_coefficient": 1e-3,
+}
+_BEFORE_RECIPES_FINETUNE = {**_BEFORE_RECIPES, "b1": 0.9, "b2": 0.999, "eps": 1e-8}
+
+
+def fields_before_recipes(prefix: str, finetune: bool = False) -> dict:
+    """{prefix + field: value} for configdiff.changed_fields(absent_as=...): see _BEFORE_RECIPES."""
+    fields = _BEFORE_RECIPES_FINETUNE if finetune else _BEFORE_RECIPES
+    return {prefix + k: v for k, v in fields.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A checked training recipe (hashable: a cache key for compiled steps). decay_steps is resolved:

@@ -393,7 +393,9 @@ class WorkdirLock:
 
 
 def check_resume_config(saved: dict, current: dict, path: str) -> None:
-    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
+    detail = configdiff.changed_fields(
+        saved, current, RESUMABLE_CHANGES, optim.fields_before_recipes("optim.")
+    )
     if detail:
         raise UserError(
             f"{path}: this workdir was started with another config; changed fields: {detail} "

@@ -336,3 +336,65 @@ def test_resume_mid_warmup_and_mid_decay_equals_uninterrupted(tmp_path):
             [m["loss"] for m in b[cut:]], [m["loss"] for m in a[cut:]], atol=1e-5, rtol=0
         )
         np.testing.assert_allclose([m["learning_rate"] for m in b], want, rtol=1e-6)
+
+
+def test_recipe_config_is_a_composed_pipeline_with_warmup_cosine_adamw():
+    """configs/simclr_recipe.py: each view is `step ('|' step)*` with step NAME[:PARAMS][@PROB] of known ops;
+    with the views spelled as single ops (the pipeline syntax is checked by the augmentations), the config
+    validates and its recipe is AdamW with warmup + cosine over num_steps."""
+    import re
+
+    from configs import simclr_recipe
+    from ecgcl_jax import pretrain
+
+    ops = (
+        "gaussian_noise|dropout|zero_mask|permute|time_warp|baseline_wander|powerline|muscle_noise|"
+        "amplitude_scale|random_resized_crop|lead_mask|vcg_rotate_scale"
+    )
+    step = rf"(?:{ops})(?::[0-9.,]+)?(?:@(?:0(?:\.[0-9]+)?|1(?:\.0*)?))?"
+    c = simclr_recipe.get_config()
+    for view in (c.augment.view1, c.augment.view2):
+        assert re.fullmatch(rf"{step}(?:\|{step})+", view), view
+    c.augment.view1, c.augment.view2 = "gaussian_noise:0.05", "dropout:0.1"
+    pretrain.validate_config(c, 8)
+    r = optim.recipe(c.optim, c.num_steps)
+    assert (r.optimizer, r.schedule, r.decay_steps) == ("adamw", "warmup_cosine", c.num_steps)
+    assert 0 < r.warmup_steps < r.decay_steps
+
+
+def test_workdirs_saved_before_the_recipe_fields_still_resume():
+    """A saved config without the recipe fields ran constant-rate Adam + L2: the default config resumes it, a
+    config with another recipe is refused, naming the field."""
+    import json
+
+    from configs import cnn
+    from configs import eval as eval_config
+    from ecgcl_jax import evaluate, pretrain
+
+    def without_recipe(cfg, *sections):
+        d = json.loads(cfg.to_json())
+        for sec in sections:
+            node = d
+            for part in sec.split("."):
+                node = node[part]
+            for k in ("optimizer", "schedule", "warmup_steps", "decay_steps", "min_lr_ratio"):
+                del node[k]
+            for k in ("clip_norm", "momentum", "trust_coefficient"):
+                del node[k]
+            if sec == "finetune":
+                for k in ("b1", "b2", "eps"):
+                    del node[k]
+        return d
+
+    c = cnn.get_config()
+    saved = without_recipe(c, "optim")
+    pretrain.check_resume_config(saved, json.loads(c.to_json()), "w/config.json")
+    c.optim.schedule, c.optim.warmup_steps = "warmup_constant", 10
+    with pytest.raises(UserError, match=r"optim\.schedule: 'constant' -> 'warmup_constant'"):
+        pretrain.check_resume_config(saved, json.loads(c.to_json()), "w/config.json")
+    e = eval_config.get_config()
+    saved = without_recipe(e, "pretrain.optim", "finetune")
+    evaluate.check_resume(saved, json.loads(e.to_json()), "ev/config.json")
+    e.finetune.clip_norm = 1.0
+    with pytest.raises(UserError, match=r"finetune\.clip_norm: 0\.0 -> 1\.0"):
+        evaluate.check_resume(saved, json.loads(e.to_json()), "ev/config.json")
