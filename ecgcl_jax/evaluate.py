@@ -612,9 +612,12 @@ def prepare_run(config, dataset=None) -> Prepared:
         pretrain.validate_config(
             config.pretrain, parallel.make_mesh().size, field_prefix="pretrain."
         )
-    return Prepared(
-        config, exported, seeds, ds, {seed: repeat_split(config, ds, seed) for seed in seeds}
-    )
+    split_of = {seed: repeat_split(config, ds, seed) for seed in seeds}
+    for (
+        split
+    ) in split_of.values():  # a fine-tuning cosine's length depends on the training split's size
+        finetune.finetune_recipe(config.finetune, len(split.finetune))
+    return Prepared(config, exported, seeds, ds, split_of)
 
 
 def run(

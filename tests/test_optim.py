@@ -266,6 +266,13 @@ def test_a_bad_finetune_field_is_one_line_naming_it():
         UserError, match=r"^config\.finetune\.schedule: 'warmup_linear' is not one of"
     ):
         evaluate.validate(evaluate.resolve_split(c))
+    # a cosine over all fine-tuning steps: its length is checked per seed's split before any training
+    c = eval_config.get_config()
+    c.finetune.schedule, c.finetune.warmup_steps = "warmup_cosine", 10**6
+    with pytest.raises(
+        UserError, match=r"^config\.finetune\.decay_steps: the cosine needs more steps"
+    ):
+        evaluate.prepare_run(c)
 
 
 def test_finetune_history_records_the_learning_rate_of_each_epoch():
