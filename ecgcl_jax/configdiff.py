@@ -22,7 +22,8 @@ def changed_fields(saved: dict, current: dict, allowed=(), absent_as=None) -> st
     without the field ran with (a field added since it was saved)."""
     a, b = flatten(saved), flatten(current)
     for k, v in (absent_as or {}).items():
-        a.setdefault(k, v)
+        if k in b:
+            a.setdefault(k, v)
     changed = sorted(
         k
         for k in set(a) | set(b)
