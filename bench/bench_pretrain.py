@@ -179,7 +179,7 @@ class ProjectCase:
 
     def __init__(self, args, dataset, encoder, pair, precision, batch, data, mesh):
         from configs import base
-        from ecgcl_jax import input_pipeline, models, parallel, pretrain
+        from ecgcl_jax import input_pipeline, models, optim, parallel, pretrain
 
         self.encoder, self.pair, self.precision, self.batch, self.data = (
             encoder,
@@ -200,7 +200,7 @@ class ProjectCase:
         pool = np.arange(len(dataset))
         max_amp = input_pipeline.fit_max_amp(dataset, pool[:256])
         model = models.build_encoder(c.model, dtype=pretrain.DTYPES[precision])
-        tx = pretrain.make_optimizer(c.optim)
+        tx = optim.make_optimizer(optim.recipe(c.optim, int(c.num_steps)))
         repl = parallel.replicated(mesh)
         init_key, step_key = jax.random.split(jax.random.PRNGKey(c.seed))
         self.state = jax.jit(lambda k: pretrain.init_state(c, model, tx, k), out_shardings=repl)(

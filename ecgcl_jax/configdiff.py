@@ -16,10 +16,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def changed_fields(saved: dict, current: dict, allowed=()) -> str:
+def changed_fields(saved: dict, current: dict, allowed=(), absent_as=None) -> str:
     """'field: old -> new, ...' for every differing field not in ``allowed`` ('' when none); past 8 fields, the rest
-    by name only, so that every changed field is named."""
+    by name only, so that every changed field is named. absent_as: {dotted field: value} that a saved config
+    without the field ran with (a field added since it was saved)."""
     a, b = flatten(saved), flatten(current)
+    for k, v in (absent_as or {}).items():
+        if k in b:
+            a.setdefault(k, v)
     changed = sorted(
         k
         for k in set(a) | set(b)

@@ -39,7 +39,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from ecgcl_jax import checkpoint, cli, configdiff, embed, finetune, input_pipeline, metrics, splits
+from ecgcl_jax import (
+    checkpoint,
+    cli,
+    configdiff,
+    embed,
+    finetune,
+    input_pipeline,
+    metrics,
+    optim,
+    splits,
+)
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
 
@@ -148,11 +158,12 @@ ADDED_FIELDS = {
 
 def check_resume(saved: dict, current: dict, path: str) -> None:
     """Refuses a resume whose config differs in a field that changes results (lists them)."""
-    saved, current = configdiff.flatten(saved), configdiff.flatten(current)
-    for k, default in ADDED_FIELDS.items():
-        if k not in saved and json.dumps(current.get(k)) == json.dumps(default):
-            saved[k] = current[k]
-    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
+    before = {
+        **ADDED_FIELDS,
+        **optim.fields_before_recipes("pretrain.optim."),
+        **optim.fields_before_recipes("finetune.", finetune=True),
+    }
+    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, before)
     if detail:
         raise UserError(
             f"{path}: this evaluation workdir was started with another config; changed fields: "
@@ -218,9 +229,7 @@ def validate(config) -> None:
             raise UserError(
                 f"config.finetune.{field}: must be a positive integer (got {ft[field]})"
             )
-    for field in ("learning_rate", "weight_decay"):
-        if float(ft[field]) < 0 or (field == "learning_rate" and float(ft[field]) == 0):
-            raise UserError(f"config.finetune.{field}: must be positive (got {ft[field]})")
+    finetune.finetune_recipe(ft, None)
     if not 0.0 <= float(ft.head_dropout) < 1.0:
         raise UserError(f"config.finetune.head_dropout: must be in [0, 1) (got {ft.head_dropout})")
     from ecgcl_jax import models  # noqa: PLC0415
@@ -410,7 +419,7 @@ def run_repeat(
     test = finetune.RawSource(ds, split.test, max_amp)
     key = jax.random.PRNGKey(seed)
     length, leads = int(ds.raw.shape[1]), int(ds.raw.shape[2])
-    trainer = finetune.classifier_trainer(enc.model_config, spec, ft)
+    trainer = finetune.classifier_trainer(enc.model_config, spec, ft, train_size=len(train))
     emb_dim = int(enc.model_config.emb_dim)
     epochs = int(ft.num_epochs)
     results: dict[str, dict] = {}
@@ -437,7 +446,7 @@ def run_repeat(
             )
             for name, src in (("train", train), ("val", val), ("test", test))
         }
-        probe = finetune.probe_trainer(emb_dim, spec, ft)
+        probe = finetune.probe_trainer(emb_dim, spec, ft, train_size=len(train))
         head_vars = probe.init_head(jax.random.fold_in(k, 0), feats["train"])
         fs = {
             n: finetune.FeatureSource(feats[n], s.labels)
@@ -679,14 +688,11 @@ def prepare_run(config, dataset=None) -> Prepared:
             config.pretrain, parallel.make_mesh().size, field_prefix="pretrain."
         )
     task = task_labels(config, ds)
-    return Prepared(
-        config,
-        exported,
-        seeds,
-        ds,
-        {seed: repeat_split(config, ds, seed, task) for seed in seeds},
-        task,
-    )
+    split_of = {seed: repeat_split(config, ds, seed, task) for seed in seeds}
+    # a fine-tuning cosine's length depends on the training split's size
+    for split in split_of.values():
+        finetune.finetune_recipe(config.finetune, len(split.finetune))
+    return Prepared(config, exported, seeds, ds, split_of, task)
 
 
 def parse_shard(shard) -> tuple[int, int] | None:

@@ -5,7 +5,7 @@ Data flow of one step (jitted once per architecture, state donated)::
     int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
       ── views (CLOCS: halves and/or single leads; |FFT| in the frequency domain) ──▶ (B, [V,] L', C')
       ── models.Classifier (encoder ─▶ [aggregate over views] ─▶ Dense(emb) ─▶ ReLU ─▶ dropout ─▶ Dense(1))
-      ── BCE on logits ──▶ grad ──▶ L2 (added to the gradient) + Adam ──▶ new state
+      ── BCE on logits ──▶ grad ──▶ optimizer (optim.make_optimizer of config.finetune) ──▶ new state
 
 Two modes:
   finetune      the whole classifier is trained end to end (the reference protocol).
@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 import ecgcl_jax
-from ecgcl_jax import augment, input_pipeline, losses, metrics, models
+from ecgcl_jax import augment, input_pipeline, losses, metrics, models, optim
 from ecgcl_jax.errors import UserError
 
 MODES = ("finetune", "linear_probe")
@@ -138,11 +138,6 @@ class FinetuneState:
     params: Any
     batch_stats: Any
     opt_state: Any
-
-
-def make_optimizer(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
-    """torch.optim.Adam(lr, weight_decay): L2 added to the gradient, then Adam."""
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
 
 
 def new_state(variables: dict, tx: optax.GradientTransformation) -> FinetuneState:
@@ -292,23 +287,27 @@ class Trainer:
     step: Callable
     predict_logits: Callable
     batch_size: int
+    recipe: optim.Recipe = optim.Recipe()
 
     def init_head(self, key: jax.Array, example: np.ndarray) -> dict:
         """Variables of a probe head (self.model = ClassifierHead) for inputs shaped like `example`."""
         return dict(_head_init_fn(self.model, tuple(example.shape[1:]))(key))
 
     @classmethod
-    def create(
-        cls, model, to_input: Callable, learning_rate: float, weight_decay: float, batch_size: int
-    ):
-        tx = make_optimizer(learning_rate, weight_decay)
+    def create(cls, model, to_input: Callable, recipe: optim.Recipe, batch_size: int):
+        tx = optim.make_optimizer(recipe)
         return cls(
             model,
             tx,
             make_finetune_step(model, tx, to_input),
             make_predict(model, to_input),
             batch_size,
+            recipe,
         )
+
+    def learning_rate_at(self, count: int) -> float:
+        """The learning rate of the update with 0-based optimizer count `count`."""
+        return optim.learning_rate_at(self.recipe, count)
 
     def predict(self, state: FinetuneState, source) -> np.ndarray:
         """(n,) float64 probabilities for every record of `source` (padded last batch, masked)."""
@@ -342,15 +341,30 @@ def _aggregate(spec: InputSpec, ft_config) -> str | None:
     return agg
 
 
-def classifier_trainer(model_cfg, spec: InputSpec, ft_config, linear: bool = False) -> Trainer:
-    """End-to-end classifier trainer on raw batches (RawSource). Cached: one compile per architecture."""
+def total_steps(ft_config, train_size: int) -> int:
+    """Optimizer steps of a fine-tuning run: num_epochs x batches per epoch over `train_size` records."""
+    b = min(int(ft_config.batch_size), int(train_size))
+    return int(ft_config.num_epochs) * -(-int(train_size) // max(b, 1))
+
+
+def finetune_recipe(ft_config, train_size: int | None) -> optim.Recipe:
+    """The optimizer recipe of config.finetune for a training split of `train_size` records (None: not
+    known, only the fields are checked)."""
+    steps = None if train_size is None else total_steps(ft_config, train_size)
+    return optim.recipe(ft_config, steps, "config.finetune")
+
+
+def classifier_trainer(
+    model_cfg, spec: InputSpec, ft_config, linear: bool = False, train_size: int | None = None
+) -> Trainer:
+    """End-to-end classifier trainer on raw batches (RawSource). Cached: one compile per architecture and
+    recipe. train_size: records of the training split (the length of a cosine schedule over all epochs)."""
     return _classifier_trainer(
         models.encoder_config(model_cfg),
         spec,
         float(ft_config.head_dropout),
         _aggregate(spec, ft_config),
-        float(ft_config.learning_rate),
-        float(ft_config.weight_decay),
+        finetune_recipe(ft_config, train_size),
         int(ft_config.batch_size),
         bool(linear),
     )
@@ -358,7 +372,7 @@ def classifier_trainer(model_cfg, spec: InputSpec, ft_config, linear: bool = Fal
 
 @functools.lru_cache(maxsize=16)
 def _classifier_trainer(
-    enc_cfg, spec, head_dropout, aggregate, lr, wd, batch_size, linear
+    enc_cfg, spec, head_dropout, aggregate, recipe, batch_size, linear
 ) -> Trainer:
     model = models.Classifier(
         enc_cfg,
@@ -368,24 +382,26 @@ def _classifier_trainer(
         linear_probe=linear,
     )
     to_input = lambda b: preprocess(b["raw"], b["scale"], b["max_amp"], spec)
-    return Trainer.create(model, to_input, lr, wd, batch_size)
+    return Trainer.create(model, to_input, recipe, batch_size)
 
 
-def probe_trainer(emb_dim: int, spec: InputSpec, ft_config) -> Trainer:
-    """Linear-probe trainer on precomputed embeddings (B, V, E) (FeatureSource): view aggregation + Dense(1)."""
+def probe_trainer(
+    emb_dim: int, spec: InputSpec, ft_config, train_size: int | None = None
+) -> Trainer:
+    """Linear-probe trainer on precomputed embeddings (B, V, E) (FeatureSource): view aggregation + Dense(1).
+    train_size: as in `classifier_trainer`."""
     return _probe_trainer(
         int(emb_dim),
         _aggregate(spec, ft_config),
-        float(ft_config.learning_rate),
-        float(ft_config.weight_decay),
+        finetune_recipe(ft_config, train_size),
         int(ft_config.batch_size),
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _probe_trainer(emb_dim, aggregate, lr, wd, batch_size) -> Trainer:
+def _probe_trainer(emb_dim, aggregate, recipe, batch_size) -> Trainer:
     head = models.ClassifierHead(emb_dim, 0.0, aggregate, linear=True)
-    return Trainer.create(head, lambda b: b["x"], lr, wd, batch_size)
+    return Trainer.create(head, lambda b: b["x"], recipe, batch_size)
 
 
 @functools.lru_cache(maxsize=16)
@@ -454,12 +470,14 @@ def fit_and_select(
     val_labels: np.ndarray,
     test_labels: np.ndarray,
     snapshot: Callable = _snapshot,
+    learning_rate: Callable | None = None,
 ) -> dict:
     """Trains `num_epochs`, scores validation after each, keeps the best-AUROC epoch, scores test once.
 
-    train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs.
-    Returns {'best_epoch', 'history': [{'epoch', 'train_loss', 'val_loss', 'val': scores}], 'val': best val
-    scores, 'test': test scores, 'test_probs'}.
+    train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs;
+    learning_rate(state) -> the rate of the epoch's last update (recorded in the history when given).
+    Returns {'best_epoch', 'history': [{'epoch', 'train_loss', 'val_loss', 'val': scores[, 'learning_rate']}],
+    'val': best val scores, 'test': test scores, 'test_probs'}.
     """
     if num_epochs < 1:
         raise UserError(f"config.finetune.num_epochs: must be >= 1 (got {num_epochs})")
@@ -481,6 +499,8 @@ def fit_and_select(
                 "val": scores,
             }
         )
+        if learning_rate is not None:
+            history[-1]["learning_rate"] = float(learning_rate(state))
         if better(scores["auroc"], best_auroc):
             best_auroc, best_epoch, best_state = scores["auroc"], epoch, snapshot(state)
     test_probs = predict(best_state, "test")
@@ -517,6 +537,14 @@ def run_finetune(
         return trainer.predict(st, sources[name])
 
     try:
-        return fit_and_select(state, num_epochs, train_epoch, predict, val.labels, test.labels)
+        return fit_and_select(
+            state,
+            num_epochs,
+            train_epoch,
+            predict,
+            val.labels,
+            test.labels,
+            learning_rate=lambda st: trainer.learning_rate_at(max(int(st.step) - 1, 0)),
+        )
     except UserError as e:
         raise UserError(f"seed {seed}: {e}") from None

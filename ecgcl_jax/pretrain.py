@@ -5,7 +5,7 @@ Data flow of one step (all inside one ``jax.jit``, state donated)::
     int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
       ── views (augment, example i keyed by fold_in(k_aug, i), k_aug split from fold_in(key, step)) ──▶ V views
       ── encoder + projector, one forward per view (BatchNorm statistics per view, global batch) ──▶ z
-      ── NT-Xent / CLOCS loss (float32) ──▶ grad ──▶ L2 + Adam ──▶ new state
+      ── NT-Xent / CLOCS loss (float32) ──▶ grad ──▶ optimizer (optim.make_optimizer) ──▶ new state
 
 Contrast modes (``config.mode``):
   simclr  two augmented views of the whole 10 s ECG (aug1, aug2); loss nt_xent(z1, z2).
@@ -46,6 +46,7 @@ from ecgcl_jax import (
     input_pipeline,
     losses,
     models,
+    optim,
     parallel,
     splits,
 )
@@ -168,6 +169,7 @@ def _validate_config(config, num_devices: int) -> None:
         raise UserError(f"config.seed: must be an integer in [0, 2**32) (got {config.seed!r})")
     if config.temperature <= 0:
         raise UserError(f"config.temperature: must be positive (got {config.temperature})")
+    optim.recipe(config.optim, int(config.num_steps))
     bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]
     if bad or (config.mode in input_pipeline.LEAD_MODES and len(config.clocs_leads) < 2):
         raise UserError(
@@ -187,14 +189,6 @@ def _validate_config(config, num_devices: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- step
-def make_optimizer(optim) -> optax.GradientTransformation:
-    """torch.optim.Adam(lr, weight_decay): L2 added to the gradient, then Adam."""
-    return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay),
-        optax.adam(optim.learning_rate, b1=optim.b1, b2=optim.b2, eps=optim.eps),
-    )
-
-
 def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
     """x: (B, 5000, 12) normalised -> list of V encoder inputs (B, L', C'); see the module docstring."""
     segs = input_pipeline.segments(x, config.mode)
@@ -404,7 +398,9 @@ class WorkdirLock:
 
 
 def check_resume_config(saved: dict, current: dict, path: str) -> None:
-    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES)
+    # a field added since the workdir was written ran with its old-behaviour value
+    before = {"data.task": "", **optim.fields_before_recipes("optim.")}
+    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, before)
     if detail:
         raise UserError(
             f"{path}: this workdir was started with another config; changed fields: {detail} "
@@ -577,7 +573,8 @@ def _run_locked(
     field_prefix: str = "",
 ) -> dict:
     model = models.build_encoder(config.model, dtype=DTYPES[config.dtype])
-    tx = make_optimizer(config.optim)
+    recipe = optim.recipe(config.optim, int(config.num_steps))
+    tx = optim.make_optimizer(recipe)
     root = jax.random.PRNGKey(config.seed)
     init_key, step_key = jax.random.split(root)
     repl = parallel.replicated(mesh)
@@ -685,6 +682,8 @@ def _run_locked(
                     "ecg_per_s": round(ecg_s, 2),
                     "batch_size": batch,
                     "nonfinite_steps": nonfinite,
+                    # the rate of the last update applied (skipped steps do not advance the schedule)
+                    "learning_rate": optim.learning_rate_at(recipe, max(done - nonfinite - 1, 0)),
                     "time": round(time.time(), 3),
                 }
                 mfile.write(

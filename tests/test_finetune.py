@@ -27,7 +27,10 @@ TINY = dict(
 
 
 def ft_config(**kw):
-    c = ml_collections.ConfigDict(
+    from configs import eval as eval_config
+
+    c = ml_collections.ConfigDict(eval_config.get_config().finetune.to_dict())  # every recipe field
+    c.update(
         dict(
             num_epochs=2,
             batch_size=8,
