@@ -473,8 +473,8 @@ def paired_markdown(paired: Mapping[str, Mapping], title: str = "macro-AUROC") -
             iv = f" [{_fmt(b['low'])}, {_fmt(b['high'])}]" if b else ""
             per.append(f"seed {r['seed']}: {_fmt(r['difference'])}{iv}")
         a, b_ = name.split(" - ")
-        title = f"{METHOD_TITLES.get(a, a)} − {METHOD_TITLES.get(b_, b_)}"
-        lines.append(f"| {title} | {d['summary']['n']} | {text} | {'; '.join(per)} |")
+        row = f"{METHOD_TITLES.get(a, a)} − {METHOD_TITLES.get(b_, b_)}"
+        lines.append(f"| {row} | {d['summary']['n']} | {text} | {'; '.join(per)} |")
     lines += [
         "",
         f"Difference of test {title}, pretrained minus random init, within each repeat (the same split and "
