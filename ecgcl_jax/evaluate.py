@@ -983,11 +983,11 @@ def _run_sweep_locked(
             prepared = prepare_run(variant, ds if same_data else None)
         except UserError as e:
             raise UserError(f"sweep {field} = {value!r}: {e}") from None
-        _, classes = task_labels(prepared.config, prepared.ds)
-        if len(classes) > 1 and metric not in metrics.MULTI_METRICS:
+        # a task's summaries are the multi-label ones (the one-label set only when it has one class)
+        if str(variant.data.get("task", "") or "") and metric not in metrics.MULTI_METRICS:
             raise UserError(
-                f"config.sweep.metric: {metric!r} is a one-label metric; the task of {field} = {value!r} has "
-                f"{len(classes)} classes: use one of {', '.join(metrics.MULTI_METRICS)}"
+                f"config.sweep.metric: {metric!r} is a one-label metric, but {field} = {value!r} evaluates "
+                f"the task {variant.data.task!r}: use one of {', '.join(metrics.MULTI_METRICS)}"
             )
         variants.append((value, variant, os.path.join(workdir, name), prepared))
     rows, series = [], {}
