@@ -127,6 +127,11 @@ def auroc_columns(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     p = np.asarray(probs, np.float64)
     out = np.full(y.shape[1], math.nan)
     known = ~np.isnan(y)
+    rows = known.any(axis=1)
+    if known[
+        rows
+    ].all():  # each row known in every class or in none (a task's unlabelled records): one ranking
+        y, p, known = y[rows], p[rows], known[rows]
     if known.all():
         ranks = scipy.stats.rankdata(p, axis=0)
         cols = [(j, slice(None)) for j in range(y.shape[1])]
@@ -178,12 +183,17 @@ def bootstrap(
     rank_of = np.empty_like(order)
     rank_of[order] = np.arange(len(order))
     codes = rank_of[codes.ravel()]
-    members = [np.flatnonzero(codes == i) for i in range(len(order))]
+    # rows grouped by patient (ascending within each): patient i owns by_patient[start[i] : start[i] + size[i]]
+    by_patient = np.argsort(codes, kind="stable")
+    size = np.bincount(codes, minlength=len(order))
+    start = np.cumsum(size) - size
     rng = np.random.default_rng(seed)
     stats = {m: np.full(int(resamples), math.nan) for m in ps}
     for b in range(int(resamples)):
-        pick = rng.integers(0, len(members), size=len(members))
-        rows = np.concatenate([members[i] for i in pick])
+        pick = rng.integers(0, len(order), size=len(order))
+        sizes = size[pick]
+        offset = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        rows = by_patient[np.repeat(start[pick], sizes) + offset]
         for m, p in ps.items():
             stats[m][b] = _macro(auroc_columns(y[rows], p[rows]))
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
