@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # prepared dataset folder; "" = the embedded PTB-XL sample
     c.data.label = ""  # label column of the dataset ("" = its default); used by evaluation
+    # "" = the single column config.data.label; else a task name or comma-separated columns
+    c.data.task = ""
     c.data.domain = "time"  # time | frequency (|FFT|, first L/2 bins)
     # auto | yes | no: keep the whole int16 dataset on the device, or stream batches
     c.data.resident = "auto"

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--parquet-lead-prefix", default=D.parquet_lead_prefix)
     q.add_argument("--parquet-patient-column", default=D.parquet_patient_column)
     q.add_argument("--parquet-label-column", default=D.parquet_label_column)
+    q.add_argument(
+        "--dx-min-count",
+        type=int,
+        default=D.dx_min_count,
+        help=f"task dx: one column per '#Dx' code present in at least this many records "
+        f"(default {D.dx_min_count})",
+    )
     q.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     q.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
     i = sub.add_parser("info", help="print a prepared dataset's summary")
@@ -127,14 +134,18 @@ def main(argv=None) -> int:
                 parquet_lead_prefix=args.parquet_lead_prefix,
                 parquet_patient_column=args.parquet_patient_column,
                 parquet_label_column=args.parquet_label_column,
+                dx_min_count=args.dx_min_count,
             )
             prepare(args.sources, args.out, opts, workers=args.workers or None, force=args.force)
         else:
             from ecgcl_jax.data.build import format_summary
             from ecgcl_jax.data.dataset import open_dataset
+            from ecgcl_jax.data.tasks import format_dataset_tasks
 
             ds = open_dataset(args.path)
             print(repr(ds))
+            for line in format_dataset_tasks(ds):
+                print(line)
             if "summary" in ds.manifest:
                 print("its prepare run's summary, as recorded then:")
                 print(format_summary(ds.manifest["summary"], ds.path))

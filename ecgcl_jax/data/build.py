@@ -38,6 +38,7 @@ from ecgcl_jax.data.labels import (
 )
 from ecgcl_jax.data.leads import normalise_lead
 from ecgcl_jax.data.process import ProcessOptions, seconds_needed, to_rows
+from ecgcl_jax.data.tasks import SCP_STATEMENTS, derive_tasks, load_scp_statements
 from ecgcl_jax.data.wfdb_io import SkipRecord, read_wfdb
 from ecgcl_jax.errors import UserError
 
@@ -84,6 +85,8 @@ class PrepareOptions:
     parquet_lead_prefix: str = "full_lead_"
     parquet_patient_column: str = "patient_id"
     parquet_label_column: str = "label"
+    # task `dx`: one column per `#Dx` code present in at least this many records
+    dx_min_count: int = 1
 
     def process(self) -> ProcessOptions:
         return ProcessOptions(
@@ -100,6 +103,8 @@ class PrepareOptions:
             raise UserError(f"--array-fs: must be > 0, got {self.array_fs}")
         if self.min_seconds < 0 or self.min_seconds > NUM_SAMPLES / ecgcl_jax.SAMPLE_RATE:
             raise UserError(f"--min-seconds: must be in [0, 10], got {self.min_seconds}")
+        if int(self.dx_min_count) != self.dx_min_count or self.dx_min_count < 1:
+            raise UserError(f"--dx-min-count: must be an integer >= 1, got {self.dx_min_count}")
         bad = [l for l in self.array_leads if normalise_lead(l) is None]
         if bad:
             raise UserError(f"--array-leads: unknown lead names {', '.join(bad)}")
@@ -466,6 +471,65 @@ def _apply_ptbxl(meta: pd.DataFrame, dbs: list[tuple[str, pd.DataFrame]]) -> pd.
     return meta
 
 
+def find_scp_statements(ptbxl_csvs, table_paths, sources) -> str | None:
+    """PTB-XL's scp_statements.csv: the first found beside a ptbxl_database.csv, beside a label table, or at the
+    top of a SRC folder; None when there is none."""
+    # paths as given (relative ones stay relative, as the label tables' in the manifest)
+    folders = [os.path.dirname(p) for p in list(ptbxl_csvs) + list(table_paths)]
+    folders += [s for s in sources if os.path.isdir(s)]
+    for d in folders:
+        p = os.path.join(d, SCP_STATEMENTS) if d else SCP_STATEMENTS
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _add_tasks(meta, header_words, header_dx, statements, opts, manifest):
+    """Derive the dataset's tasks (see data/tasks.py) and append their `<task>:<class>` columns to meta; the
+    manifest's `tasks` lists each task's ordered columns and classes. Returns (meta, summary of the tasks)."""
+    has_scp = "scp_codes" in meta.columns and meta["scp_codes"].astype(str).str.strip().ne("").any()
+    tasks, stats = derive_tasks(
+        scp_codes=meta["scp_codes"].astype(str).tolist() if has_scp else None,
+        statements=statements[1] if statements else None,
+        label_words=header_words,
+        dx=header_dx,
+        dx_min_count=int(opts.dx_min_count),
+        statements_path=statements[0] if statements else "",
+    )
+    if has_scp and not statements:
+        stats["note"] = (
+            f"records have scp_codes but no {SCP_STATEMENTS} was found beside ptbxl_database.csv, a "
+            "label table or at the top of a SRC, so the PTB-XL tasks other than what '# Labels' gives are "
+            "not written"
+        )
+    if statements:
+        stats["scp_statements"] = statements[0]
+    manifest["tasks"] = {}
+    summary = {}
+    new = {}
+    for t in tasks:
+        for j, col in enumerate(t.columns):
+            if col in meta.columns:  # a label table's column of that name stays as source_<name>
+                meta[f"source_{col}"] = meta[col]
+                meta = meta.drop(columns=[col])
+            new[col] = t.labels[:, j]
+        manifest["tasks"][t.name] = {
+            "columns": list(t.columns),
+            "classes": list(t.classes),
+            "source": t.source,
+        }
+        known = np.isfinite(t.labels).all(axis=1)
+        summary[t.name] = {
+            "known": int(known.sum()),
+            "positives": {c: int(np.nansum(t.labels[:, j])) for j, c in enumerate(t.classes)},
+        }
+    if new:  # all at once: a column at a time fragments the frame (PTB-XL has ~170 task columns)
+        meta = pd.concat([meta, pd.DataFrame(new, index=meta.index)], axis=1)
+    if not manifest["tasks"]:
+        del manifest["tasks"]
+    return meta, ({"tasks": summary, **stats} if summary or stats else {})
+
+
 def _reason_kind(reason: str) -> str:
     r = reason.lower()
     for key, kind in (
@@ -533,10 +597,19 @@ def prepare(
             for si, p in inputs.nested_tables
             if not found[si][1] and find_auto_table(os.path.dirname(p)) == p
         ]
+    statements = find_scp_statements(inputs.ptbxl_csvs, [t.path for _, t in tables], sources)
+    if statements:
+        with open(statements, "rb") as f:
+            statements_sha = hashlib.sha1(f.read()).hexdigest()
+        statements = (statements, load_scp_statements(statements), statements_sha)
     n_items = len(inputs.items)
     chunk = _chunk_size(n_items)
     ident = _identity(
-        [os.path.abspath(s) for s in sources], inputs, opts, [t.sha1 for _, t in tables], chunk
+        [os.path.abspath(s) for s in sources],
+        inputs,
+        opts,
+        [t.sha1 for _, t in tables] + ([statements[2]] if statements else []),
+        chunk,
     )
     os.makedirs(out, exist_ok=True)
     man_path = os.path.join(out, "manifest.json")
@@ -659,7 +732,7 @@ def prepare(
     ]
     prog.close()
     summary = _assemble(
-        out, chunks, results, inputs, opts, tables, ptbxl_dbs, sources, manifest, stream
+        out, chunks, results, inputs, opts, tables, ptbxl_dbs, sources, manifest, stream, statements
     )
     summary["label_tables_not_used"] = [{"table": p, "why": why} for p, why in unused]
     summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -704,6 +777,7 @@ def _assemble(
     sources,
     manifest,
     stream,
+    statements=None,
 ) -> dict:
     partial = os.path.join(out, PARTIAL)
     metas, scales, skips, sizes = [], [], [], []
@@ -736,6 +810,9 @@ def _assemble(
         if col not in meta.columns:
             meta[col] = default
     meta["patient_id"] = meta["patient_id"].fillna("").astype(str)
+    # the headers' own `# Labels` / `#Dx`, before a label table's columns of the same name replace them
+    header_words = meta["labels"].fillna("").astype(str).tolist()
+    header_dx = meta["dx"].fillna("").astype(str).tolist()
     meta = _apply_ptbxl(meta, ptbxl_dbs)
     label_stats = []
     for si, table in tables:
@@ -785,6 +862,7 @@ def _assemble(
         meta[column].tolist(), f"--label-column {column}", meta["record"].tolist()
     )
     manifest["options"]["label_column"] = column
+    meta, task_summary = _add_tasks(meta, header_words, header_dx, statements, opts, manifest)
     front = [
         "record",
         "name",
@@ -851,6 +929,8 @@ def _assemble(
         "patients_with_conflicting_labels": len(conflicts),
         "conflict_examples": conflicts[:5],
     }
+    if task_summary:
+        summary["tasks"] = task_summary
     if label_stats:
         summary["label_table"] = label_stats[0]
         summary["label_tables"] = label_stats
@@ -904,6 +984,7 @@ def format_summary(s: dict, out: str) -> str:
                 f"{t['table_rows_matching_several_records']} (e.g. {', '.join(t['several_examples'])}); "
                 "a path in the record column picks one"
             )
+    lines.extend(format_tasks(s.get("tasks") or {}))
     for t in s.get("label_tables_not_used", []):
         lines.append(f"note: label table {t['table']} was not used ({t['why']})")
     if s["rows"] and s["patients"] == 0:
@@ -912,3 +993,37 @@ def format_summary(s: dict, out: str) -> str:
             "(a label table's patient_id column, or header comments, give them)"
         )
     return "\n".join(lines)
+
+
+def format_tasks(t: dict) -> list[str]:
+    """The summary's lines on the tasks prepare derived: per task its known records and per-class positives."""
+    lines = []
+    for name, d in (t.get("tasks") or {}).items():
+        counts = ", ".join(f"{c} {n}" for c, n in d["positives"].items())
+        lines.append(
+            f"task {name}: {len(d['positives'])} classes, {d['known']} records known; positives: {counts}"
+        )
+    if t.get("dx_codes_below_min_count"):
+        lines.append(
+            f"task dx: {t['dx_codes_below_min_count']} of {t['dx_codes']} '#Dx' codes are in fewer "
+            "records than --dx-min-count and have no column"
+        )
+    if t.get("superdiagnostic_from_labels"):
+        lines.append(
+            f"task ptbxl_superdiagnostic: {t['superdiagnostic_from_labels']} records from their "
+            "header's '# Labels'"
+            + (
+                f"; {t['labels_disagreeing_with_scp_codes']} records whose '# Labels' disagree with "
+                "their scp_codes (scp_codes used)"
+                if t.get("labels_disagreeing_with_scp_codes")
+                else ""
+            )
+        )
+    if t.get("scp_codes_malformed"):
+        lines.append(
+            f"note: {t['scp_codes_malformed']} records have a malformed scp_codes; they are unknown in "
+            "the PTB-XL tasks"
+        )
+    if t.get("note"):
+        lines.append(f"note: {t['note']}")
+    return lines

@@ -124,11 +124,26 @@ class Dataset:
     def with_label(self, column: str) -> Dataset:
         """Same data, `.labels` taken from meta column `column` (UserError if absent or not binary)."""
         if column not in self.meta.columns:
+            tasks = self.tasks()
+            plain = [c for c in self.label_columns() if not any(c in v for v in tasks.values())]
             raise UserError(
-                f"{self.path}: no label column '{column}' (label columns: "
-                f"{', '.join(self.label_columns())})"
+                f"{self.path}: no label column '{column}' (label columns: {', '.join(plain)}"
+                + (f"; and the columns of tasks {', '.join(tasks)}" if tasks else "")
+                + ")"
             )
         return Dataset(self.path, self.manifest, self.raw, self.scales, self.meta, column)
+
+    def task(self, spec: str, field: str = "config.data.task"):
+        """`spec` -> `tasks.Task` (labels (N, C) float32, NaN = unknown); see `tasks.resolve_task`."""
+        from ecgcl_jax.data.tasks import resolve_task
+
+        return resolve_task(self, spec, field)
+
+    def tasks(self) -> dict[str, tuple[str, ...]]:
+        """Task name -> its ordered meta.csv columns, for every task `prepare` wrote (see `tasks.list_tasks`)."""
+        from ecgcl_jax.data.tasks import list_tasks
+
+        return list_tasks(self)
 
 
 def _label_array(meta: pd.DataFrame, column: str, path: str) -> np.ndarray:
