@@ -89,10 +89,17 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
     # Baselines on the same splits (the main row is always the pretrained encoder fine-tuned end to end).
     c.baselines = ("linear_probe", "random_init", "random_init_linear_probe")
 
+    # Percentile bootstrap over test patients of each repeat's test macro-AUROC, and of the paired differences
+    # pretrained minus random init: resamples drawn with replacement (0 = no bootstrap intervals)
+    c.bootstrap = ml_collections.ConfigDict()
+    c.bootstrap.resamples = 1000
+
     c.sweep = ml_collections.ConfigDict()
     # dotted config field to sweep ("" = a single evaluation), e.g. "label_fraction"
     c.sweep.field = ""
     c.sweep.choices = ()  # its values; one results folder per value
-    c.sweep.metric = "auroc"  # metric of the sweep plot
+    # metric of the sweep plot: auroc, auprc, f1, accuracy, precision, recall (one label), or macro_auroc,
+    # micro_auroc, macro_auprc (any task)
+    c.sweep.metric = "auroc"
     c.lock()
     return c

@@ -7,12 +7,15 @@ Per repeat (seed s; default seeds 321, 123, 51, further ones drawn deterministic
      `config.encoder_checkpoint` and refuse if its pretraining patients meet this repeat's val/test patients;
   3. normaliser (max_amp) fitted on the training split;
   4. methods on the same split, each trained `finetune.num_epochs` epochs, validation scored every epoch,
-     the best-AUROC epoch kept and scored once on test:
+     the best-macro-AUROC epoch (one label: best AUROC) kept and scored once on test:
        finetune                  pretrained encoder + head, trained end to end (the reference protocol)
-       linear_probe              frozen pretrained encoder (eval mode) + Dense(1)
+       linear_probe              frozen pretrained encoder (eval mode) + Dense(C)
        random_init               the same architecture from a random init, trained end to end
-       random_init_linear_probe  frozen random-init encoder + Dense(1)
-  5. the repeat is recorded in WORKDIR/repeat_s/repeat.json as soon as it finishes; a re-run skips it.
+       random_init_linear_probe  frozen random-init encoder + Dense(C)
+     C = 1 for one label column (config.data.label), else the classes of config.data.task;
+  5. each method's test macro-AUROC gets a percentile bootstrap interval over test patients, and so do the
+     paired differences pretrained minus random init (metrics.bootstrap, config.bootstrap.resamples);
+  6. the repeat is recorded in WORKDIR/repeat_s/repeat.json as soon as it finishes; a re-run skips it.
 
 Outputs: results.json, splits.json, results.md, results.csv, plots/val_auroc.png, plots/roc_test.png,
 repeat_s/test_predictions.csv. With `config.sweep.field` set, `run` runs the protocol once per value into
@@ -55,6 +58,8 @@ from ecgcl_jax.fileio import atomic_write
 
 METHODS = ("finetune", "linear_probe", "random_init", "random_init_linear_probe")
 BASELINES = METHODS[1:]
+# "does pretraining help?": each pretrained method against its random-init twin, on the same test patients
+PAIRS = (("finetune", "random_init"), ("linear_probe", "random_init_linear_probe"))
 # Fields that may differ when an evaluation workdir is resumed (they cannot change a finished repeat).
 RESUMABLE_CHANGES = (
     "repeats",
@@ -238,6 +243,10 @@ def validate(config) -> None:
         raise UserError(
             f"config.finetune.aggregate: {ft.aggregate!r} is not one of {', '.join(models.AGGREGATES)}"
         )
+    if int(config.bootstrap.resamples) < 0:
+        raise UserError(
+            f"config.bootstrap.resamples: must be >= 0 (0 = no bootstrap; got {config.bootstrap.resamples})"
+        )
     bad = [b for b in config.baselines if b not in BASELINES]
     if bad:
         raise UserError(
@@ -311,6 +320,34 @@ def _pretrained_encoder(
 
 
 # -------------------------------------------------------------------------------------------- one repeat
+def task_labels(config, ds) -> tuple[np.ndarray | None, list[str]]:
+    """(labels, classes) of the evaluation. config.data.task "" (one label column): (None, [the column]);
+    the fine-tuning then uses ds.labels (N,) as always. A task: its (N, C) float32 matrix (NaN = unknown) and
+    its C class names (ecgcl_jax.data.tasks.resolve_task)."""
+    spec = str(config.data.get("task", "") or "")
+    if not spec:
+        return None, [str(getattr(ds, "label_column", "") or "label")]
+    from ecgcl_jax.data import tasks  # noqa: PLC0415
+
+    task = tasks.resolve_task(ds, spec, field="config.data.task")
+    return np.asarray(task.labels, np.float32), [str(c) for c in task.classes]
+
+
+def _bootstrap_repeat(config, seed: int, labels, probs: dict, groups) -> tuple[dict, dict]:
+    """({method: interval}, {"a - b": interval}) of this repeat's test macro-AUROC (metrics.bootstrap over the
+    test patients `groups`, rng numpy default_rng([seed, 1])); ({}, {}) when config.bootstrap.resamples is 0."""
+    n = int(config.bootstrap.resamples)
+    if n == 0:
+        return {}, {}
+    pairs = [(a, b) for a, b in PAIRS if a in probs and b in probs]
+    out = metrics.bootstrap(labels, probs, groups, n, seed=[int(seed), 1], pairs=pairs)
+    extra = {"resamples": out["resamples"], "level": out["level"]}
+    return (
+        {m: dict(v, **extra) for m, v in out["methods"].items()},
+        {k: dict(v, **extra) for k, v in out["pairs"].items()},
+    )
+
+
 def _method_record(seed: int, out: dict) -> dict:
     return {
         "seed": int(seed),
@@ -319,17 +356,6 @@ def _method_record(seed: int, out: dict) -> dict:
         "best_epoch": out["best_epoch"],
         "history": out["history"],
     }
-
-
-def task_labels(config, ds) -> tuple[tuple[str, ...], np.ndarray]:
-    """(class names, (N, C) float32 labels, NaN = unknown) of the evaluation's task: config.data.task, or the
-    single column config.data.label (C = 1) when it is ""."""
-    spec = str(config.data.get("task", "") or "")
-    if spec:
-        t = ds.task(spec, "config.data.task")
-        return tuple(t.classes), np.asarray(t.labels, np.float32)
-    col = str(getattr(ds, "label_column", "") or "label")
-    return (col,), np.asarray(ds.labels, np.float32).reshape(-1, 1)
 
 
 def fold_values(config, ds) -> np.ndarray:
@@ -352,7 +378,11 @@ def repeat_split(config, ds, seed: int, task=None) -> splits.Split:
     """This seed's patient-level split (config.split.rule: random, or the dataset's folds); UserError when its
     validation or test split holds one class only (single label), or no class with both values (multi-label).
     task: `task_labels(config, ds)`, when already made."""
-    classes, labels = task if task is not None else task_labels(config, ds)
+    task_matrix, _ = task if task is not None else task_labels(config, ds)
+    # (N, C) for the stratification; one label column is C = 1
+    labels = (
+        np.asarray(ds.labels, np.float32).reshape(-1, 1) if task_matrix is None else task_matrix
+    )
     if config.split.rule == "folds":
         split = splits.make_fold_split(
             ds.patient_ids,
@@ -414,12 +444,16 @@ def run_repeat(
     spec = finetune.InputSpec.from_preprocessing(enc.preprocessing)
     ft = config.finetune
     max_amp = input_pipeline.fit_max_amp(ds, split.train)
-    train = finetune.RawSource(ds, split.finetune, max_amp)
-    val = finetune.RawSource(ds, split.val, max_amp)
-    test = finetune.RawSource(ds, split.test, max_amp)
+    task, classes = task_labels(config, ds)
+    num_classes = None if task is None else len(classes)
+    train = finetune.RawSource(ds, split.finetune, max_amp, task)
+    val = finetune.RawSource(ds, split.val, max_amp, task)
+    test = finetune.RawSource(ds, split.test, max_amp, task)
     key = jax.random.PRNGKey(seed)
     length, leads = int(ds.raw.shape[1]), int(ds.raw.shape[2])
-    trainer = finetune.classifier_trainer(enc.model_config, spec, ft, train_size=len(train))
+    trainer = finetune.classifier_trainer(
+        enc.model_config, spec, ft, train_size=len(train), num_classes=num_classes
+    )
     emb_dim = int(enc.model_config.emb_dim)
     epochs = int(ft.num_epochs)
     results: dict[str, dict] = {}
@@ -428,9 +462,11 @@ def run_repeat(
     def record(method, out):
         results[method] = _method_record(seed, out)
         probs[method] = out["test_probs"]
+        t = out["test"]
         _log(
-            f"seed {seed}: {method:<25s} test AUROC {out['test']['auroc']:.4f}  PR-AUC {out['test']['auprc']:.4f}"
-            f"  (best epoch {out['best_epoch']}/{epochs})"
+            f"seed {seed}: {method:<25s} test macro-AUROC {t['macro_auroc']:.4f}  macro-AUPRC "
+            f"{t['macro_auprc']:.4f}  ({t['classes_used']}/{len(classes)} classes; best epoch "
+            f"{out['best_epoch']}/{epochs})"
         )
 
     def linear_probe(method, enc_vars, k):
@@ -446,7 +482,9 @@ def run_repeat(
             )
             for name, src in (("train", train), ("val", val), ("test", test))
         }
-        probe = finetune.probe_trainer(emb_dim, spec, ft, train_size=len(train))
+        probe = finetune.probe_trainer(
+            emb_dim, spec, ft, train_size=len(train), num_classes=num_classes
+        )
         head_vars = probe.init_head(jax.random.fold_in(k, 0), feats["train"])
         fs = {
             n: finetune.FeatureSource(feats[n], s.labels)
@@ -463,6 +501,7 @@ def run_repeat(
                 epochs,
                 jax.random.fold_in(k, 1),
                 seed,
+                classes,
             ),
         )
 
@@ -472,7 +511,7 @@ def run_repeat(
     record(
         "finetune",
         finetune.run_finetune(
-            trainer, pre_vars, train, val, test, epochs, jax.random.fold_in(key, 2), seed
+            trainer, pre_vars, train, val, test, epochs, jax.random.fold_in(key, 2), seed, classes
         ),
     )
     if "linear_probe" in config.baselines:
@@ -485,7 +524,15 @@ def run_repeat(
             record(
                 "random_init",
                 finetune.run_finetune(
-                    trainer, rand_vars, train, val, test, epochs, jax.random.fold_in(key, 5), seed
+                    trainer,
+                    rand_vars,
+                    train,
+                    val,
+                    test,
+                    epochs,
+                    jax.random.fold_in(key, 5),
+                    seed,
+                    classes,
                 ),
             )
         if "random_init_linear_probe" in config.baselines:
@@ -495,18 +542,45 @@ def run_repeat(
             }
             linear_probe("random_init_linear_probe", rand_enc, jax.random.fold_in(key, 6))
 
-    # Test predictions of every method, one row per test ECG.
+    # Test predictions of every method, one row per test ECG (C > 1: one label and one p column per class).
     pred_path = os.path.join(rep_dir, "test_predictions.csv")
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
     keys = splits.patient_keys(ds.patient_ids, ds.records)
-    for i, row in enumerate(test.rows):
+    if num_classes is None:
+        w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
+        for i, row in enumerate(test.rows):
+            w.writerow(
+                [ds.records[row], keys[row], int(test.labels[i])]
+                + [repr(float(probs[m][i])) for m in probs]
+            )
+    else:
         w.writerow(
-            [ds.records[row], keys[row], int(test.labels[i])]
-            + [repr(float(probs[m][i])) for m in probs]
+            ["record", "patient"]
+            + [f"label:{c}" for c in classes]
+            + [f"p_{m}:{c}" for m in probs for c in classes]
         )
+        for i, row in enumerate(test.rows):
+            w.writerow(
+                [ds.records[row], keys[row]]
+                + ["" if np.isnan(v) else str(int(v)) for v in test.labels[i]]
+                + [repr(float(probs[m][i, j])) for m in probs for j in range(num_classes)]
+            )
     atomic_write(pred_path, buf.getvalue().encode())
+
+    boot, paired_boot = _bootstrap_repeat(config, seed, test.labels, probs, keys[test.rows])
+    for m, b in boot.items():
+        results[m]["bootstrap"] = b
+    paired = {}
+    for a, b in PAIRS:
+        if a in results and b in results:
+            name = f"{a} - {b}"
+            paired[name] = {
+                "metric": metrics.PRIMARY,
+                "difference": results[a]["test"][metrics.PRIMARY]
+                - results[b]["test"][metrics.PRIMARY],
+                **({"bootstrap": paired_boot[name]} if name in paired_boot else {}),
+            }
 
     main = results.pop("finetune")
     main["n"] = {
@@ -522,6 +596,8 @@ def run_repeat(
         "seed": int(seed),
         "finetune": main,
         "baselines": results,
+        "classes": classes,
+        "paired": paired,
         "split": split.to_json(ds.records),
         "seconds": round(time.time() - t0, 1),
     }
@@ -534,6 +610,7 @@ def assemble(config, records: list[dict], seeds: list[int]) -> dict:
     """results.json from the finished repeat records (a pure function of them and the config)."""
     records = [_unjson(r) for r in records]
     main = [r["finetune"] for r in records]
+    classes = records[0].get("classes") if records else None
     out = {
         "protocol": {
             "seeds": seeds,
@@ -547,11 +624,24 @@ def assemble(config, records: list[dict], seeds: list[int]) -> dict:
                 "val_test_ecgs_per_patient": 1,
             },
             "label_fraction": config.label_fraction,
-            "selection": "epoch with the best validation AUROC, scored once on test",
+            "classes": classes,
+            "selection": "epoch with the best validation macro-AUROC (one label: AUROC), scored once on test",
             "ci95": "half-width of the Student-t 95% interval over repeats (t_{0.975,K-1} * sd / sqrt(K), sd ddof=1)",
             "ci95_normal": "reference's normal approximation 1.96 * sd / sqrt(K)",
             "threshold": 0.5,
             "auprc": "average precision (scikit-learn)",
+            "macro_auroc": "mean of the per-class test AUROCs over the classes with both values in the split "
+            "(classes_used per repeat)",
+            "micro_auroc": "one AUROC over every known (record, class) entry pooled",
+            "macro_auprc": "mean of the per-class average precisions over the same classes",
+            "bootstrap": (
+                f"each repeat's test macro_auroc: {int(config.bootstrap.resamples)} resamples of the test "
+                "patients with replacement (numpy default_rng([seed, 1])), 95% percentile interval"
+                if int(config.bootstrap.resamples)
+                else "none (config.bootstrap.resamples = 0)"
+            ),
+            "paired": "per repeat, test macro_auroc of the pretrained method minus its random-init twin on "
+            "the same test patients; summary = t interval over repeats, bootstrap = paired percentile interval",
             "encoder": (
                 f"loaded from {config.encoder_checkpoint}"
                 if config.encoder_checkpoint
@@ -560,18 +650,38 @@ def assemble(config, records: list[dict], seeds: list[int]) -> dict:
         },
         "repeats": main,
         "summary": metrics.summarize_repeats(main),
+        "per_class": metrics.summarize_per_class(main),
         "baselines": {},
+        "paired": {},
         "config": _config_json(config),
     }
     for b in config.baselines:
         reps = [r["baselines"][b] for r in records if b in r["baselines"]]
-        out["baselines"][b] = {"repeats": reps, "summary": metrics.summarize_repeats(reps)}
+        out["baselines"][b] = {
+            "repeats": reps,
+            "summary": metrics.summarize_repeats(reps),
+            "per_class": metrics.summarize_per_class(reps),
+        }
+    for a, b in PAIRS:
+        name = f"{a} - {b}"
+        reps = [
+            dict(r["paired"][name], seed=r["seed"]) for r in records if name in r.get("paired", {})
+        ]
+        if reps:
+            out["paired"][name] = {
+                "metric": reps[0]["metric"],
+                "repeats": reps,
+                "summary": metrics.summarize([r["difference"] for r in reps]),
+            }
     return out
 
 
 def write_reports(workdir: str, config, results: dict, records: list[dict]) -> None:
-    """results.md, results.csv and the plots."""
+    """results.md (the t-interval table, per-class table, per-repeat bootstrap intervals, paired differences),
+    results.csv and the plots."""
     methods = {"finetune": results, **results["baselines"]}
+    classes = results["protocol"].get("classes") or []
+    primary = "AUROC" if len(classes) < 2 else "macro-AUROC"
     k = results["protocol"]["repeats_done"]
     data = results["protocol"].get("dataset") or {}
     notes = [
@@ -585,10 +695,20 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
         ),
         f"K = {k} repeats (seeds {', '.join(str(r['seed']) for r in results['repeats'])}); patient-level "
         f"split {config.split.train:g}/{config.split.val:g}/{config.split.test:g}; label fraction "
-        f"{config.label_fraction:g}; {config.finetune.num_epochs} epochs, best validation AUROC epoch.",
-        "Reference-style normal interval (1.96 sd/sqrt(K)) for AUROC: "
+        f"{config.label_fraction:g}; {config.finetune.num_epochs} epochs, best validation "
+        f"{'AUROC' if len(classes) < 2 else 'macro-AUROC'} epoch.",
+        *(
+            [
+                f"Task: {len(classes)} classes ({', '.join(classes)}); macro means over the classes with both "
+                "values in the test split (column classes)."
+            ]
+            if len(classes) > 1
+            else []
+        ),
+        f"Reference-style normal interval (1.96 sd/sqrt(K)) for {primary}: "
         + "; ".join(
-            f"{metrics.METHOD_TITLES.get(m, m)} ± {metrics._fmt(r['summary']['auroc']['ci95_normal'])}"
+            f"{metrics.METHOD_TITLES.get(m, m)} ± "
+            f"{metrics._fmt(r['summary'][metrics.PRIMARY]['ci95_normal'])}"
             for m, r in methods.items()
         ),
     ]
@@ -616,33 +736,50 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
             + "), so these test scores "
             "are optimistic."
         )
+    sections = [
+        metrics.markdown_table(methods, title="Evaluation results (test)", notes=notes),
+        metrics.per_class_markdown(methods),
+        metrics.bootstrap_markdown(methods, title=primary),
+        metrics.paired_markdown(results.get("paired") or {}, title=primary),
+    ]
     atomic_write(
         os.path.join(workdir, "results.md"),
-        metrics.markdown_table(methods, title="Evaluation results (test)", notes=notes).encode(),
+        "\n".join(s for s in sections if s).encode(),
     )
-    metrics.write_csv(metrics.table_rows(methods), os.path.join(workdir, "results.csv"))
+    metrics.write_csv(
+        metrics.table_rows(methods, results.get("paired")), os.path.join(workdir, "results.csv")
+    )
     plots = os.path.join(workdir, "plots")
     os.makedirs(plots, exist_ok=True)
     hist, rocs = {}, {}
     test_auroc = {}
     for m, r in methods.items():
         hist[m] = {
-            rep["seed"]: [_nan(h["val"]["auroc"]) for h in rep["history"]] for rep in r["repeats"]
+            rep["seed"]: [
+                _nan(h["val"].get(metrics.PRIMARY, h["val"].get("auroc"))) for h in rep["history"]
+            ]
+            for rep in r["repeats"]
         }
-        test_auroc[m] = {rep["seed"]: rep["test"]["auroc"] for rep in r["repeats"]}
+        test_auroc[m] = {rep["seed"]: rep["test"].get("auroc") for rep in r["repeats"]}
     for rec in records:
         path = os.path.join(workdir, f"repeat_{rec['seed']}", "test_predictions.csv")
         if not os.path.exists(path):
             continue
         with open(path) as f:
             rows = list(csv.DictReader(f))
+        if not rows or "label" not in rows[0]:  # C > 1: no single ROC curve per method
+            continue
         y = np.array([int(r["label"]) for r in rows])
         for m in methods:
             if rows and f"p_{m}" in rows[0] and len(np.unique(y)) == 2:
                 p = np.array([float(r[f"p_{m}"]) for r in rows])
                 fpr, tpr = metrics.roc_points(y, p)
                 rocs.setdefault(m, {})[rec["seed"]] = (fpr, tpr, test_auroc[m].get(rec["seed"]))
-    metrics.plot_val_curves(hist, os.path.join(plots, "val_auroc.png"))
+    metrics.plot_val_curves(
+        hist,
+        os.path.join(plots, "val_auroc.png"),
+        metric=primary,
+    )
     if rocs:
         metrics.plot_roc(rocs, os.path.join(plots, "roc_test.png"))
 
@@ -667,7 +804,10 @@ class Prepared(typing.NamedTuple):
     seeds: list
     ds: Any
     splits: dict  # seed -> splits.Split
-    task: tuple = ((), None)  # task_labels: (class names, (N, C) float32 labels)
+    task: tuple = (
+        None,
+        [],
+    )  # task_labels: ((N, C) float32 labels or None for one column, class names)
 
 
 def prepare_run(config, dataset=None) -> Prepared:
@@ -850,9 +990,9 @@ def _finish_variant(v: _Variant, status: str) -> dict:
             os.path.join(v.workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records}
         )
         write_reports(v.workdir, config, results, records)
-    s = results["summary"]["auroc"]
+    s = results["summary"][metrics.PRIMARY]
     _log(
-        f"{'done' if status == 'done' else status}: {len(records)}/{len(p.seeds)} repeats; test AUROC "
+        f"{'done' if status == 'done' else status}: {len(records)}/{len(p.seeds)} repeats; test macro-AUROC "
         f"{s['mean']:.4f} ± {s['ci95']:.4f} (t 95%) -> {v.workdir}/results.md"
     )
     return results
@@ -1063,9 +1203,9 @@ def run_sweep(config, workdir: str, dataset=None, shard=None) -> dict:
     for v in values:
         _assignments(fields, v)
     metric = str(config.sweep.metric)
-    if metric not in metrics.METRICS:
+    if metric not in metrics.ALL_METRICS:
         raise UserError(
-            f"config.sweep.metric: {metric!r} is not one of {', '.join(metrics.METRICS)}"
+            f"config.sweep.metric: {metric!r} is not one of {', '.join(metrics.ALL_METRICS)}"
         )
     ds = open_data(config, dataset)
     os.makedirs(workdir, exist_ok=True)
@@ -1116,6 +1256,12 @@ def _run_sweep_locked(
             prepared = prepare_run(variant, ds if same_data else None)
         except UserError as e:
             raise UserError(f"sweep {field} = {value!r}: {e}") from None
+        # a task's summaries are the multi-label ones (the one-label set only when it has one class)
+        if str(variant.data.get("task", "") or "") and metric not in metrics.MULTI_METRICS:
+            raise UserError(
+                f"config.sweep.metric: {metric!r} is a one-label metric, but {field} = {value!r} evaluates "
+                f"the task {variant.data.task!r}: use one of {', '.join(metrics.MULTI_METRICS)}"
+            )
         variants.append(_Variant(os.path.join(workdir, name), prepared, pretrain_root, value))
         configs.append(variant)
     results: dict[int, dict] = {}
@@ -1156,9 +1302,7 @@ def _sweep_rows(fields, variants, results, n_done: int) -> list[dict]:
     for v in variants[:n_done]:
         res = results[id(v)]
         for m, r in {"finetune": res, **res["baselines"]}.items():
-            for name in metrics.METRICS:
-                if name not in r["summary"]:
-                    continue
+            for name in metrics.shown_metrics(r["summary"]):
                 s = r["summary"][name]
                 rows.append(
                     {

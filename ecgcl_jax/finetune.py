@@ -4,19 +4,24 @@ Data flow of one step (jitted once per architecture, state donated)::
 
     int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
       ── views (CLOCS: halves and/or single leads; |FFT| in the frequency domain) ──▶ (B, [V,] L', C')
-      ── models.Classifier (encoder ─▶ [aggregate over views] ─▶ Dense(emb) ─▶ ReLU ─▶ dropout ─▶ Dense(1))
-      ── BCE on logits ──▶ grad ──▶ optimizer (optim.make_optimizer of config.finetune) ──▶ new state
+      ── models.Classifier (encoder ─▶ [aggregate over views] ─▶ Dense(emb) ─▶ ReLU ─▶ dropout ─▶ Dense(C))
+      ── BCE on logits (mean over the known label entries) ──▶ grad ──▶ optimizer (optim.make_optimizer of
+         config.finetune) ──▶ new state
+
+Labels: one binary column (labels (n,), logits (B,): C = 1, every label known), or a task of C binary columns
+(labels (n, C) float32 with NaN = unknown, logits (B, C)): C sigmoid outputs trained with binary cross-entropy
+averaged over the known entries of the batch; unknown entries are masked out of the loss.
 
 Two modes:
   finetune      the whole classifier is trained end to end (the reference protocol).
   linear_probe  the encoder is frozen in eval mode (running BatchNorm statistics, no dropout); its embeddings
-                of every record are computed once (`embed_rows`) and only a Dense(1) head (after the view
+                of every record are computed once (`embed_rows`) and only a Dense(C) head (after the view
                 aggregation) is trained on them: the same function as a frozen-encoder classifier, much cheaper.
 
 Every epoch visits every training record (the last batch is filled up with records from the start of that
 epoch's permutation, so all batches have one shape). `predict` never drops a record: the last batch is padded
-and the padding masked out. The epoch with the best validation AUROC is kept (ties: the earliest) and scored
-once on test.
+and the padding masked out. The epoch with the best validation macro-AUROC (for C = 1 the AUROC) is kept
+(ties: the earliest) and scored once on test.
 """
 
 from __future__ import annotations
@@ -178,8 +183,9 @@ def _init_fn(model, spec: InputSpec, input_length: int, leads: int) -> Callable:
 def make_finetune_step(model, tx: optax.GradientTransformation, to_input: Callable) -> Callable:
     """Returns jitted `finetune_step(state, batch, key) -> (state, {'loss'})` (state donated).
 
-    model: a flax module called as model.apply(vars, x, train) -> logits (B,); batch: dict with 'y' (B,) 0/1
-    float32 and whatever `to_input(batch) -> x` reads. Dropout keys: fold_in(key, state.step).
+    model: a flax module called as model.apply(vars, x, train) -> logits (B,) or (B, C); batch: dict with 'y'
+    (B,) or (B, C) 0/1 float32, optionally 'known' (the same shape, bool: entries in the loss; absent = all), and
+    whatever `to_input(batch) -> x` reads. Dropout keys: fold_in(key, state.step).
     """
 
     def step(state: FinetuneState, batch: dict, key: jax.Array):
@@ -194,9 +200,8 @@ def make_finetune_step(model, tx: optax.GradientTransformation, to_input: Callab
                 rngs={"dropout": k},
                 mutable=["batch_stats"],
             )
-            return losses.bce_with_logits(logits, batch["y"]), upd.get(
-                "batch_stats", state.batch_stats
-            )
+            loss = losses.bce_with_logits(logits, batch["y"], mask=batch.get("known"))
+            return loss, upd.get("batch_stats", state.batch_stats)
 
         (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -216,7 +221,7 @@ def make_finetune_step(model, tx: optax.GradientTransformation, to_input: Callab
 
 
 def make_predict(model, to_input: Callable) -> Callable:
-    """Returns jitted `predict_logits(params, batch_stats, batch) -> logits (B,)` in eval mode."""
+    """Returns jitted `predict_logits(params, batch_stats, batch) -> logits (B,) or (B, C)` in eval mode."""
 
     def fn(params, batch_stats, batch):
         return model.apply(
@@ -227,21 +232,32 @@ def make_predict(model, to_input: Callable) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------- data sources
+def label_batch(labels: np.ndarray) -> dict:
+    """{'y'} of one batch of labels (b,) (every one known, as today's single column), or {'y', 'known'} of labels
+    (b, C) / labels with unknowns: NaN entries become 0 in 'y' and False in 'known' (out of the loss)."""
+    if labels.ndim == 1 and not np.isnan(labels).any():
+        return {"y": labels}
+    known = ~np.isnan(labels)
+    return {"y": np.where(known, labels, np.float32(0)), "known": known}
+
+
 class RawSource:
-    """Rows of a dataset as classifier batches {'raw', 'scale', 'max_amp', 'y'}; labels float32 0/1.
+    """Rows of a dataset as classifier batches {'raw', 'scale', 'max_amp', 'y'[, 'known']}; labels float32.
 
     max_amp: the normaliser's global scale (mV), fitted on the training split; it travels with the batch so
-    that one compiled step serves every repeat.
+    that one compiled step serves every repeat. labels: the whole dataset's labels, (N,) 0/1 (default
+    `dataset.labels`; the rows must all be known) or (N, C) 0/1/NaN (a task; NaN = unknown, masked).
     """
 
     # Splits up to this many int16 bytes are read into memory once; larger ones are read per batch.
     IN_MEMORY_LIMIT = 2 << 30
 
-    def __init__(self, dataset, rows: np.ndarray, max_amp: float):
+    def __init__(self, dataset, rows: np.ndarray, max_amp: float, labels: np.ndarray | None = None):
         self.dataset = dataset
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = np.asarray(dataset.labels, np.float32)[self.rows]
-        if np.isnan(self.labels).any():
+        labels = dataset.labels if labels is None else labels
+        self.labels = np.asarray(labels, np.float32)[self.rows]
+        if self.labels.ndim == 1 and np.isnan(self.labels).any():
             raise ValueError("RawSource: rows with unknown labels")
         self.max_amp = np.float32(max_amp)
         self.in_memory = (
@@ -260,11 +276,17 @@ class RawSource:
 
     def batch(self, pos: np.ndarray) -> dict:
         raw, scale = self.arrays(pos)
-        return {"raw": raw, "scale": scale, "max_amp": self.max_amp, "y": self.labels[pos]}
+        return {
+            "raw": raw,
+            "scale": scale,
+            "max_amp": self.max_amp,
+            **label_batch(self.labels[pos]),
+        }
 
 
 class FeatureSource:
-    """Precomputed embeddings as batches {'x': (B, V, E), 'y'} for the linear probe."""
+    """Precomputed embeddings as batches {'x': (B, V, E), 'y'[, 'known']} for the linear probe; labels (n,) or
+    (n, C) with NaN = unknown (see `label_batch`)."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray):
         self.x = np.asarray(features, np.float32)
@@ -274,7 +296,7 @@ class FeatureSource:
         return len(self.labels)
 
     def batch(self, pos: np.ndarray) -> dict:
-        return {"x": self.x[pos], "y": self.labels[pos]}
+        return {"x": self.x[pos], **label_batch(self.labels[pos])}
 
 
 # -------------------------------------------------------------------------------------------- a trainer
@@ -310,7 +332,7 @@ class Trainer:
         return optim.learning_rate_at(self.recipe, count)
 
     def predict(self, state: FinetuneState, source) -> np.ndarray:
-        """(n,) float64 probabilities for every record of `source` (padded last batch, masked)."""
+        """(n,) or (n, C) float64 probabilities for every record of `source` (padded last batch, masked)."""
         b = min(self.batch_size, len(source))
         out = []
         for pos, mask in padded_batches(len(source), b):
@@ -355,10 +377,16 @@ def finetune_recipe(ft_config, train_size: int | None) -> optim.Recipe:
 
 
 def classifier_trainer(
-    model_cfg, spec: InputSpec, ft_config, linear: bool = False, train_size: int | None = None
+    model_cfg,
+    spec: InputSpec,
+    ft_config,
+    linear: bool = False,
+    train_size: int | None = None,
+    num_classes: int | None = None,
 ) -> Trainer:
     """End-to-end classifier trainer on raw batches (RawSource). Cached: one compile per architecture and
-    recipe. train_size: records of the training split (the length of a cosine schedule over all epochs)."""
+    recipe. train_size: records of the training split (the length of a cosine schedule over all epochs).
+    num_classes: None = one binary label (logits (B,)), else C outputs (logits (B, C))."""
     return _classifier_trainer(
         models.encoder_config(model_cfg),
         spec,
@@ -367,12 +395,13 @@ def classifier_trainer(
         finetune_recipe(ft_config, train_size),
         int(ft_config.batch_size),
         bool(linear),
+        None if num_classes is None else int(num_classes),
     )
 
 
 @functools.lru_cache(maxsize=16)
 def _classifier_trainer(
-    enc_cfg, spec, head_dropout, aggregate, recipe, batch_size, linear
+    enc_cfg, spec, head_dropout, aggregate, recipe, batch_size, linear, num_classes
 ) -> Trainer:
     model = models.Classifier(
         enc_cfg,
@@ -380,27 +409,33 @@ def _classifier_trainer(
         aggregate=aggregate,
         num_views=spec.num_views,
         linear_probe=linear,
+        num_classes=num_classes,
     )
     to_input = lambda b: preprocess(b["raw"], b["scale"], b["max_amp"], spec)
     return Trainer.create(model, to_input, recipe, batch_size)
 
 
 def probe_trainer(
-    emb_dim: int, spec: InputSpec, ft_config, train_size: int | None = None
+    emb_dim: int,
+    spec: InputSpec,
+    ft_config,
+    train_size: int | None = None,
+    num_classes: int | None = None,
 ) -> Trainer:
-    """Linear-probe trainer on precomputed embeddings (B, V, E) (FeatureSource): view aggregation + Dense(1).
-    train_size: as in `classifier_trainer`."""
+    """Linear-probe trainer on precomputed embeddings (B, V, E) (FeatureSource): view aggregation + Dense(C)
+    (num_classes: None = one binary label, logits (B,)). train_size: as in `classifier_trainer`."""
     return _probe_trainer(
         int(emb_dim),
         _aggregate(spec, ft_config),
         finetune_recipe(ft_config, train_size),
         int(ft_config.batch_size),
+        None if num_classes is None else int(num_classes),
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _probe_trainer(emb_dim, aggregate, recipe, batch_size) -> Trainer:
-    head = models.ClassifierHead(emb_dim, 0.0, aggregate, linear=True)
+def _probe_trainer(emb_dim, aggregate, recipe, batch_size, num_classes) -> Trainer:
+    head = models.ClassifierHead(emb_dim, 0.0, aggregate, linear=True, num_classes=num_classes)
     return Trainer.create(head, lambda b: b["x"], recipe, batch_size)
 
 
@@ -452,7 +487,7 @@ def embed_rows(
 
 # ------------------------------------------------------------------------------------ the epoch loop
 def better(score: float, best: float | None) -> bool:
-    """Strictly better validation AUROC (NaN never wins; the first finite one beats None)."""
+    """Strictly better validation macro-AUROC (NaN never wins; the first finite one beats None)."""
     if score != score:  # NaN
         return best is None
     return best is None or best != best or score > best
@@ -471,13 +506,16 @@ def fit_and_select(
     test_labels: np.ndarray,
     snapshot: Callable = _snapshot,
     learning_rate: Callable | None = None,
+    classes: list[str] | None = None,
 ) -> dict:
-    """Trains `num_epochs`, scores validation after each, keeps the best-AUROC epoch, scores test once.
+    """Trains `num_epochs`, scores validation after each, keeps the best-macro-AUROC epoch (for one label: the
+    best AUROC), scores test once.
 
-    train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs;
+    train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs
+    (n,) or (n, C), matching val_labels / test_labels ((n,) 0/1 or (n, C) 0/1/NaN). classes: the C class names.
     learning_rate(state) -> the rate of the epoch's last update (recorded in the history when given).
-    Returns {'best_epoch', 'history': [{'epoch', 'train_loss', 'val_loss', 'val': scores[, 'learning_rate']}],
-    'val': best val scores, 'test': test scores, 'test_probs'}.
+    Returns {'best_epoch', 'history': [{'epoch', 'train_loss', 'val_loss', 'val': scores without per_class
+    [, 'learning_rate']}], 'val': best val scores, 'test': test scores (`metrics.scores`), 'test_probs'}.
     """
     if num_epochs < 1:
         raise UserError(f"config.finetune.num_epochs: must be >= 1 (got {num_epochs})")
@@ -490,37 +528,50 @@ def fit_and_select(
                 f"fine-tuning diverged at epoch {epoch} (non-finite predictions, train loss "
                 f"{float(train_loss):.4g}); lower config.finetune.learning_rate"
             )
-        scores = metrics.binary_scores(val_labels, probs)
+        scores = metrics.scores(val_labels, probs, classes)
+        # the per-class table of every epoch would bloat the history; the selected epoch's is kept below
         history.append(
             {
                 "epoch": epoch,
                 "train_loss": float(train_loss),
                 "val_loss": _bce(val_labels, probs),
-                "val": scores,
+                "val": {k: v for k, v in scores.items() if k != "per_class"},
             }
         )
         if learning_rate is not None:
             history[-1]["learning_rate"] = float(learning_rate(state))
-        if better(scores["auroc"], best_auroc):
-            best_auroc, best_epoch, best_state = scores["auroc"], epoch, snapshot(state)
+        if better(scores["macro_auroc"], best_auroc):
+            best_auroc, best_epoch, best_state = scores["macro_auroc"], epoch, snapshot(state)
+            best_val = scores
     test_probs = predict(best_state, "test")
     return {
         "best_epoch": best_epoch,
         "history": history,
-        "val": history[best_epoch - 1]["val"],
-        "test": metrics.binary_scores(test_labels, test_probs),
+        "val": best_val,
+        "test": metrics.scores(test_labels, test_probs, classes),
         "test_probs": test_probs,
     }
 
 
 def _bce(labels, probs) -> float:
+    """Binary cross-entropy of probabilities, the mean over the known (non-NaN) label entries."""
     p = np.clip(np.asarray(probs, np.float64), 1e-12, 1 - 1e-12)
     y = np.asarray(labels, np.float64)
+    known = ~np.isnan(y)
+    y, p = y[known], p[known]
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def run_finetune(
-    trainer: Trainer, variables: dict, train, val, test, num_epochs: int, key: jax.Array, seed: int
+    trainer: Trainer,
+    variables: dict,
+    train,
+    val,
+    test,
+    num_epochs: int,
+    key: jax.Array,
+    seed: int,
+    classes: list[str] | None = None,
 ) -> dict:
     """Fine-tunes from `variables` on source `train` (RawSource or FeatureSource); see `fit_and_select`.
 
@@ -545,6 +596,7 @@ def run_finetune(
             val.labels,
             test.labels,
             learning_rate=lambda st: trainer.learning_rate_at(max(int(st.step) - 1, 0)),
+            classes=classes,
         )
     except UserError as e:
         raise UserError(f"seed {seed}: {e}") from None

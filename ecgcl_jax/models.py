@@ -692,11 +692,12 @@ def build_encoder(model_cfg: Any, dtype=jnp.float32) -> Encoder:
 # Classifier for fine-tuning
 # ----------------------------------------------------------------------------------------------------------------
 class ClassifierHead(nn.Module):
-    """Aggregates view embeddings (B, V, E) and maps them to logits (B,) float32.
+    """Aggregates view embeddings (B, V, E) and maps them to logits float32: (B,) when `num_classes` is None
+    (one binary label), else (B, num_classes) (one sigmoid output per class of a multi-label task).
 
     aggregate: None (V must be 1) | concat (B, V*E) | sum | mean | attention (softmax over views of
     v . tanh(W e_v + b), weights sown as intermediates/view_weights). Then Dense(hidden) -> ReLU -> Dropout ->
-    Dense(1), or only Dense(1) when `linear`.
+    Dense(C), or only Dense(C) when `linear` (C = num_classes, 1 when None).
     """
 
     hidden: int
@@ -704,6 +705,7 @@ class ClassifierHead(nn.Module):
     aggregate: str | None = None
     linear: bool = False
     dtype: Any = jnp.float32
+    num_classes: int | None = None
 
     @nn.compact
     def __call__(self, e, train: bool):
@@ -724,18 +726,22 @@ class ClassifierHead(nn.Module):
         if not self.linear:
             h = nn.relu(_dense(self.hidden, h.shape[-1], self.dtype, name="dense_0")(h))
             h = Dropout(self.dropout, deterministic=not train)(h)
-        return _dense(1, h.shape[-1], self.dtype, name="out")(h)[..., 0].astype(jnp.float32)
+        out = _dense(self.num_classes or 1, h.shape[-1], self.dtype, name="out")(h)
+        return (out[..., 0] if self.num_classes is None else out).astype(jnp.float32)
 
 
 class Classifier(nn.Module):
-    """Encoder + binary head for fine-tuning. params = {'encoder': <encoder params>, 'head': ...}.
+    """Encoder + a head of one or C sigmoid outputs for fine-tuning.
+
+    params = {'encoder': <encoder params>, 'head': ...}.
 
     x: (B, L, C) when `aggregate` is None, else (B, V, L, C) with V = num_views views (CLOCS: the two 2500-sample
     halves, or each lead as a (L, 1) input) run through the shared encoder one view at a time (BatchNorm statistics
-    per view, as in pretraining) and aggregated. Returns logits (B,)
-    float32 (apply the sigmoid in the loss / metrics). With `linear_probe` the encoder runs in eval mode (running
-    BatchNorm statistics, no dropout) behind a stop_gradient and the head is a single Dense(1); freeze the encoder
-    params in the optimizer too (e.g. optax.multi_transform on the top-level 'encoder' / 'head' keys).
+    per view, as in pretraining) and aggregated. Returns logits (B,) float32, or (B, num_classes) when
+    `num_classes` is set (apply the sigmoid in the loss / metrics). With `linear_probe` the encoder runs in eval
+    mode (running BatchNorm statistics, no dropout) behind a stop_gradient and the head is a single Dense(C);
+    freeze the encoder params in the optimizer too (e.g. optax.multi_transform on the top-level 'encoder' /
+    'head' keys).
     """
 
     model_cfg: Any
@@ -744,6 +750,7 @@ class Classifier(nn.Module):
     num_views: int = 1
     linear_probe: bool = False
     dtype: Any = jnp.float32
+    num_classes: int | None = None  # None: one binary label, logits (B,)
 
     def setup(self):
         if self.aggregate is not None and self.aggregate not in AGGREGATES:
@@ -762,6 +769,7 @@ class Classifier(nn.Module):
             self.aggregate,
             self.linear_probe,
             _dtype(self.dtype),
+            self.num_classes,
         )
 
     def __call__(self, x, train: bool):

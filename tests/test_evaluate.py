@@ -814,3 +814,64 @@ def test_eval_ptbxl_smoke_on_the_embedded_set(tmp_path, clean_encoder):
     )
     res = evaluate.run(cfg, str(tmp_path / "ptbxl"), dataset=emb)
     assert res["status"] == "done" and res["protocol"]["split"]["rule"] == "folds"
+
+
+def test_multilabel_task_results_per_class_bootstrap_and_paired_difference(
+    tmp_path, ds, clean_encoder, monkeypatch
+):
+    """A 3-class task (the label, its complement with unknowns, a class absent from every split): macro figures
+    over the classes with both values, a per-class table, bootstrap intervals, the paired difference."""
+    y = np.nan_to_num(ds.labels, nan=0.0)
+    task = np.stack([ds.labels, 1 - y, np.zeros_like(y)], axis=1).astype(np.float32)
+    task[::4, 1] = np.nan
+    monkeypatch.setattr(evaluate, "task_labels", lambda config, d: (task, ["pos", "neg", "none"]))
+    cfg = eval_config(
+        clean_encoder,
+        **{"finetune.num_epochs": 1, "baselines": ("random_init",), "bootstrap.resamples": 50},
+    )
+    evaluate.run(cfg, str(tmp_path), dataset=ds)
+    res = json.loads((tmp_path / "results.json").read_text())  # the file's contract: NaN is null
+    assert res["protocol"]["classes"] == ["pos", "neg", "none"]
+    for block in (res, res["baselines"]["random_init"]):
+        assert set(block["summary"]) == {"macro_auroc", "micro_auroc", "macro_auprc"}
+        for r in block["repeats"]:
+            t = r["test"]
+            assert t["classes_used"] == 2 and t["per_class"]["none"]["auroc"] is None
+            assert t["macro_auroc"] == pytest.approx(
+                (t["per_class"]["pos"]["auroc"] + t["per_class"]["neg"]["auroc"]) / 2
+            )
+            b = r["bootstrap"]
+            assert b["resamples"] == 50 and 0 <= b["low"] <= b["high"] <= 1
+        assert set(block["per_class"]) == {"pos", "neg", "none"}
+        assert block["per_class"]["none"]["auroc"]["n"] == 0
+    paired = res["paired"]["finetune - random_init"]
+    diffs = [
+        a["test"]["macro_auroc"] - b["test"]["macro_auroc"]
+        for a, b in zip(res["repeats"], res["baselines"]["random_init"]["repeats"])
+    ]
+    assert [r["difference"] for r in paired["repeats"]] == pytest.approx(diffs)
+    assert paired["summary"]["mean"] == pytest.approx(np.mean(diffs))
+    assert paired["summary"]["ci95"] == pytest.approx(
+        12.7062047 * abs(diffs[0] - diffs[1]) / math.sqrt(2) / math.sqrt(2), rel=1e-6
+    )
+    assert all(
+        -1 <= r["bootstrap"]["low"] <= r["bootstrap"]["high"] <= 1 for r in paired["repeats"]
+    )
+    md = (tmp_path / "results.md").read_text()
+    for text in (
+        "| method | K | macro_auroc | micro_auroc | macro_auprc | classes |",
+        "## Test AUROC per class",
+        "| neg |",
+        "bootstrap interval",
+        "## Does pretraining help?",
+    ):
+        assert text in md
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert (
+        "finetune,auroc[neg]," in csv_text
+        and "finetune - random_init,macro_auroc difference," in csv_text
+    )
+    with open(tmp_path / "repeat_321" / "test_predictions.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header[:5] == ["record", "patient", "label:pos", "label:neg", "label:none"]
+    assert "p_random_init:none" in header
