@@ -230,7 +230,10 @@ def test_masked_bce_step_against_numpy_with_unknown_labels():
     y = (rng.uniform(size=(8, 3)) < 0.5).astype(np.float32)
     y[[0, 2, 5, 5], [1, 0, 0, 2]] = np.nan
     tr = finetune.probe_trainer(
-        5, finetune.InputSpec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8), 3
+        5,
+        finetune.InputSpec(),
+        ft_config(learning_rate=lr, weight_decay=wd, batch_size=8),
+        num_classes=3,
     )
     variables = tr.model.init(jax.random.key(0), jnp.asarray(x), train=False)
     W0 = np.asarray(variables["params"]["out"]["kernel"], np.float64)
