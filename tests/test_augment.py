@@ -538,7 +538,7 @@ def test_two_views_sharded_equals_single_device(xs, aug1, aug2):
 
 
 def test_two_views_bad_config(xs):
-    with pytest.raises(UserError, match="augment.aug2: unknown augmentation 'rotate'"):
+    with pytest.raises(UserError, match="augment.aug2: step 1: unknown augmentation 'rotate'"):
         A.two_views(jax.random.key(0), xs, jnp.arange(2), ("dropout", 0.1), ("rotate", 1))
 
 
