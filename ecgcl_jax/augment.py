@@ -11,6 +11,9 @@ when traced, in float32 on the device.
 Randomness of a pretraining step: `two_views` derives each example's key as
 `fold_in(key, global_index)`, so a view depends only on (key, the example's index in the
 global batch, the ECG) and not on how the batch is sharded over devices or hosts.
+
+A view is a pipeline of ops (`parse`: 'NAME[:PARAMS][@PROB]' steps joined by '|'), each step
+keyed by its position (`apply_pipeline`); docs/pipelines.md describes every op and the keys.
 """
 
 from __future__ import annotations
@@ -837,7 +840,7 @@ def vcg_rotate_scale(key, x, angle=45.0, max_scale=1.5):
     v' = S R v with R = rotation_matrix(angles), angles ~ U[-angle, angle] degrees about X, Y
     and Z, S = diag(s), s_i ~ U[1, max_scale] inverted (1 / s_i) with probability 1/2 each;
     y8 = D v' (D: the Dower matrix DOWER), and III, aVR, aVL, aVF rebuilt from y8's I and II.
-    3KG's law: angle 45, max_scale 1.5. Even with R = S = I, y = D T x8 is x projected on the
+    3KG's setting: angle 45, max_scale 1.5 (the law as the ecg3kg reimplementation states it). Even with R = S = I, y = D T x8 is x projected on the
     dipole model (what 3KG trains on), not x. x: (length, 12) in ecgcl_jax.LEADS order.
     Returns float32 (length, 12).
     """
