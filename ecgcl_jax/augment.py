@@ -840,8 +840,9 @@ def vcg_rotate_scale(key, x, angle=45.0, max_scale=1.5):
     v' = S R v with R = rotation_matrix(angles), angles ~ U[-angle, angle] degrees about X, Y
     and Z, S = diag(s), s_i ~ U[1, max_scale] inverted (1 / s_i) with probability 1/2 each;
     y8 = D v' (D: the Dower matrix DOWER), and III, aVR, aVL, aVF rebuilt from y8's I and II.
-    3KG's setting: angle 45, max_scale 1.5 (the law as the ecg3kg reimplementation states it). Even with R = S = I, y = D T x8 is x projected on the
-    dipole model (what 3KG trains on), not x. x: (length, 12) in ecgcl_jax.LEADS order.
+    3KG's setting: angle 45, max_scale 1.5 (the law as the ecg3kg reimplementation states it).
+    Even with R = S = I, y = D T x8 is x projected on the dipole model (what 3KG trains on), not
+    x. x: (length, 12) in ecgcl_jax.LEADS order.
     Returns float32 (length, 12).
     """
     length, leads = x.shape
