@@ -614,7 +614,7 @@ def baseline_wander(
     x32 = jnp.asarray(x, jnp.float32)
     t = jnp.arange(length, dtype=jnp.float32) / jnp.float32(sample_rate)
     ang = jnp.float32(2 * math.pi) * (t[:, None] * f[None, :])  # (L, K)
-    s, c = jnp.sin(ang), jnp.cos(ang)
+    s, c = materialize(jnp.sin(ang)), materialize(jnp.cos(ang))  # computed once, not per lead
     # sin(w t + phi) = sin(w t) cos(phi) + cos(w t) sin(phi): K (L,) sines, not K * leads
     ca, sa = a * jnp.cos(phi), a * jnp.sin(phi)
     wander = sum(s[:, k, None] * ca[k] + c[:, k, None] * sa[k] for k in range(components))
@@ -648,7 +648,7 @@ def powerline(key, x, amplitude=0.1, harmonics=1, sample_rate=SAMPLE_RATE):
     for h in range(1, harmonics + 1):
         cycles = ((h * f0 * n) % sample_rate).astype(jnp.float32) / jnp.float32(sample_rate)
         hum = hum + jnp.sin(jnp.float32(2 * math.pi) * cycles + phi[h - 1]) / h
-    return x32 + hum[:, None] * (a[None, :] * _lead_std(x32))
+    return x32 + materialize(hum)[:, None] * (a[None, :] * _lead_std(x32))
 
 
 def _band_mask(length: int, low_hz, high_hz, sample_rate):
