@@ -479,7 +479,8 @@ def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
     pool_records = [str(r) for r in np.asarray(ds.records)[pool]]
     if os.path.exists(cfg_path):
         saved = _read_json(cfg_path)
-        saved.pop(AUGMENT_RECORD, None)  # derived from the fields compared
+        if isinstance(saved, dict):
+            saved.pop(AUGMENT_RECORD, None)  # derived from the fields compared
         check_resume_config(saved, current_cfg, cfg_path)
     else:
         record = dict(current_cfg, **{AUGMENT_RECORD: pipeline_records(config)})
