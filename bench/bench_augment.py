@@ -154,6 +154,30 @@ def scale_only(key, x, f):
     return x * f
 
 
+NEW_OPS = (
+    "baseline_wander",
+    "powerline",
+    "muscle_noise",
+    "amplitude_scale",
+    "random_resized_crop",
+    "lead_mask",
+    "vcg_rotate_scale",
+)
+PIPELINE = "baseline_wander@0.5|powerline@0.5|gaussian_noise:0.05|random_resized_crop@0.5"
+
+
+def _pipeline(spec, length):
+    """A view pipeline as pretraining applies it: per-example keys folded with each step's position."""
+
+    def run(key, xs):
+        pipe = A.parse(spec, xs.shape[1], xs.shape[2], "bench")
+        return A.apply_pipeline(
+            pipe, jax.random.split(key, xs.shape[0]), xs, jnp.arange(xs.shape[0])
+        )
+
+    return run
+
+
 def _per_example(fn):
     return lambda key, xs: jax.vmap(fn)(jax.random.split(key, xs.shape[0]), xs)
 
@@ -188,6 +212,10 @@ def cases(length):
         ),
         "mix": lambda k, xs: A.mix(k, xs, 0.1, 0.05, jnp.arange(xs.shape[0])),
     }
+    # the physiological / geometric ops with their defaults, alone, and one composed pipeline
+    for name in NEW_OPS:
+        c[name] = _per_example(getattr(A, name))
+    c["pipeline " + PIPELINE] = _pipeline(PIPELINE, length)
     k = int(np.floor(0.1 * length))
     for method, drop in DROPOUT_MASKS.items():
         c[f"dropout ({method})"] = _per_example(

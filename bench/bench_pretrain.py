@@ -315,6 +315,18 @@ class ProjectCase:
 
 
 # ---------------------------------------------------------------------------------------------- torch side
+# the augmentations torch_reference.py implements (single ops, no pipelines): pairs with others run without torch
+TORCH_AUGS = ("none", "gaussian_noise", "dropout", "zero_mask", "permute", "time_warp")
+
+
+def torch_has_pair(pair: str) -> bool:
+    """Whether torch_reference.py can run both views of AUG1+AUG2 (one of TORCH_AUGS each, no '|' or '@')."""
+    return all(
+        "|" not in v and "@" not in v and v.partition(":")[0].strip() in TORCH_AUGS
+        for v in pair.split("+")
+    )
+
+
 def run_torch(args, encoder, pair, precision, batches, log) -> dict[int, dict]:
     """One torch_reference.py invocation for all batches; returns {batch: its JSON record}."""
     a1, a2 = pair.split("+")
@@ -619,7 +631,7 @@ def main(argv=None) -> int:
                         traceback.print_exc(limit=4)
                     emit(rec)
                     results.setdefault(key, {"project": [], "torch": []})["project"].append(rec)
-            if args.torch and enc in TORCH_ENCODERS:
+            if args.torch and enc in TORCH_ENCODERS and torch_has_pair(pair):
                 t_recs = run_torch(args, enc, pair, prec, batches, log)
                 for b in batches:
                     t = t_recs.get(b, {"error": "no result"})

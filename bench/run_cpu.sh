@@ -37,6 +37,14 @@ run --batch 64 --encoder cnn_lstm                                            # C
 # each other augmentation against the Gaussian pair's first view, and two structural ones together
 run --batch 64 --pair gaussian_noise:0.05+zero_mask:0.1 --pair gaussian_noise:0.05+permute:5 \
     --pair gaussian_noise:0.05+time_warp:4,0.2 --pair permute:5+time_warp:4,0.2
+# the physiological / geometric ops (torch_reference.py has none of them: ours alone), each against the Gaussian
+# pair in the same invocation, and one composed pipeline
+run --batch 64 --no-torch --pair gaussian_noise:0.05+gaussian_noise:0.25 \
+    --pair gaussian_noise:0.05+baseline_wander --pair gaussian_noise:0.05+powerline \
+    --pair gaussian_noise:0.05+muscle_noise --pair gaussian_noise:0.05+amplitude_scale \
+    --pair gaussian_noise:0.05+random_resized_crop --pair gaussian_noise:0.05+lead_mask \
+    --pair gaussian_noise:0.05+vcg_rotate_scale \
+    --pair "baseline_wander@0.5|gaussian_noise:0.05+vcg_rotate_scale|random_resized_crop@0.5|lead_mask:1@0.5"
 # the encoders torch_reference.py does not have: ours alone
 run --batch 16 --encoder cnn_attn_lstm,cnn_transformer --no-torch
 run --batch 16 --precision bfloat16                                          # bf16 (AVX-512 BF16 CPUs)

@@ -62,7 +62,13 @@ run() {
 }
 TORCH_BEST="--layout nhwc --compile"   # torch's best GPU settings: bf16 + nhwc + compile (its README)
 PAIRS=(--pair gaussian_noise:0.05+gaussian_noise:0.25 --pair gaussian_noise:0.05+dropout:0.1
-       --pair time_warp:4,0.2+dropout:0.1 --pair zero_mask:0.1+permute:5 --pair permute:5+time_warp:4,0.2)
+       --pair time_warp:4,0.2+dropout:0.1 --pair zero_mask:0.1+permute:5 --pair permute:5+time_warp:4,0.2
+       # the physiological / geometric ops and one pipeline (no torch column: torch_reference.py lacks them)
+       --pair gaussian_noise:0.05+baseline_wander --pair gaussian_noise:0.05+powerline
+       --pair gaussian_noise:0.05+muscle_noise --pair gaussian_noise:0.05+amplitude_scale
+       --pair gaussian_noise:0.05+random_resized_crop --pair gaussian_noise:0.05+lead_mask
+       --pair gaussian_noise:0.05+vcg_rotate_scale
+       --pair "baseline_wander@0.5|gaussian_noise:0.05+vcg_rotate_scale|random_resized_crop@0.5|lead_mask:1@0.5")
 
 part() {
   case "$1" in

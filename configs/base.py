@@ -44,9 +44,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.reader_threads = 0
 
     c.augment = ml_collections.ConfigDict()
-    # NAME[:PARAM]; NAME in gaussian_noise, dropout, zero_mask, permute, time_warp (PARAM m,w), mix, none.
+    # Each view is a pipeline: step ('|' step)*, step = NAME[:PARAMS][@PROB] (PARAMS: comma-separated numbers,
+    # a prefix of the op's parameters, the rest default; PROB in [0, 1]: per example, default 1), applied in order,
+    # e.g. "baseline_wander:0.1@0.5|gaussian_noise:0.05|time_warp:4,0.2@0.3". NAME: gaussian_noise (factor),
+    # dropout (rate), zero_mask (ratio), permute (m, shared), time_warp (m, warp), mix (rate, factor), none,
+    # baseline_wander (amplitude, min_hz, max_hz, components), powerline (amplitude, harmonics),
+    # muscle_noise (amplitude, low_hz, high_hz), amplitude_scale (low, high, per_lead),
+    # random_resized_crop (min_frac, max_frac), lead_mask (k), vcg_rotate_scale (angle, max_scale; 12 leads).
+    # See docs/pipelines.md.
     c.augment.view1 = "gaussian_noise:0.05"
-    c.augment.view2 = "dropout:0.1"
+    c.augment.view2 = "dropout:0.1"  # the same grammar
     # one permutation for all leads (keeps leads synchronous)
     c.augment.permute_shared_leads = False
 

@@ -54,6 +54,8 @@ from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
 
 MODES = input_pipeline.CONTRAST_MODES
+# config.json's (and encoder.json's "extra") record of the parsed view pipelines: {'view1': {'spec', 'ops'}, ...}
+AUGMENT_RECORD = "augment_pipelines"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that may change between a run and its resume.
 RESUMABLE_CHANGES = (
@@ -82,30 +84,26 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------------------------- config
-def parse_augmentation(spec: str, field: str) -> tuple[str, Any]:
-    """'time_warp:4,0.2' -> ('time_warp', (4.0, 0.2)); 'dropout' -> ('dropout', None = the default).
+def view_pipeline(config, field: str, length: int | None = None) -> augment.Pipeline:
+    """The validated pipeline of ``config.augment.<field>`` (view1 | view2) for this mode's views.
 
-    Only splits the string: names, aliases and parameter ranges are checked by ``augment.validate``.
+    Parsed once (``augment.parse`` caches it) for the lead count the views have and ``length`` samples
+    (default: the mode's, from ``input_geometry``).
     """
-    name, _, arg = str(spec).partition(":")
-    if not arg:
-        return name.strip(), None
-    try:
-        vals = tuple(float(v) for v in arg.split(","))
-    except ValueError:
-        raise UserError(f"{field}: cannot parse parameter {arg!r} of {spec!r}") from None
-    return name.strip(), vals[0] if len(vals) == 1 else vals
-
-
-def view_augmentation(config, field: str, length: int) -> tuple[str, Any]:
-    """(canonical name, parameter) of ``config.augment.<field>`` for signals of ``length`` samples."""
-    where = f"config.augment.{field}"
-    name, param = augment.validate(
-        *parse_augmentation(config.augment[field], where), length, field=where
+    length = input_geometry(config)[0] if length is None else length
+    leads = 1 if config.mode in input_pipeline.LEAD_MODES else len(ecgcl_jax.LEADS)
+    return augment.parse(
+        config.augment[field],
+        length,
+        leads,
+        field=f"config.augment.{field}",
+        permute_shared=bool(config.augment.permute_shared_leads),
     )
-    if name == "permute" and config.augment.permute_shared_leads:
-        param = (param[0], True)
-    return name, param
+
+
+def pipeline_records(config) -> dict:
+    """{'view1': ..., 'view2': ...}: each view's parsed pipeline as config.json / encoder.json record it."""
+    return {f: augment.pipeline_record(view_pipeline(config, f)) for f in ("view1", "view2")}
 
 
 def input_geometry(config) -> tuple[int, int, int]:
@@ -181,9 +179,8 @@ def _validate_config(config, num_devices: int) -> None:
             f"config.clocs_leads: {', '.join(twice)} listed more than once (got {list(config.clocs_leads)})"
         )
     models.encoder_config(config.model)
-    length, _, _ = input_geometry(config)
     for field in ("view1", "view2"):
-        view_augmentation(config, field, length)
+        view_pipeline(config, field)
     if config.data.path and not os.path.exists(os.path.expanduser(config.data.path)):
         raise UserError(f"config.data.path: {config.data.path} does not exist")
 
@@ -193,10 +190,7 @@ def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
     """x: (B, 5000, 12) normalised -> list of V encoder inputs (B, L', C'); see the module docstring."""
     segs = input_pipeline.segments(x, config.mode)
     length = segs[0].shape[1]
-    aug1, aug2 = (
-        view_augmentation(config, "view1", length),
-        view_augmentation(config, "view2", length),
-    )
+    aug1, aug2 = view_pipeline(config, "view1", length), view_pipeline(config, "view2", length)
     gidx = jnp.arange(x.shape[0], dtype=jnp.int32)  # position in the *global* batch
 
     def pair(k, xs, a1, a2):
@@ -216,7 +210,7 @@ def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
                     jax.random.fold_in(key, 100 * (s + 1) + j),
                     seg[:, :, j : j + 1],
                     (aug1, aug2)[s],
-                    ("none", None),
+                    augment.IDENTITY,
                 )
                 views.append(v)
     if config.data.domain == "frequency":
@@ -485,9 +479,13 @@ def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
     current_cfg = json.loads(config.to_json())
     pool_records = [str(r) for r in np.asarray(ds.records)[pool]]
     if os.path.exists(cfg_path):
-        check_resume_config(_read_json(cfg_path), current_cfg, cfg_path)
+        saved = _read_json(cfg_path)
+        if isinstance(saved, dict):
+            saved.pop(AUGMENT_RECORD, None)  # derived from the fields compared
+        check_resume_config(saved, current_cfg, cfg_path)
     else:
-        atomic_write(cfg_path, json.dumps(current_cfg, indent=1).encode())
+        record = dict(current_cfg, **{AUGMENT_RECORD: pipeline_records(config)})
+        atomic_write(cfg_path, json.dumps(record, indent=1).encode())
     if os.path.exists(run_path):
         run_info = _read_json(run_path)
         if not isinstance(run_info.get("max_amp"), (int, float)):
@@ -774,6 +772,7 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
             "steps": int(parallel.to_host(state.step)),
             "data_path": config.data.path,
             "version": ecgcl_jax.__version__,
+            AUGMENT_RECORD: pipeline_records(config),
         },
     )
     return out

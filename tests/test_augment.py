@@ -429,10 +429,10 @@ def test_apply_and_validate_errors():
         (("permute", 7, 5000), "does not divide"),
         (("permute", 5.5, 5000), "integer"),
         (("time_warp", (4, 0.2), 2502), "does not divide"),
-        (("time_warp", 0.2, 5000), r"\(num_segments, warp\)"),
+        (("time_warp", 0.2, 5000), r"\(time_warp\): num_segments must be an integer \(got 0.2\)"),
         (("dropout", 1.5, 5000), r"\[0, 1\]"),
-        (("gaussian_noise", -1, 5000), "gaussian_noise factor"),
-        (("mix", 0.1, 5000), "mix takes"),
+        (("gaussian_noise", -1, 5000), r"\(gaussian_noise\): factor must be in \[0, inf\]"),
+        (("mix", (0.1, 0.05, 3), 5000), r"\(mix\): takes at most 2 parameter"),
     ]
     for args, msg in bad:
         with pytest.raises(UserError, match=msg) as e:
@@ -441,6 +441,9 @@ def test_apply_and_validate_errors():
     assert A.validate("time-wraping", [4, 0.2], 2500) == ("time_warp", (4, 0.2))
     assert A.validate("permutation", 5.0, 2500) == ("permute", (5, False))
     assert A.validate("mix", None, 5000) == ("mix", (0.1, 0.05))
+    # a prefix of the parameters: the rest take their defaults
+    assert A.validate("mix", 0.2, 5000) == ("mix", (0.2, 0.05))
+    assert A.validate("time_warp", 6, 5004) == ("time_warp", (6, 0.2))
 
 
 # ---------------------------------------------------------------- mix and two_views
@@ -504,7 +507,17 @@ def test_two_views_invariant_to_batch_split(xs, aug1, aug2):
     assert not np.array_equal(np.asarray(v1), np.asarray(v2))
 
 
-def test_two_views_sharded_equals_single_device(xs):
+SHARDED_PAIRS = [
+    (("mix", (0.1, 0.05)), ("time_warp", (4, 0.2))),
+    (
+        "baseline_wander@0.5|lead_mask:2|random_resized_crop:0.6,0.9@0.7|mix@0.5",
+        "vcg_rotate_scale|muscle_noise:0.2@0.5|powerline|amplitude_scale:0.5,2,1@0.5",
+    ),
+]
+
+
+@pytest.mark.parametrize("aug1,aug2", SHARDED_PAIRS)
+def test_two_views_sharded_equals_single_device(xs, aug1, aug2):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -513,7 +526,7 @@ def test_two_views_sharded_equals_single_device(xs):
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
     batch = jnp.concatenate([xs] * 4)[:, :500]  # (8, 500, 12)
     gi = jnp.arange(8, dtype=jnp.int32) + 16
-    f = jax.jit(lambda k, x, g: A.two_views(k, x, g, ("mix", (0.1, 0.05)), ("time_warp", (4, 0.2))))
+    f = jax.jit(lambda k, x, g: A.two_views(k, x, g, aug1, aug2))
     k = jax.random.key(5)
     ref = f(k, batch, gi)
     mesh = Mesh(devs, ("data",))
@@ -525,7 +538,7 @@ def test_two_views_sharded_equals_single_device(xs):
 
 
 def test_two_views_bad_config(xs):
-    with pytest.raises(UserError, match="augment.aug2: unknown augmentation 'rotate'"):
+    with pytest.raises(UserError, match="augment.aug2: step 1: unknown augmentation 'rotate'"):
         A.two_views(jax.random.key(0), xs, jnp.arange(2), ("dropout", 0.1), ("rotate", 1))
 
 
@@ -534,3 +547,373 @@ def test_fft_magnitude(xs):
     ref = np.abs(np.fft.rfft(np.asarray(xs, np.float64), axis=1))[:, : L // 2]
     assert out.shape == (2, 2500, C)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------- the new ops against NumPy float64 references
+
+LS = 500  # short signals: 1 s at 500 Hz
+FS = 500.0
+
+
+@pytest.fixture(scope="module")
+def xs_short(xs):
+    return xs[:, :LS]
+
+
+def _std(x):
+    return x.std(axis=0, ddof=1, keepdims=True)
+
+
+def np_baseline_wander(key, x, amp, lo, hi, k):
+    f, a, phi = (
+        np.asarray(v, np.float64) for v in A._baseline_wander_draw(key, x.shape[1], amp, lo, hi, k)
+    )
+    t = np.arange(x.shape[0])[:, None] / FS
+    wander = sum(a[i] * np.sin(2 * np.pi * f[i] * t + phi[i]) for i in range(k))
+    return x + _std(x) * wander
+
+
+def np_powerline(key, x, amp, harmonics):
+    f0, a, phi = (
+        np.asarray(v, np.float64) for v in A._powerline_draw(key, x.shape[1], amp, harmonics)
+    )
+    t = np.arange(x.shape[0]) / FS
+    hum = sum(np.sin(2 * np.pi * h * f0 * t + phi[h - 1]) / h for h in range(1, harmonics + 1))
+    return x + hum[:, None] * a[None, :] * _std(x)
+
+
+def np_muscle_noise(key, x, amp, lo, hi):
+    length, leads = x.shape
+    z = np.asarray(A._normal(key, length * leads), np.float64).reshape(length, leads)
+    spec = np.fft.rfft(z, axis=0)
+    f = np.fft.rfftfreq(length, 1 / FS)
+    spec[(f < lo) | (f > hi)] = 0
+    n = np.fft.irfft(spec, n=length, axis=0)
+    return x + amp * _std(x) * n / _std(n)
+
+
+def np_amplitude_scale(key, x, lo, hi, per_lead):
+    s = np.asarray(jax.random.uniform(key, (x.shape[1] if per_lead else 1,), minval=lo, maxval=hi))
+    return x * s.astype(np.float64)[None, :]
+
+
+def np_random_resized_crop(key, x, lo, hi):
+    w, s0 = (int(v) for v in A._crop_draw(key, x.shape[0], lo, hi))
+    u = np.linspace(s0, s0 + w - 1, x.shape[0])
+    return np.stack([np.interp(u, np.arange(x.shape[0]), x[:, c]) for c in range(x.shape[1])], 1)
+
+
+def np_lead_mask(key, x, k):
+    n = k if k >= 1 else int(np.floor(k * x.shape[1]))
+    drop = np.asarray(A._lead_mask_draw(key, x.shape[1], n))
+    return np.where(drop[None, :], 0.0, x)
+
+
+def np_rotation(ax, ay, az):
+    c, s = np.cos, np.sin
+    rx = np.array([[1, 0, 0], [0, c(ax), -s(ax)], [0, s(ax), c(ax)]])
+    ry = np.array([[c(ay), 0, s(ay)], [0, 1, 0], [-s(ay), 0, c(ay)]])
+    rz = np.array([[c(az), -s(az), 0], [s(az), c(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def np_vcg_rotate_scale(key, x, angle, max_scale):
+    import ecgcl_jax
+
+    angles, scales = (np.asarray(v, np.float64) for v in A._vcg_draw(key, angle, max_scale))
+    idx = [ecgcl_jax.LEADS.index(n) for n in ("V1", "V2", "V3", "V4", "V5", "V6", "I", "II")]
+    v = A.INVERSE_DOWER @ x[:, idx].T  # (3, L)
+    y8 = A.DOWER @ (np.diag(scales) @ np_rotation(*angles) @ v)  # (8, L): V1..V6, I, II
+    lead_i, lead_ii = y8[6], y8[7]
+    derived = [
+        lead_ii - lead_i,
+        -(lead_i + lead_ii) / 2,
+        lead_i - lead_ii / 2,
+        lead_ii - lead_i / 2,
+    ]
+    return np.stack(
+        [lead_i, lead_ii, *derived, *y8[:6]], axis=1
+    )  # I, II, III, aVR, aVL, aVF, V1..V6
+
+
+NEW_OPS = [  # (function, parameters, NumPy reference)
+    (A.baseline_wander, (0.5, 0.1, 0.9, 3), np_baseline_wander),
+    (A.powerline, (0.3, 4), np_powerline),
+    (A.muscle_noise, (0.2, 20.0, 150.0), np_muscle_noise),
+    (A.amplitude_scale, (0.5, 2.0, False), np_amplitude_scale),
+    (A.amplitude_scale, (0.5, 2.0, True), np_amplitude_scale),
+    (A.random_resized_crop, (0.3, 0.9), np_random_resized_crop),
+    (A.lead_mask, (3,), np_lead_mask),
+    (A.lead_mask, (0.5,), np_lead_mask),
+    (A.vcg_rotate_scale, (45.0, 1.5), np_vcg_rotate_scale),
+]
+NEW_IDS = [f"{f.__name__}{p}" for f, p, _ in NEW_OPS]
+
+
+@pytest.mark.parametrize("fn,params,ref", NEW_OPS, ids=NEW_IDS)
+def test_new_op_matches_numpy_reference_under_jit_and_vmap(xs_short, fn, params, ref):
+    ks = keys(2, seed=11)
+    out = np.asarray(batched(fn, *params)(ks, xs_short))
+    assert out.dtype == np.float32 and out.shape == xs_short.shape
+    x = np.asarray(xs_short, np.float64)
+    for i in range(2):
+        want = ref(ks[i], x[i], *params)
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=2e-5 * np.abs(want).max())
+        # eager, one ECG: the same values (vmap and jit change nothing)
+        np.testing.assert_allclose(
+            np.asarray(fn(ks[i], xs_short[i], *params)), out[i], rtol=1e-6, atol=1e-6
+        )
+    assert not np.allclose(
+        out[0] - x[0], out[1] - x[1]
+    )  # fresh randomness per key (same ECG shape)
+    again = np.asarray(batched(fn, *params)(keys(2, seed=11), xs_short))
+    np.testing.assert_array_equal(again, out)
+    # every parameter has a default
+    assert np.asarray(fn(ks[0], xs_short[0])).shape == xs_short[0].shape
+
+
+def test_dower_matrices_are_the_published_pair():
+    # the inverse Dower matrix is the pseudo-inverse of the Dower matrix, to its 3 published decimals
+    np.testing.assert_allclose(A.INVERSE_DOWER, np.linalg.pinv(A.DOWER), atol=1.5e-3)
+    assert A.DOWER.shape == (8, 3) and A.INVERSE_DOWER.shape == (3, 8)
+
+
+# ---------------------------------------------------------------- statistics of the new ops' randomness
+
+
+N_KEYS = 2000
+
+
+def _draws(fn, *args):
+    return [np.asarray(v) for v in jax.vmap(lambda k: fn(k, *args))(keys(N_KEYS, seed=5))]
+
+
+def _spread(v, lo, hi):
+    """Within [lo, hi] and spread over it: every tenth of the range is hit."""
+    assert v.min() >= lo and v.max() <= hi
+    hist = np.histogram(v, bins=10, range=(lo, hi))[0]
+    assert hist.min() > 0.5 * v.size / 10, hist
+
+
+def test_baseline_wander_statistics(xs_short):
+    f, a, phi = _draws(A._baseline_wander_draw, 12, 0.4, 0.1, 0.7, 3)
+    _spread(f, 0.1, 0.7)
+    _spread(a, 0.0, 0.4)
+    _spread(phi, 0.0, 2 * np.pi)
+    # the added wander of a whole ECG has its spectrum below 1 Hz
+    x = np.zeros((5000, 2), np.float32)
+    x[::50] = 1.0  # a spiky signal with std > 0
+    y = np.asarray(A.baseline_wander(jax.random.key(0), x, 0.5, 0.2, 0.6, 2)) - x
+    power = np.abs(np.fft.rfft(y * np.hanning(5000)[:, None], axis=0)) ** 2  # Hann: little leakage
+    f = np.fft.rfftfreq(5000, 1 / FS)
+    assert power[f > 1.0].sum() < 1e-5 * power.sum()
+
+
+def test_powerline_statistics():
+    f0, a, phi = _draws(A._powerline_draw, 12, 0.3, 2)
+    assert set(np.unique(f0)) == {50, 60}
+    p60 = (f0 == 60).mean()
+    assert abs(p60 - 0.5) < 4 * np.sqrt(0.25 / N_KEYS)
+    _spread(a, 0.0, 0.3)
+    _spread(phi, 0.0, 2 * np.pi)
+    # the added hum sits exactly at h f0 (1 Hz bins over 1 s)
+    x = np.zeros((LS, 3), np.float32)
+    x[::7] = 1.0
+    for s in range(4):
+        k = jax.random.key(s)
+        hum = np.asarray(A.powerline(k, x, 0.3, 2)) - x
+        f0 = int(A._powerline_draw(k, 3, 0.3, 2)[0])
+        power = (np.abs(np.fft.rfft(hum, axis=0)) ** 2).sum(axis=1)
+        assert set(np.flatnonzero(power > 1e-6 * power.max())) == {f0, 2 * f0}
+
+
+def test_muscle_noise_statistics(xs_short):
+    lo, hi, amp = 30.0, 120.0, 0.3
+    ys = np.asarray(batched(A.muscle_noise, amp, lo, hi)(keys(2), xs_short))
+    n = ys - np.asarray(xs_short, np.float64)
+    power = np.abs(np.fft.rfft(n, axis=1)) ** 2
+    f = np.fft.rfftfreq(LS, 1 / FS)
+    inside = (f >= lo) & (f <= hi)
+    assert power[:, ~inside].sum() < 1e-8 * power.sum()
+    # spread over the band, not at a few bins: each fifth of it holds a share of the power
+    per_bin = power[:, inside].sum(axis=(0, 2))
+    shares = np.array([c.sum() for c in np.array_split(per_bin, 5)]) / per_bin.sum()
+    assert shares.min() > 0.1, shares
+    np.testing.assert_allclose(
+        n.std(axis=1, ddof=1), amp * np.asarray(xs_short, np.float64).std(axis=1, ddof=1), rtol=1e-4
+    )
+
+
+def test_amplitude_scale_statistics():
+    x = np.ones((10, 12), np.float32)
+    f = jax.vmap(lambda k: A.amplitude_scale(k, x, 0.7, 1.3, per_lead=True))(keys(N_KEYS))
+    s = np.asarray(f)[:, 0, :]
+    _spread(s, 0.7, 1.3)
+    assert np.abs(np.corrcoef(s[:, 0], s[:, 1])[0, 1]) < 4 / np.sqrt(N_KEYS)  # leads independent
+    one = np.asarray(jax.vmap(lambda k: A.amplitude_scale(k, x, 0.7, 1.3))(keys(N_KEYS)))
+    assert np.all(one == one[:, :1, :1])  # one factor per ECG
+    _spread(one[:, 0, 0], 0.7, 1.3)
+
+
+def test_random_resized_crop_statistics():
+    lo, hi = 0.3, 0.8
+    w, s0 = _draws(A._crop_draw, LS, lo, hi)
+    _spread(w / LS, np.ceil(lo * LS) / LS, hi)
+    assert np.all(s0 >= 0) and np.all(s0 + w <= LS)
+    _spread(s0 / (LS - w), 0.0, 1.0)
+    # a ramp shows the window: y is linear from s0 to s0 + w - 1
+    ramp = np.arange(LS, dtype=np.float32)[:, None]
+    for i in range(5):
+        k = jax.random.key(i)
+        w, s0 = (int(v) for v in A._crop_draw(k, LS, lo, hi))
+        y = np.asarray(A.random_resized_crop(k, ramp, lo, hi))[:, 0]
+        np.testing.assert_allclose(y, np.linspace(s0, s0 + w - 1, LS), atol=1e-3)
+
+
+def test_lead_mask_statistics():
+    x = np.ones((20, 12), np.float32)
+    for k, n in ((3, 3), (0.5, 6), (0.1, 1), (0.05, 0)):
+        y = np.asarray(jax.vmap(lambda kk, k=k: A.lead_mask(kk, x, k))(keys(N_KEYS)))
+        zero_leads = (y == 0).all(axis=1)
+        assert np.all(zero_leads.sum(axis=1) == n) and np.all((y == 0) == zero_leads[:, None, :])
+        if n:  # every lead as often
+            freq = zero_leads.mean(axis=0)
+            assert np.all(np.abs(freq - n / 12) < 5 * np.sqrt(n / 12 / N_KEYS))
+
+
+def test_vcg_rotate_scale_statistics():
+    angles, scales = _draws(A._vcg_draw, 30.0, 1.4)
+    _spread(angles, -np.pi / 6, np.pi / 6)
+    inv = scales < 1
+    assert abs(inv.mean() - 0.5) < 4 * np.sqrt(0.25 / scales.size)
+    _spread(scales[~inv], 1.0, 1.4)
+    _spread(1 / scales[inv], 1.0, 1.4)
+    r = np.asarray(jax.vmap(A.rotation_matrix)(jnp.asarray(angles)), np.float64)
+    np.testing.assert_allclose(
+        r @ np.swapaxes(r, 1, 2), np.broadcast_to(np.eye(3), r.shape), atol=1e-6
+    )
+    np.testing.assert_allclose(np.linalg.det(r), 1.0, atol=1e-6)
+    np.testing.assert_allclose(r[:50], np.stack([np_rotation(*a) for a in angles[:50]]), atol=1e-6)
+    # an ECG that is a dipole (12 leads = Dower projection of a VCG) comes back rotated and scaled as a dipole:
+    # the derived leads obey Einthoven's law, and angle 0, scale 1 is the projection D T, not a change
+    rng = np.random.default_rng(0)
+    x = np.asarray(A._vcg_matrices()[0] @ rng.normal(size=(3, 50)), np.float32).T  # (50, 12)
+    y = np.asarray(A.vcg_rotate_scale(jax.random.key(0), x, 0.0, 1.0))
+    back, fwd = A._vcg_matrices()
+    np.testing.assert_allclose(y, x @ (back @ fwd).T, rtol=1e-5, atol=1e-5)
+    y = np.asarray(A.vcg_rotate_scale(jax.random.key(1), x))
+    np.testing.assert_allclose(y[:, 2], y[:, 1] - y[:, 0], atol=1e-5)  # III = II - I
+
+
+# ---------------------------------------------------------------- pipelines: parsing, probability, order, keys
+
+
+def test_parse_grammar_and_canonical_record():
+    p = A.parse("baseline_wander:0.1@0.5|gaussian_noise:0.05|time_warp:4,0.2@0.3", 5000, 12)
+    assert p == (
+        A.Op("baseline_wander", (0.1, 0.05, 0.5, 2), 0.5),
+        A.Op("gaussian_noise", (0.05,)),
+        A.Op("time_warp", (4, 0.2), 0.3),
+    )
+    assert A.parse(A.pipeline_spec(p), 5000, 12) == p  # the canonical spelling round-trips
+    assert A.parse(p, 5000, 12) == p
+    assert A.parse(" random_resized_crop@0.8 ", 2500, 1) == (
+        A.Op("random_resized_crop", (0.5, 1.0), 0.8),
+    )
+    assert A.parse("3KG", 5000, 12) == (A.Op("vcg_rotate_scale", (45.0, 1.5)),)
+    rec = A.pipeline_record(p)
+    assert rec["ops"][2] == {
+        "op": "time_warp",
+        "params": {"num_segments": 4, "warp": 0.2},
+        "prob": 0.3,
+    }
+    # today's single-op spellings: the same ops as before
+    assert A.parse("guassian_noise", 5000, 12) == (A.Op("gaussian_noise", (0.05,)),)
+    assert A.parse("permute_shared", 5000, 12) == (A.Op("permute", (5, 1)),)
+    assert A.parse("permute:5", 5000, 12, permute_shared=True) == (A.Op("permute", (5, 1)),)
+
+
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("none|time_warp:4,1.5", r"step 2 \(time_warp\): warp must be in \[0, 1\) \(got 1.5\)"),
+        ("gaussian_noise@1.5", r"step 1 \(gaussian_noise\): probability must be in \[0, 1\]"),
+        ("dropout|", r"step 2 is empty"),
+        ("dropout:a", r"step 1: cannot parse parameter 'a'"),
+        ("dropout@x", r"step 1: cannot parse probability 'x'"),
+        ("dropout@0.5@0.5", r"step 1: expected NAME\[:PARAMS\]\[@PROB\]"),
+        ("blur", r"step 1: unknown augmentation 'blur'"),
+        ("powerline:0.1,5", r"step 1 \(powerline\): harmonics=5 puts 300 Hz at or above"),
+        ("muscle_noise:0.1,100,50", r"low_hz must be < high_hz"),
+        ("baseline_wander:0.1,0.05,2", r"max_hz must be in \[0, 1\]"),
+        ("amplitude_scale:2,1", r"low must be <= high"),
+        ("amplitude_scale:1,2,0.5", r"per_lead must be 0 or 1"),
+        ("random_resized_crop:0,1", r"min_frac must be in \(0, 1\]"),
+        ("lead_mask:12", r"k=12 would zero every lead of a 12-lead view"),
+        ("lead_mask:2.5", r"k must be a whole number of leads"),
+        ("vcg_rotate_scale:45,0.5", r"max_scale must be in \[1, inf\]"),
+        ("lead_mask:1,2", r"takes at most 1 parameter"),
+    ],
+)
+def test_parse_errors_are_one_line_naming_the_field_and_step(spec, msg):
+    with pytest.raises(UserError, match=msg) as e:
+        A.parse(spec, 5000, 12, field="config.augment.view1")
+    assert str(e.value).startswith("config.augment.view1: step ") and "\n" not in str(e.value)
+
+
+def test_probability_applies_to_a_binomial_fraction_of_examples():
+    b, p = 400, 0.3
+    x = jnp.ones((b, 8, 2), jnp.float32)
+    v1, v2 = jax.jit(
+        lambda k, x: A.two_views(k, x, jnp.arange(b), f"amplitude_scale:2,2@{p}", "lead_mask:1@0")
+    )(jax.random.key(0), x)
+    v1 = np.asarray(v1)
+    hit = (v1 == 2).all(axis=(1, 2))
+    assert np.all(hit | (v1 == 1).all(axis=(1, 2)))  # applied whole, or not at all
+    assert abs(hit.mean() - p) < 4 * np.sqrt(p * (1 - p) / b)
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(x))  # probability 0: the identity
+
+
+def test_pipeline_is_the_composition_in_written_order(xs_short):
+    gi = jnp.array([3, 4], jnp.int32)
+    key = jax.random.key(9)
+    vk = jax.vmap(lambda k: jax.random.split(k, 2))(A._example_keys(key, gi))[:, 0]
+
+    def op_key(i, j):  # the key of step j of example i's view 1
+        return jax.random.split(jax.random.fold_in(vk[i], j))[1]
+
+    def manual(first, second):
+        f = jax.jit(lambda k0, k1, x: second(k1, first(k0, x)))
+        return np.stack([np.asarray(f(op_key(i, 0), op_key(i, 1), xs_short[i])) for i in range(2)])
+
+    def warp(k, x):
+        return A.time_warp(k, x, 4, 0.2)
+
+    def noise(k, x):
+        return A.muscle_noise(k, x, 0.5)
+
+    def view1(spec):
+        return np.asarray(
+            jax.jit(lambda k, x: A.two_views(k, x, gi, spec, "none")[0])(key, xs_short)
+        )
+
+    ab, ba = view1("time_warp|muscle_noise:0.5"), view1("muscle_noise:0.5|time_warp")
+    np.testing.assert_allclose(ab, manual(warp, noise), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ba, manual(noise, warp), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(ab, ba, atol=1e-3)
+
+
+def test_single_op_views_keep_their_keys(xs_short):
+    """A single op without '@' (today's spelling) draws from the view key itself, as before pipelines."""
+    gi = jnp.array([7, 2], jnp.int32)
+    key = jax.random.key(4)
+    vk = jax.vmap(lambda k: jax.random.split(k, 2))(A._example_keys(key, gi))
+    for spec, fn in [
+        ("gaussian_noise:0.05", lambda k, x: A.gaussian_noise(k, x, 0.05)),
+        ("time-wraping:4,0.2", lambda k, x: A.time_warp(k, x, 4, 0.2)),
+        ("permute", lambda k, x: A.permute_segments(k, x, 5)),
+        ("lead_mask:2", lambda k, x: A.lead_mask(k, x, 2)),
+    ]:
+        v1, v2 = A.two_views(key, xs_short, gi, spec, spec)
+        np.testing.assert_array_equal(np.asarray(v1), np.asarray(jax.vmap(fn)(vk[:, 0], xs_short)))
+        np.testing.assert_array_equal(np.asarray(v2), np.asarray(jax.vmap(fn)(vk[:, 1], xs_short)))

@@ -574,8 +574,9 @@ def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
     assert abs(float(f(*zs, jnp.arange(16, dtype=jnp.int32))) - one) > 1e-3
 
 
-def test_view_augmentation_parses_reference_spellings_and_shared_permutation():
-    from ecgcl_jax.pretrain import view_augmentation
+def test_view_pipeline_parses_reference_spellings_and_shared_permutation():
+    from ecgcl_jax.augment import Op
+    from ecgcl_jax.pretrain import view_pipeline
 
     c = small_config(
         **{
@@ -584,10 +585,28 @@ def test_view_augmentation_parses_reference_spellings_and_shared_permutation():
             "augment.permute_shared_leads": True,
         }
     )
-    assert view_augmentation(c, "view1", 5000) == ("time_warp", (4, 0.2))
-    assert view_augmentation(c, "view2", 5000) == ("permute", (5, True))
+    assert view_pipeline(c, "view1") == (Op("time_warp", (4, 0.2)),)
+    assert view_pipeline(c, "view2") == (Op("permute", (5, 1)),)
     c.augment.view2 = "dropout"  # no parameter: the SPEC default
-    assert view_augmentation(c, "view2", 5000) == ("dropout", 0.1)
+    assert view_pipeline(c, "view2") == (Op("dropout", (0.1,)),)
+    c.augment.view2 = "lead_mask:2@0.5|permute"
+    assert view_pipeline(c, "view2") == (Op("lead_mask", (2.0,), 0.5), Op("permute", (5, 1)))
+
+
+@pytest.mark.parametrize("mode", ["cmlc", "cmsmlc"])
+def test_vcg_rotate_scale_is_refused_for_single_lead_views(mode):
+    from ecgcl_jax import pretrain
+    from ecgcl_jax.errors import UserError
+
+    cfg = small_config(mode=mode, **{"augment.view1": "gaussian_noise|vcg_rotate_scale@0.5"})
+    with pytest.raises(UserError) as e:
+        pretrain.validate_config(cfg, 1)
+    msg = str(e.value)
+    assert msg.startswith(
+        "config.augment.view1: step 2 (vcg_rotate_scale): needs the 12 standard leads"
+    )
+    assert "\n" not in msg
+    pretrain.validate_config(small_config(**{"augment.view1": "vcg_rotate_scale@0.5"}), 1)
 
 
 def test_patient_codes_follow_patient_keys():
@@ -624,10 +643,35 @@ def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp
     from ecgcl_jax import pretrain
 
     wd = str(tmp_path)
-    first = pretrain.run(small_config(num_steps=2), wd)
+    view1 = "amplitude_scale:0.8,1.2@0.5|gaussian_noise"
+    first = pretrain.run(small_config(num_steps=2, **{"augment.view1": view1}), wd)
     enc = os.path.join(wd, "encoder", "variables.msgpack")
     stamp, lines = os.stat(enc).st_mtime_ns, read_metrics(wd)
-    again = pretrain.run(small_config(num_steps=2, log_every=2), wd)  # a resumable change only
+    # the parsed pipelines are recorded beside the config's own fields, and in the exported encoder
+    want = {
+        "view1": {
+            "spec": "amplitude_scale:0.8,1.2,0@0.5|gaussian_noise:0.05",
+            "ops": [
+                {
+                    "op": "amplitude_scale",
+                    "params": {"low": 0.8, "high": 1.2, "per_lead": 0},
+                    "prob": 0.5,
+                },
+                {"op": "gaussian_noise", "params": {"factor": 0.05}, "prob": 1.0},
+            ],
+        },
+        "view2": {
+            "spec": "dropout:0.1",
+            "ops": [{"op": "dropout", "params": {"rate": 0.1}, "prob": 1.0}],
+        },
+    }
+    with open(os.path.join(wd, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["augment_pipelines"] == want and saved["augment"]["view1"] == view1
+    with open(os.path.join(wd, "encoder", "encoder.json")) as f:
+        assert json.load(f)["extra"]["augment_pipelines"] == want
+    # a resumable change only: the recorded pipelines do not count as a changed field
+    again = pretrain.run(small_config(num_steps=2, log_every=2, **{"augment.view1": view1}), wd)
     assert (
         again["status"] == "done"
         and again["steps"] == 2
