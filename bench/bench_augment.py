@@ -1,4 +1,4 @@
-"""Micro-benchmark of augmentation formulations (issue 5: pick what XLA fuses well, keep exact semantics).
+"""Micro-benchmark of augmentation formulations (pick what XLA fuses well, keep exact semantics).
 
 Each case maps a batch (B, L, C) float32 to an augmented batch with per-example keys, under jit +
 vmap. The timed program chains `inner` applications in one lax.fori_loop (the output of one is

@@ -718,7 +718,7 @@ def summary(args, results, batches, run_id, common, log, emit):
                 rounds=args.rounds,
             )
         )
-    # every pair against the Gaussian pair, and streamed against resident (issue 5's 10% targets)
+    # every pair against the Gaussian pair, and streamed against resident (the 10% targets of bench/RESULTS.md)
     gauss = {k[:1] + k[2:]: v for k, v in results.items() if k[1] == DEFAULT_PAIR}
     rows = []
     for (enc, pair, prec, data, b), r in results.items():

@@ -28,7 +28,7 @@ run() {
   echo "### $(date -u +%H:%M:%S) bench_pretrain.py $*" | tee -a "$LOG"
   "$PY" bench/bench_pretrain.py "${COMMON[@]}" "$@" 2>&1 | tee -a "$LOG"
 }
-# torch's best eager variant on 2 cores is --layout nhwc (../shared/bench/CPU_BASELINE.md); issue 5's CPU target is
+# torch's best eager variant on 2 cores is --layout nhwc (../shared/bench/CPU_BASELINE.md); the CPU target is
 # 1.5x of it at the same batch.
 run --batch 16,64 --data resident,streamed                                   # CNN, Gaussian pair, fp32
 run --batch 16,64 --pair time_warp:4,0.2+dropout:0.1                         # the heaviest pair

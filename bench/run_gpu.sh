@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU suite of the pretraining benchmark: ecgcl-jax beside torch_reference.py on the same GPU, same invocation.
 #
-#   bash bench/run_gpu.sh main       # CNN bf16, batch 128/512/2048, vs torch compiled bf16 nhwc (issue 5's targets)
+#   bash bench/run_gpu.sh main       # CNN bf16, batch 128/512/2048, vs torch compiled bf16 nhwc (the targets in bench/RESULTS.md)
 #   bash bench/run_gpu.sh PART ...   # parts: main profile fp32 pairs stream encoders conv scaling; "all" = all
 #
 # Each part fits a 10-minute command on one H100 (main is the longest: torch.compile compiles each batch size).

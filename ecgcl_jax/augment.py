@@ -128,7 +128,7 @@ def _normal(key, n: int):
 def gaussian_noise(key, x, factor):
     """x + N(0, 1) * factor * std(x), std per lead, unbiased (ddof=1).
 
-    x: (length, leads) float, mV; factor: noise factor (SPEC default 0.05). Returns x's shape/dtype.
+    x: (length, leads) float, mV; factor: noise factor (the reference's default 0.05). Returns x's shape/dtype.
     The N(0, 1) values come from `_normal` (one independent value per sample and lead).
     """
     length, leads = x.shape
@@ -232,7 +232,7 @@ def _dropout_drop(key, length: int, leads: int, rate):
 def dropout_mask(key, x, rate):
     """Set exactly floor(rate * L) distinct time positions of each lead to 0 (leads independent).
 
-    x: (length, leads); rate in [0, 1] (SPEC default 0.1). Returns x's shape/dtype.
+    x: (length, leads); rate in [0, 1] (the reference's default 0.1). Returns x's shape/dtype.
     """
     length, leads = x.shape
     drop = _dropout_drop(key, length, leads, rate)
@@ -246,7 +246,7 @@ def dropout_mask(key, x, rate):
 def zero_mask(key, x, ratio):
     """Per lead, zero one window of floor(ratio * L) consecutive samples; start ~ U{0..L-window}.
 
-    x: (length, leads); ratio in [0, 1] (SPEC default 0.1). Returns x's shape/dtype.
+    x: (length, leads); ratio in [0, 1] (the reference's default 0.1). Returns x's shape/dtype.
     """
     length, leads = x.shape
     window = _floor_count(ratio, length)
@@ -465,7 +465,7 @@ def time_warp(key, x, num_segments, warp):
     of them (drawn per lead) is linearly resampled to floor(len (1 + w)) samples, the others to
     floor(len (1 - w)); the pieces are concatenated and linearly resampled back to L samples.
     Resampling a piece of n samples to n' samples takes the samples at np.linspace(0, n - 1, n').
-    x: (length, leads); warp = w in [0, 1) (SPEC defaults m=4, w=0.2). A traced m (jax.jit(time_warp)(key, x,
+    x: (length, leads); warp = w in [0, 1) (the reference's defaults m=4, w=0.2). A traced m (jax.jit(time_warp)(key, x,
     4, 0.2)) gives the static result (the same indices; values to float32 rounding, as jit against eager), by a
     slower general path (_time_warp_traced_m).
     """

@@ -1,6 +1,6 @@
 """From a prepared dataset to global device batches.
 
-* The normaliser (SPEC): one global scale ``max_amp`` = the largest sample value (mV) over the training
+* The normaliser (the reference's): one global scale ``max_amp`` = the largest sample value (mV) over the training
   records and all leads, then each lead's own mean is removed. It is fitted on the records the run trains
   on, never on validation/test rows, and applied inside the jitted step.
 * The batch order is a pure function of (seed, step): epoch ``e`` uses a fresh permutation drawn from
@@ -32,7 +32,7 @@ RESIDENT_AUTO_LIMIT = 4 << 30
 
 
 def fit_max_amp(dataset, indices: np.ndarray | None = None, chunk: int = 512) -> float:
-    """Largest sample value (mV) over ``dataset`` rows ``indices`` and all leads (the SPEC's ``max_amp``)."""
+    """Largest sample value (mV) over ``dataset`` rows ``indices`` and all leads (the reference's ``max_amp``)."""
     idx = np.arange(len(dataset)) if indices is None else np.sort(np.asarray(indices))
     best = -np.inf
     for s in range(0, len(idx), chunk):

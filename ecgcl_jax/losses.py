@@ -43,7 +43,7 @@ def nt_xent(a, b, temperature=0.07, ids=None):
     """NT-Xent over two views. a, b: (N, D) projections (any float dtype) -> float32 scalar.
 
     z = [a; b] with unit rows, s = z z^T / temperature, self excluded. ids=None: the positive of
-    row i is its other view (row i + N, resp. i - N); this is the mean cross-entropy of the SPEC.
+    row i is its other view (row i + N, resp. i - N); this is the reference's mean cross-entropy.
     ids: (N,) int; every row (of the 2N) with the anchor's id is a positive, its other view
     included: loss_i = -(1/|P(i)|) sum_{p in P(i)} log softmax_{k != i}(s_i)_p; mean over 2N.
     """

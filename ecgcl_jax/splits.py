@@ -3,13 +3,13 @@
 Every function here works on plain per-record arrays (`patient_ids`, `labels`, `records`, all (N,)), so the
 rules can be tested on hand-made tables without a dataset.
 
-Rules (SPEC "Fine-tuning and evaluation protocol", issue 7):
+Rules (the reference's fine-tuning and evaluation protocol):
 - A record without a patient id is its own patient, keyed `"record:<record path>"` (the same key the exported
   encoder records in `pretrain_patients`).
 - A patient's label is the rounded mean of the known labels of its ECGs (NaN = unknown, ignored). A mean of
   exactly 0.5 rounds to 0, as `numpy.round` (round half to even) does; patients with no known label are not in
   the labeled splits (their ECGs still go to the pretraining pool).
-- Labeled patients are split as the SPEC's train/rest 70/30, then rest 50/50 into validation/test, with
+- Labeled patients are split as the reference's train/rest 70/30, then rest 50/50 into validation/test, with
   stratification on the patient label, per class: the class's patients are shuffled (seeded);
   n_rest = nearest(n_c * (val + test)) leave training, and of those n_test = nearest(n_rest * test / (val + test))
   go to test, the others to validation (nearest rounds halves up, so with 50/50 an odd rest gives test the extra
@@ -54,7 +54,7 @@ import numpy as np
 from ecgcl_jax.errors import UserError
 
 RULE = "per class: rest = nearest(n (val + test)), test = nearest(rest test / (val + test))"  # in eval_config.json
-FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test: the SPEC's 70/30, then the rest 50/50
+FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test: the reference's 70/30, then the rest 50/50
 CLOCS_FRACTIONS = (0.6, 0.2, 0.2)  # the CLOCS variant's
 
 

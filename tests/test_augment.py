@@ -1,4 +1,4 @@
-"""Augmentations against their definitions (SPEC), under jit and vmap, on 5000 x 12 signals."""
+"""Augmentations against their definitions (the reference's and the papers'), under jit and vmap, on 5000 x 12 signals."""
 
 import itertools
 import math
@@ -403,7 +403,7 @@ def test_apply_aliases_match_direct_calls(xs):
             A.apply("permutation", k, x, 5),
             A.apply("permute", k, x, (5, True)),
             A.apply("time-wraping", k, x, (4, 0.2)),
-            A.apply("dropout", k, x, None),  # None = SPEC default 0.1
+            A.apply("dropout", k, x, None),  # None = the default 0.1
             A.apply("none", k, x, None),
         ]
         direct = [

@@ -371,7 +371,7 @@ def test_split_fractions_follow_the_mode_however_it_is_set():
     from configs import eval as eval_cfg
 
     simclr, clocs = splits.FRACTIONS, splits.CLOCS_FRACTIONS
-    # the SPEC's 70/30 and the CLOCS 60/20/20
+    # the reference's 70/30 and the CLOCS 60/20/20
     assert (simclr, clocs) == (
         (0.7, 0.15, 0.15),
         (0.6, 0.2, 0.2),

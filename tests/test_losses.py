@@ -12,7 +12,7 @@ TEMPS = [0.01, 0.03, 0.07, 0.2, 0.5, 1.0]
 
 
 def np_nt_xent_spec(a, b, t):
-    """SPEC: unit rows, z = [a; b], s = z z^T / t, diagonal -> very negative, CE with target i+N / i."""
+    """The reference: unit rows, z = [a; b], s = z z^T / t, diagonal -> very negative, CE with target i+N / i."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     n = a.shape[0]
     z = np.concatenate([a, b])

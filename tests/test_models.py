@@ -911,7 +911,7 @@ def test_xla_compiler_options_keep_barriers_and_change_no_result():
 
 @pytest.mark.parametrize("p", [0.1, 0.25])
 def test_embedding_head_drops_at_twice_the_trunk_rate(p):
-    # SPEC: dropout p in the trunk, 2p in the embedding head. 64 x 4096 outputs: the dropped fraction is within
+    # the reference: dropout p in the trunk, 2p in the embedding head. 64 x 4096 outputs: the dropped fraction is within
     # 5 binomial standard deviations of 2p, and survivors are scaled by 1 / (1 - 2p)
     head = models.EmbeddingHead(emb_dim=4096, dropout=p)
     h = jax.random.normal(jax.random.key(0), (64, 32))

@@ -1,4 +1,4 @@
-"""Two processes through jax.distributed on 127.0.0.1 equal one process (issue 5)."""
+"""Two processes through jax.distributed on 127.0.0.1 equal one process."""
 
 import json
 import os

@@ -215,7 +215,7 @@ def test_one_device_equals_eight(tmp_path, mode):
     losses = {}
     for n in (1, 8):
         wd = str(tmp_path / f"d{n}")
-        # the SPEC's learning rate: with 1e-3 Adam amplifies float-rounding differences of near-zero gradients
+        # the reference's learning rate: with 1e-3 Adam amplifies float-rounding differences of near-zero gradients
         cfg = small_config(
             "cnn",
             num_steps=3,
@@ -587,7 +587,7 @@ def test_view_pipeline_parses_reference_spellings_and_shared_permutation():
     )
     assert view_pipeline(c, "view1") == (Op("time_warp", (4, 0.2)),)
     assert view_pipeline(c, "view2") == (Op("permute", (5, 1)),)
-    c.augment.view2 = "dropout"  # no parameter: the SPEC default
+    c.augment.view2 = "dropout"  # no parameter: the default
     assert view_pipeline(c, "view2") == (Op("dropout", (0.1,)),)
     c.augment.view2 = "lead_mask:2@0.5|permute"
     assert view_pipeline(c, "view2") == (Op("lead_mask", (2.0,), 0.5), Op("permute", (5, 1)))

@@ -1,4 +1,4 @@
-"""Runs that cannot be lost (issue 8): preemption, corrupt checkpoints, divergence, one writer, config drift."""
+"""Runs that cannot be lost: preemption, corrupt checkpoints, divergence, one writer, config drift."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Split invariants on hand-made patient tables (issue 7)."""
+"""Split invariants on hand-made patient tables."""
 
 import math
 
@@ -85,7 +85,7 @@ def _class_counts(s, truth):
 
 
 def test_stratification_counts_by_hand():
-    # SPEC: train/rest 70/30, then rest 50/50 into val/test, per class. Worked by hand:
+    # the reference: train/rest 70/30, then rest 50/50 into val/test, per class. Worked by hand:
     #   positives 8 + 2 id-less = 10: rest = nearest(3.0) = 3, test = nearest(1.5) = 2, val 1, train 7
     #   negatives 18 + 4 id-less = 22: rest = nearest(6.6) = 7, test = nearest(3.5) = 4, val 3, train 15
     pids, labels, records, truth = make_table(n_pos=8, n_neg=18)

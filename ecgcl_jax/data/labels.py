@@ -1,4 +1,4 @@
-"""User label tables (issue 9): a CSV with a `record` column and label columns, attached to prepared records.
+"""User label tables: a CSV with a `record` column and label columns, attached to prepared records.
 
 A table row matches a record when `record` equals (in this order of precedence) the record's path relative to its
 SRC without extension, its name (file stem), its id in the source's own metadata (PTB-XL ecg_id, e.g. `841` or
