@@ -1,4 +1,4 @@
-"""Augmentations against their definitions (the reference's and the papers'), under jit and vmap.
+"""Augmentations against their definitions (the reference's and the papers'), under jit and vmap."""
 
 import itertools
 import math
