@@ -96,6 +96,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.on_nonfinite = "stop"  # stop | skip: what a non-finite loss, gradient or update does
     # start from scratch when no checkpoint restores (else: error)
     c.restart_if_unrestorable = False
-    c.debug_nan_at_step = -1  # test hook: inject a NaN loss at this step (-1 = off)
     c.lock()  # a typo in an override is an error, not a new field
     return c

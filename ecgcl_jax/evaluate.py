@@ -80,6 +80,8 @@ RESUMABLE_CHANGES = (
     # what the pretraining's own errors ask for: skip bad steps, start over from unrestorable ones
     "pretrain.on_nonfinite",
     "pretrain.restart_if_unrestorable",
+    # no longer a config field: workdirs written while it was one carry it
+    "pretrain.debug_nan_at_step",
 )
 
 

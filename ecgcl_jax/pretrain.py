@@ -65,10 +65,11 @@ RESUMABLE_CHANGES = (
     "keep_checkpoints",
     "on_nonfinite",
     "restart_if_unrestorable",
-    "debug_nan_at_step",
     "data.resident",
     "data.prefetch",
     "data.reader_threads",
+    # no longer a config field: workdirs written while it was one carry it
+    "debug_nan_at_step",
 )
 
 
@@ -236,7 +237,6 @@ def make_pretrain_step(config, model, tx):
     """
     dtype = DTYPES[config.dtype]
     use_ids = bool(config.patient_positives)
-    nan_at = int(config.debug_nan_at_step)
 
     def step(state: TrainState, batch: dict, key: jax.Array):
         k = jax.random.fold_in(key, state.step)
@@ -266,10 +266,6 @@ def make_pretrain_step(config, model, tx):
             return contrastive_loss(config, zs, ids), bs
 
         (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        if nan_at >= 0:  # test hook for the divergence guard
-            poison = jnp.where(state.step == nan_at, jnp.nan, 1.0)
-            loss = loss * poison
-            grads = jax.tree.map(lambda g: g * poison, grads)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         # a finite gradient can still overflow the update (an absurd learning rate) or Adam's second moment (which

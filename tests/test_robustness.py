@@ -11,8 +11,27 @@ import jax
 import numpy as np
 import pytest
 
+from ecgcl_jax import input_pipeline
 from tests.conftest import ROOT
 from tests.test_pretrain import read_metrics, small_config
+
+
+@pytest.fixture
+def nan_at_step(monkeypatch):
+    """nan_at_step(k): the batch of step k (0-based) carries NaN scales, so its loss and gradients are NaN, as
+    a corrupt record would make them; nan_at_step(-1) turns it off."""
+    host_batch = input_pipeline.BatchSource.host_batch
+    bad = {"step": -1}
+
+    def poisoned(self, step, executor=None):
+        out = host_batch(self, step, executor)
+        if step == bad["step"]:
+            out["scale"] = np.full_like(out["scale"], np.nan)
+        return out
+
+    monkeypatch.setattr(input_pipeline.BatchSource, "host_batch", poisoned)
+    return lambda k: bad.update(step=k)
+
 
 SMALL = [
     "--config.model.emb_dim=32",
@@ -157,7 +176,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys, monkeypatch):
     )
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_at_step):
     from ecgcl_jax import checkpoint, pretrain
     from ecgcl_jax.errors import UserError
 
@@ -165,14 +184,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(
         UserError, match=r"non-finite loss, gradient or update at step 5; stopped.*checkpoints/4"
     ):
-        pretrain.run(small_config(num_steps=8, checkpoint_every=2, debug_nan_at_step=4), wd)
+        nan_at_step(4)
+        pretrain.run(small_config(num_steps=8, checkpoint_every=2), wd)
     mgr = checkpoint.make_manager(os.path.join(wd, "checkpoints"), 3)
     assert max(mgr.all_steps()) == 4
     # skip mode: the bad step's update is dropped and counted, the run finishes
     wd2 = str(tmp_path / "skip")
-    r = pretrain.run(
-        small_config(num_steps=8, checkpoint_every=2, debug_nan_at_step=4, on_nonfinite="skip"), wd2
-    )
+    r = pretrain.run(small_config(num_steps=8, checkpoint_every=2, on_nonfinite="skip"), wd2)
     assert r["steps"] == 8
     m = read_metrics(wd2)
     assert m[-1]["nonfinite_steps"] == 1 and np.isfinite(m[-1]["loss"])
@@ -185,7 +203,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         ]
     assert [r["loss"] for r in strict if r["step"] == 5] == [None]
     # back to stop mode (a resumable change): the step skipped earlier is not held against the new steps ...
-    r = pretrain.run(small_config(num_steps=10, checkpoint_every=2, debug_nan_at_step=4), wd2)
+    r = pretrain.run(small_config(num_steps=10, checkpoint_every=2), wd2)
     assert r["steps"] == 10
     # ... a new bad step is, named by the log interval it fell in (the state records only the first bad step)
     with pytest.raises(
@@ -193,15 +211,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         match=r"non-finite loss, gradient or update between steps 11 and 12; stopped.*"
         r"checkpoints/10",
     ):
-        pretrain.run(small_config(num_steps=12, checkpoint_every=2, debug_nan_at_step=11), wd2)
+        nan_at_step(11)
+        pretrain.run(small_config(num_steps=12, checkpoint_every=2), wd2)
     # a bad first step: no checkpoint to point to yet
     with pytest.raises(
         UserError, match=r"at step 1; stopped. Last good checkpoint: none written yet"
     ):
-        pretrain.run(
-            small_config(num_steps=4, checkpoint_every=2, debug_nan_at_step=0),
-            str(tmp_path / "nan0"),
-        )
+        nan_at_step(0)
+        pretrain.run(small_config(num_steps=4, checkpoint_every=2), str(tmp_path / "nan0"))
 
 
 # 1e39 is past float32's range, on purpose
@@ -269,7 +286,7 @@ def test_newest_step_folder_emptied_falls_back(tmp_path, capsys):
     assert "12" in os.listdir(os.path.join(wd, "checkpoints"))  # saving works after it
 
 
-def test_evaluation_errors_name_the_fields_it_can_change(tmp_path):
+def test_evaluation_errors_name_the_fields_it_can_change(tmp_path, nan_at_step):
     # inside run_eval.py the pretraining config is config.pretrain: its errors must name that field, and a resumed
     # evaluation must accept it
     from ecgcl_jax import evaluate, pretrain
@@ -281,9 +298,10 @@ def test_evaluation_errors_name_the_fields_it_can_change(tmp_path):
         f.write("{")
     with pytest.raises(UserError, match=r"pass --config\.pretrain\.restart_if_unrestorable=True"):
         pretrain.run(small_config(num_steps=6), wd, field_prefix="pretrain.")
+    nan_at_step(0)
     with pytest.raises(UserError, match=r"set --config\.pretrain\.on_nonfinite=skip"):
         pretrain.run(
-            small_config(num_steps=2, debug_nan_at_step=0),
+            small_config(num_steps=2),
             str(tmp_path / "n"),
             field_prefix="pretrain.",
         )
