@@ -7,6 +7,29 @@ Override any field on the command line: `--config.batch_size=64 --config.model.e
 import ml_collections
 
 
+def add_recipe_fields(section, learning_rate: float, weight_decay: float) -> None:
+    """Declares a training recipe's fields in `section` (config.optim here, config.finetune in eval.py)."""
+    # adam_l2 (L2 added to the gradient, then Adam) | adamw (decoupled decay) | lars (large batches)
+    section.optimizer = "adam_l2"
+    # constant | warmup_cosine (linear warmup, cosine decay) | warmup_constant (linear warmup, then constant)
+    section.schedule = "constant"
+    section.learning_rate = learning_rate  # the peak learning rate of a schedule
+    # adam_l2: L2 coefficient added to the gradient (torch Adam's weight_decay); adamw: decoupled decay
+    # (update -= lr * weight_decay * param); lars: L2 on kernels only
+    section.weight_decay = weight_decay
+    section.b1 = 0.9  # Adam / AdamW first-moment decay
+    section.b2 = 0.999  # Adam / AdamW second-moment decay
+    section.eps = 1e-8  # Adam / AdamW denominator epsilon
+    section.warmup_steps = 0  # linear warmup from 0 over this many steps (warmup_* schedules)
+    # warmup_cosine: total length including the warmup, after which the rate stays at its minimum;
+    # 0 = the whole run (pretraining: num_steps; fine-tuning: every step of num_epochs)
+    section.decay_steps = 0
+    section.min_lr_ratio = 0.0  # warmup_cosine: final learning rate / learning_rate, in [0, 1]
+    section.clip_norm = 0.0  # clip the gradient to this global L2 norm first; 0 = off
+    section.momentum = 0.9  # lars: heavy-ball momentum
+    section.trust_coefficient = 1e-3  # lars: trust ratio = coefficient * |param| / |update|
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # one seed for init, data order and augmentations
@@ -73,25 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Training recipe (ecgcl_jax/optim.py; docs/recipes.md). Steps are optimizer steps.
     c.optim = ml_collections.ConfigDict()
-    # adam_l2 (L2 added to the gradient, then Adam) | adamw (decoupled decay) | lars (large batches)
-    c.optim.optimizer = "adam_l2"
-    # constant | warmup_cosine (linear warmup, cosine decay) | warmup_constant (linear warmup, then constant)
-    c.optim.schedule = "constant"
-    c.optim.learning_rate = 1e-5  # the peak learning rate of a schedule
-    # adam_l2: L2 coefficient added to the gradient (torch Adam's weight_decay); adamw: decoupled decay
-    # (update -= lr * weight_decay * param); lars: L2 on kernels only
-    c.optim.weight_decay = 1e-5
-    c.optim.b1 = 0.9  # Adam / AdamW first-moment decay
-    c.optim.b2 = 0.999  # Adam / AdamW second-moment decay
-    c.optim.eps = 1e-8  # Adam / AdamW denominator epsilon
-    c.optim.warmup_steps = 0  # linear warmup from 0 over this many steps (warmup_* schedules)
-    # warmup_cosine: total length including the warmup, after which the rate stays at its minimum;
-    # 0 = num_steps
-    c.optim.decay_steps = 0
-    c.optim.min_lr_ratio = 0.0  # warmup_cosine: final learning rate / learning_rate, in [0, 1]
-    c.optim.clip_norm = 0.0  # clip the gradient to this global L2 norm first; 0 = off
-    c.optim.momentum = 0.9  # lars: heavy-ball momentum
-    c.optim.trust_coefficient = 1e-3  # lars: trust ratio = coefficient * |param| / |update|
+    add_recipe_fields(c.optim, learning_rate=1e-5, weight_decay=1e-5)
 
     c.on_nonfinite = "stop"  # stop | skip: what a non-finite loss, gradient or update does
     # start from scratch when no checkpoint restores (else: error)

@@ -17,7 +17,7 @@ import importlib
 import ml_collections
 from ml_collections import config_dict
 
-from configs import cnn_attn_lstm
+from configs import base, cnn_attn_lstm
 
 
 def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigDict:
@@ -64,24 +64,9 @@ def get_config(pretrain_config: str = "cnn_attn_lstm") -> ml_collections.ConfigD
     c.finetune = ml_collections.ConfigDict()
     c.finetune.num_epochs = 40  # validation scored every epoch; the best-AUROC epoch is kept
     c.finetune.batch_size = 64  # also the prediction batch (the last one padded and masked)
-    # Fine-tuning recipe: the fields mean what they mean in config.pretrain.optim (configs/base.py,
-    # docs/recipes.md); steps are optimizer steps over all epochs (epochs x batches per epoch).
-    # adam_l2 | adamw | lars
-    c.finetune.optimizer = "adam_l2"
-    c.finetune.schedule = "constant"  # constant | warmup_cosine | warmup_constant
-    c.finetune.learning_rate = 1e-4  # the peak learning rate of a schedule
-    # adam_l2: L2 added to the gradient (torch Adam's weight_decay); adamw: decoupled; lars: kernels only
-    c.finetune.weight_decay = 1e-4
-    c.finetune.b1 = 0.9  # Adam / AdamW first-moment decay
-    c.finetune.b2 = 0.999  # Adam / AdamW second-moment decay
-    c.finetune.eps = 1e-8  # Adam / AdamW denominator epsilon
-    c.finetune.warmup_steps = 0  # linear warmup from 0 over this many steps (warmup_* schedules)
-    # warmup_cosine: total length including the warmup; 0 = all steps of num_epochs
-    c.finetune.decay_steps = 0
-    c.finetune.min_lr_ratio = 0.0  # warmup_cosine: final learning rate / learning_rate, in [0, 1]
-    c.finetune.clip_norm = 0.0  # clip the gradient to this global L2 norm first; 0 = off
-    c.finetune.momentum = 0.9  # lars: heavy-ball momentum
-    c.finetune.trust_coefficient = 1e-3  # lars: trust ratio = coefficient * |param| / |update|
+    # Fine-tuning recipe: the fields of config.pretrain.optim (configs/base.py, docs/recipes.md); steps are
+    # optimizer steps over all epochs (epochs x batches per epoch).
+    base.add_recipe_fields(c.finetune, learning_rate=1e-4, weight_decay=1e-4)
     c.finetune.head_dropout = 0.3  # Dense(emb) -> ReLU -> dropout -> Dense(1)
     # CLOCS encoders: concat | sum | mean | attention over halves/leads
     c.finetune.aggregate = "concat"
