@@ -108,10 +108,9 @@ def embed_dataset(
     return e
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m ecgcl_jax.embed", description=__doc__.split("\n\n")[0]
-    )
+def main(argv=None, prog: str = "python -m ecgcl_jax.embed") -> int:
+    """The command (also installed as `ecgcl-embed`); returns the exit code."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--encoder", required=True, help="exported encoder: pretraining WORKDIR or WORKDIR/encoder"
     )
@@ -146,7 +145,7 @@ def main(argv=None) -> int:
             w.writerow([i, ds.records[i], ds.patient_ids[i], "" if y != y else int(y)])
         atomic_write(side, buf.getvalue().encode())
     except (UserError, OSError) as e:
-        return cli.fail("python -m ecgcl_jax.embed", e)
+        return cli.fail(prog, e)
     print(f"wrote {out} {tuple(z.shape)} float32 and {side}")
     return 0
 

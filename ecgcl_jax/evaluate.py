@@ -21,6 +21,7 @@ WORKDIR/<field>=<value>/ and writes sweep.md, sweep.csv and sweep_<metric>.png.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -37,7 +38,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from ecgcl_jax import checkpoint, cli, configdiff, embed, finetune, input_pipeline, metrics, splits
+from ecgcl_jax import (
+    checkpoint,
+    cli,
+    configdiff,
+    embed,
+    finetune,
+    input_pipeline,
+    metrics,
+    monitor,
+    splits,
+)
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
 
@@ -314,9 +325,11 @@ def run_repeat(
     pretrain_dir: str,
     exported=None,
     split: splits.Split | None = None,
+    progress: monitor.EvalProgress | None = None,
+    repeat: str = "",
 ) -> dict | None:
     """One repeat of the protocol (see the module docstring); None if pretraining was interrupted. split: this
-    seed's `repeat_split`, when already made."""
+    seed's `repeat_split`, when already made; progress: reports each fine-tuning epoch (`repeat` names it)."""
     t0 = time.time()
     split = split if split is not None else repeat_split(config, ds, seed)
     enc, info = _pretrained_encoder(
@@ -338,6 +351,9 @@ def run_repeat(
     epochs = int(ft.num_epochs)
     results: dict[str, dict] = {}
     probs: dict[str, np.ndarray] = {}
+
+    def watch(method):
+        return progress.on_epoch(repeat, seed, method, epochs) if progress is not None else None
 
     def record(method, out):
         results[method] = _method_record(seed, out)
@@ -377,6 +393,7 @@ def run_repeat(
                 epochs,
                 jax.random.fold_in(k, 1),
                 seed,
+                watch(method),
             ),
         )
 
@@ -386,7 +403,15 @@ def run_repeat(
     record(
         "finetune",
         finetune.run_finetune(
-            trainer, pre_vars, train, val, test, epochs, jax.random.fold_in(key, 2), seed
+            trainer,
+            pre_vars,
+            train,
+            val,
+            test,
+            epochs,
+            jax.random.fold_in(key, 2),
+            seed,
+            watch("finetune"),
         ),
     )
     if "linear_probe" in config.baselines:
@@ -399,7 +424,15 @@ def run_repeat(
             record(
                 "random_init",
                 finetune.run_finetune(
-                    trainer, rand_vars, train, val, test, epochs, jax.random.fold_in(key, 5), seed
+                    trainer,
+                    rand_vars,
+                    train,
+                    val,
+                    test,
+                    epochs,
+                    jax.random.fold_in(key, 5),
+                    seed,
+                    watch("random_init"),
                 ),
             )
         if "random_init_linear_probe" in config.baselines:
@@ -557,8 +590,30 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
                 fpr, tpr = metrics.roc_points(y, p)
                 rocs.setdefault(m, {})[rec["seed"]] = (fpr, tpr, test_auroc[m].get(rec["seed"]))
     metrics.plot_val_curves(hist, os.path.join(plots, "val_auroc.png"))
+    monitor.plot_eval_curves(
+        {m: {rep["seed"]: rep["history"] for rep in r["repeats"]} for m, r in methods.items()},
+        os.path.join(plots, "training_curves.png"),
+        monitor.eval_title(
+            data.get("path", ""), data.get("label", ""), enc.get("encoder") or config.pretrain.model.encoder
+        ),
+        method_titles=metrics.METHOD_TITLES,
+    )
     if rocs:
         metrics.plot_roc(rocs, os.path.join(plots, "roc_test.png"))
+
+
+def _progress(config, workdir: str, seeds) -> monitor.EvalProgress:
+    """Progress over the fine-tuning epochs of the repeats not finished yet."""
+    left = sum(
+        not os.path.exists(os.path.join(workdir, f"repeat_{s}", "repeat.json")) for s in seeds
+    )
+    methods = 1 + len([b for b in config.baselines if b in BASELINES])
+    return monitor.EvalProgress(
+        workdir,
+        left * methods * int(config.finetune.num_epochs),
+        _log,
+        enabled=jax.process_index() == 0,
+    )
 
 
 def _nan(x):
@@ -651,8 +706,9 @@ def run(
                 )
         write_json(cfg_path, current)
         records, status = [], "done"
+        progress = _progress(config, workdir, seeds)
         try:
-            with _interruptible():
+            with _interruptible(), contextlib.closing(progress):
                 for i, seed in enumerate(seeds):
                     rep_dir = os.path.join(workdir, f"repeat_{seed}")
                     rec_path = os.path.join(rep_dir, "repeat.json")
@@ -669,7 +725,15 @@ def run(
                         else os.path.join(rep_dir, "pretrain")
                     )
                     rec = run_repeat(
-                        config, ds, seed, rep_dir, pdir, exported, split=prepared.splits[seed]
+                        config,
+                        ds,
+                        seed,
+                        rep_dir,
+                        pdir,
+                        exported,
+                        split=prepared.splits[seed],
+                        progress=progress,
+                        repeat=f"repeat {i + 1}/{len(seeds)}",
                     )
                     if rec is None:
                         status = "preempted"
@@ -920,3 +984,11 @@ def _sweep_markdown(field: str, rows: list[dict], metric: str) -> str:
         "Cells: mean ± half-width of the Student-t 95% interval over the repeats. All metrics: sweep.csv.",
     ]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m ecgcl_jax.evaluate` is the evaluation command
+    import sys
+
+    from ecgcl_jax import commands
+
+    sys.exit(commands.eval_main(prog="python -m ecgcl_jax.evaluate"))

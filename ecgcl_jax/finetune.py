@@ -454,12 +454,13 @@ def fit_and_select(
     val_labels: np.ndarray,
     test_labels: np.ndarray,
     snapshot: Callable = _snapshot,
+    on_epoch: Callable | None = None,
 ) -> dict:
     """Trains `num_epochs`, scores validation after each, keeps the best-AUROC epoch, scores test once.
 
     train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs.
     Returns {'best_epoch', 'history': [{'epoch', 'train_loss', 'val_loss', 'val': scores}], 'val': best val
-    scores, 'test': test scores, 'test_probs'}.
+    scores, 'test': test scores, 'test_probs'}. on_epoch(history entry), when given, after each epoch (progress).
     """
     if num_epochs < 1:
         raise UserError(f"config.finetune.num_epochs: must be >= 1 (got {num_epochs})")
@@ -481,6 +482,8 @@ def fit_and_select(
                 "val": scores,
             }
         )
+        if on_epoch is not None:
+            on_epoch(history[-1])
         if better(scores["auroc"], best_auroc):
             best_auroc, best_epoch, best_state = scores["auroc"], epoch, snapshot(state)
     test_probs = predict(best_state, "test")
@@ -500,7 +503,15 @@ def _bce(labels, probs) -> float:
 
 
 def run_finetune(
-    trainer: Trainer, variables: dict, train, val, test, num_epochs: int, key: jax.Array, seed: int
+    trainer: Trainer,
+    variables: dict,
+    train,
+    val,
+    test,
+    num_epochs: int,
+    key: jax.Array,
+    seed: int,
+    on_epoch: Callable | None = None,
 ) -> dict:
     """Fine-tunes from `variables` on source `train` (RawSource or FeatureSource); see `fit_and_select`.
 
@@ -517,6 +528,8 @@ def run_finetune(
         return trainer.predict(st, sources[name])
 
     try:
-        return fit_and_select(state, num_epochs, train_epoch, predict, val.labels, test.labels)
+        return fit_and_select(
+            state, num_epochs, train_epoch, predict, val.labels, test.labels, on_epoch=on_epoch
+        )
     except UserError as e:
         raise UserError(f"seed {seed}: {e}") from None
