@@ -594,7 +594,9 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
         {m: {rep["seed"]: rep["history"] for rep in r["repeats"]} for m, r in methods.items()},
         os.path.join(plots, "training_curves.png"),
         monitor.eval_title(
-            data.get("path", ""), data.get("label", ""), enc.get("encoder") or config.pretrain.model.encoder
+            data.get("path", ""),
+            data.get("label", ""),
+            enc.get("encoder") or config.pretrain.model.encoder,
         ),
         method_titles=metrics.METHOD_TITLES,
     )

@@ -107,7 +107,9 @@ class ScalarWriter:
         ]
         if vals:
             self._writer.add_event(
-                self._event(wall_time=time.time(), step=int(step), summary=self._summary(value=vals))
+                self._event(
+                    wall_time=time.time(), step=int(step), summary=self._summary(value=vals)
+                )
             )
 
     def flush(self) -> None:
@@ -138,7 +140,6 @@ class PretrainMonitor:
         self.writer = scalar_writer(os.path.join(workdir, "tensorboard"), log) if enabled else None
         self._unplotted = True  # records since loss.png was last written
 
-
     def record(self, rec: Mapping, learning_rate: float | None = None) -> None:
         """A metrics.jsonl record (step, loss, loss_mean, ecg_per_s, ...) into TensorBoard."""
         self._unplotted = True
@@ -161,9 +162,7 @@ class PretrainMonitor:
         if not (self.enabled and self._unplotted):
             return
         self._unplotted = False
-        plot_loss(
-            os.path.join(self.workdir, "metrics.jsonl"), os.path.join(self.workdir, LOSS_PNG)
-        )
+        plot_loss(os.path.join(self.workdir, "metrics.jsonl"), os.path.join(self.workdir, LOSS_PNG))
 
     def close(self) -> None:
         self.plot()
@@ -262,7 +261,9 @@ class EvalProgress:
             log(TENSORBOARD_HINT)
         self._writers: dict[tuple, ScalarWriter] = {}
 
-    def on_epoch(self, repeat: str, seed: int, method: str, num_epochs: int) -> Callable[[dict], None]:
+    def on_epoch(
+        self, repeat: str, seed: int, method: str, num_epochs: int
+    ) -> Callable[[dict], None]:
         """The callback for one method of one repeat: called with each epoch's history entry
         ({'epoch', 'train_loss', 'val_loss', 'val': scores})."""
 
@@ -324,7 +325,9 @@ def plot_eval_curves(
         for i, (seed, hist) in enumerate(histories[method].items()):
             ep = [h["epoch"] for h in hist]
             color = f"C{i % 10}"
-            ax_loss.plot(ep, [h["train_loss"] for h in hist], color=color, label=f"seed {seed} train")
+            ax_loss.plot(
+                ep, [h["train_loss"] for h in hist], color=color, label=f"seed {seed} train"
+            )
             ax_loss.plot(
                 ep, [h["val_loss"] for h in hist], color=color, ls="--", label=f"seed {seed} val"
             )
@@ -355,4 +358,3 @@ def plot_eval_curves(
 def eval_title(dataset: str, task: str, encoder: str) -> str:
     """The evaluation plots' title: dataset, task (label column) and encoder."""
     return f"dataset {dataset or '?'}  ·  task {task or '?'}  ·  encoder {encoder or '?'}"
-
