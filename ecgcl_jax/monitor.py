@@ -310,11 +310,12 @@ def plot_eval_curves(
     title: str,
     metric: str = "auroc",
     method_titles: Mapping[str, str] | None = None,
-) -> None:
+):
     """Per method (a row): training and validation loss (left) beside the validation metric (right), one line
     per repeat, against epoch. Panels of one column share their y-scale, so methods compare at a glance.
 
-    histories: {method: {seed: [{'epoch', 'train_loss', 'val_loss', 'val': scores}, ...]}}.
+    histories: {method: {seed: [{'epoch', 'train_loss', 'val_loss', 'val': scores}, ...]}}. Returns the
+    matplotlib Figure.
     """
     methods = list(histories)
     rows = max(1, len(methods))
@@ -353,6 +354,7 @@ def plot_eval_curves(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+    return fig
 
 
 def eval_title(dataset: str, task: str, encoder: str) -> str:

@@ -5,6 +5,7 @@ Offline: the wheel is built without build isolation, and the fresh environment s
 packages (the dependencies) through a .pth file, so nothing is downloaded.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +22,6 @@ TINY = [
     "--config.batch_size=16",
     "--config.log_every=1",
     "--config.checkpoint_every=2",
-    "--config.model.emb_dim=16",
     "--config.model.channels=(4,4)",
 ]
 
@@ -95,7 +95,14 @@ def test_installed_commands_from_another_directory(installed):
     info = _run([bindir / "ecgcl-data", "info"], work, env).stdout
     assert "52" in info  # the embedded PTB-XL sample's records
 
-    p = _run([bindir / "ecgcl-pretrain", "--config", "cnn", "--workdir", "pre", *TINY], work, env)
+    # a user's own config file, built on a shipped one as the shipped variants are
+    (work / "mine.py").write_text(
+        "from configs import cnn\n\n\ndef get_config():\n    c = cnn.get_config()\n"
+        "    c.model.emb_dim = 16\n    return c\n"
+    )
+    p = _run(
+        [bindir / "ecgcl-pretrain", "--config", "mine.py", "--workdir", "pre", *TINY], work, env
+    )
     assert "step 1/2" in p.stdout and "(includes compilation)" in p.stdout
     lines = (work / "pre" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2]
@@ -103,6 +110,14 @@ def test_installed_commands_from_another_directory(installed):
     assert (work / "pre" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (work / "pre" / "log.txt").read_text()
     assert "ecgcl-pretrain" in log and "done: 2 steps" in log
+    if importlib.util.find_spec("tensorboard") is not None:  # the extra: curves TensorBoard reads
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(work / "pre" / "tensorboard"))
+        acc.Reload()
+        logged = [json.loads(l)["loss"] for l in lines]
+        np.testing.assert_allclose([e.value for e in acc.Scalars("loss")], logged, rtol=1e-6)
+        assert {"loss_mean", "ecg_per_s", "learning_rate"} <= set(acc.Tags()["scalars"])
 
     _run([bindir / "ecgcl-embed", "--encoder", "pre", "--out", "emb.npy"], work, env)
     assert np.load(work / "emb.npy").shape == (52, 16)
