@@ -57,26 +57,58 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+class _RunLog:
+    """WORKDIR/<name>, appended to once the run has made WORKDIR (what came before is kept in memory until
+    then), so that a run stopped before it starts (a config error) leaves no folder behind."""
+
+    def __init__(self, workdir: str, name: str, header: str):
+        self.workdir, self.path = workdir, os.path.join(workdir, name)
+        self.pending: list[str] | None = [header]
+        self.file = None
+
+    def _open(self) -> None:
+        if self.pending is None or not os.path.isdir(self.workdir):
+            return
+        try:
+            self.file = open(self.path, "a", buffering=1, encoding="utf-8")
+            self.file.write("".join(self.pending))
+        except OSError:  # an unwritable workdir: the run reports it itself
+            self.file = None
+        self.pending = None
+
+    def write(self, s: str) -> None:
+        if self.file is not None:
+            self.file.write(s)
+        elif self.pending is not None:
+            self.pending.append(s)
+            self._open()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        self._open()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 @contextlib.contextmanager
 def tee_console(workdir: str, prog: str, argv: Sequence[str], process_id: int = -1):
     """Inside the block, what the program prints (stdout and stderr) is appended to WORKDIR/log.txt too
     (WORKDIR/log.process<N>.txt for a multi-process run's process N > 0), after a line naming the command.
-    When the file cannot be opened (e.g. WORKDIR is a file), the run goes on and reports the problem itself."""
+    Nothing is written, and no folder made, unless the run itself makes WORKDIR (or it exists)."""
     name = LOG_FILE if process_id <= 0 else f"log.process{process_id}.txt"
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        f = open(os.path.join(workdir, name), "a", buffering=1, encoding="utf-8")
-    except OSError:
-        yield
-        return
-    f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {prog} {shlex.join(list(argv)[1:])}\n")
+    header = f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {prog} {shlex.join(list(argv)[1:])}\n"
+    log = _RunLog(workdir, name, header)
     old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(old[0], f), _Tee(old[1], f)
+    sys.stdout, sys.stderr = _Tee(old[0], log), _Tee(old[1], log)
     try:
         yield
     finally:
         sys.stdout, sys.stderr = old
-        f.close()
+        log.close()
 
 
 # ------------------------------------------------------------------------------------- TensorBoard

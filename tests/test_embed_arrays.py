@@ -10,7 +10,19 @@ from ecgcl_jax import checkpoint, embed, models
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
 from ecgcl_jax.errors import UserError
 
-TINY = {"encoder": "cnn", "emb_dim": 8, "channels": (4, 4), "kernel_size": 7}
+TINY = {
+    "encoder": "cnn",
+    "emb_dim": 8,
+    "proj_dim": 4,
+    "kernel_size": 7,
+    "dropout": 0.1,
+    "channels": (4, 4),
+    "lstm_layers": 1,
+    "attention_dim": 0,
+    "transformer_layers": 1,
+    "transformer_heads": 2,
+    "transformer_d_model": 8,
+}
 ORDER = ("V6", "I", "aVR", "II", "V1", "III", "V2", "aVL", "V3", "aVF", "V4", "V5")
 
 
@@ -54,7 +66,9 @@ def test_embed_arrays_equals_prepare_then_embed(tmp_path, encoder):
     opts = PrepareOptions(array_fs=fs, array_units="uV", array_leads=ORDER)
     prepare([str(src)], str(tmp_path / "prepared"), opts, workers=1)
     ds = open_dataset(str(tmp_path / "prepared"))
-    order = np.argsort([int(str(r).rsplit("_", 1)[1]) for r in ds.records])  # batch_0, batch_1, ...
+    order = np.argsort(
+        [int(str(r).rsplit("#", 1)[1]) for r in ds.records]
+    )  # .../batch.npy#0, #1, ...
     want = embed.embed_dataset(encoder, ds, rows=order, batch_size=2)
 
     got = embed.embed_arrays(encoder, x, fs, leads=ORDER, units="uV", batch_size=2)

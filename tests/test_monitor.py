@@ -40,6 +40,8 @@ def _png_pixels(path):
 def test_console_goes_to_the_log_file_too(tmp_path, capsys):
     wd = tmp_path / "run"
     with monitor.tee_console(str(wd), "ecgcl-pretrain", ["ecgcl-pretrain", "--workdir", "run"]):
+        print("devices: 8")  # before the run made its workdir: kept until it does
+        wd.mkdir()
         print("step 1/2  loss 1.0")
         print("a warning", file=sys.stderr)
     print("after the block")
@@ -47,18 +49,21 @@ def test_console_goes_to_the_log_file_too(tmp_path, capsys):
     assert "step 1/2" in out.out and "a warning" in out.err  # still on the console
     lines = (wd / "log.txt").read_text().splitlines()
     assert lines[0].startswith("==== ") and lines[0].endswith("ecgcl-pretrain --workdir run")
-    assert lines[1:] == ["step 1/2  loss 1.0", "a warning"]
+    assert lines[1:] == ["devices: 8", "step 1/2  loss 1.0", "a warning"]
     # a second run appends; another process of a multi-process run has its own file
     with monitor.tee_console(str(wd), "p", ["p"], process_id=1):
         print("from process 1")
     assert (wd / "log.process1.txt").read_text().splitlines()[1] == "from process 1"
     assert "from process 1" not in (wd / "log.txt").read_text()
-    # a workdir that cannot hold the file: the run goes on (and reports the workdir itself)
+    # a run that stops before making its workdir (a config error) leaves no folder; nor does a workdir that
+    # is a file
     afile = tmp_path / "afile"
     afile.write_text("")
-    with monitor.tee_console(str(afile), "p", ["p"]):
-        print("still printed")
-    assert "still printed" in capsys.readouterr().out
+    for where in (tmp_path / "never", afile):
+        with monitor.tee_console(str(where), "p", ["p"]):
+            print("p: error: config.num_steps: must be positive", file=sys.stderr)
+        assert "p: error" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists() and afile.read_text() == ""
 
 
 def _metrics(path, records):
