@@ -16,6 +16,7 @@ From Python:
     # enc.model_config (the `model` config section), enc.variables ({'params', 'batch_stats'} of
     # models.build_encoder(enc.model_config)), enc.preprocessing (max_amp, mode, domain, ...),
     # enc.pretrain_patients (patient ids it was pretrained on: keep them out of any test set).
+    z = embed.embed_arrays(enc, x, fs=250, leads=("I", "II", ..., "V6"))  # x: (N, L, 12) mV in memory
 
 Inputs are prepared exactly as in pretraining: counts * scale (mV), divided by the encoder's `max_amp`, minus
 each lead's mean; CLOCS encoders see their views (halves and/or single leads; |FFT| in the frequency
@@ -108,10 +109,91 @@ def embed_dataset(
     return e
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m ecgcl_jax.embed", description=__doc__.split("\n\n")[0]
-    )
+class _PreparedRows:
+    """Prepared rows held in memory: the part of a Dataset that `finetune.embed_rows` reads."""
+
+    def __init__(self, raw: np.ndarray, scales: np.ndarray):
+        self.raw, self.scales, self.meta = raw, scales, None
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+def prepare_arrays(
+    x,
+    fs: float,
+    leads=ecgcl_jax.LEADS,
+    units: str = "mV",
+    options=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ECGs held in memory, prepared as `ecgcl_jax.data.prepare` prepares an array file (the same functions:
+    lead order, resampling to 500 Hz, length policy, int16 quantisation).
+
+    x: (N, L, C) signals in `units` (mV, uV, V) at `fs` Hz, channels named by `leads` (any order; C names).
+    options: an `ecgcl_jax.data.PrepareOptions` (length, short, missing_leads, min_seconds, max_denominator;
+    default: prepare's defaults). Returns (raw (M, 5000, 12) int16 counts, scales (M,) float32 mV per count,
+    source (M,) int64: the row of x each prepared row comes from); M = N unless options.length='windows'.
+    A record that prepare would skip raises UserError naming its row.
+    """
+    from ecgcl_jax.data import PrepareOptions  # noqa: PLC0415 - pandas only when used
+    from ecgcl_jax.data.leads import normalise_lead  # noqa: PLC0415
+    from ecgcl_jax.data.process import to_rows  # noqa: PLC0415
+    from ecgcl_jax.data.wfdb_io import RawSignal, SkipRecord, unit_factor  # noqa: PLC0415
+
+    opts = options if options is not None else PrepareOptions()
+    opts.validate()
+    leads = [str(l) for l in leads]
+    bad = [l for l in leads if normalise_lead(l) is None]
+    if bad:
+        raise UserError(f"leads: unknown lead names {', '.join(bad)}")
+    if np.ndim(x) != 3 or np.shape(x)[2] != len(leads):
+        raise UserError(
+            f"x: shape {np.shape(x)}; expected (N, length, {len(leads)}) for leads {','.join(leads)}"
+        )
+    if not (fs > 0):
+        raise UserError(f"fs: must be > 0 (got {fs})")
+    factor = unit_factor(units)
+    raw, scales, source = [], [], []
+    for i in range(np.shape(x)[0]):
+        sig = np.asarray(x[i], np.float64) * factor
+        try:
+            rows, _ = to_rows(RawSignal(sig, leads, float(fs), sig.shape[0]), opts.process())
+        except SkipRecord as e:
+            raise UserError(f"x[{i}]: {e}") from None
+        for counts, scale, _ in rows:
+            raw.append(counts)
+            scales.append(scale)
+            source.append(i)
+    if not raw:
+        raise UserError("x: no records to embed")
+    return np.stack(raw), np.asarray(scales, np.float32), np.asarray(source, np.int64)
+
+
+def embed_arrays(
+    encoder: checkpoint.ExportedEncoder,
+    x,
+    fs: float,
+    leads=ecgcl_jax.LEADS,
+    units: str = "mV",
+    options=None,
+    views: str = "mean",
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Embeddings of ECGs held in memory, equal to preparing them (`prepare_arrays`, the same preprocessing
+    as `ecgcl_jax.data.prepare`) and embedding the prepared rows (`embed_dataset`, the encoder's own
+    normalisation): (M, E), (M, V*E) or (M, V, E) float32, one row per record (M = N) unless
+    options.length='windows' (then use `prepare_arrays`'s source index to map rows to records).
+
+    x: (N, L, C) in `units` at `fs` Hz, channels named by `leads` in any order, e.g.
+    `embed_arrays(enc, x, fs=250, leads=("I", "II", "V1", ...))`.
+    """
+    raw, scales, _ = prepare_arrays(x, fs, leads, units, options)
+    return embed_dataset(encoder, _PreparedRows(raw, scales), batch_size=batch_size, views=views)
+
+
+def main(argv=None, prog: str = "python -m ecgcl_jax.embed") -> int:
+    """The command (also installed as `ecgcl-embed`); returns the exit code."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--encoder", required=True, help="exported encoder: pretraining WORKDIR or WORKDIR/encoder"
     )
@@ -146,7 +228,7 @@ def main(argv=None) -> int:
             w.writerow([i, ds.records[i], ds.patient_ids[i], "" if y != y else int(y)])
         atomic_write(side, buf.getvalue().encode())
     except (UserError, OSError) as e:
-        return cli.fail("python -m ecgcl_jax.embed", e)
+        return cli.fail(prog, e)
     print(f"wrote {out} {tuple(z.shape)} float32 and {side}")
     return 0
 

@@ -50,6 +50,7 @@ from ecgcl_jax import (
     finetune,
     input_pipeline,
     metrics,
+    monitor,
     optim,
     splits,
 )
@@ -431,9 +432,11 @@ def run_repeat(
     pretrain_dir: str,
     exported=None,
     split: splits.Split | None = None,
+    progress: monitor.EvalProgress | None = None,
+    repeat: str = "",
 ) -> dict | None:
     """One repeat of the protocol (see the module docstring); None if pretraining was interrupted. split: this
-    seed's `repeat_split`, when already made."""
+    seed's `repeat_split`, when already made; progress: reports each fine-tuning epoch (`repeat` names it)."""
     t0 = time.time()
     split = split if split is not None else repeat_split(config, ds, seed)
     with pretraining_lock(None if exported is not None else pretrain_dir):
@@ -460,6 +463,11 @@ def run_repeat(
     epochs = int(ft.num_epochs)
     results: dict[str, dict] = {}
     probs: dict[str, np.ndarray] = {}
+
+    def watch(method):
+        if progress is None:
+            return None
+        return progress.on_epoch(repeat, seed, method, epochs, os.path.dirname(rep_dir))
 
     def record(method, out):
         results[method] = _method_record(seed, out)
@@ -504,6 +512,7 @@ def run_repeat(
                 jax.random.fold_in(k, 1),
                 seed,
                 classes,
+                watch(method),
             ),
         )
 
@@ -513,7 +522,16 @@ def run_repeat(
     record(
         "finetune",
         finetune.run_finetune(
-            trainer, pre_vars, train, val, test, epochs, jax.random.fold_in(key, 2), seed, classes
+            trainer,
+            pre_vars,
+            train,
+            val,
+            test,
+            epochs,
+            jax.random.fold_in(key, 2),
+            seed,
+            classes,
+            watch("finetune"),
         ),
     )
     if "linear_probe" in config.baselines:
@@ -535,6 +553,7 @@ def run_repeat(
                     jax.random.fold_in(key, 5),
                     seed,
                     classes,
+                    watch("random_init"),
                 ),
             )
         if "random_init_linear_probe" in config.baselines:
@@ -782,8 +801,36 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
         os.path.join(plots, "val_auroc.png"),
         metric=primary,
     )
+    monitor.plot_eval_curves(
+        {m: {rep["seed"]: rep["history"] for rep in r["repeats"]} for m, r in methods.items()},
+        os.path.join(plots, "training_curves.png"),
+        monitor.eval_title(
+            data.get("path", ""),
+            data.get("task", "") or data.get("label", ""),
+            enc.get("encoder") or config.pretrain.model.encoder,
+        ),
+        metric=metrics.PRIMARY,
+        method_titles=metrics.METHOD_TITLES,
+    )
     if rocs:
         metrics.plot_roc(rocs, os.path.join(plots, "roc_test.png"))
+
+
+def _progress(units: list) -> monitor.EvalProgress:
+    """Progress over the fine-tuning epochs of `units` ((variant, seed) pairs) not finished yet."""
+    epochs = 0
+    for v, seed in units:
+        if not v.done(seed):
+            config = v.prepared.config
+            methods = 1 + len([b for b in config.baselines if b in BASELINES])
+            epochs += methods * int(config.finetune.num_epochs)
+    return monitor.EvalProgress(
+        units[0][0].workdir if units else "",
+        epochs,
+        _log,
+        metric=metrics.PRIMARY,
+        enabled=jax.process_index() == 0,
+    )
 
 
 def _nan(x):
@@ -953,8 +1000,9 @@ def _open_variant(v: _Variant) -> None:
     v.identity = current["dataset"]
 
 
-def _run_unit(v: _Variant, seed: int) -> bool:
-    """Runs one unit (v, seed) whose lock the caller holds; False if its pretraining was interrupted."""
+def _run_unit(v: _Variant, seed: int, progress: monitor.EvalProgress, label: str) -> bool:
+    """Runs one unit (v, seed) whose lock the caller holds; False if its pretraining was interrupted.
+    progress: reports each fine-tuning epoch, named by `label` (e.g. 'repeat 2/3')."""
     p = v.prepared
     rep_dir = os.path.join(v.workdir, f"repeat_{seed}")
     os.makedirs(rep_dir, exist_ok=True)
@@ -963,7 +1011,17 @@ def _run_unit(v: _Variant, seed: int) -> bool:
         if v.pretrain_root
         else os.path.join(rep_dir, "pretrain")
     )
-    rec = run_repeat(p.config, p.ds, seed, rep_dir, pdir, p.exported, split=p.splits[seed])
+    rec = run_repeat(
+        p.config,
+        p.ds,
+        seed,
+        rep_dir,
+        pdir,
+        p.exported,
+        split=p.splits[seed],
+        progress=progress,
+        repeat=label,
+    )
     return rec is not None
 
 
@@ -1025,6 +1083,10 @@ def _run_units(variants: list[_Variant], shard) -> str:
     mine = [u for k, u in enumerate(units) if shard is None or k % shard[1] == shard[0]]
     total = {id(v): len(v.prepared.seeds) for v in variants}
     deferred = []
+    progress = _progress(mine)
+
+    def label(v, seed) -> str:
+        return f"repeat {v.prepared.seeds.index(seed) + 1}/{total[id(v)]}"
 
     def attempt(v, seed, blocking) -> str:
         if v.done(seed):
@@ -1035,12 +1097,12 @@ def _run_units(variants: list[_Variant], shard) -> str:
         try:
             if v.done(seed):  # finished by the process that held the lock
                 return "done"
-            return "done" if _run_unit(v, seed) else "preempted"
+            return "done" if _run_unit(v, seed, progress, label(v, seed)) else "preempted"
         finally:
             lock.release()
 
     try:
-        with _interruptible():
+        with _interruptible(), contextlib.closing(progress):
             for v, seed in mine:
                 i = v.prepared.seeds.index(seed)
                 where = f" ({os.path.basename(v.workdir)})" if v.value is not None else ""
@@ -1424,3 +1486,11 @@ def _sweep_markdown(field: str, rows: list[dict], metric: str) -> str:
         "Cells: mean ± half-width of the Student-t 95% interval over the repeats. All metrics: sweep.csv.",
     ]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m ecgcl_jax.evaluate` is the evaluation command
+    import sys
+
+    from ecgcl_jax import commands
+
+    sys.exit(commands.eval_main(prog="python -m ecgcl_jax.evaluate"))

@@ -507,6 +507,7 @@ def fit_and_select(
     snapshot: Callable = _snapshot,
     learning_rate: Callable | None = None,
     classes: list[str] | None = None,
+    on_epoch: Callable | None = None,
 ) -> dict:
     """Trains `num_epochs`, scores validation after each, keeps the best-macro-AUROC epoch (for one label: the
     best AUROC), scores test once.
@@ -514,6 +515,7 @@ def fit_and_select(
     train_epoch(state, epoch) -> (state, train_loss); predict(state, split_name in {'val','test'}) -> probs
     (n,) or (n, C), matching val_labels / test_labels ((n,) 0/1 or (n, C) 0/1/NaN). classes: the C class names.
     learning_rate(state) -> the rate of the epoch's last update (recorded in the history when given).
+    on_epoch(history entry), when given, after each epoch (progress).
     Returns {'best_epoch', 'history': [{'epoch', 'train_loss', 'val_loss', 'val': scores without per_class
     [, 'learning_rate']}], 'val': best val scores, 'test': test scores (`metrics.scores`), 'test_probs'}.
     """
@@ -540,6 +542,8 @@ def fit_and_select(
         )
         if learning_rate is not None:
             history[-1]["learning_rate"] = float(learning_rate(state))
+        if on_epoch is not None:
+            on_epoch(history[-1])
         if better(scores["macro_auroc"], best_auroc):
             best_auroc, best_epoch, best_state = scores["macro_auroc"], epoch, snapshot(state)
             best_val = scores
@@ -572,6 +576,7 @@ def run_finetune(
     key: jax.Array,
     seed: int,
     classes: list[str] | None = None,
+    on_epoch: Callable | None = None,
 ) -> dict:
     """Fine-tunes from `variables` on source `train` (RawSource or FeatureSource); see `fit_and_select`.
 
@@ -597,6 +602,7 @@ def run_finetune(
             test.labels,
             learning_rate=lambda st: trainer.learning_rate_at(max(int(st.step) - 1, 0)),
             classes=classes,
+            on_epoch=on_epoch,
         )
     except UserError as e:
         raise UserError(f"seed {seed}: {e}") from None

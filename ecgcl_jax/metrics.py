@@ -540,7 +540,8 @@ def plot_val_curves(
 
     methods = list(histories)
     fig = _figure(4.0 * max(1, len(methods)), 3.5)
-    axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]
+    # one y-scale: the methods' panels are compared
+    axes = fig.subplots(1, max(1, len(methods)), squeeze=False, sharey=True)[0]
     for ax, method in zip(axes, methods):
         for seed, vals in histories[method].items():
             ax.plot(np.arange(1, len(vals) + 1), vals, marker="o", ms=3, label=f"seed {seed}")

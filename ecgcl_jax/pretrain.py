@@ -46,6 +46,7 @@ from ecgcl_jax import (
     input_pipeline,
     losses,
     models,
+    monitor,
     optim,
     parallel,
     splits,
@@ -642,7 +643,9 @@ def _run_locked(
     skipped_before, first_before = (
         int(v) for v in parallel.to_host((state.nonfinite, state.first_nonfinite))
     )
-    with open(metrics_path, "a") if main else _NullFile() as mfile:
+    lr = config.optim.get("learning_rate")
+    board = monitor.PretrainMonitor(workdir, log, main, lr if isinstance(lr, float) else None)
+    with open(metrics_path, "a") if main else _NullFile() as mfile, board:
         for step, b in source.iterate(start, num_steps):
             if resident:
                 b["pool"] = source.device_pool
@@ -692,8 +695,10 @@ def _run_locked(
                     + "\n"
                 )
                 mfile.flush()
+                board.record(rec, _step_learning_rate(m))
                 log(
-                    f"step {done}/{num_steps}  loss {last_loss:.4f}  {ecg_s:,.1f} ECG/s  ETA {_fmt_eta(eta)}"
+                    f"step {done}/{num_steps}  loss {last_loss:.4f}  {ecg_s:,.1f} ECG/s  "
+                    + (f"ETA {_fmt_eta(eta)}" if done > steps_timed else "(includes compilation)")
                     + (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else "")
                 )
                 if nonfinite > skipped_before and config.on_nonfinite == "stop":
@@ -719,6 +724,7 @@ def _run_locked(
                 ):
                     continue  # caught at the log line above; never checkpoint a state that saw a bad step
                 checkpoint.save(manager, done, state)
+                board.plot()
             if _stop_requested(preempt, done % config.log_every == 0 or last):
                 if manager.latest_step() != done:
                     checkpoint.save(manager, done, state)
@@ -774,6 +780,11 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
     return out
 
 
+def _step_learning_rate(m: dict) -> float | None:
+    """The learning rate a step reports (metric `learning_rate`), when its optimizer reports one."""
+    return float(parallel.to_host(m["learning_rate"])) if "learning_rate" in m else None
+
+
 def _last_logged_loss(path: str) -> float:
     try:
         with open(path) as f:
@@ -820,3 +831,11 @@ class _NullFile:
 
     def flush(self):
         pass
+
+
+if __name__ == "__main__":  # `python -m ecgcl_jax.pretrain` is the pretraining command
+    import sys
+
+    from ecgcl_jax import commands
+
+    sys.exit(commands.pretrain_main(prog="python -m ecgcl_jax.pretrain"))

@@ -1,4 +1,5 @@
-"""Command line: `python -m ecgcl_jax.data prepare SRC [SRC ...] --out DIR [options]` and `... info DIR`."""
+"""Command line: `ecgcl-data prepare SRC [SRC ...] --out DIR [options]` and `ecgcl-data info DIR`
+(`python -m ecgcl_jax.data ...` is the same command)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from ecgcl_jax.errors import UserError
 D = PrepareOptions()  # the defaults live in one place
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ecgcl_jax.data", description=__doc__)
+def build_parser(prog: str = "python -m ecgcl_jax.data") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser(
         "prepare",
@@ -110,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m ecgcl_jax.data") -> int:
+    """The command (also installed as `ecgcl-data`); returns the exit code."""
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.cmd == "prepare":
             from ecgcl_jax.data.build import prepare
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
                 print("its prepare run's summary, as recorded then:")
                 print(format_summary(ds.manifest["summary"], ds.path))
     except (UserError, OSError) as e:  # OSError: e.g. DIR not writable, disk full
-        return cli.fail(f"python -m ecgcl_jax.data {args.cmd}", e)
+        return cli.fail(f"{prog} {args.cmd}", e)
     except KeyboardInterrupt:
         print(
             "\ninterrupted; run the same command again to continue where it stopped",
