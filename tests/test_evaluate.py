@@ -707,7 +707,7 @@ sys.path.insert(0, {root!r})
 from ecgcl_jax import evaluate
 from tests.test_evaluate import FakeDataset, eval_config
 
-def claimed_then_killed(v, seed):
+def claimed_then_killed(v, seed, *progress):
     open({marker!r}, "w").close()  # the unit's lock is held: this shard is killed in the middle of it
     time.sleep(600)
 
