@@ -6,6 +6,8 @@ Override any field on the command line: `--config.batch_size=64 --config.model.e
 
 import ml_collections
 
+from ecgcl_jax import views
+
 
 def add_recipe_fields(section, learning_rate: float, weight_decay: float) -> None:
     """Declares a training recipe's fields in `section` (config.optim here, config.finetune in eval.py)."""
@@ -46,13 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mode = "simclr"
     # ECGs of the same patient in the global batch are positives of each other
     c.patient_positives = False
-    # leads used by cmlc / cmsmlc (each a single-lead input)
-    c.clocs_leads = (
-        "II",
-        "V2",
-        "aVL",
-        "aVR",
-    )
+    # leads used by cmlc / cmsmlc (each a single-lead input); default II, V2, aVL, aVR (the constant is also
+    # the leads of an exported encoder that does not record them)
+    c.clocs_leads = views.DEFAULT_CLOCS_LEADS
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # prepared dataset folder; "" = the embedded PTB-XL sample

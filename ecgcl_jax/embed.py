@@ -35,9 +35,10 @@ import sys
 import numpy as np
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, cli, input_pipeline
+from ecgcl_jax import checkpoint, cli
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
+from ecgcl_jax.views import CONTRAST_MODES, ViewSpec
 
 VIEWS = ("mean", "concat", "none")
 
@@ -70,7 +71,7 @@ def check_compatible(encoder: checkpoint.ExportedEncoder, dataset, where: str = 
             raise UserError(
                 f"{where}: dataset sample rate(s) {rates} Hz differ from the encoder's {fs} Hz"
             )
-    if prep.get("mode") not in (None, *input_pipeline.CONTRAST_MODES):
+    if prep.get("mode") not in (None, *CONTRAST_MODES):
         raise UserError(
             f"encoder: unknown contrast mode {prep.get('mode')!r} in its preprocessing record"
         )
@@ -94,7 +95,7 @@ def embed_dataset(
     if views not in VIEWS:
         raise UserError(f"--views: {views!r} is not one of {', '.join(VIEWS)}")
     check_compatible(encoder, dataset)
-    spec = finetune.InputSpec.from_preprocessing(encoder.preprocessing)
+    spec = ViewSpec.from_preprocessing(encoder.preprocessing)
     scale = float(encoder.preprocessing["max_amp"])
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:

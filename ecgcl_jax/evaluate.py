@@ -53,6 +53,7 @@ from ecgcl_jax import (
     monitor,
     optim,
     splits,
+    views,
 )
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
@@ -446,7 +447,7 @@ def run_repeat(
     if enc is None:
         return None
     embed.check_compatible(enc, ds, where=f"encoder of seed {seed}")
-    spec = finetune.InputSpec.from_preprocessing(enc.preprocessing)
+    spec = views.ViewSpec.from_preprocessing(enc.preprocessing)
     ft = config.finetune
     max_amp = input_pipeline.fit_max_amp(ds, split.train)
     task, classes = task_labels(config, ds)

@@ -3,7 +3,7 @@
 Data flow of one step (jitted once per architecture, state donated)::
 
     int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
-      ── views (CLOCS: halves and/or single leads; |FFT| in the frequency domain) ──▶ (B, [V,] L', C')
+      ── views.input_views (CLOCS: halves and/or single leads; |FFT| in the frequency domain) ──▶ (B, [V,] L', C')
       ── models.Classifier (encoder ─▶ [aggregate over views] ─▶ Dense(emb) ─▶ ReLU ─▶ dropout ─▶ Dense(C))
       ── BCE on logits (mean over the known label entries) ──▶ grad ──▶ optimizer (optim.make_optimizer of
          config.finetune) ──▶ new state
@@ -12,7 +12,7 @@ Labels: one binary column (labels (n,), logits (B,): C = 1, every label known), 
 (labels (n, C) float32 with NaN = unknown, logits (B, C)): C sigmoid outputs trained with binary cross-entropy
 averaged over the known entries of the batch; unknown entries are masked out of the loss.
 
-Two modes:
+Two training methods (`TRAINING_METHODS`):
   finetune      the whole classifier is trained end to end (the reference protocol).
   linear_probe  the encoder is frozen in eval mode (running BatchNorm statistics, no dropout); its embeddings
                 of every record are computed once (`embed_rows`) and only a Dense(C) head (after the view
@@ -38,73 +38,18 @@ import numpy as np
 import optax
 
 import ecgcl_jax
-from ecgcl_jax import augment, input_pipeline, losses, metrics, models, optim
+from ecgcl_jax import input_pipeline, losses, metrics, models, optim, views
 from ecgcl_jax.errors import UserError
 
-MODES = ("finetune", "linear_probe")
+# how a classifier is trained on an encoder (see the module docstring)
+TRAINING_METHODS = ("finetune", "linear_probe")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """How a normalised ECG becomes classifier input; must match the encoder's pretraining.
-
-    mode: simclr | cmsc | cmlc | cmsmlc; domain: time | frequency; clocs_leads: leads of cmlc/cmsmlc.
-    """
-
-    mode: str = "simclr"
-    domain: str = "time"
-    clocs_leads: tuple = ("II", "V2", "aVL", "aVR")
-
-    @property
-    def num_views(self) -> int:
-        halves = 2 if self.mode in input_pipeline.HALF_MODES else 1
-        leads = len(self.clocs_leads) if self.mode in input_pipeline.LEAD_MODES else 1
-        return halves * leads
-
-    @property
-    def multi_view(self) -> bool:
-        return self.mode != "simclr"
-
-    @classmethod
-    def from_pretrain_config(cls, config) -> InputSpec:
-        return cls(
-            mode=str(config.mode),
-            domain=str(config.data.domain),
-            clocs_leads=tuple(config.clocs_leads),
-        )
-
-    @classmethod
-    def from_preprocessing(cls, prep: dict) -> InputSpec:
-        """From an exported encoder's `preprocessing` dict."""
-        return cls(
-            mode=str(prep.get("mode", "simclr")),
-            domain=str(prep.get("domain", "time")),
-            clocs_leads=tuple(prep.get("clocs_leads", ("II", "V2", "aVL", "aVR"))),
-        )
-
-
-def make_views(x: jax.Array, spec: InputSpec) -> jax.Array:
-    """x: (B, 5000, 12) normalised -> (B, L', C') for simclr, else (B, V, L', C').
-
-    Views are ordered as in pretraining: halves (first, second), and within each half the `clocs_leads`.
-    """
-    views = input_pipeline.segments(x, spec.mode)
-    if spec.mode in input_pipeline.LEAD_MODES:
-        views = [
-            seg[:, :, j : j + 1]
-            for seg in views
-            for j in input_pipeline.lead_indices(spec.clocs_leads)
-        ]
-    if spec.domain == "frequency":
-        views = [augment.fft_magnitude(v) for v in views]
-    return views[0] if not spec.multi_view else jnp.stack(views, axis=1)
-
-
-def preprocess(raw: jax.Array, scale: jax.Array, max_amp: float, spec: InputSpec) -> jax.Array:
-    """raw: (B, L, C) int16 counts, scale: (B,) mV per count -> classifier input (see `make_views`)."""
+def preprocess(raw: jax.Array, scale: jax.Array, max_amp: float, spec: views.ViewSpec) -> jax.Array:
+    """raw: (B, L, C) int16 counts, scale: (B,) mV per count -> classifier input (see `views.input_views`)."""
     x = raw.astype(jnp.float32) * scale[:, None, None].astype(jnp.float32)
-    return make_views(input_pipeline.normalize(x, max_amp), spec)
+    return views.input_views(input_pipeline.normalize(x, max_amp), spec)
 
 
 def gather(dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +104,7 @@ def new_state(variables: dict, tx: optax.GradientTransformation) -> FinetuneStat
 
 def classifier_variables(
     model: models.Classifier,
-    spec: InputSpec,
+    spec: views.ViewSpec,
     key: jax.Array,
     encoder_variables: dict | None = None,
     input_length: int = ecgcl_jax.NUM_SAMPLES,
@@ -175,8 +120,8 @@ def classifier_variables(
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(model, spec: InputSpec, input_length: int, leads: int) -> Callable:
-    dummy = make_views(jnp.zeros((2, input_length, leads), jnp.float32), spec)
+def _init_fn(model, spec: views.ViewSpec, input_length: int, leads: int) -> Callable:
+    dummy = views.input_views(jnp.zeros((2, input_length, leads), jnp.float32), spec)
     return jax.jit(lambda k: model.init({"params": k, "dropout": k}, dummy, train=False))
 
 
@@ -352,7 +297,7 @@ class Trainer:
         return state, float(jax.device_get(loss_sum)) / max(n, 1)
 
 
-def _aggregate(spec: InputSpec, ft_config) -> str | None:
+def _aggregate(spec: views.ViewSpec, ft_config) -> str | None:
     if not spec.multi_view:
         return None
     agg = str(ft_config.aggregate)
@@ -378,7 +323,7 @@ def finetune_recipe(ft_config, train_size: int | None) -> optim.Recipe:
 
 def classifier_trainer(
     model_cfg,
-    spec: InputSpec,
+    spec: views.ViewSpec,
     ft_config,
     linear: bool = False,
     train_size: int | None = None,
@@ -417,7 +362,7 @@ def _classifier_trainer(
 
 def probe_trainer(
     emb_dim: int,
-    spec: InputSpec,
+    spec: views.ViewSpec,
     ft_config,
     train_size: int | None = None,
     num_classes: int | None = None,
@@ -447,7 +392,7 @@ def _head_init_fn(head, feature_shape: tuple) -> Callable:
 
 
 @functools.lru_cache(maxsize=16)
-def _embed_fn(enc_cfg, spec: InputSpec) -> Callable:
+def _embed_fn(enc_cfg, spec: views.ViewSpec) -> Callable:
     encoder = models.build_encoder(enc_cfg)
 
     def fn(variables, raw, scale, max_amp):
@@ -463,7 +408,7 @@ def _embed_fn(enc_cfg, spec: InputSpec) -> Callable:
 
 def embed_rows(
     model_cfg,
-    spec: InputSpec,
+    spec: views.ViewSpec,
     variables: dict,
     dataset,
     rows: np.ndarray,

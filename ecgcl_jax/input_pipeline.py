@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ecgcl_jax import LEADS, parallel, splits
+from ecgcl_jax import parallel, splits
 from ecgcl_jax.errors import UserError
 
 # data.resident == "auto" keeps the int16 pool on every device up to a quarter of the smallest device memory the
@@ -53,25 +53,6 @@ def normalize(x, max_amp: float):
     xp = jnp if isinstance(x, jax.Array) else np
     x = x / max_amp
     return x - xp.mean(x, axis=-2, keepdims=True)
-
-
-CONTRAST_MODES = ("simclr", "cmsc", "cmlc", "cmsmlc")
-HALF_MODES = ("cmsc", "cmsmlc")  # views cut from the two 5 s halves
-LEAD_MODES = ("cmlc", "cmsmlc")  # one single-lead view per clocs lead
-
-
-def segments(x, mode: str) -> list:
-    """x: (B, L, C) -> what a contrast mode cuts its views from: the two non-overlapping halves (B, L//2, C) for
-    cmsc/cmsmlc, else [x] (simclr, cmlc)."""
-    if mode in HALF_MODES:
-        half = x.shape[1] // 2
-        return [x[:, :half], x[:, half : 2 * half]]
-    return [x]
-
-
-def lead_indices(leads) -> list[int]:
-    """Lead names (e.g. config.clocs_leads) -> columns in the standard order ecgcl_jax.LEADS."""
-    return [LEADS.index(l) for l in leads]
 
 
 def effective_batch_size(requested: int, pool_size: int, num_devices: int) -> tuple[int, str]:

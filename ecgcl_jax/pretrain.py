@@ -3,17 +3,15 @@
 Data flow of one step (all inside one ``jax.jit``, state donated)::
 
     int16 batch (B, 5000, 12) ── × scale / max_amp, − lead mean ──▶ x (B, 5000, 12)
-      ── views (augment, example i keyed by fold_in(k_aug, i), k_aug split from fold_in(key, step)) ──▶ V views
+      ── views.augmented_views (example i keyed by fold_in(k_aug, i); k_aug from fold_in(key, step)) ──▶ V views
       ── encoder + projector, one forward per view (BatchNorm statistics per view, global batch) ──▶ z
       ── NT-Xent / CLOCS loss (float32) ──▶ grad ──▶ optimizer (optim.make_optimizer) ──▶ new state
 
-Contrast modes (``config.mode``):
-  simclr  two augmented views of the whole 10 s ECG (aug1, aug2); loss nt_xent(z1, z2).
-  cmsc    CLOCS temporal: halves h1, h2 (2500 samples each), both augmentations on both halves;
-          loss clocs_cmsc(h1v1, h1v2, h2v1, h2v2).
-  cmlc    CLOCS leads: each lead of ``clocs_leads`` is a single-lead input (aug1 applied); every pair of
-          leads of one ECG is a positive pair; loss = mean over lead pairs of nt_xent.
-  cmsmlc  both: views = halves × leads (aug1 on the first half, aug2 on the second); mean over view pairs.
+Contrast modes (``config.mode``; their views, in order, are ``views.augmented_views``'s) and their losses:
+  simclr  nt_xent(z1, z2) of the two views of the whole 10 s ECG.
+  cmsc    clocs_cmsc(h1v1, h1v2, h2v1, h2v2) of the two views of each 5 s half.
+  cmlc    every pair of leads of one ECG is a positive pair; loss = mean over lead pairs of nt_xent.
+  cmsmlc  views = halves × leads; loss = mean over view pairs of nt_xent.
 ``patient_positives`` passes patient codes as ``ids`` so that every view of every ECG of the same patient in
 the global batch is a positive.
 """
@@ -50,11 +48,11 @@ from ecgcl_jax import (
     optim,
     parallel,
     splits,
+    views,
 )
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
 
-MODES = input_pipeline.CONTRAST_MODES
 # config.json's (and encoder.json's "extra") record of the parsed view pipelines: {'view1': {'spec', 'ops'}, ...}
 AUGMENT_RECORD = "augment_pipelines"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,36 +84,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------------------------- config
-def view_pipeline(config, field: str, length: int | None = None) -> augment.Pipeline:
-    """The validated pipeline of ``config.augment.<field>`` (view1 | view2) for this mode's views.
-
-    Parsed once (``augment.parse`` caches it) for the lead count the views have and ``length`` samples
-    (default: the mode's, from ``input_geometry``).
-    """
-    length = input_geometry(config)[0] if length is None else length
-    leads = 1 if config.mode in input_pipeline.LEAD_MODES else len(ecgcl_jax.LEADS)
-    return augment.parse(
-        config.augment[field],
-        length,
-        leads,
-        field=f"config.augment.{field}",
-        permute_shared=bool(config.augment.permute_shared_leads),
-    )
-
-
-def pipeline_records(config) -> dict:
-    """{'view1': ..., 'view2': ...}: each view's parsed pipeline as config.json / encoder.json record it."""
-    return {f: augment.pipeline_record(view_pipeline(config, f)) for f in ("view1", "view2")}
-
-
-def input_geometry(config) -> tuple[int, int, int]:
-    """(length seen by the augmentations, encoder input length, encoder input leads) for the mode."""
-    length = ecgcl_jax.NUM_SAMPLES // (2 if config.mode in input_pipeline.HALF_MODES else 1)
-    in_leads = 1 if config.mode in input_pipeline.LEAD_MODES else len(ecgcl_jax.LEADS)
-    enc_len = length // 2 if config.data.domain == "frequency" else length
-    return length, enc_len, in_leads
-
-
 def validate_config(config, num_devices: int, field_prefix: str = "") -> None:
     """Every check that can be made before compiling; raises UserError naming the field. field_prefix: where
     `config` sits in the caller's config ("pretrain." in an evaluation): the field is named from there."""
@@ -134,9 +102,10 @@ def validate_config(config, num_devices: int, field_prefix: str = "") -> None:
 
 
 def _validate_config(config, num_devices: int) -> None:
-    if config.mode not in MODES:
+    if config.mode not in views.CONTRAST_MODES:
         raise UserError(
-            f"config.mode: unknown contrast mode {config.mode!r}; choose one of {', '.join(MODES)}"
+            f"config.mode: unknown contrast mode {config.mode!r}; "
+            f"choose one of {', '.join(views.CONTRAST_MODES)}"
         )
     if config.dtype not in DTYPES:
         raise UserError(f"config.dtype: {config.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -171,7 +140,7 @@ def _validate_config(config, num_devices: int) -> None:
         raise UserError(f"config.temperature: must be positive (got {config.temperature})")
     optim.recipe(config.optim, int(config.num_steps))
     bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]
-    if bad or (config.mode in input_pipeline.LEAD_MODES and len(config.clocs_leads) < 2):
+    if bad or (config.mode in views.LEAD_MODES and len(config.clocs_leads) < 2):
         raise UserError(
             f"config.clocs_leads: need >= 2 of {', '.join(ecgcl_jax.LEADS)} (got {list(config.clocs_leads)})"
         )
@@ -182,44 +151,12 @@ def _validate_config(config, num_devices: int) -> None:
         )
     models.encoder_config(config.model)
     for field in ("view1", "view2"):
-        view_pipeline(config, field)
+        views.view_pipeline(config, field)
     if config.data.path and not os.path.exists(os.path.expanduser(config.data.path)):
         raise UserError(f"config.data.path: {config.data.path} does not exist")
 
 
 # ----------------------------------------------------------------------------------------------- step
-def make_views(config, key: jax.Array, x: jax.Array) -> list[jax.Array]:
-    """x: (B, 5000, 12) normalised -> list of V encoder inputs (B, L', C'); see the module docstring."""
-    segs = input_pipeline.segments(x, config.mode)
-    length = segs[0].shape[1]
-    aug1, aug2 = view_pipeline(config, "view1", length), view_pipeline(config, "view2", length)
-    gidx = jnp.arange(x.shape[0], dtype=jnp.int32)  # position in the *global* batch
-
-    def pair(k, xs, a1, a2):
-        return augment.two_views(k, xs, gidx, a1, a2)
-
-    if config.mode == "simclr":
-        views = list(pair(key, x, aug1, aug2))
-    elif config.mode == "cmsc":
-        h1v1, h1v2 = pair(jax.random.fold_in(key, 1), segs[0], aug1, aug2)
-        h2v1, h2v2 = pair(jax.random.fold_in(key, 2), segs[1], aug1, aug2)
-        views = [h1v1, h1v2, h2v1, h2v2]
-    else:  # cmlc: each lead of x under view1; cmsmlc: each lead of half 1 under view1, of half 2 under view2
-        views = []
-        for s, seg in enumerate(segs):
-            for j in input_pipeline.lead_indices(config.clocs_leads):
-                v, _ = pair(
-                    jax.random.fold_in(key, 100 * (s + 1) + j),
-                    seg[:, :, j : j + 1],
-                    (aug1, aug2)[s],
-                    augment.IDENTITY,
-                )
-                views.append(v)
-    if config.data.domain == "frequency":
-        views = [augment.fft_magnitude(v) for v in views]
-    return views
-
-
 def contrastive_loss(config, zs: list[jax.Array], ids) -> jax.Array:
     t = config.temperature
     if config.mode == "simclr":
@@ -248,13 +185,13 @@ def make_pretrain_step(config, model, tx):
         # streamed: one buffer for x, read by the mean and both views (CPU: 0.93x -> ~1.0x resident)
         if "raw" in batch:
             x = augment.materialize(x)
-        views = make_views(config, k_aug, x)
+        inputs = views.augmented_views(config, k_aug, x)
         ids = batch["ids"] if use_ids else None
 
         def loss_fn(params):
             bs = state.batch_stats
             zs = []
-            for i, v in enumerate(views):
+            for i, v in enumerate(inputs):
                 (_, z), upd = model.apply(
                     {"params": params, "batch_stats": bs},
                     v.astype(dtype),
@@ -295,7 +232,7 @@ def _all_finite(*trees) -> jax.Array:
 
 
 def init_state(config, model, tx, key: jax.Array) -> TrainState:
-    _, enc_len, in_leads = input_geometry(config)
+    _, enc_len, in_leads = views.input_geometry(config)
     variables = model.init(
         {"params": key, "dropout": key}, jnp.zeros((2, enc_len, in_leads), jnp.float32), train=False
     )
@@ -481,7 +418,7 @@ def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
             saved.pop(AUGMENT_RECORD, None)  # derived from the fields compared
         check_resume_config(saved, current_cfg, cfg_path)
     else:
-        record = dict(current_cfg, **{AUGMENT_RECORD: pipeline_records(config)})
+        record = dict(current_cfg, **{AUGMENT_RECORD: views.pipeline_records(config)})
         atomic_write(cfg_path, json.dumps(record, indent=1).encode())
     if os.path.exists(run_path):
         run_info = _read_json(run_path)
@@ -747,7 +684,7 @@ def _run_locked(
 
 
 def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) -> str:
-    length, enc_len, in_leads = input_geometry(config)
+    length, enc_len, in_leads = views.input_geometry(config)
     recs = np.asarray(ds.records).astype(str)[pool]
     patients = sorted(set(splits.patient_keys(ds.patient_ids, ds.records)[pool].astype(str)))
     prep = {
@@ -774,7 +711,7 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
             "steps": int(parallel.to_host(state.step)),
             "data_path": config.data.path,
             "version": ecgcl_jax.__version__,
-            AUGMENT_RECORD: pipeline_records(config),
+            AUGMENT_RECORD: views.pipeline_records(config),
         },
     )
     return out

@@ -1,4 +1,4 @@
-"""Fine-tuning: views, padded prediction, the optimizer step against a hand-derived update, linear-probe
+"""Fine-tuning: padded prediction, the optimizer step against a hand-derived update, linear-probe
 equivalence, plugging a pretrained encoder, and best-epoch selection with a fake model."""
 
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ecgcl_jax
-from ecgcl_jax import finetune, models
+from ecgcl_jax import finetune, models, views
 from ecgcl_jax.errors import UserError
 
 TINY = dict(
@@ -62,27 +62,6 @@ class FakeDataset:
         return len(self.labels)
 
 
-def test_views_by_mode():
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5000, 12)), jnp.float32)
-    leads = ("II", "V2", "aVL", "aVR")
-    idx = [ecgcl_jax.LEADS.index(l) for l in leads]
-    np.testing.assert_array_equal(finetune.make_views(x, finetune.InputSpec("simclr")), x)
-    v = finetune.make_views(x, finetune.InputSpec("cmsc"))
-    assert v.shape == (3, 2, 2500, 12)
-    np.testing.assert_array_equal(v[:, 1], x[:, 2500:])
-    v = finetune.make_views(x, finetune.InputSpec("cmlc", clocs_leads=leads))
-    assert v.shape == (3, 4, 5000, 1)
-    np.testing.assert_array_equal(v[:, 2, :, 0], x[:, :, idx[2]])
-    v = finetune.make_views(x, finetune.InputSpec("cmsmlc", clocs_leads=leads))
-    assert v.shape == (3, 8, 2500, 1)
-    np.testing.assert_array_equal(v[:, 5, :, 0], x[:, 2500:, idx[1]])  # second half, second lead
-    v = finetune.make_views(x, finetune.InputSpec("cmsc", domain="frequency"))
-    assert v.shape == (3, 2, 1250, 12)
-    want = np.abs(np.fft.rfft(np.asarray(x[:, :2500], np.float64), axis=1))[:, :1250]
-    np.testing.assert_allclose(v[:, 0], want, rtol=1e-4, atol=1e-3)
-    assert finetune.InputSpec("cmsmlc", clocs_leads=leads).num_views == 8
-
-
 def test_batches_cover_every_record():
     seen = []
     for pos, mask in finetune.padded_batches(11, 4):
@@ -108,7 +87,7 @@ def test_step_is_l2_plus_adam_and_predict_pads():
     lr, wd = 1e-2, 0.1
     x, y = _features(n=8)
     tr = finetune.probe_trainer(
-        5, finetune.InputSpec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8)
+        5, views.ViewSpec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8)
     )
     variables = tr.model.init(jax.random.key(0), jnp.asarray(x), train=False)
     w0 = np.asarray(variables["params"]["out"]["kernel"], np.float64)[:, 0]
@@ -143,7 +122,7 @@ def test_step_is_l2_plus_adam_and_predict_pads():
 
 def test_plug_encoder_and_linear_probe_equivalence():
     ds = FakeDataset(n=10)
-    spec = finetune.InputSpec("cmsc")
+    spec = views.ViewSpec("cmsc")
     max_amp = 2.0
     enc = models.build_encoder(TINY)
     enc_vars = enc.init(
@@ -231,7 +210,7 @@ def test_masked_bce_step_against_numpy_with_unknown_labels():
     y[[0, 2, 5, 5], [1, 0, 0, 2]] = np.nan
     tr = finetune.probe_trainer(
         5,
-        finetune.InputSpec(),
+        views.ViewSpec(),
         ft_config(learning_rate=lr, weight_decay=wd, batch_size=8),
         num_classes=3,
     )
@@ -272,7 +251,7 @@ def test_multilabel_finetune_separates_a_synthetic_task():
     y = (x[:, 0, :3] + 0.1 * rng.normal(size=(160, 3)) > 0).astype(np.float32)
     y[rng.uniform(size=y.shape) < 0.1] = np.nan
     tr = finetune.probe_trainer(
-        6, finetune.InputSpec(), ft_config(batch_size=16, learning_rate=0.2), num_classes=3
+        6, views.ViewSpec(), ft_config(batch_size=16, learning_rate=0.2), num_classes=3
     )
     head = tr.init_head(jax.random.key(0), x)
     train, val, test = (

@@ -574,25 +574,6 @@ def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
     assert abs(float(f(*zs, jnp.arange(16, dtype=jnp.int32))) - one) > 1e-3
 
 
-def test_view_pipeline_parses_reference_spellings_and_shared_permutation():
-    from ecgcl_jax.augment import Op
-    from ecgcl_jax.pretrain import view_pipeline
-
-    c = small_config(
-        **{
-            "augment.view1": "time-wraping:4,0.2",
-            "augment.view2": "permutation:5",
-            "augment.permute_shared_leads": True,
-        }
-    )
-    assert view_pipeline(c, "view1") == (Op("time_warp", (4, 0.2)),)
-    assert view_pipeline(c, "view2") == (Op("permute", (5, 1)),)
-    c.augment.view2 = "dropout"  # no parameter: the default
-    assert view_pipeline(c, "view2") == (Op("dropout", (0.1,)),)
-    c.augment.view2 = "lead_mask:2@0.5|permute"
-    assert view_pipeline(c, "view2") == (Op("lead_mask", (2.0,), 0.5), Op("permute", (5, 1)))
-
-
 @pytest.mark.parametrize("mode", ["cmlc", "cmsmlc"])
 def test_vcg_rotate_scale_is_refused_for_single_lead_views(mode):
     from ecgcl_jax import pretrain
@@ -682,48 +663,6 @@ def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp
         pretrain.run(small_config(num_steps=2, **{"model.emb_dim": 16}), wd)
 
 
-@pytest.mark.parametrize("mode", ["cmsc", "cmlc", "cmsmlc"])
-def test_make_views_routes_halves_leads_and_augmentations(mode):
-    """Which half and lead each view holds, which augmentation it gets, and one key per lead: view1 adds noise,
-    view2 is the identity, and every lead of x is the same signal, so a view equals its raw slice exactly where no
-    noise was drawn and two noised leads differ only through their keys."""
-    import jax
-
-    import ecgcl_jax
-    from ecgcl_jax import pretrain
-
-    cfg = small_config(
-        "cnn", mode=mode, **{"augment.view1": "gaussian_noise:0.5", "augment.view2": "none"}
-    )
-    x = np.repeat(np.random.default_rng(0).normal(size=(3, 5000, 1)).astype(np.float32), 12, axis=2)
-    views = [np.asarray(v) for v in pretrain.make_views(cfg, jax.random.PRNGKey(7), x)]
-    h1, h2 = x[:, :2500], x[:, 2500:]
-    cols = [ecgcl_jax.LEADS.index(name) for name in cfg.clocs_leads]
-    if mode == "cmsc":  # [h1 view1, h1 view2, h2 view1, h2 view2]
-        want = [(h1, True), (h1, False), (h2, True), (h2, False)]
-    elif mode == "cmlc":  # each selected lead of the whole ECG, view1
-        want = [(x[:, :, c : c + 1], True) for c in cols]
-    else:  # each selected lead of half 1 under view1, then of half 2 under view2
-        want = [(h1[:, :, c : c + 1], True) for c in cols] + [
-            (h2[:, :, c : c + 1], False) for c in cols
-        ]
-    assert len(views) == len(want)
-    noised = []
-    for v, (raw, noisy) in zip(views, want):
-        assert v.shape == raw.shape
-        if noisy:
-            ratio = np.std(v - raw) / np.std(raw)
-            assert 0.4 < ratio < 0.6, ratio  # N(0, 1) * 0.5 * std, per ECG and lead
-            noised.append(v)
-        else:
-            np.testing.assert_array_equal(v, raw)
-    # the single-lead views of one half: same signal, different keys, different noise
-    if mode != "cmsc":
-        for a in range(len(cols)):
-            for b in range(a + 1, len(cols)):
-                assert not np.allclose(noised[a], noised[b])
-
-
 def test_step_runs_one_encoder_forward_per_view():
     """The step's loss equals the encoder applied to each view on its own (BatchNorm statistics per view, running
     statistics chained) followed by the contrastive loss; one forward over the stacked views would not."""
@@ -731,7 +670,7 @@ def test_step_runs_one_encoder_forward_per_view():
     import jax.numpy as jnp
     import optax
 
-    from ecgcl_jax import input_pipeline, models, pretrain
+    from ecgcl_jax import input_pipeline, models, pretrain, views
 
     cfg = small_config(
         "cnn",
@@ -764,9 +703,9 @@ def test_step_runs_one_encoder_forward_per_view():
     def reference(params, batch_stats, raw):
         x = input_pipeline.normalize(raw.astype(jnp.float32) * 1e-3, jnp.float32(3.0))
         # identity augmentations: the key does not matter
-        views = pretrain.make_views(cfg, jax.random.PRNGKey(0), x)
+        inputs = views.augmented_views(cfg, jax.random.PRNGKey(0), x)
         bs, zs = batch_stats, []
-        for v in views:
+        for v in inputs:
             (_, z), upd = model.apply(
                 {"params": params, "batch_stats": bs}, v, train=True, mutable=["batch_stats"]
             )
@@ -774,14 +713,14 @@ def test_step_runs_one_encoder_forward_per_view():
             zs.append(z)
         (_, pooled), _ = model.apply(
             {"params": params, "batch_stats": batch_stats},
-            jnp.concatenate(views),
+            jnp.concatenate(inputs),
             train=True,
             mutable=["batch_stats"],
         )
         return (
             pretrain.contrastive_loss(cfg, zs, None),
             bs,
-            pretrain.contrastive_loss(cfg, list(jnp.split(pooled, len(views))), None),
+            pretrain.contrastive_loss(cfg, list(jnp.split(pooled, len(inputs))), None),
         )
 
     want, bs, pooled_loss = reference(state.params, state.batch_stats, raw)
