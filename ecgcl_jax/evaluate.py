@@ -52,6 +52,7 @@ from ecgcl_jax import (
     metrics,
     monitor,
     optim,
+    rundir,
     splits,
     views,
 )
@@ -1156,10 +1157,8 @@ def run(
         raise UserError("--workdir: required")
     prepared = prepared if prepared is not None else prepare_run(config, dataset)
     os.makedirs(workdir, exist_ok=True)
-    from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
-
     # shared: the shards of this evaluation work side by side (each unit has its own lock)
-    with WorkdirLock(workdir, shared=True):
+    with rundir.WorkdirLock(workdir, shared=True):
         v = _Variant(workdir, prepared, pretrain_root)
         _open_variant(v)
         status = _run_units([v], shard)
@@ -1274,9 +1273,7 @@ def run_sweep(config, workdir: str, dataset=None, shard=None) -> dict:
         )
     ds = open_data(config, dataset)
     os.makedirs(workdir, exist_ok=True)
-    from ecgcl_jax.pretrain import WorkdirLock  # noqa: PLC0415
-
-    with WorkdirLock(workdir, shared=True):
+    with rundir.WorkdirLock(workdir, shared=True):
         return _run_sweep_locked(config, workdir, ds, field, fields, values, metric, shard)
 
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
-import json
-import math
+import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -40,36 +39,19 @@ from ecgcl_jax import (
     augment,
     checkpoint,
     cli,
-    configdiff,
     input_pipeline,
     losses,
     models,
     monitor,
     optim,
     parallel,
+    rundir,
     splits,
     views,
 )
 from ecgcl_jax.errors import UserError
-from ecgcl_jax.fileio import atomic_write
 
-# config.json's (and encoder.json's "extra") record of the parsed view pipelines: {'view1': {'spec', 'ops'}, ...}
-AUGMENT_RECORD = "augment_pipelines"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Fields that may change between a run and its resume.
-RESUMABLE_CHANGES = (
-    "num_steps",
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "on_nonfinite",
-    "restart_if_unrestorable",
-    "data.resident",
-    "data.prefetch",
-    "data.reader_threads",
-    # no longer a config field: workdirs written while it was one carry it
-    "debug_nan_at_step",
-)
 
 
 @flax.struct.dataclass
@@ -276,6 +258,10 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested, self.signum = True, signum
 
+    def agreed(self, sync_point: bool) -> bool:
+        """Whether every process stops after this step (see _stop_requested)."""
+        return _stop_requested(self, sync_point)
+
     def __exit__(self, *exc):
         out = self._signals.__exit__(*exc)
         if self.requested and not self.acted and exc[0] is None and jax.process_count() == 1:
@@ -290,57 +276,242 @@ class _Preemption:
         return out
 
 
-class WorkdirLock:
-    """One writer per workdir: an flock on WORKDIR/.lock, released by the OS when the process dies.
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every part of an admitted run reads: its config and workdir, the facts admission settled, where it
+    logs, and whether this process writes the files."""
 
-    shared=True: a shared flock, held together by cooperating processes (the shards of one evaluation, which
-    claim their units with locks of their own) and refused while an exclusive holder runs, and vice versa."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    batch: int  # global batch size
+    max_amp: float  # mV, the normaliser fitted on the pool
+    log: Callable[[str], None]
+    main: bool  # process 0: the one that writes metrics.jsonl, TensorBoard and the encoder
+    field_prefix: str = (
+        ""  # where `config` sits in the caller's config, for the fields messages name
+    )
 
-    def __init__(self, workdir: str, shared: bool = False):
-        self.path = os.path.join(workdir, ".lock")
-        self.fd = None
-        self.shared = shared
 
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+class _Checkpointer:
+    """WORKDIR/checkpoints: restores the newest good checkpoint, saves, and names the last one written."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.manager = checkpoint.make_manager(
+            os.path.join(run.workdir, "checkpoints"), run.config.keep_checkpoints
+        )
+
+    def restore(self, state: TrainState) -> tuple[int, TrainState]:
+        """(step, state) of the newest checkpoint that restores; (0, `state`) when there is none, or when none
+        restores and config.restart_if_unrestorable (they are moved to WORKDIR/corrupt_checkpoints)."""
+        config, workdir, log = self.run.config, self.run.workdir, self.run.log
         try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
-            try:
-                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
-            except OSError:
-                holder = "?"
-            os.close(self.fd)
+            restored = checkpoint.restore_latest(
+                self.manager,
+                state,
+                log=log,
+                restart_field=f"{self.run.field_prefix}restart_if_unrestorable",
+            )
+        except UserError:
+            if not config.restart_if_unrestorable:
+                raise
+            moved = checkpoint.quarantine_all(self.manager)
+            log(
+                f"{workdir}/checkpoints: no checkpoint restores; {len(moved)} moved to {workdir}/corrupt_checkpoints; "
+                "starting from scratch as asked"
+            )
+            restored = None
+        if restored is None:
+            return 0, state
+        start, state = restored
+        log(f"resuming from {workdir}/checkpoints/{start} (step {start} of {config.num_steps})")
+        return start, state
+
+    def save(self, step: int, state: TrainState) -> None:
+        checkpoint.save(self.manager, step, state)
+
+    def save_and_stop(self, step: int, state: TrainState) -> None:
+        """The checkpoint of a stopped run: `state` at `step`, written before this returns."""
+        if self.manager.latest_step() != step:
+            checkpoint.save(self.manager, step, state)
+        self.manager.wait_until_finished()
+        self.run.log(
+            f"interrupted: checkpoint written at step {step} in {self.run.workdir}/checkpoints/{step}; "
+            "run the same command to resume"
+        )
+
+    def last_good(self) -> str:
+        """The directory of the newest checkpoint written, or "none written yet"."""
+        self.manager.wait_until_finished()
+        kept = self.manager.latest_step()
+        return f"{self.run.workdir}/checkpoints/{kept}" if kept is not None else "none written yet"
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class _NonFiniteGuard:
+    """config.on_nonfinite: a step with a non-finite loss, gradient or update has its update skipped (by the step
+    itself); with "stop" the run then ends with a UserError at the next log step, and a state that saw such a step
+    is never checkpointed. Steps skipped before this run (by "skip", which may since have become "stop") are not
+    this run's to judge."""
+
+    def __init__(self, run: _Run, state: TrainState, checkpointer: _Checkpointer):
+        self.run, self.checkpointer = run, checkpointer
+        self.skipped_before, self.first_before = (
+            int(v) for v in parallel.to_host((state.nonfinite, state.first_nonfinite))
+        )
+
+    def check(self, state: TrainState, nonfinite: int, since: int, done: int) -> None:
+        """At a log step: `nonfinite` steps so far, `since`: the previous log step, `done`: steps done."""
+        prefix = self.run.field_prefix
+        if nonfinite > self.skipped_before and self.run.config.on_nonfinite == "stop":
+            where = (
+                f"at step {int(parallel.to_host(state.first_nonfinite)) + 1}"
+                if self.first_before < 0
+                else f"between steps {since} and {done}"
+            )
             raise UserError(
-                f"{os.path.dirname(self.path)}: in use by another live run ({holder or 'unknown pid'}); "
-                "wait for it or choose another --workdir"
-            ) from None
-        holder = f"pid {os.getpid()} on {os.uname().nodename}"
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, (f"shared, e.g. {holder}" if self.shared else holder).encode(), 0)
-        return self
+                f"non-finite loss, gradient or update {where}; stopped. Last good checkpoint: "
+                f"{self.checkpointer.last_good()} (lower --config.{prefix}optim.learning_rate, or set "
+                f"--config.{prefix}on_nonfinite=skip)"
+            )
 
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
-def check_resume_config(saved: dict, current: dict, path: str) -> None:
-    # a field added since the workdir was written ran with its old-behaviour value
-    before = {"data.task": "", **optim.fields_before_recipes("optim.")}
-    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, before)
-    if detail:
-        raise UserError(
-            f"{path}: this workdir was started with another config; changed fields: {detail} "
-            "(use a new --workdir, or change only num_steps/logging/checkpoint cadence)"
+    def tainted(self, state: TrainState) -> bool:
+        """Whether `state` must not be checkpointed: on_nonfinite=stop and it saw a non-finite step."""
+        return (
+            self.run.config.on_nonfinite == "stop"
+            and int(parallel.to_host(state.nonfinite)) > self.skipped_before
         )
 
 
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+class _MetricsWriter:
+    """The log steps: the losses since the previous one and the non-finite count (one transfer), a
+    metrics.jsonl line, TensorBoard scalars (monitor.PretrainMonitor) and the progress line with ECG/s and ETA.
+    A context manager: metrics.jsonl is open, and loss.png rewritten on exit."""
+
+    def __init__(self, run: _Run, recipe, file: rundir.MetricsFile, start: int, last_loss: float):
+        self.run, self.recipe, self.file = run, recipe, file
+        self.last_loss = last_loss  # the loss of the last logged step (NaN before one)
+        lr = run.config.optim.get("learning_rate")
+        self.board = monitor.PretrainMonitor(
+            run.workdir, run.log, run.main, lr if isinstance(lr, float) else None
+        )
+        self.pending: list = []  # the losses (device scalars) of the steps since the last log step
+        self.t_last, self.n_last = time.perf_counter(), start
+        self.t0, self.steps_timed = (
+            None,
+            0,
+        )  # the first interval includes compilation; ETA uses later ones
+
+    def add(self, loss: jax.Array) -> None:
+        self.pending.append(loss)
+
+    def write(self, done: int, state: TrainState, m: dict) -> tuple[int, int]:
+        """Log step `done` (steps done); returns (non-finite steps so far, the previous log step)."""
+        num_steps = int(self.run.config.num_steps)
+        ls, nonfinite = parallel.to_host((self.pending, state.nonfinite))
+        ls, nonfinite = np.asarray(ls, np.float64), int(nonfinite)
+        self.pending = []
+        now = time.perf_counter()
+        ecg_s = (done - self.n_last) * self.run.batch / max(now - self.t_last, 1e-9)
+        if self.t0 is None:
+            self.t0, self.steps_timed = now, done
+        timed = done > self.steps_timed
+        rate = (done - self.steps_timed) / (now - self.t0) if timed else float("nan")
+        eta = (num_steps - done) / rate if rate and rate == rate and rate > 0 else float("nan")
+        since = self.n_last
+        self.t_last, self.n_last = now, done
+        self.last_loss = float(ls[-1])
+        rec = {
+            "step": done,
+            "loss": self.last_loss,
+            "loss_mean": float(np.mean(ls)),
+            "ecg_per_s": round(ecg_s, 2),
+            "batch_size": self.run.batch,
+            "nonfinite_steps": nonfinite,
+            # the rate of the last update applied (skipped steps do not advance the schedule)
+            "learning_rate": optim.learning_rate_at(self.recipe, max(done - nonfinite - 1, 0)),
+            "time": round(time.time(), 3),
+        }
+        self.file.write(rec)
+        self.board.record(rec, _step_learning_rate(m))
+        self.run.log(
+            f"step {done}/{num_steps}  loss {self.last_loss:.4f}  {ecg_s:,.1f} ECG/s  "
+            + (f"ETA {monitor.fmt_duration(eta)}" if timed else "(includes compilation)")
+            + (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else "")
+        )
+        return nonfinite, since
+
+    def plot(self) -> None:
+        self.board.plot()
+
+    def __enter__(self):
+        self.file.__enter__()
+        self.board.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.board.__exit__(*exc)
+        finally:
+            self.file.__exit__(*exc)
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Feed:
+    """Global device batches for the step: the batch source's, plus the resident pool and max_amp."""
+
+    source: input_pipeline.BatchSource
+    resident: bool
+    max_amp: jax.Array  # () float32, replicated
+
+    def batches(self, start: int, num_steps: int):
+        """(step, batch) for step = start .. num_steps - 1."""
+        for step, b in self.source.iterate(start, num_steps):
+            if self.resident:
+                b["pool"] = self.source.device_pool
+            b["max_amp"] = self.max_amp
+            yield step, b
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopHooks:
+    """What the training loop reports to: built before it, each owning one concern."""
+
+    metrics: _MetricsWriter
+    checkpointer: _Checkpointer
+    guard: _NonFiniteGuard
+    stop: _Preemption
+
+
+def train_loop(
+    config, state: TrainState, step, feed: _Feed, hooks: LoopHooks, start: int
+) -> tuple[TrainState, str]:
+    """Steps `start` .. num_steps - 1 of ``step(state, batch) -> (state, metrics)``; returns the last state and
+    "done", or "preempted" when a stop was requested (after its checkpoint). Every process takes the same
+    branches: the log, checkpoint and stop steps are functions of the step and of values all processes share."""
+    num_steps = int(config.num_steps)
+    for i, batch in feed.batches(start, num_steps):
+        state, m = step(state, batch)
+        hooks.metrics.add(m["loss"])
+        done = i + 1
+        log_step = done % config.log_every == 0 or done == num_steps
+        if log_step:
+            nonfinite, since = hooks.metrics.write(done, state, m)
+            hooks.guard.check(state, nonfinite, since, done)
+        if done % config.checkpoint_every == 0 or done == num_steps:
+            if hooks.guard.tainted(state):
+                continue  # caught at the log line above; never checkpoint a state that saw a bad step
+            hooks.checkpointer.save(done, state)
+            hooks.metrics.plot()
+        if hooks.stop.agreed(log_step):
+            hooks.checkpointer.save_and_stop(done, state)
+            hooks.stop.acted = True
+            return state, "preempted"
+    return state, "done"
 
 
 def run(
@@ -392,147 +563,68 @@ def run(
 
     with contextlib.ExitStack() as held, _Preemption() as preempt:
 
-        def admit() -> float:  # process 0 only: the other processes wait for its verdict
+        def lock_and_admit_max_amp() -> (
+            float
+        ):  # process 0 only: the other processes wait for its verdict
             os.makedirs(workdir, exist_ok=True)
-            held.enter_context(WorkdirLock(workdir))
-            return _admit_workdir(config, workdir, ds, pool, batch)
+            held.enter_context(rundir.WorkdirLock(workdir))
+            return rundir.admit_max_amp(config, workdir, ds, pool, batch)
 
-        max_amp = parallel.on_main(admit, workdir)
-        finished = _already_exported(config, workdir, batch, max_amp, log)
+        max_amp = parallel.on_main(lock_and_admit_max_amp, workdir)
+        finished = rundir.finished_summary(config, workdir, batch, max_amp, log)
         if not parallel.any_process(finished is None):  # every process returns here, or none does
             return finished
-        return _run_locked(
-            config, workdir, ds, pool, batch, mesh, log, main, preempt, max_amp, field_prefix
-        )
+        admitted = _Run(config, workdir, batch, max_amp, log, main, field_prefix)
+        return _train_and_export(admitted, ds, pool, mesh, preempt)
 
 
-def _admit_workdir(config, workdir: str, ds, pool, batch: int) -> float:
-    """Check a resumed workdir against this run (or record a new one); returns max_amp (mV) of the pool."""
-    cfg_path = os.path.join(workdir, "config.json")
-    run_path = os.path.join(workdir, "run.json")
-    current_cfg = json.loads(config.to_json())
-    pool_records = [str(r) for r in np.asarray(ds.records)[pool]]
-    if os.path.exists(cfg_path):
-        saved = _read_json(cfg_path)
-        if isinstance(saved, dict):
-            saved.pop(AUGMENT_RECORD, None)  # derived from the fields compared
-        check_resume_config(saved, current_cfg, cfg_path)
-    else:
-        record = dict(current_cfg, **{AUGMENT_RECORD: views.pipeline_records(config)})
-        atomic_write(cfg_path, json.dumps(record, indent=1).encode())
-    if os.path.exists(run_path):
-        run_info = _read_json(run_path)
-        if not isinstance(run_info.get("max_amp"), (int, float)):
-            raise UserError(f"{run_path}: no max_amp recorded; use a new --workdir")
-        if run_info.get("pool_records") != pool_records:
-            raise UserError(
-                f"{run_path}: this workdir was started on another dataset or pool; use a new --workdir"
-            )
-        return float(run_info["max_amp"])
-    max_amp = input_pipeline.fit_max_amp(ds, pool)
-    run_info = {
-        "max_amp": max_amp,
-        "batch_size": batch,
-        "pool_records": pool_records,
-        "data_path": config.data.path,
-        "version": ecgcl_jax.__version__,
-    }
-    atomic_write(run_path, json.dumps(run_info).encode())
-    return max_amp
-
-
-def _already_exported(config, workdir: str, batch: int, max_amp: float, log) -> dict | None:
-    """The run's summary when this (admitted) workdir already exported its encoder at num_steps: a re-run, e.g. an
-    evaluation resuming, then compiles and restores nothing."""
-    enc_json = os.path.join(workdir, "encoder", "encoder.json")
-    if not os.path.isfile(enc_json):
-        return None
-    steps = _read_json(enc_json).get("extra", {}).get("steps")
-    if steps != int(config.num_steps):
-        return None
-    last_loss = _last_logged_loss(os.path.join(workdir, "metrics.jsonl"))
-    log(
-        f"{workdir}: already trained for {steps} steps (num_steps={config.num_steps}); encoder in {workdir}/encoder "
-        "(raise --config.num_steps to train longer)"
-    )
-    return _summary(
-        "done", steps, last_loss, batch, max_amp, workdir, os.path.join(workdir, "encoder")
-    )
-
-
-def _summary(
-    status: str,
-    steps: int,
-    final_loss: float,
-    batch: int,
-    max_amp: float,
-    workdir: str,
-    encoder_dir: str | None = None,
-) -> dict:
-    """What run() returns; encoder_dir only when the encoder was exported ("" on processes other than 0)."""
-    out = {
-        "status": status,
-        "steps": steps,
-        "final_loss": final_loss,
-        "batch_size": batch,
-        "max_amp": max_amp,
-        "workdir": workdir,
-    }
-    if encoder_dir is not None:
-        out["encoder_dir"] = encoder_dir
-    return out
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); use a new --workdir") from None
-
-
-def _run_locked(
-    config,
-    workdir,
-    ds,
-    pool,
-    batch,
-    mesh,
-    log,
-    main,
-    preempt,
-    max_amp: float,
-    field_prefix: str = "",
-) -> dict:
+def _train_and_export(run: _Run, ds, pool, mesh, preempt: _Preemption) -> dict:
+    """Build the state (restored if a checkpoint restores), the step, the feed and the loop's hooks, train to
+    num_steps (or a stop request) and export the encoder; returns the run's summary. Every process calls it."""
+    config, workdir, log = run.config, run.workdir, run.log
     model = models.build_encoder(config.model, dtype=DTYPES[config.dtype])
     recipe = optim.recipe(config.optim, int(config.num_steps))
     tx = optim.make_optimizer(recipe)
-    root = jax.random.PRNGKey(config.seed)
-    init_key, step_key = jax.random.split(root)
+    init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
     repl = parallel.replicated(mesh)
     state = jax.jit(lambda k: init_state(config, model, tx, k), out_shardings=repl)(init_key)
-
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    try:
-        restored = checkpoint.restore_latest(
-            manager, state, log=log, restart_field=f"{field_prefix}restart_if_unrestorable"
-        )
-    except UserError:
-        if not config.restart_if_unrestorable:
-            raise
-        moved = checkpoint.quarantine_all(manager)
+    checkpointer = _Checkpointer(run)
+    start, state = checkpointer.restore(state)
+    metrics_file = rundir.MetricsFile(workdir, run.main)
+    last_loss = metrics_file.resume(start)
+    feed = _make_feed(run, ds, pool, mesh)
+    step_fn = jax.jit(
+        make_pretrain_step(config, model, tx),
+        donate_argnums=(0,),
+        out_shardings=(repl, repl),
+        compiler_options=models.xla_compiler_options() or None,
+    )
+    if start >= int(config.num_steps):
         log(
-            f"{workdir}/checkpoints: no checkpoint restores; {len(moved)} moved to {workdir}/corrupt_checkpoints; "
-            "starting from scratch as asked"
+            f"{workdir}: already trained for {start} steps (num_steps={config.num_steps}); exporting the encoder "
+            "(raise --config.num_steps to train longer)"
         )
-        restored = None
-    start = 0
-    if restored is not None:
-        start, state = restored
-        log(f"resuming from {workdir}/checkpoints/{start} (step {start} of {config.num_steps})")
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    last_loss = _truncate_metrics(metrics_path, start) if main else float("nan")
+    guard = _NonFiniteGuard(run, state, checkpointer)
+    metrics = _MetricsWriter(run, recipe, metrics_file, start, last_loss)
+    hooks = LoopHooks(metrics, checkpointer, guard, preempt)
+    with metrics:
+        state, status = train_loop(
+            config, state, lambda s, b: step_fn(s, b, step_key), feed, hooks, start
+        )
+    checkpointer.close()
 
+    steps = int(parallel.to_host(state.step))
+    last_loss = metrics.last_loss
+    if status != "done":
+        return rundir.summary(status, steps, last_loss, run.batch, run.max_amp, workdir)
+    encoder_dir = export(config, workdir, state, ds, pool, run.max_amp) if run.main else ""
+    log(f"done: {steps} steps, final loss {last_loss:.4f}; encoder exported to {workdir}/encoder")
+    return rundir.summary(status, steps, last_loss, run.batch, run.max_amp, workdir, encoder_dir)
+
+
+def _make_feed(run: _Run, ds, pool, mesh) -> _Feed:
+    """The batch source (resident on every device if the pool fits everywhere, else streamed) and its log lines."""
+    config, batch = run.config, run.batch
     # every process must take the same path (the two feed the step differently): resident only if it fits everywhere
     resident = not parallel.any_process(
         not input_pipeline.choose_resident(config.data.resident, ds, pool, mesh.local_devices)
@@ -540,11 +632,11 @@ def _run_locked(
     readers = input_pipeline.reader_threads(config.data.reader_threads)
     pool_mb = input_pipeline.pool_nbytes(ds, pool) / 2**20
     kind = mesh.devices.flat[0].device_kind
-    log(
+    run.log(
         f"devices: {mesh.size} ({kind}) in {jax.process_count()} process(es); global batch {batch}, "
         f"{batch // mesh.size} per device"
     )
-    log(
+    run.log(
         f"data: {len(pool)} records ({pool_mb:.0f} MB int16) "
         + (
             "resident on every device"
@@ -557,130 +649,8 @@ def _run_locked(
     source = input_pipeline.BatchSource(
         ds, pool, order, mesh, resident, config.data.prefetch, readers
     )
-    step_fn = jax.jit(
-        make_pretrain_step(config, model, tx),
-        donate_argnums=(0,),
-        out_shardings=(repl, repl),
-        compiler_options=models.xla_compiler_options() or None,
-    )
-
-    max_amp_dev = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))
-    num_steps = int(config.num_steps)
-    status = "done"
-    pending: list = []
-    t_last, n_last = time.perf_counter(), start
-    t0, steps_timed = None, 0
-    if start >= int(config.num_steps):
-        log(
-            f"{workdir}: already trained for {start} steps (num_steps={config.num_steps}); exporting the encoder "
-            "(raise --config.num_steps to train longer)"
-        )
-    step = start
-    # steps skipped before this run (by on_nonfinite=skip, which may since have become stop): not this run's to judge
-    skipped_before, first_before = (
-        int(v) for v in parallel.to_host((state.nonfinite, state.first_nonfinite))
-    )
-    lr = config.optim.get("learning_rate")
-    board = monitor.PretrainMonitor(workdir, log, main, lr if isinstance(lr, float) else None)
-    with open(metrics_path, "a") if main else _NullFile() as mfile, board:
-        for step, b in source.iterate(start, num_steps):
-            if resident:
-                b["pool"] = source.device_pool
-            b["max_amp"] = max_amp_dev
-            state, m = step_fn(state, b, step_key)
-            pending.append(m["loss"])
-            done = step + 1
-            last = done == num_steps
-            if done % config.log_every == 0 or last:
-                # the logged losses and the count, one transfer
-                ls, nonfinite = parallel.to_host((pending, state.nonfinite))
-                ls, nonfinite = np.asarray(ls, np.float64), int(nonfinite)
-                pending = []
-                now = time.perf_counter()
-                ecg_s = (done - n_last) * batch / max(now - t_last, 1e-9)
-                if t0 is None:  # the first interval includes compilation; ETA uses later ones
-                    t0, steps_timed = now, done
-                rate = (done - steps_timed) / (now - t0) if done > steps_timed else float("nan")
-                eta = (
-                    (num_steps - done) / rate
-                    if rate and rate == rate and rate > 0
-                    else float("nan")
-                )
-                since = n_last
-                t_last, n_last = now, done
-                last_loss = float(ls[-1])
-                rec = {
-                    "step": done,
-                    "loss": last_loss,
-                    "loss_mean": float(np.mean(ls)),
-                    "ecg_per_s": round(ecg_s, 2),
-                    "batch_size": batch,
-                    "nonfinite_steps": nonfinite,
-                    # the rate of the last update applied (skipped steps do not advance the schedule)
-                    "learning_rate": optim.learning_rate_at(recipe, max(done - nonfinite - 1, 0)),
-                    "time": round(time.time(), 3),
-                }
-                mfile.write(
-                    json.dumps(
-                        {
-                            k: None
-                            if isinstance(v, float) and not math.isfinite(v)
-                            else v  # strict JSON
-                            for k, v in rec.items()
-                        }
-                    )
-                    + "\n"
-                )
-                mfile.flush()
-                board.record(rec, _step_learning_rate(m))
-                log(
-                    f"step {done}/{num_steps}  loss {last_loss:.4f}  {ecg_s:,.1f} ECG/s  "
-                    + (f"ETA {_fmt_eta(eta)}" if done > steps_timed else "(includes compilation)")
-                    + (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else "")
-                )
-                if nonfinite > skipped_before and config.on_nonfinite == "stop":
-                    where = (
-                        f"at step {int(parallel.to_host(state.first_nonfinite)) + 1}"
-                        if first_before < 0
-                        else f"between steps {since} and {done}"
-                    )
-                    manager.wait_until_finished()
-                    kept = manager.latest_step()
-                    good = (
-                        f"{workdir}/checkpoints/{kept}" if kept is not None else "none written yet"
-                    )
-                    raise UserError(
-                        f"non-finite loss, gradient or update {where}; stopped. Last good checkpoint: {good} "
-                        f"(lower --config.{field_prefix}optim.learning_rate, or set "
-                        f"--config.{field_prefix}on_nonfinite=skip)"
-                    )
-            if done % config.checkpoint_every == 0 or last:
-                if (
-                    config.on_nonfinite == "stop"
-                    and int(parallel.to_host(state.nonfinite)) > skipped_before
-                ):
-                    continue  # caught at the log line above; never checkpoint a state that saw a bad step
-                checkpoint.save(manager, done, state)
-                board.plot()
-            if _stop_requested(preempt, done % config.log_every == 0 or last):
-                if manager.latest_step() != done:
-                    checkpoint.save(manager, done, state)
-                manager.wait_until_finished()
-                log(
-                    f"interrupted: checkpoint written at step {done} in {workdir}/checkpoints/{done}; "
-                    "run the same command to resume"
-                )
-                status, preempt.acted = "preempted", True
-                break
-    manager.wait_until_finished()
-    manager.close()
-
-    steps = int(parallel.to_host(state.step))
-    if status != "done":
-        return _summary(status, steps, last_loss, batch, max_amp, workdir)
-    encoder_dir = export(config, workdir, state, ds, pool, max_amp) if main else ""
-    log(f"done: {steps} steps, final loss {last_loss:.4f}; encoder exported to {workdir}/encoder")
-    return _summary(status, steps, last_loss, batch, max_amp, workdir, encoder_dir)
+    max_amp = parallel.replicate_from_host(mesh, np.asarray(run.max_amp, np.float32))
+    return _Feed(source, resident, max_amp)
 
 
 def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) -> str:
@@ -711,7 +681,7 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
             "steps": int(parallel.to_host(state.step)),
             "data_path": config.data.path,
             "version": ecgcl_jax.__version__,
-            AUGMENT_RECORD: views.pipeline_records(config),
+            rundir.AUGMENT_RECORD: views.pipeline_records(config),
         },
     )
     return out
@@ -720,54 +690,6 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
 def _step_learning_rate(m: dict) -> float | None:
     """The learning rate a step reports (metric `learning_rate`), when its optimizer reports one."""
     return float(parallel.to_host(m["learning_rate"])) if "learning_rate" in m else None
-
-
-def _last_logged_loss(path: str) -> float:
-    try:
-        with open(path) as f:
-            lines = [l for l in f if l.strip()]
-        return _loss_of(json.loads(lines[-1])) if lines else float("nan")
-    except (OSError, ValueError, KeyError):
-        return float("nan")
-
-
-def _loss_of(rec: dict) -> float:
-    """A metrics line's loss; null (a non-finite loss, written as null) is NaN."""
-    return float("nan") if rec["loss"] is None else float(rec["loss"])
-
-
-def _truncate_metrics(path: str, step: int) -> float:
-    """On resume, drop metric lines past the restored step (logged again with the same losses); returns the
-    last kept loss (NaN if none)."""
-    if not os.path.exists(path):
-        return float("nan")
-    with open(path) as f:
-        lines = [l for l in f if l.strip()]
-    keep, last = [], float("nan")
-    for l in lines:
-        try:
-            rec = json.loads(l)
-            if rec["step"] <= step:
-                keep.append(l)
-                last = _loss_of(rec)
-        except (ValueError, KeyError):
-            pass
-    atomic_write(path, "".join(keep).encode())  # a crash here keeps the old file, not half of it
-    return last
-
-
-class _NullFile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def write(self, s):
-        pass
-
-    def flush(self):
-        pass
 
 
 if __name__ == "__main__":  # `python -m ecgcl_jax.pretrain` is the pretraining command

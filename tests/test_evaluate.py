@@ -694,7 +694,7 @@ def test_sweep_over_field_pairs(tmp_path, ds, clean_encoder):
 
 
 def test_one_writer_per_workdir(tmp_path, ds, clean_encoder):
-    from ecgcl_jax.pretrain import WorkdirLock
+    from ecgcl_jax.rundir import WorkdirLock
 
     with WorkdirLock(str(tmp_path)):
         with pytest.raises(UserError, match="in use"):

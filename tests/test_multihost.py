@@ -158,7 +158,7 @@ def _two_processes_failing(wd, extra=((), ())):
 def test_refusal_on_process_zero_stops_every_process(tmp_path):
     """Process 0 alone checks the workdir; when it refuses (here: a live run holds the lock), the other
     process stops with a one-line error too instead of hanging in its next collective."""
-    from ecgcl_jax.pretrain import WorkdirLock
+    from ecgcl_jax.rundir import WorkdirLock
 
     wd = str(tmp_path / "busy")
     os.makedirs(wd)

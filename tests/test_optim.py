@@ -368,7 +368,7 @@ def test_workdirs_saved_before_the_recipe_fields_still_resume():
 
     from configs import cnn
     from configs import eval as eval_config
-    from ecgcl_jax import evaluate, pretrain
+    from ecgcl_jax import evaluate, rundir
 
     def without_recipe(cfg, *sections):
         d = json.loads(cfg.to_json())
@@ -387,10 +387,10 @@ def test_workdirs_saved_before_the_recipe_fields_still_resume():
 
     c = cnn.get_config()
     saved = without_recipe(c, "optim")
-    pretrain.check_resume_config(saved, json.loads(c.to_json()), "w/config.json")
+    rundir.check_resume_config(saved, json.loads(c.to_json()), "w/config.json")
     c.optim.schedule, c.optim.warmup_steps = "warmup_constant", 10
     with pytest.raises(UserError, match=r"optim\.schedule: 'constant' -> 'warmup_constant'"):
-        pretrain.check_resume_config(saved, json.loads(c.to_json()), "w/config.json")
+        rundir.check_resume_config(saved, json.loads(c.to_json()), "w/config.json")
     e = eval_config.get_config()
     saved = without_recipe(e, "pretrain.optim", "finetune")
     evaluate.check_resume(saved, json.loads(e.to_json()), "ev/config.json")

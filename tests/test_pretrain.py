@@ -599,24 +599,24 @@ def test_patient_codes_follow_patient_keys():
 
 
 def test_damaged_workdir_files_are_one_line_errors(tmp_path):
-    from ecgcl_jax import pretrain
+    from ecgcl_jax import rundir
     from ecgcl_jax.data import open_dataset
     from ecgcl_jax.errors import UserError
 
     ds, c = open_dataset(""), small_config()
     pool = np.arange(len(ds))
     wd = str(tmp_path)
-    max_amp = pretrain._admit_workdir(c, wd, ds, pool, 8)  # a new workdir: recorded
+    max_amp = rundir.admit_max_amp(c, wd, ds, pool, 8)  # a new workdir: recorded
     # resumed: the recorded value
-    assert max_amp > 0 and pretrain._admit_workdir(c, wd, ds, pool, 8) == max_amp
+    assert max_amp > 0 and rundir.admit_max_amp(c, wd, ds, pool, 8) == max_amp
     with open(os.path.join(wd, "run.json"), "w") as f:
         f.write('{"pool_records": []}')
     with pytest.raises(UserError, match="no max_amp recorded"):
-        pretrain._admit_workdir(c, wd, ds, pool, 8)
+        rundir.admit_max_amp(c, wd, ds, pool, 8)
     with open(os.path.join(wd, "config.json"), "w") as f:
         f.write('{"seed": 0, "mod')  # cut short, as by a crash mid-write before writes were atomic
     with pytest.raises(UserError, match="config.json: unreadable") as e:
-        pretrain._admit_workdir(c, wd, ds, pool, 8)
+        rundir.admit_max_amp(c, wd, ds, pool, 8)
     assert "\n" not in str(e.value)
 
 
