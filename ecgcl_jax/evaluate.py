@@ -798,19 +798,16 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
                 p = np.array([float(r[f"p_{m}"]) for r in rows])
                 fpr, tpr = metrics.roc_points(y, p)
                 rocs.setdefault(m, {})[rec["seed"]] = (fpr, tpr, test_auroc[m].get(rec["seed"]))
-    metrics.plot_val_curves(
-        hist,
-        os.path.join(plots, "val_auroc.png"),
-        metric=primary,
+    title = monitor.eval_title(
+        data.get("path", ""),
+        str(config.data.get("task", "") or "") or data.get("label", ""),
+        enc.get("encoder") or config.pretrain.model.encoder,
     )
+    metrics.plot_val_curves(hist, os.path.join(plots, "val_auroc.png"), metric=primary, title=title)
     monitor.plot_eval_curves(
         {m: {rep["seed"]: rep["history"] for rep in r["repeats"]} for m, r in methods.items()},
         os.path.join(plots, "training_curves.png"),
-        monitor.eval_title(
-            data.get("path", ""),
-            data.get("task", "") or data.get("label", ""),
-            enc.get("encoder") or config.pretrain.model.encoder,
-        ),
+        title,
         metric=metrics.PRIMARY,
         method_titles=metrics.METHOD_TITLES,
     )

@@ -530,9 +530,13 @@ def _figure(width=6.0, height=4.5):
 
 
 def plot_val_curves(
-    histories: Mapping[str, Mapping[int, Sequence[float]]], path: str, metric: str = "auroc"
+    histories: Mapping[str, Mapping[int, Sequence[float]]],
+    path: str,
+    metric: str = "auroc",
+    title: str = "",
 ) -> None:
-    """Per-epoch validation metric per repeat, one panel per method.
+    """Per-epoch validation metric per repeat, one panel per method; `title` above them (e.g. dataset, task
+    and encoder).
 
     histories: {method: {seed: [value at epoch 1, 2, ...]}}.
     """
@@ -551,6 +555,8 @@ def plot_val_curves(
         ax.set_ylabel(f"validation {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
