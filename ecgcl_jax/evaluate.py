@@ -707,17 +707,25 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
     primary = "AUROC" if len(classes) < 2 else "macro-AUROC"
     k = results["protocol"]["repeats_done"]
     data = results["protocol"].get("dataset") or {}
+    task = str(config.data.get("task", "") or "")
+    what = f"task {task}" if task else f"label column '{data.get('label')}'"
+    if config.split.rule == "folds":
+        folds = (records[0]["split"].get("folds") or {}) if records else {}
+        split_text = (
+            f"the dataset's folds (column {config.split.fold_column}: train "
+            f"{','.join(map(str, config.split.train_folds))}, validation "
+            f"{','.join(map(str, config.split.val_folds))}, test {','.join(map(str, config.split.test_folds))}"
+            f"; {folds.get('labeled_records_without_fold', 0)} labeled records without a fold left out)"
+        )
+    else:
+        split_text = (
+            f"patient-level split {config.split.train:g}/{config.split.val:g}/{config.split.test:g}"
+        )
     notes = [
         "",
-        *(
-            [
-                f"Data: {data.get('path')} ({data.get('records')} records, label column '{data.get('label')}')."
-            ]
-            if data
-            else []
-        ),
-        f"K = {k} repeats (seeds {', '.join(str(r['seed']) for r in results['repeats'])}); patient-level "
-        f"split {config.split.train:g}/{config.split.val:g}/{config.split.test:g}; label fraction "
+        *([f"Data: {data.get('path')} ({data.get('records')} records, {what})."] if data else []),
+        f"K = {k} repeats (seeds {', '.join(str(r['seed']) for r in results['repeats'])}); "
+        f"{split_text}; label fraction "
         f"{config.label_fraction:g}; {config.finetune.num_epochs} epochs, best validation "
         f"{'AUROC' if len(classes) < 2 else 'macro-AUROC'} epoch.",
         *(
