@@ -1,51 +1,20 @@
 """Embeddings of ECGs held in memory equal preparing the same arrays with `prepare` and embedding the dataset."""
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, embed, models
+from ecgcl_jax import embed
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
 from ecgcl_jax.errors import UserError
+from tests.test_evaluate import export_tiny_encoder
 
-TINY = {
-    "encoder": "cnn",
-    "emb_dim": 8,
-    "proj_dim": 4,
-    "kernel_size": 7,
-    "dropout": 0.1,
-    "channels": (4, 4),
-    "lstm_layers": 1,
-    "attention_dim": 0,
-    "transformer_layers": 1,
-    "transformer_heads": 2,
-    "transformer_d_model": 8,
-}
 ORDER = ("V6", "I", "aVR", "II", "V1", "III", "V2", "aVL", "V3", "aVF", "V4", "V5")
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    model = models.build_encoder(TINY)
-    variables = model.init(
-        {"params": jax.random.key(1), "dropout": jax.random.key(1)},
-        np.zeros((2, ecgcl_jax.NUM_SAMPLES, 12), np.float32),
-        train=False,
-    )
-    prep = {
-        "sample_rate": 500,
-        "num_samples": 5000,
-        "leads": list(ecgcl_jax.LEADS),
-        "max_amp": 2.5,
-        "domain": "time",
-        "mode": "simclr",
-        "input_length": 5000,
-        "in_leads": 12,
-    }
-    path = str(tmp_path_factory.mktemp("enc") / "encoder")
-    checkpoint.export_encoder(path, ml_collections.ConfigDict(TINY), dict(variables), prep, [], [])
+    path = export_tiny_encoder(tmp_path_factory.mktemp("enc") / "encoder", [], max_amp=2.5, seed=1)
     return embed.load_encoder(path)
 
 
@@ -66,13 +35,12 @@ def test_embed_arrays_equals_prepare_then_embed(tmp_path, encoder):
     opts = PrepareOptions(array_fs=fs, array_units="uV", array_leads=ORDER)
     prepare([str(src)], str(tmp_path / "prepared"), opts, workers=1)
     ds = open_dataset(str(tmp_path / "prepared"))
-    order = np.argsort(
-        [int(str(r).rsplit("#", 1)[1]) for r in ds.records]
-    )  # .../batch.npy#0, #1, ...
+    # records are .../batch.npy#0, #1, ...
+    order = np.argsort([int(str(r).rsplit("#", 1)[1]) for r in ds.records])
     want = embed.embed_dataset(encoder, ds, rows=order, batch_size=2)
 
     got = embed.embed_arrays(encoder, x, fs, leads=ORDER, units="uV", batch_size=2)
-    assert got.shape == (3, TINY["emb_dim"]) and got.dtype == np.float32
+    assert got.shape == (3, encoder.model_config.emb_dim) and got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
     # the prepared rows themselves: the dataset's stored counts and scales
     raw, scales, source = embed.prepare_arrays(x, fs, ORDER, "uV", opts)

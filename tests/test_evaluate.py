@@ -70,10 +70,11 @@ class FakeDataset:
         return len(self.labels)
 
 
-def export_tiny_encoder(path, patients, records=()):
+def export_tiny_encoder(path, patients, records=(), max_amp: float = 1.0, seed: int = 0):
+    """A tiny CNN encoder exported to `path` (its encoder.json records `patients`, `records`, `max_amp`)."""
     enc = models.build_encoder(TINY)
     variables = enc.init(
-        {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+        {"params": jax.random.key(seed), "dropout": jax.random.key(seed)},
         np.zeros((2, ecgcl_jax.NUM_SAMPLES, 12), np.float32),
         train=False,
     )
@@ -81,7 +82,7 @@ def export_tiny_encoder(path, patients, records=()):
         "sample_rate": 500,
         "num_samples": 5000,
         "leads": list(ecgcl_jax.LEADS),
-        "max_amp": 1.0,
+        "max_amp": max_amp,
         "domain": "time",
         "mode": "simclr",
         "input_length": 5000,
