@@ -25,3 +25,19 @@ def override(config, **fields):
             node = node[p]
         node[last] = value
     return config
+
+
+# a tiny CNN encoder config for fine-tuning and evaluation tests (model.* fields)
+TINY = dict(
+    encoder="cnn",
+    emb_dim=8,
+    proj_dim=4,
+    kernel_size=15,
+    dropout=0.1,
+    channels=(4, 4, 4, 4, 4),
+    lstm_layers=1,
+    attention_dim=0,
+    transformer_layers=1,
+    transformer_heads=2,
+    transformer_d_model=8,
+)

@@ -18,21 +18,8 @@ import pytest
 import ecgcl_jax
 from ecgcl_jax import checkpoint, evaluate, models, splits
 from ecgcl_jax.errors import UserError
-from tests.conftest import ROOT, override
+from tests.conftest import ROOT, TINY, override
 
-TINY = dict(
-    encoder="cnn",
-    emb_dim=8,
-    proj_dim=4,
-    kernel_size=15,
-    dropout=0.1,
-    channels=(4, 4, 4, 4, 4),
-    lstm_layers=1,
-    attention_dim=0,
-    transformer_layers=1,
-    transformer_heads=2,
-    transformer_d_model=8,
-)
 METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
 SUMMARY_KEYS = {"mean", "ci95", "min", "max"}
 

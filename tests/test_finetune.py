@@ -10,20 +10,7 @@ import pytest
 import ecgcl_jax
 from ecgcl_jax import finetune, models, views
 from ecgcl_jax.errors import UserError
-
-TINY = dict(
-    encoder="cnn",
-    emb_dim=8,
-    proj_dim=4,
-    kernel_size=15,
-    dropout=0.1,
-    channels=(4, 4, 4, 4, 4),
-    lstm_layers=1,
-    attention_dim=0,
-    transformer_layers=1,
-    transformer_heads=2,
-    transformer_d_model=8,
-)
+from tests.conftest import TINY
 
 
 def ft_config(**kw):
