@@ -259,7 +259,7 @@ class ProjectCase:
     def _next(self):
         _, b = next(self._it)
         if self.source.resident:
-            b["pool"] = self.source.device_pool
+            b["resident_raw"] = self.source.resident_raw
         b["max_amp"] = self.max_amp
         return b
 

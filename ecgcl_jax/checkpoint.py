@@ -94,14 +94,14 @@ def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
     log: Callable[[str], None] = print,
-    restart_field: str = "restart_if_unrestorable",
+    restart_field: str = "config.restart_if_unrestorable",
 ) -> tuple[int, Any] | None:
     """(step, state) of the newest checkpoint that restores, or None when there is none at all.
 
     Newer checkpoints that do not restore are moved to corrupt_checkpoints/ once an older one has restored. When
     none restores, UserError, and every checkpoint stays where it is: the next run refuses the same way rather
     than starting over (see quarantine_all for starting over); the message names `restart_field`, the config field
-    that asks for that.
+    that asks for that (full dotted name).
     """
     # a damaged step makes orbax log its missing files; the reason is said in one line below
     with _absl_quiet():
@@ -150,7 +150,7 @@ def restore_latest(
     raise UserError(
         f"{manager.directory}: no checkpoint restores (tried steps {steps}; step {failed[0][0]}: "
         f"{failed[0][1]}); they are left in place: fix or remove them, or pass "
-        f"--config.{restart_field}=True to move them aside and start from scratch"
+        f"--{restart_field}=True to move them aside and start from scratch"
     )
 
 

@@ -1,79 +1,17 @@
-"""Shared entry-point plumbing: distributed start-up and one-line user errors (no tracebacks)."""
+"""Shared entry-point plumbing: distributed start-up, the stop request, and one-line user errors (no
+tracebacks)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import sysconfig
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ecgcl_jax import preemption
 from ecgcl_jax.errors import UserError
-
-_EARLY_SIGNALS: list[int] = []  # stop signals received before a run installed its own handler
-_DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
-
-
-def _hold(signum, frame):
-    if _EARLY_SIGNALS:  # a second one while starting: stop now, the way the signal stops a process (nothing to save)
-        # (an exception raised here can land in a callback that swallows it, e.g. a garbage-collection hook)
-        print(
-            f"received {signal.Signals(signum).name} again; stopping now (nothing to save yet)",
-            file=sys.stderr,
-            flush=True,
-        )
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    _EARLY_SIGNALS.append(signum)
-    print(
-        f"received {signal.Signals(signum).name} while starting; stopping at the first point where a checkpoint or "
-        "finished repeat keeps the work (send it again to stop at once)",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def hold_early_stop_signals() -> None:
-    """Until a run's `on_stop_signals` block: a SIGTERM/SIGINT is remembered instead of killing the process (exit 143
-    and no word, while Python imports JAX), and the run's handler receives it when installed; a second one stops at
-    once. The block restores the default handlers, not the hold."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _hold)
-
-
-def release_early_stop_signals() -> None:
-    """Default SIGTERM/SIGINT handling again where the hold is still installed (no run block was entered)."""
-    for sig, default in _DEFAULT_HANDLERS.items():
-        try:
-            if signal.getsignal(sig) is _hold:
-                signal.signal(sig, default)
-        except ValueError:  # not the main thread
-            pass
-    _EARLY_SIGNALS.clear()
-
-
-@contextlib.contextmanager
-def on_stop_signals(handler: Callable):
-    """Route SIGTERM and SIGINT to ``handler(signum, frame)`` inside the block, then restore the old handlers
-    (a no-op off the main thread, where Python cannot install handlers). A signal held by hold_early_stop_signals
-    is passed to the handler on entry, and the hold itself is not restored."""
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        while old and _EARLY_SIGNALS:
-            handler(_EARLY_SIGNALS.pop(0), None)
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, _DEFAULT_HANDLERS[sig] if h is _hold else h)
 
 
 def fail(prog: str, e: Exception) -> int:
@@ -94,13 +32,14 @@ def fail(prog: str, e: Exception) -> int:
 
 def run_entry(
     prog: str,
-    fn: Callable[[], dict],
+    fn: Callable[[preemption.StopRequest], dict],
     distributed: bool = False,
     coordinator: str = "",
     num_processes: int = 0,
     process_id: int = -1,
 ) -> int:
-    """Run ``fn`` and map outcomes to exit codes: 0 done or preempted, 2 user error or OSError (`fail`)."""
+    """Run ``fn(stop)`` with this process's stop request (SIGTERM/SIGINT route to it inside the run's blocks, see
+    `preemption`) and map outcomes to exit codes: 0 done or preempted, 2 user error or OSError (`fail`)."""
     from absl import logging as absl_logging  # noqa: PLC0415
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
@@ -109,7 +48,7 @@ def run_entry(
             from ecgcl_jax import parallel  # noqa: PLC0415
 
             parallel.initialize_distributed(coordinator, num_processes, process_id)
-        fn()
+        fn(preemption.StopRequest(signals=True))
     except (UserError, OSError) as e:
         return fail(prog, e)
     except Exception as e:  # noqa: BLE001 - a full disk inside a library (orbax) arrives as its own error type
@@ -126,7 +65,7 @@ def run_entry(
         print(f"{prog}: interrupted before the first step; nothing to save", file=sys.stderr)
         return 130
     finally:
-        release_early_stop_signals()
+        preemption.release_early_stop_signals()
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Installed as console scripts (pyproject.toml). `run_pretrain.py`, `run_eval.py`, `python -m ecgcl_jax.data`
 and `python -m ecgcl_jax.embed` call the same functions with their own program names. Importing this module is
-light (standard library only): a SIGTERM while JAX loads is held (`cli.hold_early_stop_signals`).
+light (standard library only): a SIGTERM while JAX loads is held (`preemption.hold_early_stop_signals`).
 
 `--config` takes a file path (as before) or a shipped config's name (`config_files.resolve`). Pretraining and
 evaluation also write their console output to WORKDIR/log.txt (`monitor.tee_console`).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ecgcl_jax import cli, config_files
+from ecgcl_jax import cli, config_files, preemption
 from ecgcl_jax.errors import UserError
 
 
@@ -36,7 +36,7 @@ def pretrain_main(argv: list[str] | None = None, prog: str | None = None) -> int
     Multi-host: add --distributed (TPU pods / SLURM auto-detect) or
     --coordinator=HOST:PORT --num_processes=N --process_id=I on every process.
     """
-    cli.hold_early_stop_signals()
+    preemption.hold_early_stop_signals()
     prog = prog or _prog("ecgcl-pretrain")
     argv = _parse_config_names(prog, list(sys.argv if argv is None else argv))
 
@@ -68,14 +68,14 @@ def pretrain_main(argv: list[str] | None = None, prog: str | None = None) -> int
     def main(_):
         workdir = os.path.expanduser(workdir_flag.value)
 
-        def run():
+        def run(stop):
             import importlib  # noqa: PLC0415
 
             from ecgcl_jax import pretrain  # noqa: PLC0415
 
             # every pretraining field, to check the config file has them all
             base = importlib.import_module("configs.base")
-            return pretrain.run(cli.config_value(config_flag, base.get_config), workdir)
+            return pretrain.run(cli.config_value(config_flag, base.get_config), workdir, stop=stop)
 
         from ecgcl_jax import monitor  # noqa: PLC0415
 
@@ -90,7 +90,7 @@ def pretrain_main(argv: list[str] | None = None, prog: str | None = None) -> int
 def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`ecgcl-eval --config eval[:PRETRAIN_CONFIG]|FILE --workdir DIR [--config.FIELD=VALUE ...]` (and
     run_eval.py). Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/, log.txt."""
-    cli.hold_early_stop_signals()
+    preemption.hold_early_stop_signals()
     prog = prog or _prog("ecgcl-eval")
     argv = _parse_config_names(prog, list(sys.argv if argv is None else argv))
 
@@ -132,7 +132,7 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
         workdir = os.path.expanduser(workdir_flag.value)
 
-        def run():
+        def run(stop):
             import importlib  # noqa: PLC0415
 
             from ecgcl_jax import evaluate  # noqa: PLC0415
@@ -143,6 +143,7 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 cli.config_value(config_flag, eval_config.get_config),
                 workdir,
                 shard=shard_flag.value or None,
+                stop=stop,
             )
 
         from ecgcl_jax import monitor  # noqa: PLC0415

@@ -33,7 +33,6 @@ import io
 import json
 import math
 import os
-import signal
 import time
 import typing
 from typing import Any
@@ -44,7 +43,6 @@ import numpy as np
 
 from ecgcl_jax import (
     checkpoint,
-    cli,
     configdiff,
     embed,
     finetune,
@@ -52,6 +50,7 @@ from ecgcl_jax import (
     metrics,
     monitor,
     optim,
+    preemption,
     rundir,
     splits,
     views,
@@ -71,25 +70,23 @@ RESUMABLE_CHANGES = (
     "sweep.field",
     "sweep.choices",
     "sweep.metric",
-    "pretrain.log_every",
-    "pretrain.checkpoint_every",
-    "pretrain.keep_checkpoints",
-    "pretrain.data.resident",
-    "pretrain.data.prefetch",
     "data.resident",
     "data.prefetch",
-    "pretrain.data.reader_threads",
     "data.reader_threads",
-    # what the pretraining's own errors ask for: skip bad steps, start over from unrestorable ones
-    "pretrain.on_nonfinite",
-    "pretrain.restart_if_unrestorable",
-    # no longer a config field: workdirs written while it was one carry it
-    "pretrain.debug_nan_at_step",
+    *(f"pretrain.{f}" for f in rundir.NEUTRAL_FIELDS),
 )
-
-
-class Interrupted(Exception):
-    """SIGTERM/SIGINT during an evaluation; finished repeats are kept."""
+# Fields added since evaluation workdirs were first written, with the value that ran before (see
+# rundir.ADDED_FIELDS, which the nested pretraining config follows).
+ADDED_FIELDS = {
+    "split.rule": "random",
+    "split.fold_column": "strat_fold",
+    "split.train_folds": [1, 2, 3, 4, 5, 6, 7, 8],
+    "split.val_folds": [9],
+    "split.test_folds": [10],
+    "data.task": "",
+    **{f"pretrain.{f}": v for f, v in rundir.ADDED_FIELDS.items()},
+    **optim.fields_before_recipes("finetune.", finetune=True),
+}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -153,42 +150,15 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json())
 
 
-# Fields added after evaluations were first written, with the value that gives the behaviour of before: a
-# workdir whose saved config lacks one resumes when the current config keeps that value.
-ADDED_FIELDS = {
-    "split.rule": "random",
-    "split.fold_column": "strat_fold",
-    "split.train_folds": [1, 2, 3, 4, 5, 6, 7, 8],
-    "split.val_folds": [9],
-    "split.test_folds": [10],
-    "data.task": "",
-    "pretrain.data.task": "",
-}
-
-
 def check_resume(saved: dict, current: dict, path: str) -> None:
     """Refuses a resume whose config differs in a field that changes results (lists them)."""
-    before = {
-        **ADDED_FIELDS,
-        **optim.fields_before_recipes("pretrain.optim."),
-        **optim.fields_before_recipes("finetune.", finetune=True),
-    }
-    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, before)
+    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, ADDED_FIELDS)
     if detail:
         raise UserError(
             f"{path}: this evaluation workdir was started with another config; changed fields: "
             f"{detail} (use a new --workdir; only repeats, seeds, logging, I/O and "
             "pretrain.on_nonfinite/restart_if_unrestorable may change)"
         )
-
-
-def _interruptible():
-    """SIGTERM/SIGINT raise `Interrupted` at the next Python bytecode (finished repeats are on disk)."""
-
-    def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    return cli.on_stop_signals(handler)
 
 
 def _log(msg: str) -> None:
@@ -262,7 +232,7 @@ def validate(config) -> None:
 
 # ------------------------------------------------------------------------------------------ the encoder
 def _pretrained_encoder(
-    config, ds, split: splits.Split, seed: int, pretrain_dir: str, exported, workdir: str
+    config, ds, split: splits.Split, seed: int, pretrain_dir: str, exported, workdir: str, stop
 ):
     """(ExportedEncoder, info dict) for this repeat, or (None, info) when pretraining was interrupted."""
     if exported is not None:
@@ -303,9 +273,7 @@ def _pretrained_encoder(
         f"seed {seed}: pretraining {pcfg.model.encoder} ({pcfg.mode}) for {pcfg.num_steps} steps on "
         f"{len(split.pretrain)} records in {pretrain_dir}"
     )
-    result = pretrain.run(
-        pcfg, pretrain_dir, dataset=ds, indices=split.pretrain, field_prefix="pretrain."
-    )
+    result = pretrain.run(pcfg, pretrain_dir, ds, split.pretrain, stop=stop, name="config.pretrain")
     if result.get("status") != "done":
         return None, {"status": result.get("status")}
     enc = checkpoint.load_encoder(os.path.join(pretrain_dir, "encoder"))
@@ -436,14 +404,16 @@ def run_repeat(
     split: splits.Split | None = None,
     progress: monitor.EvalProgress | None = None,
     repeat: str = "",
+    stop: preemption.StopRequest | None = None,
 ) -> dict | None:
     """One repeat of the protocol (see the module docstring); None if pretraining was interrupted. split: this
-    seed's `repeat_split`, when already made; progress: reports each fine-tuning epoch (`repeat` names it)."""
+    seed's `repeat_split`, when already made; progress: reports each fine-tuning epoch (`repeat` names it);
+    stop: the evaluation's stop request, passed to the pretraining."""
     t0 = time.time()
     split = split if split is not None else repeat_split(config, ds, seed)
     with pretraining_lock(None if exported is not None else pretrain_dir):
         enc, info = _pretrained_encoder(
-            config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir)
+            config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir), stop
         )
     if enc is None:
         return None
@@ -880,9 +850,7 @@ def prepare_run(config, dataset=None) -> Prepared:
     if exported is None:
         from ecgcl_jax import parallel, pretrain  # noqa: PLC0415
 
-        pretrain.validate_config(
-            config.pretrain, parallel.make_mesh().size, field_prefix="pretrain."
-        )
+        pretrain.validate_config(config.pretrain, parallel.make_mesh().size, "config.pretrain")
     task = task_labels(config, ds)
     split_of = {seed: repeat_split(config, ds, seed, task) for seed in seeds}
     # a fine-tuning cosine's length depends on the training split's size
@@ -1007,7 +975,9 @@ def _open_variant(v: _Variant) -> None:
     v.identity = current["dataset"]
 
 
-def _run_unit(v: _Variant, seed: int, progress: monitor.EvalProgress, label: str) -> bool:
+def _run_unit(
+    v: _Variant, seed: int, progress: monitor.EvalProgress, label: str, stop: preemption.StopRequest
+) -> bool:
     """Runs one unit (v, seed) whose lock the caller holds; False if its pretraining was interrupted.
     progress: reports each fine-tuning epoch, named by `label` (e.g. 'repeat 2/3')."""
     p = v.prepared
@@ -1028,6 +998,7 @@ def _run_unit(v: _Variant, seed: int, progress: monitor.EvalProgress, label: str
         split=p.splits[seed],
         progress=progress,
         repeat=label,
+        stop=stop,
     )
     return rec is not None
 
@@ -1080,7 +1051,7 @@ def split_protocol(config, records: list[dict]) -> dict:
     return out
 
 
-def _run_units(variants: list[_Variant], shard) -> str:
+def _run_units(variants: list[_Variant], shard, stop: preemption.StopRequest) -> str:
     """Runs the units (variant x seed, variant-major) of this process: every one, or with shard (i, n) those
     whose index k has k % n == i. Each is claimed with a lock on WORKDIR/repeat_<seed>/unit.lock, so that no
     two processes run one unit; the lock dies with its process, so a killed unit runs again in the next command.
@@ -1104,12 +1075,12 @@ def _run_units(variants: list[_Variant], shard) -> str:
         try:
             if v.done(seed):  # finished by the process that held the lock
                 return "done"
-            return "done" if _run_unit(v, seed, progress, label(v, seed)) else "preempted"
+            return "done" if _run_unit(v, seed, progress, label(v, seed), stop) else "preempted"
         finally:
             lock.release()
 
     try:
-        with _interruptible(), contextlib.closing(progress):
+        with stop.interrupting(), contextlib.closing(progress):
             for v, seed in mine:
                 i = v.prepared.seeds.index(seed)
                 where = f" ({os.path.basename(v.workdir)})" if v.value is not None else ""
@@ -1129,7 +1100,7 @@ def _run_units(variants: list[_Variant], shard) -> str:
                     _log(f"seed {seed}: waiting for the process that runs it")
                     if attempt(v, seed, blocking=True) == "preempted":
                         return "preempted"
-    except Interrupted as e:
+    except preemption.Interrupted as e:
         where = variants[0].workdir if len(variants) == 1 else os.path.dirname(variants[0].workdir)
         _log(
             f"interrupted ({e}); finished repeats are kept in {where}; run the same command to continue"
@@ -1145,6 +1116,7 @@ def run(
     pretrain_root: str | None = None,
     prepared: Prepared | None = None,
     shard=None,
+    stop: preemption.StopRequest | None = None,
 ) -> dict:
     """Runs (or continues) the evaluation in `workdir`; returns results.json's content (or the sweep's).
 
@@ -1153,11 +1125,13 @@ def run(
     field cannot change pretraining). shard: 'i/n' (or (i, n)): run only this process's share of the units
     (repeats, or variant x repeat in a sweep) in a workdir shared with the other shards; the reports are
     written by the last shard to find every unit finished, or by a run without a shard. A shard that leaves
-    units to others returns {"status": "incomplete", "units_done", "units"}.
+    units to others returns {"status": "incomplete", "units_done", "units"}. stop: the entry point's stop
+    request (SIGTERM/SIGINT: finished repeats are kept, a pretraining checkpoints; default: none).
     """
     shard = parse_shard(shard)
+    stop = stop if stop is not None else preemption.StopRequest()
     if config.sweep.field:
-        return run_sweep(config, workdir, dataset, shard=shard)
+        return run_sweep(config, workdir, dataset, shard=shard, stop=stop)
     if not workdir:
         raise UserError("--workdir: required")
     prepared = prepared if prepared is not None else prepare_run(config, dataset)
@@ -1166,7 +1140,7 @@ def run(
     with rundir.WorkdirLock(workdir, shared=True):
         v = _Variant(workdir, prepared, pretrain_root)
         _open_variant(v)
-        status = _run_units([v], shard)
+        status = _run_units([v], shard, stop)
         if shard is not None and not v.complete():
             return _incomplete([v], shard)
         del status  # complete or not is what the files say
@@ -1252,13 +1226,16 @@ def variant_name(field: str, value) -> str:
     return name
 
 
-def run_sweep(config, workdir: str, dataset=None, shard=None) -> dict:
+def run_sweep(
+    config, workdir: str, dataset=None, shard=None, stop: preemption.StopRequest | None = None
+) -> dict:
     """The protocol once per choice of config.sweep.field; a sweep table and plot. Resumable; with shard (i, n)
     only this process's share of the units (variant x repeat).
 
     sweep.field: one dotted config field, or several separated by commas (then every choice is a tuple with
     one value per field, e.g. augmentation pairs: field "pretrain.augment.view1,pretrain.augment.view2").
     """
+    stop = stop if stop is not None else preemption.StopRequest()
     field, values = str(config.sweep.field), list(config.sweep.choices)
     if not values:
         raise UserError(
@@ -1279,11 +1256,11 @@ def run_sweep(config, workdir: str, dataset=None, shard=None) -> dict:
     ds = open_data(config, dataset)
     os.makedirs(workdir, exist_ok=True)
     with rundir.WorkdirLock(workdir, shared=True):
-        return _run_sweep_locked(config, workdir, ds, field, fields, values, metric, shard)
+        return _run_sweep_locked(config, workdir, ds, field, fields, values, metric, shard, stop)
 
 
 def _run_sweep_locked(
-    config, workdir: str, ds, field: str, fields: list[str], values: list, metric: str, shard=None
+    config, workdir: str, ds, field: str, fields: list[str], values: list, metric: str, shard, stop
 ) -> dict:
     # One split for every variant (chosen from the base config unless the sweep sets it), so that all are scored on
     # the same test patients, even when the swept field is the contrast mode whose own default split differs.
@@ -1336,7 +1313,9 @@ def _run_sweep_locked(
     if shard is None:  # variant after variant, each a whole evaluation
         for v, vconfig in zip(variants, configs):
             _log(f"sweep {field} = {v.value!r} -> {v.workdir}")
-            res = run(vconfig, v.workdir, pretrain_root=v.pretrain_root, prepared=v.prepared)
+            res = run(
+                vconfig, v.workdir, pretrain_root=v.pretrain_root, prepared=v.prepared, stop=stop
+            )
             if res.get("status") != "done":
                 _log(
                     f"sweep interrupted at {field} = {v.value!r}; run the same command to continue"
@@ -1347,7 +1326,7 @@ def _run_sweep_locked(
     else:  # this shard's share of the units of every variant
         for v in variants:
             _open_variant(v)
-        _run_units(variants, shard)
+        _run_units(variants, shard, stop)
         if not all(v.complete() for v in variants):
             return _incomplete(variants, shard)
         for v in variants:  # this shard is the last one: every unit is done

@@ -99,7 +99,8 @@ class BatchSource:
 
     raw: (B, L, C) int16 counts, sharded over ``data``; scale: (B,) float32 mV per count;
     ids: (B,) int32 patient codes (records without a patient id get a code of their own);
-    rows: (B,) int32 rows of the device-resident pool (``resident`` mode; the step gathers them).
+    rows: (B,) int32 rows of ``resident_raw``, the pool's int16 rows on every device (``resident`` mode; the
+    step gathers them).
     """
 
     def __init__(
@@ -118,9 +119,9 @@ class BatchSource:
         self.slice = parallel.process_slice(mesh, self.batch)
         self.pool_ids = patient_codes(dataset.patient_ids, dataset.records)[self.pool]
         self.pool_scales = np.asarray(dataset.scales, np.float32)[self.pool]
-        self.device_pool = None
+        self.resident_raw = None
         if resident:
-            self.device_pool = parallel.replicate_from_host(
+            self.resident_raw = parallel.replicate_from_host(
                 mesh, np.asarray(dataset.raw[np.sort(self.pool)])
             )
             # positions in the sorted pool copy

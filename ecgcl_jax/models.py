@@ -91,10 +91,11 @@ class EncoderConfig:
     transformer_d_model: int = 64  # trunk channels are projected to this width when they differ
 
 
-def encoder_config(model_cfg: Any) -> EncoderConfig:
+def encoder_config(model_cfg: Any, field: str = "model") -> EncoderConfig:
     """Reads and checks the model fields of `model_cfg` (attribute object or mapping) -> EncoderConfig.
 
-    Raises UserError("model.<field>: <problem>") on a missing or invalid field.
+    Raises UserError("<field>.<name>: <problem>") on a missing or invalid field; field: the section's dotted
+    name ("config.model", "config.pretrain.model", or "model" of an exported encoder's record).
     """
     if isinstance(model_cfg, EncoderConfig):
         values = dataclasses.asdict(model_cfg)
@@ -103,28 +104,28 @@ def encoder_config(model_cfg: Any) -> EncoderConfig:
         for f in dataclasses.fields(EncoderConfig):
             if isinstance(model_cfg, Mapping):
                 if f.name not in model_cfg:
-                    raise UserError(f"model.{f.name}: missing from the model config")
+                    raise UserError(f"{field}.{f.name}: missing from the model config")
                 values[f.name] = model_cfg[f.name]
             else:
                 try:
                     values[f.name] = getattr(model_cfg, f.name)
                 except (AttributeError, KeyError):
-                    raise UserError(f"model.{f.name}: missing from the model config") from None
+                    raise UserError(f"{field}.{f.name}: missing from the model config") from None
     try:
         values["channels"] = tuple(int(c) for c in values["channels"])
     except (TypeError, ValueError):
         raise UserError(
-            f"model.channels: expected a list of integers, got {values['channels']!r}"
+            f"{field}.channels: expected a list of integers, got {values['channels']!r}"
         ) from None
     cfg = EncoderConfig(**values)
-    _check(cfg)
+    _check(cfg, field)
     return cfg
 
 
-def _check(cfg: EncoderConfig) -> None:
+def _check(cfg: EncoderConfig, field: str) -> None:
     if cfg.encoder not in ENCODERS:
         raise UserError(
-            f"model.encoder: unknown encoder {cfg.encoder!r}; choose one of {', '.join(ENCODERS)}"
+            f"{field}.encoder: unknown encoder {cfg.encoder!r}; choose one of {', '.join(ENCODERS)}"
         )
     for name in (
         "emb_dim",
@@ -137,23 +138,23 @@ def _check(cfg: EncoderConfig) -> None:
     ):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UserError(f"model.{name}: must be a positive integer, got {v!r}")
+            raise UserError(f"{field}.{name}: must be a positive integer, got {v!r}")
     if not isinstance(cfg.attention_dim, int) or cfg.attention_dim < 0:
         raise UserError(
-            f"model.attention_dim: must be 0 (= emb_dim) or a positive integer, got {cfg.attention_dim!r}"
+            f"{field}.attention_dim: must be 0 (= emb_dim) or a positive integer, got {cfg.attention_dim!r}"
         )
     if not cfg.channels or min(cfg.channels) < 1:
         raise UserError(
-            f"model.channels: must be a non-empty list of positive widths, got {cfg.channels!r}"
+            f"{field}.channels: must be a non-empty list of positive widths, got {cfg.channels!r}"
         )
     if not 0.0 <= cfg.dropout < 0.5:
         raise UserError(
-            f"model.dropout: must be in [0, 0.5) because the embedding head drops 2p, got {cfg.dropout!r}"
+            f"{field}.dropout: must be in [0, 0.5) because the embedding head drops 2p, got {cfg.dropout!r}"
         )
     if cfg.encoder == "cnn_transformer" and cfg.transformer_d_model % cfg.transformer_heads:
         raise UserError(
-            f"model.transformer_heads: {cfg.transformer_heads} heads do not divide "
-            f"model.transformer_d_model={cfg.transformer_d_model}"
+            f"{field}.transformer_heads: {cfg.transformer_heads} heads do not divide "
+            f"{field}.transformer_d_model={cfg.transformer_d_model}"
         )
 
 

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,13 +37,13 @@ import ecgcl_jax
 from ecgcl_jax import (
     augment,
     checkpoint,
-    cli,
     input_pipeline,
     losses,
     models,
     monitor,
     optim,
     parallel,
+    preemption,
     rundir,
     splits,
     views,
@@ -66,76 +65,61 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------------------------- config
-def validate_config(config, num_devices: int, field_prefix: str = "") -> None:
-    """Every check that can be made before compiling; raises UserError naming the field. field_prefix: where
-    `config` sits in the caller's config ("pretrain." in an evaluation): the field is named from there."""
-    try:
-        _validate_config(config, num_devices)
-    except UserError as e:
-        if not field_prefix:
-            raise
-        # "config.x: ..." from the checks here, "model.x: ..." / "optim..." from the modules they call
-        msg = str(e)
-        if msg.startswith("config."):
-            msg = msg[len("config.") :]
-        if msg.split(":", 1)[0].split(".", 1)[0] in config.keys():  # the field's top-level name
-            msg = f"config.{field_prefix}{msg}"
-        raise UserError(msg) from None
-
-
-def _validate_config(config, num_devices: int) -> None:
+def validate_config(config, num_devices: int, name: str = "config") -> None:
+    """Every check that can be made before compiling; raises UserError naming the field by its full dotted
+    name. name: the config's own ("config", or "config.pretrain" inside an evaluation's config)."""
     if config.mode not in views.CONTRAST_MODES:
         raise UserError(
-            f"config.mode: unknown contrast mode {config.mode!r}; "
+            f"{name}.mode: unknown contrast mode {config.mode!r}; "
             f"choose one of {', '.join(views.CONTRAST_MODES)}"
         )
     if config.dtype not in DTYPES:
-        raise UserError(f"config.dtype: {config.dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UserError(f"{name}.dtype: {config.dtype!r} is not one of {', '.join(DTYPES)}")
     if config.data.domain not in ("time", "frequency"):
-        raise UserError(f"config.data.domain: {config.data.domain!r} is not 'time' or 'frequency'")
+        raise UserError(f"{name}.data.domain: {config.data.domain!r} is not 'time' or 'frequency'")
     if config.data.resident not in ("auto", "yes", "no"):
-        raise UserError(f"config.data.resident: {config.data.resident!r} is not auto, yes or no")
+        raise UserError(f"{name}.data.resident: {config.data.resident!r} is not auto, yes or no")
     if not isinstance(config.data.reader_threads, int) or config.data.reader_threads < 0:
         raise UserError(
-            f"config.data.reader_threads: must be 0 (auto) or a positive integer, got "
+            f"{name}.data.reader_threads: must be 0 (auto) or a positive integer, got "
             f"{config.data.reader_threads!r}"
         )
     if config.on_nonfinite not in ("stop", "skip"):
-        raise UserError(f"config.on_nonfinite: {config.on_nonfinite!r} is not 'stop' or 'skip'")
+        raise UserError(f"{name}.on_nonfinite: {config.on_nonfinite!r} is not 'stop' or 'skip'")
     for field in ("num_steps", "log_every", "checkpoint_every"):
         if int(config[field]) <= 0:
-            raise UserError(f"config.{field}: must be a positive integer (got {config[field]})")
+            raise UserError(f"{name}.{field}: must be a positive integer (got {config[field]})")
     if config.batch_size <= 0:
-        raise UserError(f"config.batch_size: must be positive (got {config.batch_size})")
+        raise UserError(f"{name}.batch_size: must be positive (got {config.batch_size})")
     # alone in its batch, an ECG has no negative: the loss is 0 and nothing is learnt
     if config.batch_size < 2:
         raise UserError(
-            f"config.batch_size: must be at least 2, for NT-Xent's negatives (got {config.batch_size})"
+            f"{name}.batch_size: must be at least 2, for NT-Xent's negatives (got {config.batch_size})"
         )
     if config.batch_size % num_devices:
         raise UserError(
-            f"config.batch_size: {config.batch_size} is not divisible by the {num_devices} devices"
+            f"{name}.batch_size: {config.batch_size} is not divisible by the {num_devices} devices"
         )
     if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:  # jax keys hold 32 bits
-        raise UserError(f"config.seed: must be an integer in [0, 2**32) (got {config.seed!r})")
+        raise UserError(f"{name}.seed: must be an integer in [0, 2**32) (got {config.seed!r})")
     if config.temperature <= 0:
-        raise UserError(f"config.temperature: must be positive (got {config.temperature})")
-    optim.recipe(config.optim, int(config.num_steps))
+        raise UserError(f"{name}.temperature: must be positive (got {config.temperature})")
+    optim.recipe(config.optim, int(config.num_steps), f"{name}.optim")
     bad = [l for l in config.clocs_leads if l not in ecgcl_jax.LEADS]
     if bad or (config.mode in views.LEAD_MODES and len(config.clocs_leads) < 2):
         raise UserError(
-            f"config.clocs_leads: need >= 2 of {', '.join(ecgcl_jax.LEADS)} (got {list(config.clocs_leads)})"
+            f"{name}.clocs_leads: need >= 2 of {', '.join(ecgcl_jax.LEADS)} (got {list(config.clocs_leads)})"
         )
     twice = sorted({l for l in config.clocs_leads if list(config.clocs_leads).count(l) > 1})
     if twice:  # a lead paired with itself is its own positive
         raise UserError(
-            f"config.clocs_leads: {', '.join(twice)} listed more than once (got {list(config.clocs_leads)})"
+            f"{name}.clocs_leads: {', '.join(twice)} listed more than once (got {list(config.clocs_leads)})"
         )
-    models.encoder_config(config.model)
+    models.encoder_config(config.model, f"{name}.model")
     for field in ("view1", "view2"):
-        views.view_pipeline(config, field)
+        views.view_pipeline(config, field, name=name)
     if config.data.path and not os.path.exists(os.path.expanduser(config.data.path)):
-        raise UserError(f"config.data.path: {config.data.path} does not exist")
+        raise UserError(f"{name}.data.path: {config.data.path} does not exist")
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -151,9 +135,9 @@ def contrastive_loss(config, zs: list[jax.Array], ids) -> jax.Array:
 def make_pretrain_step(config, model, tx):
     """Returns ``step(state, batch, key) -> (state, metrics)`` (pure; jit it with the state donated).
 
-    batch: {'raw': (B, L, C) int16} or {'rows': (B,) int32, 'pool': (N, L, C) int16 resident pool},
-    plus 'scale': (B,) float32 mV per count, 'ids': (B,) int32 patient codes and 'max_amp': () float32 mV
-    (replicated; a traced value, so a new pool does not recompile the step).
+    batch: {'raw': (B, L, C) int16} or {'rows': (B,) int32, 'resident_raw': (N, L, C) int16 (the pool's rows
+    on the device)}, plus 'scale': (B,) float32 mV per count, 'ids': (B,) int32 patient codes and 'max_amp':
+    () float32 mV (replicated; a traced value, so a new pool does not recompile the step).
     """
     dtype = DTYPES[config.dtype]
     use_ids = bool(config.patient_positives)
@@ -161,7 +145,11 @@ def make_pretrain_step(config, model, tx):
     def step(state: TrainState, batch: dict, key: jax.Array):
         k = jax.random.fold_in(key, state.step)
         k_aug, k_drop = jax.random.split(k)
-        raw = jnp.take(batch["pool"], batch["rows"], axis=0) if "rows" in batch else batch["raw"]
+        raw = (
+            jnp.take(batch["resident_raw"], batch["rows"], axis=0)
+            if "rows" in batch
+            else batch["raw"]
+        )
         x = raw.astype(jnp.float32) * batch["scale"][:, None, None]
         x = input_pipeline.normalize(x, batch["max_amp"])
         # streamed: one buffer for x, read by the mean and both views (CPU: 0.93x -> ~1.0x resident)
@@ -230,50 +218,12 @@ def init_state(config, model, tx, key: jax.Array) -> TrainState:
 
 
 # ----------------------------------------------------------------------------------------------- loop
-def _stop_requested(preempt, sync_point: bool) -> bool:
+def _stop_requested(stop: preemption.StopRequest, sync_point: bool) -> bool:
     """Whether to checkpoint and stop after this step. With several processes they must agree (a checkpoint is
     a collective), so the flags are compared at log steps only, where the host waits for the step anyway."""
     if jax.process_count() == 1:
-        return preempt.requested
-    return sync_point and parallel.any_process(preempt.requested)
-
-
-class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns (and sets `acted`).
-
-    A signal that came after the loop's last check (during the final save or the export) is passed on when the
-    block ends to the handler it replaced, if that is a Python function (run_eval's, which stops the evaluation);
-    with the default handlers the finished run simply returns. Single process only: with several, one process
-    stopping on its own would leave the others waiting in a collective.
-    """
-
-    def __init__(self):
-        self.requested, self.acted, self.signum = False, False, None
-        self._signals = cli.on_stop_signals(self._handle)
-
-    def __enter__(self):
-        self._signals.__enter__()
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def agreed(self, sync_point: bool) -> bool:
-        """Whether every process stops after this step (see _stop_requested)."""
-        return _stop_requested(self, sync_point)
-
-    def __exit__(self, *exc):
-        out = self._signals.__exit__(*exc)
-        if self.requested and not self.acted and exc[0] is None and jax.process_count() == 1:
-            previous = signal.getsignal(self.signum)  # restored just now
-            # Python's own SIGINT handler would raise KeyboardInterrupt after a finished run: it counts as a default
-            if callable(previous) and previous not in (
-                signal.SIG_DFL,
-                signal.SIG_IGN,
-                signal.default_int_handler,
-            ):
-                previous(self.signum, None)
-        return out
+        return stop.requested
+    return sync_point and parallel.any_process(stop.requested)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,9 +237,7 @@ class _Run:
     max_amp: float  # mV, the normaliser fitted on the pool
     log: Callable[[str], None]
     main: bool  # process 0: the one that writes metrics.jsonl, TensorBoard and the encoder
-    field_prefix: str = (
-        ""  # where `config` sits in the caller's config, for the fields messages name
-    )
+    name: str  # the config's dotted name ("config", "config.pretrain"), for the fields messages ask to set
 
 
 class _Checkpointer:
@@ -310,7 +258,7 @@ class _Checkpointer:
                 self.manager,
                 state,
                 log=log,
-                restart_field=f"{self.run.field_prefix}restart_if_unrestorable",
+                restart_field=f"{self.run.name}.restart_if_unrestorable",
             )
         except UserError:
             if not config.restart_if_unrestorable:
@@ -365,7 +313,7 @@ class _NonFiniteGuard:
 
     def check(self, state: TrainState, nonfinite: int, since: int, done: int) -> None:
         """At a log step: `nonfinite` steps so far, `since`: the previous log step, `done`: steps done."""
-        prefix = self.run.field_prefix
+        name = self.run.name
         if nonfinite > self.skipped_before and self.run.config.on_nonfinite == "stop":
             where = (
                 f"at step {int(parallel.to_host(state.first_nonfinite)) + 1}"
@@ -374,8 +322,8 @@ class _NonFiniteGuard:
             )
             raise UserError(
                 f"non-finite loss, gradient or update {where}; stopped. Last good checkpoint: "
-                f"{self.checkpointer.last_good()} (lower --config.{prefix}optim.learning_rate, or set "
-                f"--config.{prefix}on_nonfinite=skip)"
+                f"{self.checkpointer.last_good()} (lower --{name}.optim.learning_rate, or set "
+                f"--{name}.on_nonfinite=skip)"
             )
 
     def tainted(self, state: TrainState) -> bool:
@@ -472,7 +420,7 @@ class _Feed:
         """(step, batch) for step = start .. num_steps - 1."""
         for step, b in self.source.iterate(start, num_steps):
             if self.resident:
-                b["pool"] = self.source.device_pool
+                b["resident_raw"] = self.source.resident_raw
             b["max_amp"] = self.max_amp
             yield step, b
 
@@ -484,7 +432,7 @@ class LoopHooks:
     metrics: _MetricsWriter
     checkpointer: _Checkpointer
     guard: _NonFiniteGuard
-    stop: _Preemption
+    stop: preemption.StopRequest
 
 
 def train_loop(
@@ -507,7 +455,7 @@ def train_loop(
                 continue  # caught at the log line above; never checkpoint a state that saw a bad step
             hooks.checkpointer.save(done, state)
             hooks.metrics.plot()
-        if hooks.stop.agreed(log_step):
+        if _stop_requested(hooks.stop, log_step):
             hooks.checkpointer.save_and_stop(done, state)
             hooks.stop.acted = True
             return state, "preempted"
@@ -520,22 +468,26 @@ def run(
     dataset=None,
     indices=None,
     mesh=None,
-    field_prefix: str = "",
+    stop: preemption.StopRequest | None = None,
+    name: str = "config",
 ) -> dict:
     """Pretrain (or resume) in ``workdir``; see the module docstring. Returns a summary dict.
 
-    dataset: an opened dataset (default: ``open_dataset(config.data.path)``); indices: rows to pretrain on
-    (default: all); mesh: device mesh (default: every device of every process); field_prefix: where `config` sits
-    in the caller's config (evaluation: "pretrain."), for the fields that messages tell the user to set.
+    dataset: an opened dataset (default: ``open_dataset(config.data.path)``); indices: the pool, rows to pretrain
+    on (default: all); mesh: device mesh (default: every device of every process); stop: the entry point's stop
+    request (SIGTERM/SIGINT: checkpoint after the current step and return "preempted"; default: none); name: the
+    config's dotted name in the user's config ("config.pretrain" inside an evaluation), for the fields that
+    messages name.
     """
     from ecgcl_jax import data as data_lib  # noqa: PLC0415 - keeps `import ecgcl_jax.pretrain` light
 
     main = parallel.is_main_process()
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     mesh = mesh if mesh is not None else parallel.make_mesh()
+    stop = stop if stop is not None else preemption.StopRequest()
     err = None
     try:  # on every process, each with its own files: all go on, or all stop
-        validate_config(config, mesh.size, field_prefix)
+        validate_config(config, mesh.size, name)
         ds = dataset if dataset is not None else data_lib.open_dataset(config.data.path)
         if config.data.label and hasattr(ds, "with_label"):
             ds = ds.with_label(config.data.label)
@@ -546,7 +498,7 @@ def run(
         # every pair a positive: nothing to contrast
         if config.patient_positives and len(np.unique(patients)) < 2:
             raise UserError(
-                f"config.patient_positives: all {len(pool)} pretraining records belong to one patient, so no "
+                f"{name}.patient_positives: all {len(pool)} pretraining records belong to one patient, so no "
                 "ECG would have a negative; turn it off or add other patients"
             )
         batch, note = input_pipeline.effective_batch_size(config.batch_size, len(pool), mesh.size)
@@ -561,11 +513,9 @@ def run(
     if note:
         log(note)
 
-    with contextlib.ExitStack() as held, _Preemption() as preempt:
+    with contextlib.ExitStack() as held, stop.deferred():
 
-        def lock_and_admit_max_amp() -> (
-            float
-        ):  # process 0 only: the other processes wait for its verdict
+        def lock_and_admit_max_amp() -> float:  # process 0 only: the others wait for its verdict
             os.makedirs(workdir, exist_ok=True)
             held.enter_context(rundir.WorkdirLock(workdir))
             return rundir.admit_max_amp(config, workdir, ds, pool, batch)
@@ -574,11 +524,11 @@ def run(
         finished = rundir.finished_summary(config, workdir, batch, max_amp, log)
         if not parallel.any_process(finished is None):  # every process returns here, or none does
             return finished
-        admitted = _Run(config, workdir, batch, max_amp, log, main, field_prefix)
-        return _train_and_export(admitted, ds, pool, mesh, preempt)
+        admitted = _Run(config, workdir, batch, max_amp, log, main, name)
+        return _train_and_export(admitted, ds, pool, mesh, stop)
 
 
-def _train_and_export(run: _Run, ds, pool, mesh, preempt: _Preemption) -> dict:
+def _train_and_export(run: _Run, ds, pool, mesh, stop: preemption.StopRequest) -> dict:
     """Build the state (restored if a checkpoint restores), the step, the feed and the loop's hooks, train to
     num_steps (or a stop request) and export the encoder; returns the run's summary. Every process calls it."""
     config, workdir, log = run.config, run.workdir, run.log
@@ -606,7 +556,7 @@ def _train_and_export(run: _Run, ds, pool, mesh, preempt: _Preemption) -> dict:
         )
     guard = _NonFiniteGuard(run, state, checkpointer)
     metrics = _MetricsWriter(run, recipe, metrics_file, start, last_loss)
-    hooks = LoopHooks(metrics, checkpointer, guard, preempt)
+    hooks = LoopHooks(metrics, checkpointer, guard, stop)
     with metrics:
         state, status = train_loop(
             config, state, lambda s, b: step_fn(s, b, step_key), feed, hooks, start

@@ -30,9 +30,9 @@ from ecgcl_jax.fileio import atomic_write
 CONFIG_JSON, RUN_JSON, METRICS_JSONL = "config.json", "run.json", "metrics.jsonl"
 # config.json's (and encoder.json's "extra") record of the parsed view pipelines: {'view1': {'spec', 'ops'}, ...}
 AUGMENT_RECORD = "augment_pipelines"
-# Fields that may change between a pretraining run and its resume.
-RESUMABLE_CHANGES = (
-    "num_steps",
+# Fields that change nothing a finished step computed (logging, checkpoint cadence, input I/O, the error
+# policy): a resume may change them, and so may an evaluation's resume in its nested pretraining config.
+NEUTRAL_FIELDS = (
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",
@@ -44,6 +44,11 @@ RESUMABLE_CHANGES = (
     # no longer a config field: workdirs written while it was one carry it
     "debug_nan_at_step",
 )
+# Fields that may change between a pretraining run and its resume: also num_steps (train longer).
+RESUMABLE_CHANGES = ("num_steps", *NEUTRAL_FIELDS)
+# Fields added since pretraining workdirs were first written, with the value that ran before: a saved config
+# without one resumes when the current config keeps that value.
+ADDED_FIELDS = {"data.task": "", **optim.fields_before_recipes("optim.")}
 
 
 # ----------------------------------------------------------------------------------------------- lock
@@ -94,9 +99,7 @@ def read_json(path: str) -> dict:
 
 def check_resume_config(saved: dict, current: dict, path: str) -> None:
     """Raises a UserError naming `path` when `current` changes a field a resume may not change."""
-    # a field added since the workdir was written ran with its old-behaviour value
-    before = {"data.task": "", **optim.fields_before_recipes("optim.")}
-    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, before)
+    detail = configdiff.changed_fields(saved, current, RESUMABLE_CHANGES, ADDED_FIELDS)
     if detail:
         raise UserError(
             f"{path}: this workdir was started with another config; changed fields: {detail} "

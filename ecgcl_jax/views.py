@@ -121,8 +121,11 @@ def input_geometry(config) -> tuple[int, int, int]:
     return length, enc_len, in_leads
 
 
-def view_pipeline(config, field: str, length: int | None = None) -> augment.Pipeline:
-    """The validated pipeline of ``config.augment.<field>`` (view1 | view2) for this mode's views.
+def view_pipeline(
+    config, field: str, length: int | None = None, name: str = "config"
+) -> augment.Pipeline:
+    """The validated pipeline of ``config.augment.<field>`` (view1 | view2) for this mode's views; errors
+    name it ``<name>.augment.<field>`` (name: the config's dotted name, e.g. "config.pretrain").
 
     Parsed once (``augment.parse`` caches it) for the lead count the views have and ``length`` samples
     (default: the mode's, from ``input_geometry``).
@@ -133,7 +136,7 @@ def view_pipeline(config, field: str, length: int | None = None) -> augment.Pipe
         config.augment[field],
         length,
         leads,
-        field=f"config.augment.{field}",
+        field=f"{name}.augment.{field}",
         permute_shared=bool(config.augment.permute_shared_leads),
     )
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, evaluate, models, splits
+from ecgcl_jax import checkpoint, evaluate, models, preemption, splits
 from ecgcl_jax.errors import UserError
 from tests.conftest import ROOT, TINY, override
 
@@ -206,7 +206,8 @@ def test_reproducible_and_resume_after_kill(tmp_path, ds, clean_encoder, monkeyp
     assert b["summary"] == a["summary"]
     # killed as the second repeat starts: the first one is kept, a re-run finishes with identical results.json
     calls = _kill_second_repeat(monkeypatch)
-    c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds)
+    stop = preemption.StopRequest(signals=True)  # as the command's entry point makes it
+    c = evaluate.run(eval_config(clean_encoder), str(tmp_path / "c"), dataset=ds, stop=stop)
     assert c["status"] == "preempted" and len(c["repeats"]) == 1 and calls == [321, 123]
     assert not (tmp_path / "c" / "repeat_123" / "repeat.json").exists()
     # the files of the interrupted evaluation say so themselves
@@ -304,7 +305,8 @@ def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(
         return real(preempt, sync_point)
 
     monkeypatch.setattr(pretrain, "_stop_requested", stop_after_step_2)
-    b = evaluate.run(eval_config(**over), str(tmp_path / "b"))
+    stop = preemption.StopRequest(signals=True)
+    b = evaluate.run(eval_config(**over), str(tmp_path / "b"), stop=stop)
     monkeypatch.undo()
     assert b["status"] == "preempted" and not b["repeats"]
     ckpts = tmp_path / "b" / "repeat_321" / "pretrain" / "checkpoints"

@@ -252,7 +252,7 @@ def test_a_bad_field_is_one_line_naming_it(fields, needle):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(needle + ":"), msg
     with pytest.raises(UserError) as e:  # inside an evaluation: the full dotted name from there
-        pretrain.validate_config(c, 8, field_prefix="pretrain.")
+        pretrain.validate_config(c, 8, "config.pretrain")
     assert str(e.value).startswith(needle.replace("config.", "config.pretrain.") + ":")
 
 

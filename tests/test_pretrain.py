@@ -256,7 +256,7 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
         )
         batch = dict(
             src.device_batch(0),
-            pool=src.device_pool,
+            resident_raw=src.resident_raw,
             max_amp=parallel.replicate_from_host(
                 mesh, np.asarray(input_pipeline.fit_max_amp(ds, pool), np.float32)
             ),

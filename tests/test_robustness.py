@@ -297,13 +297,13 @@ def test_evaluation_errors_name_the_fields_it_can_change(tmp_path, nan_at_step):
     with open(os.path.join(wd, "checkpoints", "3", "default", "_METADATA"), "w") as f:
         f.write("{")
     with pytest.raises(UserError, match=r"pass --config\.pretrain\.restart_if_unrestorable=True"):
-        pretrain.run(small_config(num_steps=6), wd, field_prefix="pretrain.")
+        pretrain.run(small_config(num_steps=6), wd, name="config.pretrain")
     nan_at_step(0)
     with pytest.raises(UserError, match=r"set --config\.pretrain\.on_nonfinite=skip"):
         pretrain.run(
             small_config(num_steps=2),
             str(tmp_path / "n"),
-            field_prefix="pretrain.",
+            name="config.pretrain",
         )
     saved = {"pretrain": {"on_nonfinite": "stop", "restart_if_unrestorable": False, "seed": 0}}
     evaluate.check_resume(
@@ -380,79 +380,66 @@ def test_checkpoint_of_a_replicated_state_compiles_nothing_and_restores_exactly(
         np.testing.assert_array_equal(np.asarray(back[k]), v)
 
 
-def test_a_stop_signal_during_the_export_reaches_the_callers_handler(tmp_path, monkeypatch):
-    # run_eval's handler raises to stop the evaluation; a SIGTERM that lands after the loop's last check (here in
-    # the export) used to be swallowed, and the evaluation went on
-    from ecgcl_jax import pretrain
-
-    class Stop(Exception):
-        pass
-
-    def caller_handler(signum, frame):
-        raise Stop(signum)
+def test_a_stop_signal_during_the_export_reaches_the_enclosing_evaluation(tmp_path, monkeypatch):
+    # an evaluation stops at once outside pretraining; a SIGTERM that lands after the pretraining loop's last
+    # check (here in the export) must still stop it when the pretraining returns, not be swallowed
+    from ecgcl_jax import preemption, pretrain
 
     real_export = pretrain.export
 
-    def export_then_signal(*a, **k):
-        out = real_export(*a, **k)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return out
+    def export_then(signum):
+        def export(*a, **k):
+            out = real_export(*a, **k)
+            os.kill(os.getpid(), signum)
+            return out
 
-    monkeypatch.setattr(pretrain, "export", export_then_signal)
-    old = signal.signal(signal.SIGTERM, caller_handler)
-    try:
-        with pytest.raises(Stop):
-            pretrain.run(small_config(num_steps=3, checkpoint_every=3), str(tmp_path / "wd"))
-        assert signal.getsignal(signal.SIGTERM) is caller_handler
-    finally:
-        signal.signal(signal.SIGTERM, old)
+        return export
+
+    monkeypatch.setattr(pretrain, "export", export_then(signal.SIGTERM))
+    stop = preemption.StopRequest(signals=True)
+    with pytest.raises(preemption.Interrupted, match="SIGTERM"), stop.interrupting():
+        pretrain.run(small_config(num_steps=3, checkpoint_every=3), str(tmp_path / "wd"), stop=stop)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the routing ends with the blocks
     # the run itself was complete: final checkpoint and export are there
     assert os.path.isdir(tmp_path / "wd" / "checkpoints" / "3")
     assert os.path.exists(tmp_path / "wd" / "encoder" / "encoder.json")
-    # Python's own Ctrl-C handler is a default, not a caller's: the finished run returns, no KeyboardInterrupt
-    monkeypatch.setattr(
-        pretrain,
-        "export",
-        lambda *a, **k: (real_export(*a, **k), os.kill(os.getpid(), signal.SIGINT))[0],
+    # a pretraining on its own: the finished run returns "done", no KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "export", export_then(signal.SIGINT))
+    stop = preemption.StopRequest(signals=True)
+    out = pretrain.run(
+        small_config(num_steps=3, checkpoint_every=3), str(tmp_path / "wd2"), stop=stop
     )
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        assert (
-            pretrain.run(small_config(num_steps=3, checkpoint_every=3), str(tmp_path / "wd2"))[
-                "status"
-            ]
-            == "done"
-        )
-    finally:
-        signal.signal(signal.SIGINT, old)
+    assert out["status"] == "done" and stop.requested and stop.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_stop_signal_before_the_run_started_reaches_its_handler():
     # run_pretrain.py / run_eval.py hold SIGTERM from their first lines (it killed them while JAX loaded); the run's
     # handler gets it when installed, so the run stops the way it does for a later signal
-    from ecgcl_jax import cli
+    from ecgcl_jax import preemption
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        cli.hold_early_stop_signals()
+        preemption.hold_early_stop_signals()
         os.kill(os.getpid(), signal.SIGTERM)
         got = []
-        with cli.on_stop_signals(lambda signum, frame: got.append(signum)):
+        with preemption.on_stop_signals(lambda signum, frame: got.append(signum)):
             assert got == [signal.SIGTERM]
             os.kill(os.getpid(), signal.SIGINT)  # inside the block: straight to the handler
             time.sleep(0.05)
-        assert got == [signal.SIGTERM, signal.SIGINT] and not cli._EARLY_SIGNALS
+        assert got == [signal.SIGTERM, signal.SIGINT] and not preemption._EARLY_SIGNALS
         # the hold ends with the block: after it, the default handlers (a signal while writing results is not eaten)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        cli.hold_early_stop_signals()
-        cli.release_early_stop_signals()
+        preemption.hold_early_stop_signals()
+        preemption.release_early_stop_signals()
         assert (
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler and not cli._EARLY_SIGNALS
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            and not preemption._EARLY_SIGNALS
         )
         # a second signal while still starting stops the process at once, as the signal does by default
         code = (
-            "import os, signal, time\nfrom ecgcl_jax import cli\ncli.hold_early_stop_signals()\n"
+            "import os, signal, time\nfrom ecgcl_jax import preemption\npreemption.hold_early_stop_signals()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\nprint('held', flush=True)\nos.kill(os.getpid(), signal.SIGTERM)\n"
             "time.sleep(5)\nprint('not stopped')\n"
         )
