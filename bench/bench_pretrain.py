@@ -50,6 +50,8 @@ import numpy as np  # noqa: E402
 
 DEFAULT_PAIR = "gaussian_noise:0.05+gaussian_noise:0.25"  # torch_reference.py's default pair
 TORCH_ENCODERS = ("cnn", "cnn_lstm")  # the encoders torch_reference.py implements
+# what a measured case is keyed by (results' keys, in this order) and recorded under
+CASE_FIELDS = ("encoder", "aug_pair", "precision", "data", "batch")
 TORCH_PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 TORCH_REF_CANDIDATES = (
     os.path.join(REPO, "..", "shared", "bench", "torch_reference.py"),
@@ -603,11 +605,7 @@ def main(argv=None) -> int:
                     rec = dict(
                         common,
                         framework="ecgcl-jax",
-                        encoder=enc,
-                        aug_pair=pair,
-                        precision=prec,
-                        data=data,
-                        batch=b,
+                        **dict(zip(CASE_FIELDS, key)),
                         round=r + 1,
                         load1=loadavg(),
                         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -700,11 +698,7 @@ def summary(args, results, batches, run_id, common, log, emit):
             dict(
                 common,
                 kind="summary",
-                encoder=enc,
-                aug_pair=pair,
-                precision=prec,
-                data=data,
-                batch=b,
+                **dict(zip(CASE_FIELDS, (enc, pair, prec, data, b))),
                 project_ecg_per_s=pm,
                 torch_ecg_per_s=tm,
                 ratio_median=rm,

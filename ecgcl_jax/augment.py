@@ -894,14 +894,21 @@ class OpSpec:
     params: tuple[Param, ...]
     summary: str
     batch: bool = False  # acts on the whole batch (mix)
+    # one of the reference system's ops; the others (physiological noise, geometric ops) are each a
+    # function of this module named after the op that runs it with its defaults as f(key, x)
+    reference: bool = False
 
 
 _FRAC = dict(lo=0.0, hi=1.0)
 OPS: dict[str, OpSpec] = {
-    "gaussian_noise": OpSpec((Param("factor", 0.05),), "x + N(0, 1) factor std(x)"),
-    "dropout": OpSpec((Param("rate", 0.1, **_FRAC),), "floor(rate L) samples per lead set to 0"),
+    "gaussian_noise": OpSpec((Param("factor", 0.05),), "x + N(0, 1) factor std(x)", reference=True),
+    "dropout": OpSpec(
+        (Param("rate", 0.1, **_FRAC),), "floor(rate L) samples per lead set to 0", reference=True
+    ),
     "zero_mask": OpSpec(
-        (Param("ratio", 0.1, **_FRAC),), "one window of floor(ratio L) samples per lead set to 0"
+        (Param("ratio", 0.1, **_FRAC),),
+        "one window of floor(ratio L) samples per lead set to 0",
+        reference=True,
     ),
     "permute": OpSpec(
         (
@@ -909,6 +916,7 @@ OPS: dict[str, OpSpec] = {
             Param("shared_across_leads", 0, flag=True),
         ),
         "m equal segments shuffled (per lead, or shared)",
+        reference=True,
     ),
     "time_warp": OpSpec(
         (
@@ -916,13 +924,15 @@ OPS: dict[str, OpSpec] = {
             Param("warp", 0.2, hi=1.0, hi_open=True),
         ),
         "half of m segments stretched by 1 + w, half squeezed by 1 - w, back to L",
+        reference=True,
     ),
     "mix": OpSpec(
         (Param("rate", 0.1, **_FRAC), Param("factor", 0.05)),
         "half the batch dropout(rate), half gaussian_noise(factor)",
         batch=True,
+        reference=True,
     ),
-    "none": OpSpec((), "identity"),
+    "none": OpSpec((), "identity", reference=True),
     "baseline_wander": OpSpec(
         (
             Param("amplitude", 0.3),

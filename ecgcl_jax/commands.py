@@ -30,28 +30,47 @@ def _parse_config_names(prog: str, argv: list[str]) -> list[str]:
         sys.exit(cli.fail(prog, e))
 
 
+def _config_workdir_command(
+    argv: list[str] | None, prog: str | None, default_prog: str, config_help: str, workdir_help: str
+):
+    """The start that pretraining and evaluation share: hold early stop signals, resolve shipped config
+    names in argv, and define --config (a config file, locked) and --workdir (required, not empty).
+
+    Returns (prog, argv, the --config flag holder, the --workdir flag holder); the caller defines its
+    own flags next.
+    """
+    preemption.hold_early_stop_signals()
+    prog = prog or _prog(default_prog)
+    argv = _parse_config_names(prog, list(sys.argv if argv is None else argv))
+
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    config_flag = config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
+    flags.register_validator(
+        "workdir", lambda v: bool(v and v.strip()), message="must not be empty"
+    )
+    return prog, argv, config_flag, workdir_flag
+
+
 def pretrain_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`ecgcl-pretrain --config NAME|FILE --workdir DIR [--config.FIELD=VALUE ...]` (and run_pretrain.py).
 
     Multi-host: add --distributed (TPU pods / SLURM auto-detect) or
     --coordinator=HOST:PORT --num_processes=N --process_id=I on every process.
     """
-    preemption.hold_early_stop_signals()
-    prog = prog or _prog("ecgcl-pretrain")
-    argv = _parse_config_names(prog, list(sys.argv if argv is None else argv))
+    prog, argv, config_flag, workdir_flag = _config_workdir_command(
+        argv,
+        prog,
+        "ecgcl-pretrain",
+        "Pretraining config: a shipped config's name (cnn_attn_lstm, cnn, clocs_cmsc, ...) or a file.",
+        "Run directory: metrics.jsonl, log.txt, checkpoints/, encoder/.",
+    )
 
     from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Pretraining config: a shipped config's name (cnn_attn_lstm, cnn, clocs_cmsc, ...) or a file.",
-        lock_config=True,
-    )
-    workdir_flag = flags.DEFINE_string(
-        "workdir", None, "Run directory: metrics.jsonl, log.txt, checkpoints/, encoder/."
-    )
     distributed = flags.DEFINE_bool(
         "distributed", False, "Call jax.distributed.initialize() (auto-detect)."
     )
@@ -60,10 +79,6 @@ def pretrain_main(argv: list[str] | None = None, prog: str | None = None) -> int
     )
     nproc = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
     pid = flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
-    flags.mark_flags_as_required(["config", "workdir"])
-    flags.register_validator(
-        "workdir", lambda v: bool(v and v.strip()), message="must not be empty"
-    )
 
     def main(_):
         workdir = os.path.expanduser(workdir_flag.value)
@@ -90,22 +105,16 @@ def pretrain_main(argv: list[str] | None = None, prog: str | None = None) -> int
 def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`ecgcl-eval --config eval[:PRETRAIN_CONFIG]|FILE --workdir DIR [--config.FIELD=VALUE ...]` (and
     run_eval.py). Writes WORKDIR/results.json, splits.json, results.md, results.csv, plots/, log.txt."""
-    preemption.hold_early_stop_signals()
-    prog = prog or _prog("ecgcl-eval")
-    argv = _parse_config_names(prog, list(sys.argv if argv is None else argv))
+    prog, argv, config_flag, workdir_flag = _config_workdir_command(
+        argv,
+        prog,
+        "ecgcl-eval",
+        "Evaluation config: eval, eval:clocs_cmsc, sweep_label_fraction, ... or a file.",
+        "Evaluation directory (results, splits, per-repeat runs).",
+    )
 
     from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Evaluation config: eval, eval:clocs_cmsc, sweep_label_fraction, ... or a file.",
-        lock_config=True,
-    )
-    workdir_flag = flags.DEFINE_string(
-        "workdir", None, "Evaluation directory (results, splits, per-repeat runs)."
-    )
     shard_flag = flags.DEFINE_string(
         "shard",
         "",
@@ -119,10 +128,6 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         True,
         "Ask XLA for run-to-run deterministic GPU kernels (--xla_gpu_deterministic_ops), so a "
         "resumed or repeated evaluation gives the same numbers on GPUs too; no effect on CPU.",
-    )
-    flags.mark_flags_as_required(["config", "workdir"])
-    flags.register_validator(
-        "workdir", lambda v: bool(v and v.strip()), message="must not be empty"
     )
 
     def main(_):

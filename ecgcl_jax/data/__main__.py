@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ecgcl_jax import cli
@@ -11,6 +12,15 @@ from ecgcl_jax.data.build import CHOICES, PrepareOptions
 from ecgcl_jax.errors import UserError
 
 D = PrepareOptions()  # the defaults live in one place
+
+
+def _option(q: argparse.ArgumentParser, field: str, help: str | None = None, **kw) -> None:
+    """--FIELD (underscores as dashes) for a field of PrepareOptions: its default there (unless given)
+    and, for a string option, its allowed values (CHOICES); `main` hands the value back to the field."""
+    kw.setdefault("default", getattr(D, field))
+    if field in CHOICES:
+        kw["choices"] = CHOICES[field]
+    q.add_argument("--" + field.replace("_", "-"), help=help, **kw)
 
 
 def build_parser(prog: str = "python -m ecgcl_jax.data") -> argparse.ArgumentParser:
@@ -24,85 +34,61 @@ def build_parser(prog: str = "python -m ecgcl_jax.data") -> argparse.ArgumentPar
     )
     q.add_argument("sources", nargs="+", metavar="SRC")
     q.add_argument("--out", required=True, metavar="DIR")
-    q.add_argument(
-        "--labels", metavar="TABLE.csv", help="label table: a 'record' column and label columns"
-    )
-    q.add_argument(
-        "--label-column",
-        metavar="NAME",
-        help="column that becomes the binary label (default: the table's only label column; "
+    _option(q, "labels", "label table: a 'record' column and label columns", metavar="TABLE.csv")
+    _option(
+        q,
+        "label_column",
+        "column that becomes the binary label (default: the table's only label column; "
         "without a table 'label' where the sources give one, else 'normal')",
+        metavar="NAME",
     )
     q.add_argument(
         "--no-auto-labels",
         action="store_true",
         help="do not attach a labels.csv / records.csv found at the top of a SRC folder",
     )
-    q.add_argument(
-        "--length",
-        choices=CHOICES["length"],
-        default=D.length,
-        help="longer records: keep the first 10 s (crop) or cut consecutive 10 s windows",
+    _option(
+        q, "length", "longer records: keep the first 10 s (crop) or cut consecutive 10 s windows"
     )
-    q.add_argument(
-        "--short",
-        choices=CHOICES["short"],
-        default=D.short,
-        help="records shorter than 10 s: zero-pad (true length kept) or drop",
-    )
-    q.add_argument(
-        "--min-seconds",
+    _option(q, "short", "records shorter than 10 s: zero-pad (true length kept) or drop")
+    _option(
+        q,
+        "min_seconds",
+        f"drop records shorter than this (default {D.min_seconds:g})",
         type=float,
-        default=D.min_seconds,
-        help=f"drop records shorter than this (default {D.min_seconds:g})",
     )
-    q.add_argument(
-        "--missing-leads",
-        choices=CHOICES["missing_leads"],
-        default=D.missing_leads,
-        help="a record lacking a standard lead: drop it, or zero-fill the lead",
-    )
-    q.add_argument(
-        "--max-denominator",
-        type=int,
-        default=D.max_denominator,
-        help=f"resampling ratio 500/fs approximated as up/down with down <= this "
+    _option(q, "missing_leads", "a record lacking a standard lead: drop it, or zero-fill the lead")
+    _option(
+        q,
+        "max_denominator",
+        f"resampling ratio 500/fs approximated as up/down with down <= this "
         f"(default {D.max_denominator})",
+        type=int,
     )
     q.add_argument(
         "--keep-duplicates",
         action="store_true",
         help="keep PTB-XL 100 Hz NNNNN_lr records that have a 500 Hz NNNNN_hr twin",
     )
-    q.add_argument(
-        "--compress",
+    _option(
+        q,
+        "compress",
+        "store signals compressed (signals.npz, loaded whole) instead of memory-mapped",
         action="store_true",
-        help="store signals compressed (signals.npz, loaded whole) instead of memory-mapped",
     )
-    q.add_argument(
-        "--array-fs", type=float, default=D.array_fs, help=".npy/.npz/.parquet sampling rate (Hz)"
-    )
-    q.add_argument(
-        "--array-units", default=D.array_units, help=".npy/.npz/.parquet unit (mV, uV, V)"
-    )
-    q.add_argument(
-        "--array-leads", default=",".join(D.array_leads), help="lead order of .npy/.npz arrays"
-    )
-    q.add_argument(
-        "--array-layout",
-        choices=CHOICES["array_layout"],
-        default=D.array_layout,
-        help=".npy/.npz axis order: (N, length, leads) or (N, leads, length)",
-    )
-    q.add_argument("--parquet-lead-prefix", default=D.parquet_lead_prefix)
-    q.add_argument("--parquet-patient-column", default=D.parquet_patient_column)
-    q.add_argument("--parquet-label-column", default=D.parquet_label_column)
-    q.add_argument(
-        "--dx-min-count",
-        type=int,
-        default=D.dx_min_count,
-        help=f"task dx: one column per '#Dx' code present in at least this many records "
+    _option(q, "array_fs", ".npy/.npz/.parquet sampling rate (Hz)", type=float)
+    _option(q, "array_units", ".npy/.npz/.parquet unit (mV, uV, V)")
+    _option(q, "array_leads", "lead order of .npy/.npz arrays", default=",".join(D.array_leads))
+    _option(q, "array_layout", ".npy/.npz axis order: (N, length, leads) or (N, leads, length)")
+    _option(q, "parquet_lead_prefix")
+    _option(q, "parquet_patient_column")
+    _option(q, "parquet_label_column")
+    _option(
+        q,
+        "dx_min_count",
+        f"task dx: one column per '#Dx' code present in at least this many records "
         f"(default {D.dx_min_count})",
+        type=int,
     )
     q.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     q.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
@@ -118,26 +104,19 @@ def main(argv=None, prog: str = "python -m ecgcl_jax.data") -> int:
         if args.cmd == "prepare":
             from ecgcl_jax.data.build import prepare
 
-            opts = PrepareOptions(
-                length=args.length,
-                short=args.short,
-                missing_leads=args.missing_leads,
-                min_seconds=args.min_seconds,
-                max_denominator=args.max_denominator,
+            # every option named after its field, then those whose flag says the opposite or
+            # is parsed here
+            values = {
+                f.name: getattr(args, f.name)
+                for f in dataclasses.fields(PrepareOptions)
+                if hasattr(args, f.name)
+            }
+            values.update(
                 dedupe=not args.keep_duplicates,
-                labels=args.labels,
-                label_column=args.label_column,
                 auto_labels=not args.no_auto_labels,
-                compress=args.compress,
-                array_fs=args.array_fs,
-                array_units=args.array_units,
                 array_leads=tuple(s.strip() for s in args.array_leads.split(",") if s.strip()),
-                array_layout=args.array_layout,
-                parquet_lead_prefix=args.parquet_lead_prefix,
-                parquet_patient_column=args.parquet_patient_column,
-                parquet_label_column=args.parquet_label_column,
-                dx_min_count=args.dx_min_count,
             )
+            opts = PrepareOptions(**values)
             prepare(args.sources, args.out, opts, workers=args.workers or None, force=args.force)
         else:
             from ecgcl_jax.data.build import format_summary

@@ -18,7 +18,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-from ecgcl_jax.data.labels import binary_column
+from ecgcl_jax.data.labels import READ_COLUMNS, binary_column
 from ecgcl_jax.errors import UserError
 
 FORMAT = "ecgcl-jax prepared dataset"
@@ -170,12 +170,7 @@ STRING_COLUMNS = (
     "dx",
     "labels",
     "scp_codes",
-    "leads_original",
-    "missing_leads",
-    "repeated_leads",
-    "resample",
-    "reader",
-    "format",
+    *READ_COLUMNS,
 )
 
 

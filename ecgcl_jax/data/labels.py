@@ -20,6 +20,9 @@ from ecgcl_jax.data.header_meta import clean_id, parse_binary
 from ecgcl_jax.errors import UserError
 
 _EXTS = (".hea", ".dat", ".mat", ".npy", ".npz", ".parquet")
+# The text fields `prepare` writes for every record on how it read the file (its leads, resampling,
+# reader and file format).
+READ_COLUMNS = ("leads_original", "missing_leads", "repeated_leads", "resample", "reader", "format")
 # Fields `prepare` writes itself for every record; a table column may not replace them (label, normal, age, sex,
 # patient_id, dx, ... it may: the old values stay as `source_<name>`).
 RESERVED_COLUMNS = (
@@ -32,12 +35,7 @@ RESERVED_COLUMNS = (
     "fs_original",
     "n_samples_original",
     "n_leads_original",
-    "leads_original",
-    "missing_leads",
-    "repeated_leads",
-    "resample",
-    "reader",
-    "format",
+    *READ_COLUMNS,
 )
 
 
