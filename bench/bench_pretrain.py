@@ -78,7 +78,7 @@ def machine_info() -> dict:
     import optax
 
     devs = jax.devices()
-    from ecgcl_jax.input_pipeline import available_cpus
+    from ecgcl_jax import available_cpus
 
     ncpu = available_cpus()
     info = {

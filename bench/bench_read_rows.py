@@ -46,8 +46,9 @@ def main(argv=None) -> int:
 
     from bench_pretrain import machine_info, write_synthetic_dataset
 
+    from ecgcl_jax import available_cpus
     from ecgcl_jax.data import open_dataset
-    from ecgcl_jax.input_pipeline import available_cpus, read_rows
+    from ecgcl_jax.input_pipeline import read_rows
 
     ds = open_dataset(
         args.dataset

@@ -7,3 +7,12 @@ LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V
 
 SAMPLE_RATE = 500  # Hz
 NUM_SAMPLES = 5000  # 10 s at 500 Hz
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    import os  # noqa: PLC0415 - the package namespace holds only the project's names
+
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )

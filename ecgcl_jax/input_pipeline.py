@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ecgcl_jax
 from ecgcl_jax import parallel, splits
 from ecgcl_jax.errors import UserError
 
@@ -233,13 +233,6 @@ def resident_limit(devices) -> int:
     return min(limits) // 4 if limits else RESIDENT_AUTO_LIMIT
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    return (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    )
-
-
 def pool_nbytes(dataset, pool: np.ndarray) -> int:
     """Bytes of the pool's int16 rows."""
     return len(pool) * int(np.prod(dataset.raw.shape[1:])) * 2
@@ -250,7 +243,7 @@ def reader_threads(setting: int) -> int:
     (the step needs the cores, and consumes a few hundred ECG/s) and min(8, CPU count) on accelerators."""
     if setting > 0:
         return int(setting)
-    return 1 if jax.default_backend() == "cpu" else min(8, available_cpus())
+    return 1 if jax.default_backend() == "cpu" else min(8, ecgcl_jax.available_cpus())
 
 
 def choose_resident(setting: str, dataset, pool: np.ndarray, devices) -> bool:

@@ -678,9 +678,7 @@ def prepare(
     opts_d = asdict(opts)
     jobs = [(i, chunks[i], sources, opts_d, partial) for i in todo]
     if not workers:
-        workers = (
-            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        )
+        workers = ecgcl_jax.available_cpus()
     workers = max(1, min(int(workers or 1), len(jobs) or 1))
 
     def report(res):
