@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from configs import base  # noqa: E402  (the worktree's configs/, importable once ROOT is on sys.path)
+
 
 def override(config, **fields):
     """Set dotted fields on a ConfigDict: override(c, **{"model.encoder": "cnn"}); returns it."""
@@ -25,6 +27,11 @@ def override(config, **fields):
             node = node[p]
         node[last] = value
     return config
+
+
+def model_fields(**fields) -> dict:
+    """The model.* fields of configs/base.py (the library declares no model defaults), `fields` overriding."""
+    return {**base.get_config().model.to_dict(), **fields}
 
 
 # a tiny CNN encoder config for fine-tuning and evaluation tests (model.* fields)
