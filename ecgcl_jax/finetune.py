@@ -254,7 +254,7 @@ class Trainer:
     step: Callable
     predict_logits: Callable
     batch_size: int
-    recipe: optim.Recipe = optim.Recipe()
+    recipe: optim.Recipe
 
     def init_head(self, key: jax.Array, example: np.ndarray) -> dict:
         """Variables of a probe head (self.model = ClassifierHead) for inputs shaped like `example`."""
@@ -413,7 +413,7 @@ def embed_rows(
     dataset,
     rows: np.ndarray,
     max_amp: float,
-    batch_size: int = 64,
+    batch_size: int,
 ) -> np.ndarray:
     """Embeddings (n, V, E) float32 of dataset `rows` by the encoder `models.build_encoder(model_cfg)` with
     `variables` ({'params', 'batch_stats'}) in eval mode; inputs normalised with `max_amp` (mV) and cut into

@@ -39,7 +39,7 @@ def _row_losses(s, pos):
     return lse - pos_mean
 
 
-def nt_xent(a, b, temperature=0.07, ids=None):
+def nt_xent(a, b, temperature, ids=None):
     """NT-Xent over two views. a, b: (N, D) projections (any float dtype) -> float32 scalar.
 
     z = [a; b] with unit rows, s = z z^T / temperature, self excluded. ids=None: the positive of
@@ -57,7 +57,7 @@ def nt_xent(a, b, temperature=0.07, ids=None):
     return jnp.mean(_row_losses(s, pos))
 
 
-def clocs_cmsc(h1v1, h1v2, h2v1, h2v2, temperature=0.07, ids=None):
+def clocs_cmsc(h1v1, h1v2, h2v1, h2v2, temperature, ids=None):
     """CLOCS CMSC loss. hXvY: (N, D) projections of half X under augmentation Y -> float32 scalar.
 
     nt_xent(h1v1, h1v2) + nt_xent(h2v1, h2v2) + nt_xent(h1v1, h2v2) + nt_xent(h2v1, h1v2),
@@ -72,7 +72,7 @@ def clocs_cmsc(h1v1, h1v2, h2v1, h2v2, temperature=0.07, ids=None):
     )
 
 
-def multi_view_nt_xent(views, temperature=0.07, ids=None, reduction="mean"):
+def multi_view_nt_xent(views, temperature, ids=None, reduction="mean"):
     """NT-Xent over every pair of views. views: (V, N, D) -> float32 scalar.
 
     Equals sum (reduction="sum") or mean (reduction="mean") over pairs i < j of

@@ -157,7 +157,7 @@ def bootstrap(
     labels,
     probs: Mapping[str, np.ndarray],
     groups,
-    resamples: int = 1000,
+    resamples: int,
     seed=0,
     level: float = 0.95,
     pairs: Sequence[tuple[str, str]] = (),

@@ -71,24 +71,25 @@ def _dense(
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """The `config.model` fields, with their defaults (configs/base.py declares the same names).
+    """The checked `config.model` fields. No defaults here: they are declared once, in configs/base.py, and
+    `encoder_config` builds this from a config that holds every field.
 
     Any object with these attributes (an ml_collections ConfigDict, a dict, this dataclass) can be passed to
     `build_encoder` / `Classifier`.
     """
 
     # cnn | cnn_lstm | cnn_attn_lstm | cnn_transformer | res_cnn_lstm
-    encoder: str = "cnn_attn_lstm"
-    emb_dim: int = 256  # embedding width
-    proj_dim: int = 128  # projection width (the contrastive loss sees this)
-    kernel_size: int = 15  # conv kernel (trunk and residual blocks) and AvgPool window
-    dropout: float = 0.3  # p in the trunk / after the LSTM; the embedding head uses 2p
-    channels: tuple = (32, 32, 64, 64, 64)  # trunk conv widths, one stride-2 conv each
-    lstm_layers: int = 1  # stacked BiLSTM layers (hidden emb_dim/2 per direction)
-    attention_dim: int = 0  # additive attention width; 0 = emb_dim
-    transformer_layers: int = 1  # post-norm encoder layers
-    transformer_heads: int = 2
-    transformer_d_model: int = 64  # trunk channels are projected to this width when they differ
+    encoder: str
+    emb_dim: int  # embedding width
+    proj_dim: int  # projection width (the contrastive loss sees this)
+    kernel_size: int  # conv kernel (trunk and residual blocks) and AvgPool window
+    dropout: float  # p in the trunk / after the LSTM; the embedding head uses 2p
+    channels: tuple  # trunk conv widths, one stride-2 conv each
+    lstm_layers: int  # stacked BiLSTM layers (hidden emb_dim/2 per direction)
+    attention_dim: int  # additive attention width; 0 = emb_dim
+    transformer_layers: int  # post-norm encoder layers
+    transformer_heads: int  # attention heads; they divide transformer_d_model
+    transformer_d_model: int  # trunk channels are projected to this width when they differ
 
 
 def encoder_config(model_cfg: Any, field: str = "model") -> EncoderConfig:
@@ -158,10 +159,11 @@ def _check(cfg: EncoderConfig, field: str) -> None:
         )
 
 
-def trunk_lengths(length: int, kernel_size: int = 15, num_convs: int = 5) -> list[int]:
+def trunk_lengths(length: int, kernel_size: int, num_convs: int) -> list[int]:
     """Sequence lengths through the trunk: after every conv, and after the pools (conv2, conv3).
 
-    5000 -> [2500, 1250, 618, 309, 148, 74, 37] for kernel 15 (conv k, stride 2, pad k//2; pool k, stride 2).
+    5000 -> [2500, 1250, 618, 309, 148, 74, 37] for kernel 15 and 5 convs (conv k, stride 2, pad k//2;
+    pool k, stride 2).
     """
     out, n = [], length
     for i in range(num_convs):
@@ -399,10 +401,10 @@ class ConvTrunk(nn.Module):
     conv2 and conv3. With `residual`, a stride-1 ResBlock follows every conv layer (the residual CNN-LSTM variant).
     """
 
-    channels: tuple = (32, 32, 64, 64, 64)
-    kernel_size: int = 15
-    dropout: float = 0.3
-    residual: bool = False
+    channels: tuple
+    kernel_size: int
+    dropout: float
+    residual: bool
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -464,7 +466,7 @@ class BiLSTM(nn.Module):
     """
 
     hidden: int
-    layers: int = 1
+    layers: int
     dtype: Any = jnp.float32
     last_step_only: bool = False
 
@@ -576,14 +578,15 @@ class TransformerLayer(nn.Module):
 # Encoders: __call__(x (B, L, C), train) -> (embedding (B, emb_dim), projection (B, proj_dim))
 # ----------------------------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
-    """Fields shared by every encoder (see EncoderConfig). Subclasses define __call__."""
+    """Fields shared by every encoder (see EncoderConfig; `build_encoder` sets every field). Subclasses define
+    __call__."""
 
-    emb_dim: int = 256
-    proj_dim: int = 128
-    kernel_size: int = 15
-    dropout: float = 0.3
-    channels: tuple = (32, 32, 64, 64, 64)
-    dtype: Any = jnp.float32
+    emb_dim: int
+    proj_dim: int
+    kernel_size: int
+    dropout: float
+    channels: tuple
+    dtype: Any
 
     def trunk(self, residual: bool = False) -> ConvTrunk:
         return ConvTrunk(
@@ -611,10 +614,10 @@ class LSTMEncoder(Encoder):
     -> Dense(emb) -> LeakyReLU -> Dropout(2p); + projector. `residual` adds stride-1 ResBlocks to the trunk.
     An odd emb gives a BiLSTM output one wider than emb, which the Dense head maps to emb."""
 
-    lstm_layers: int = 1
-    attention: bool = False
-    attention_dim: int = 0
-    residual: bool = False
+    lstm_layers: int
+    attention: bool  # encoder cnn_attn_lstm
+    attention_dim: int
+    residual: bool  # encoder res_cnn_lstm
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -639,9 +642,9 @@ class TransformerEncoder(Encoder):
     d_model) -> mean over steps -> Dense(emb) -> LeakyReLU -> Dropout(2p); + projector. No positional encoding
     (as the reference)."""
 
-    layers: int = 1
-    heads: int = 2
-    d_model: int = 64
+    layers: int
+    heads: int
+    d_model: int
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -658,7 +661,8 @@ class TransformerEncoder(Encoder):
 
 
 def build_encoder(model_cfg: Any, dtype=jnp.float32) -> Encoder:
-    """config.model -> an encoder module. `dtype` is the compute dtype (float32 / bfloat16, or its name).
+    """config.model -> an encoder module. `dtype` is the compute dtype (float32 / bfloat16, or its name):
+    pretraining passes config.dtype; fine-tuning, embedding and loading an exported encoder compute in float32.
 
     Raises UserError on an invalid model config (unknown encoder, odd emb_dim for a BiLSTM encoder, ...).
     """
@@ -702,7 +706,8 @@ class ClassifierHead(nn.Module):
     """
 
     hidden: int
-    dropout: float = 0.3
+    dropout: float
+    # not config fields: one view, an MLP head, float32 compute, one binary label unless the caller says otherwise
     aggregate: str | None = None
     linear: bool = False
     dtype: Any = jnp.float32
@@ -746,7 +751,8 @@ class Classifier(nn.Module):
     """
 
     model_cfg: Any
-    head_dropout: float = 0.3
+    head_dropout: float
+    # not config fields: one view, trained end to end, float32 compute unless the caller says otherwise
     aggregate: str | None = None
     num_views: int = 1
     linear_probe: bool = False

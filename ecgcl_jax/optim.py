@@ -62,21 +62,22 @@ def fields_before_recipes(prefix: str, finetune: bool = False) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A checked training recipe (hashable: a cache key for compiled steps). decay_steps is resolved:
-    the cosine's total length in optimizer steps (0 for the other schedules)."""
+    the cosine's total length in optimizer steps (0 for the other schedules). Built only by `recipe` from a
+    config section; the fields' defaults and meanings are declared in configs/base.py (add_recipe_fields)."""
 
-    optimizer: str = "adam_l2"
-    schedule: str = "constant"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    decay_steps: int = 0
-    min_lr_ratio: float = 0.0
-    clip_norm: float = 0.0
-    momentum: float = 0.9
-    trust_coefficient: float = 1e-3
+    optimizer: str
+    schedule: str
+    learning_rate: float
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    warmup_steps: int
+    decay_steps: int
+    min_lr_ratio: float
+    clip_norm: float
+    momentum: float
+    trust_coefficient: float
 
 
 def recipe(section, total_steps: int | None, field: str = "config.optim") -> Recipe:

@@ -126,7 +126,7 @@ class Split:
     test_patients: list[str]
     pretrain_patients: list[str]
     label_fraction: float
-    rule: str = "random"  # random | folds
+    rule: str  # random | folds: the config.split.rule that made it
     # splits.json extras: "stratification" (per-class positive rates), "folds" (fold split counts)
     info: dict = dataclasses.field(default_factory=dict)
 
@@ -216,7 +216,8 @@ def make_split(
     records: Sequence[str],
     seed: int,
     fractions: Sequence[float] = FRACTIONS,
-    label_fraction: float = 1.0,
+    *,
+    label_fraction: float,
 ) -> Split:
     """Patient-level stratified split of one repeat.
 
@@ -298,6 +299,7 @@ def _make_single_label_split(
         test_patients=sorted(test_p),
         pretrain_patients=sorted(set(keys[pool_rows].tolist())),
         label_fraction=float(label_fraction),
+        rule="random",
     )
     check_split(split, keys)
     return split
@@ -566,8 +568,8 @@ def make_fold_split(
     train_folds: Sequence,
     val_folds: Sequence,
     test_folds: Sequence,
-    label_fraction: float = 1.0,
-    column: str = "strat_fold",
+    label_fraction: float,
+    column: str,
     field: str = "config.split",
 ) -> Split:
     """The dataset's own folds as train/val/test (see the module docstring); fixed, only the label-fraction subset
@@ -707,9 +709,7 @@ def check_split(split: Split, keys: np.ndarray) -> None:
     )
 
 
-def split_dataset(
-    dataset, seed: int, fractions=FRACTIONS, label_fraction: float = 1.0, labels=None
-) -> Split:
+def split_dataset(dataset, seed: int, fractions, label_fraction: float, labels=None) -> Split:
     """`make_split` on an `ecgcl_jax.data.Dataset` (its patient_ids, records, and labels unless `labels`, (N,)
     or (N, C), is given)."""
     return make_split(
@@ -718,5 +718,5 @@ def split_dataset(
         dataset.records,
         seed,
         fractions,
-        label_fraction,
+        label_fraction=label_fraction,
     )

@@ -61,12 +61,13 @@ def lead_indices(leads) -> list[int]:
 class ViewSpec:
     """How a normalised ECG becomes encoder input outside pretraining; must match the encoder's pretraining.
 
-    mode: simclr | cmsc | cmlc | cmsmlc; domain: time | frequency; clocs_leads: leads of cmlc/cmsmlc.
+    mode: simclr | cmsc | cmlc | cmsmlc; domain: time | frequency; clocs_leads: leads of cmlc/cmsmlc
+    (config.mode, config.data.domain, config.clocs_leads: their defaults are declared in configs/base.py).
     """
 
-    mode: str = "simclr"
-    domain: str = "time"
-    clocs_leads: tuple = DEFAULT_CLOCS_LEADS
+    mode: str
+    domain: str
+    clocs_leads: tuple
 
     @property
     def num_views(self) -> int:
@@ -90,7 +91,8 @@ class ViewSpec:
 
     @classmethod
     def from_preprocessing(cls, prep: dict) -> ViewSpec:
-        """From an exported encoder's `preprocessing` dict."""
+        """From an exported encoder's `preprocessing` dict. A field it does not record is read as what such an
+        encoder was pretrained with: simclr, time, DEFAULT_CLOCS_LEADS."""
         return cls(
             mode=str(prep.get("mode", "simclr")),
             domain=str(prep.get("domain", "time")),

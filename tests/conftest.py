@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before jax is imported anywhere), the repo root on sys.path, and a
 persistent XLA compilation cache shared by the test processes (the suite compiles similar steps many times)."""
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -15,6 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from configs import base  # noqa: E402  (the worktree's configs/, importable once ROOT is on sys.path)
+from ecgcl_jax import views  # noqa: E402
+
 
 def override(config, **fields):
     """Set dotted fields on a ConfigDict: override(c, **{"model.encoder": "cnn"}); returns it."""
@@ -25,6 +29,16 @@ def override(config, **fields):
             node = node[p]
         node[last] = value
     return config
+
+
+def model_fields(**fields) -> dict:
+    """The model.* fields of configs/base.py (the library declares no model defaults), `fields` overriding."""
+    return {**base.get_config().model.to_dict(), **fields}
+
+
+def view_spec(**fields) -> views.ViewSpec:
+    """The classifier-input views of configs/base.py's pretraining config, `fields` overriding."""
+    return dataclasses.replace(views.ViewSpec.from_pretrain_config(base.get_config()), **fields)
 
 
 # a tiny CNN encoder config for fine-tuning and evaluation tests (model.* fields)

@@ -134,7 +134,7 @@ def test_leakage_refused_unless_allowed(tmp_path, ds):
         str(tmp_path / "w2"),
         dataset=ds,
     )
-    split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321)
+    split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321, label_fraction=1.0)
     n = len(split.val_patients) + len(split.test_patients)
     assert res["repeats"][0]["encoder"]["leaked_patients"] == n
     assert {k: res["repeats"][0]["encoder"][k] for k in ("encoder", "mode", "domain")} == {
@@ -167,7 +167,7 @@ def test_seed_and_pretraining_field_errors_name_the_evaluation_fields(tmp_path, 
 def test_leakage_by_recording_under_other_patient_ids(tmp_path, ds):
     # the same recordings prepared into another dataset, where patients had other ids (or none): the encoder's
     # recorded patients are all foreign, its recorded records are not
-    split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321)
+    split = splits.make_split(ds.patient_ids, ds.labels, ds.records, 321, label_fraction=1.0)
     seen = [ds.records[split.test[0]], ds.records[split.val[0]], ds.records[split.pretrain[0]]]
     enc = export_tiny_encoder(tmp_path / "enc", ["elsewhere_1", "elsewhere_2"], seen)
     with pytest.raises(splits.LeakageError, match="2 validation/test patient"):

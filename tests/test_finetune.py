@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import ecgcl_jax
-from ecgcl_jax import finetune, models, views
+from ecgcl_jax import finetune, models
 from ecgcl_jax.errors import UserError
-from tests.conftest import TINY
+from tests.conftest import TINY, view_spec
 
 
 def ft_config(**kw):
@@ -74,7 +74,7 @@ def test_step_is_l2_plus_adam_and_predict_pads():
     lr, wd = 1e-2, 0.1
     x, y = _features(n=8)
     tr = finetune.probe_trainer(
-        5, views.ViewSpec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8)
+        5, view_spec(), ft_config(learning_rate=lr, weight_decay=wd, batch_size=8)
     )
     variables = tr.model.init(jax.random.key(0), jnp.asarray(x), train=False)
     w0 = np.asarray(variables["params"]["out"]["kernel"], np.float64)[:, 0]
@@ -109,7 +109,7 @@ def test_step_is_l2_plus_adam_and_predict_pads():
 
 def test_plug_encoder_and_linear_probe_equivalence():
     ds = FakeDataset(n=10)
-    spec = views.ViewSpec("cmsc")
+    spec = view_spec(mode="cmsc")
     max_amp = 2.0
     enc = models.build_encoder(TINY)
     enc_vars = enc.init(
@@ -197,7 +197,7 @@ def test_masked_bce_step_against_numpy_with_unknown_labels():
     y[[0, 2, 5, 5], [1, 0, 0, 2]] = np.nan
     tr = finetune.probe_trainer(
         5,
-        views.ViewSpec(),
+        view_spec(),
         ft_config(learning_rate=lr, weight_decay=wd, batch_size=8),
         num_classes=3,
     )
@@ -238,7 +238,7 @@ def test_multilabel_finetune_separates_a_synthetic_task():
     y = (x[:, 0, :3] + 0.1 * rng.normal(size=(160, 3)) > 0).astype(np.float32)
     y[rng.uniform(size=y.shape) < 0.1] = np.nan
     tr = finetune.probe_trainer(
-        6, views.ViewSpec(), ft_config(batch_size=16, learning_rate=0.2), num_classes=3
+        6, view_spec(), ft_config(batch_size=16, learning_rate=0.2), num_classes=3
     )
     head = tr.init_head(jax.random.key(0), x)
     train, val, test = (

@@ -11,13 +11,14 @@ import pytest
 
 from ecgcl_jax import hashing, models
 from ecgcl_jax.errors import UserError
+from tests.conftest import model_fields
 
 CH = (32, 32, 64, 64, 64)
 KEYS = {"params": jax.random.key(0, impl="rbg"), "dropout": jax.random.key(1, impl="rbg")}
 
 
 def cfg(encoder, **kw):
-    return models.EncoderConfig(encoder=encoder, **kw)
+    return models.EncoderConfig(**model_fields(encoder=encoder, **kw))
 
 
 def shapes_of(module, x, train=False):
@@ -34,8 +35,8 @@ def n(tree):
 # ------------------------------------------------------------------------------------------------------------------
 def test_trunk_lengths_by_hand():
     # conv: (n + 2*7 - 15)//2 + 1; pool: (n - 15)//2 + 1
-    assert models.trunk_lengths(5000) == [2500, 1250, 618, 309, 148, 74, 37]
-    assert models.trunk_lengths(2500) == [1250, 625, 306, 153, 70, 35, 18]
+    assert models.trunk_lengths(5000, 15, 5) == [2500, 1250, 618, 309, 148, 74, 37]
+    assert models.trunk_lengths(2500, 15, 5) == [1250, 625, 306, 153, 70, 35, 18]
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_trunk_lengths_by_hand():
     [(5000, [2500, 1250, 618, 309, 148, 74, 37]), (2500, [1250, 625, 306, 153, 70, 35, 18])],
 )
 def test_trunk_lengths_in_the_module(length, want):
-    trunk = models.ConvTrunk(CH, 15, 0.3)
+    trunk = models.ConvTrunk(CH, 15, 0.3, residual=False)
     x = jnp.zeros((2, length, 12))
 
     def run():
@@ -601,7 +602,7 @@ def test_classifier_shapes_and_param_names(aggregate, views, leads):
 def test_pretrained_encoder_plugs_into_classifier():
     x = jax.random.normal(jax.random.key(4), (3, 2, 2500, 12))
     encoder = models.build_encoder(SMALL)
-    clf = models.Classifier(SMALL, aggregate="mean", num_views=2)
+    clf = models.Classifier(SMALL, head_dropout=0.3, aggregate="mean", num_views=2)
 
     enc_vars = random_variables(encoder, x[:, 0], seed=3)
     clf_vars = models.plug_encoder(random_variables(clf, x), enc_vars)
@@ -678,7 +679,7 @@ def test_classifier_normalises_each_view_with_its_own_batch_statistics():
 
 
 def test_linear_probe_freezes_encoder():
-    clf = models.Classifier(SMALL, linear_probe=True)
+    clf = models.Classifier(SMALL, head_dropout=0.3, linear_probe=True)
     x = jax.random.normal(jax.random.key(5), (4, 2500, 12))
     v = random_variables(clf, x)
     assert set(v["params"]["head"]) == {"out"}  # a single Dense(1)

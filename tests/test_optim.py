@@ -277,7 +277,8 @@ def test_a_bad_finetune_field_is_one_line_naming_it():
 
 def test_finetune_history_records_the_learning_rate_of_each_epoch():
     """Cosine over all epochs' steps: 3 epochs x ceil(10 / 4) = 9 steps; epoch e ends with count 3e - 1."""
-    from ecgcl_jax import finetune, views
+    from ecgcl_jax import finetune
+    from tests.conftest import view_spec
     from tests.test_finetune import _features, ft_config
 
     cfg = ft_config(
@@ -289,7 +290,7 @@ def test_finetune_history_records_the_learning_rate_of_each_epoch():
         warmup_steps=2,
     )
     x, y = _features(n=10)
-    tr = finetune.probe_trainer(5, views.ViewSpec(), cfg, train_size=10)
+    tr = finetune.probe_trainer(5, view_spec(), cfg, train_size=10)
     assert tr.recipe.decay_steps == 9
     head = tr.init_head(jax.random.key(0), x)
     src = finetune.FeatureSource(x, y)

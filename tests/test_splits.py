@@ -50,7 +50,7 @@ def test_patient_keys_and_label_rounding():
 def test_split_invariants():
     pids, labels, records, truth = make_table()
     keys = splits.patient_keys(pids, records)
-    s = splits.make_split(pids, labels, records, seed=321)
+    s = splits.make_split(pids, labels, records, seed=321, label_fraction=1.0)
     tr, va, te, pool = (set(keys[getattr(s, k)]) for k in ("train", "val", "test", "pretrain"))
     # no patient in two splits
     assert not (tr & va) and not (tr & te) and not (va & te)
@@ -90,17 +90,19 @@ def test_stratification_counts_by_hand():
     #   negatives 18 + 4 id-less = 22: rest = nearest(6.6) = 7, test = nearest(3.5) = 4, val 3, train 15
     pids, labels, records, truth = make_table(n_pos=8, n_neg=18)
     for seed in (321, 123, 51):
-        s = splits.make_split(pids, labels, records, seed=seed)
+        s = splits.make_split(pids, labels, records, seed=seed, label_fraction=1.0)
         assert _class_counts(s, truth) == {1: (1, 2, 7), 0: (3, 4, 15)}
     #   positives 14: rest = nearest(4.2) = 4 -> 2 / 2, train 10; negatives 32: rest = nearest(9.6) = 10 -> 5 / 5
     pids, labels, records, truth = make_table(n_pos=12, n_neg=28)
-    s = splits.make_split(pids, labels, records, seed=321)
+    s = splits.make_split(pids, labels, records, seed=321, label_fraction=1.0)
     assert _class_counts(s, truth) == {1: (2, 2, 10), 0: (5, 5, 22)}
 
 
 def test_custom_fractions_and_small_class():
     pids, labels, records, truth = make_table(n_pos=3, n_neg=40)
-    s = splits.make_split(pids, labels, records, seed=1, fractions=(0.6, 0.2, 0.2))
+    s = splits.make_split(
+        pids, labels, records, seed=1, fractions=(0.6, 0.2, 0.2), label_fraction=1.0
+    )
     # every class with >= 3 patients reaches validation and test
     for pats in (s.val_patients, s.test_patients):
         assert {truth[p] for p in pats} == {0, 1}
@@ -109,15 +111,15 @@ def test_custom_fractions_and_small_class():
     assert _class_counts(s, truth) == {1: (1, 1, 3), 0: (9, 9, 26)}
     # a small class still gives one patient to each of val and test: 3 patients, rest = nearest(0.9) = 1 -> 1 / 1
     pids, labels, records, truth = make_table(n_pos=1, n_neg=40)
-    s = splits.make_split(pids, labels, records, seed=1)
+    s = splits.make_split(pids, labels, records, seed=1, label_fraction=1.0)
     assert _class_counts(s, truth)[1] == (1, 1, 1)
 
 
 def test_seeded_reproducible_and_seed_dependent():
     pids, labels, records, _ = make_table()
-    a = splits.make_split(pids, labels, records, seed=123)
-    b = splits.make_split(pids, labels, records, seed=123)
-    c = splits.make_split(pids, labels, records, seed=51)
+    a = splits.make_split(pids, labels, records, seed=123, label_fraction=1.0)
+    b = splits.make_split(pids, labels, records, seed=123, label_fraction=1.0)
+    c = splits.make_split(pids, labels, records, seed=51, label_fraction=1.0)
     for k in ("train", "val", "test", "pretrain", "finetune"):
         np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
     assert a.test_patients != c.test_patients
@@ -125,7 +127,7 @@ def test_seeded_reproducible_and_seed_dependent():
 
 def test_label_fraction_stratified_and_nested():
     pids, labels, records, truth = make_table(n_pos=20, n_neg=40)
-    full = splits.make_split(pids, labels, records, seed=7)
+    full = splits.make_split(pids, labels, records, seed=7, label_fraction=1.0)
     keys = splits.patient_keys(pids, records)
     prev = set(full.finetune_patients)
     assert prev == set(full.train_patients)
@@ -149,7 +151,7 @@ def test_pool_check_raises():
         splits.check_pool(["a", "b", "c"], val_patients=["x"], test_patients=["c"])
     splits.check_pool(["a", "b"], ["x"], ["y"])  # no overlap: fine
     pids, labels, records, _ = make_table()
-    s = splits.make_split(pids, labels, records, seed=3)
+    s = splits.make_split(pids, labels, records, seed=3, label_fraction=1.0)
     keys = splits.patient_keys(pids, records)
     bad = splits.Split(
         **{**s.__dict__, "pretrain": np.sort(np.concatenate([s.pretrain, s.test[:1]]))}
@@ -162,20 +164,24 @@ def test_pool_check_raises():
 def test_bad_inputs_are_user_errors():
     pids, labels, records, _ = make_table()
     with pytest.raises(UserError, match="fractions"):
-        splits.make_split(pids, labels, records, seed=0, fractions=(0.8, 0.15, 0.15))
+        splits.make_split(
+            pids, labels, records, seed=0, fractions=(0.8, 0.15, 0.15), label_fraction=1.0
+        )
     with pytest.raises(UserError, match="label_fraction"):
         splits.make_split(pids, labels, records, seed=0, label_fraction=0.0)
     with pytest.raises(UserError, match="positive patients"):
-        splits.make_split(pids, np.where(labels == 1, 0.0, labels), records, seed=0)
+        splits.make_split(
+            pids, np.where(labels == 1, 0.0, labels), records, seed=0, label_fraction=1.0
+        )
     with pytest.raises(
         UserError, match=r"no record has a known label \(\d+ records, all unknown\)"
     ):
-        splits.make_split(pids, np.full(len(labels), np.nan), records, seed=0)
+        splits.make_split(pids, np.full(len(labels), np.nan), records, seed=0, label_fraction=1.0)
 
 
 def test_split_json_lists_patients():
     pids, labels, records, _ = make_table()
-    s = splits.make_split(pids, labels, records, seed=321)
+    s = splits.make_split(pids, labels, records, seed=321, label_fraction=1.0)
     j = s.to_json(records)
     assert set(j) >= {"train", "val", "test", "pretrain"}
     assert j["test"] == s.test_patients
@@ -271,7 +277,7 @@ def test_multilabel_split_keeps_each_class_ratio():
     keys = splits.patient_keys(pids, records)
     plab = splits.patient_label_matrix(keys, labels)
     for seed in (321, 123):
-        s = splits.make_split(pids, labels, records, seed=seed)
+        s = splits.make_split(pids, labels, records, seed=seed, label_fraction=1.0)
         tr, va, te = (set(getattr(s, f"{k}_patients")) for k in ("train", "val", "test"))
         assert not (tr & va or tr & te or va & te) and tr | va | te == set(plab)
         assert abs(len(va) - 0.15 * len(plab)) <= 3 and abs(len(te) - 0.15 * len(plab)) <= 3
@@ -333,7 +339,16 @@ def test_fold_split_is_the_fold_column():
     folds[6] = np.nan
     for seed in (1, 2):
         s = splits.make_fold_split(
-            pids, labels, records, folds, seed, range(1, 9), (9,), ("10",), label_fraction=1.0
+            pids,
+            labels,
+            records,
+            folds,
+            seed,
+            range(1, 9),
+            (9,),
+            ("10",),
+            label_fraction=1.0,
+            column="strat_fold",
         )
         for name, fs in (("train", set(range(1, 9))), ("val", {9}), ("test", {10})):
             want = [
@@ -346,19 +361,67 @@ def test_fold_split_is_the_fold_column():
         held = {k for k in keys if pfold[k] in (9, 10)}
         assert set(s.pretrain_patients) == set(keys.tolist()) - held
     # fixed: another seed, the same split
-    a = splits.make_fold_split(pids, labels, records, folds, 1, range(1, 9), (9,), (10,))
-    b = splits.make_fold_split(pids, labels, records, folds, 2, range(1, 9), (9,), (10,))
+    a = splits.make_fold_split(
+        pids,
+        labels,
+        records,
+        folds,
+        1,
+        range(1, 9),
+        (9,),
+        (10,),
+        label_fraction=1.0,
+        column="strat_fold",
+    )
+    b = splits.make_fold_split(
+        pids,
+        labels,
+        records,
+        folds,
+        2,
+        range(1, 9),
+        (9,),
+        (10,),
+        label_fraction=1.0,
+        column="strat_fold",
+    )
     assert a.train_patients == b.train_patients and a.test.tolist() == b.test.tolist()
     # ...but the label-fraction subset varies with the seed
-    a = splits.make_fold_split(pids, labels, records, folds, 1, range(1, 9), (9,), (10,), 0.3)
-    b = splits.make_fold_split(pids, labels, records, folds, 2, range(1, 9), (9,), (10,), 0.3)
+    a = splits.make_fold_split(
+        pids, labels, records, folds, 1, range(1, 9), (9,), (10,), 0.3, column="strat_fold"
+    )
+    b = splits.make_fold_split(
+        pids, labels, records, folds, 2, range(1, 9), (9,), (10,), 0.3, column="strat_fold"
+    )
     assert a.finetune_patients != b.finetune_patients
     # a patient in two folds is refused, in one line
     bad = folds.copy()
     i, j = np.flatnonzero(keys == "P1")  # P1 has two ECGs
     bad[j] = "4"
     with pytest.raises(splits.LeakageError, match=r"patient P1 has records in folds 2, 4") as e:
-        splits.make_fold_split(pids, labels, records, bad, 1, range(1, 9), (9,), (10,))
+        splits.make_fold_split(
+            pids,
+            labels,
+            records,
+            bad,
+            1,
+            range(1, 9),
+            (9,),
+            (10,),
+            label_fraction=1.0,
+            column="strat_fold",
+        )
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"config.split.test_folds: fold\(s\) 9 also in"):
-        splits.make_fold_split(pids, labels, records, folds, 1, range(1, 9), (9,), (9,))
+        splits.make_fold_split(
+            pids,
+            labels,
+            records,
+            folds,
+            1,
+            range(1, 9),
+            (9,),
+            (9,),
+            label_fraction=1.0,
+            column="strat_fold",
+        )

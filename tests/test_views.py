@@ -10,7 +10,7 @@ import ecgcl_jax
 from configs import base
 from ecgcl_jax import augment, views
 from ecgcl_jax.augment import Op
-from tests.conftest import override
+from tests.conftest import override, view_spec
 
 
 def view_config(**over):
@@ -21,21 +21,21 @@ def test_input_views_by_mode():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5000, 12)), jnp.float32)
     leads = ("II", "V2", "aVL", "aVR")
     idx = [ecgcl_jax.LEADS.index(l) for l in leads]
-    np.testing.assert_array_equal(views.input_views(x, views.ViewSpec("simclr")), x)
-    v = views.input_views(x, views.ViewSpec("cmsc"))
+    np.testing.assert_array_equal(views.input_views(x, view_spec(mode="simclr")), x)
+    v = views.input_views(x, view_spec(mode="cmsc"))
     assert v.shape == (3, 2, 2500, 12)
     np.testing.assert_array_equal(v[:, 1], x[:, 2500:])
-    v = views.input_views(x, views.ViewSpec("cmlc", clocs_leads=leads))
+    v = views.input_views(x, view_spec(mode="cmlc", clocs_leads=leads))
     assert v.shape == (3, 4, 5000, 1)
     np.testing.assert_array_equal(v[:, 2, :, 0], x[:, :, idx[2]])
-    v = views.input_views(x, views.ViewSpec("cmsmlc", clocs_leads=leads))
+    v = views.input_views(x, view_spec(mode="cmsmlc", clocs_leads=leads))
     assert v.shape == (3, 8, 2500, 1)
     np.testing.assert_array_equal(v[:, 5, :, 0], x[:, 2500:, idx[1]])  # second half, second lead
-    v = views.input_views(x, views.ViewSpec("cmsc", domain="frequency"))
+    v = views.input_views(x, view_spec(mode="cmsc", domain="frequency"))
     assert v.shape == (3, 2, 1250, 12)
     want = np.abs(np.fft.rfft(np.asarray(x[:, :2500], np.float64), axis=1))[:, :1250]
     np.testing.assert_allclose(v[:, 0], want, rtol=1e-4, atol=1e-3)
-    assert views.ViewSpec("cmsmlc", clocs_leads=leads).num_views == 8
+    assert view_spec(mode="cmsmlc", clocs_leads=leads).num_views == 8
 
 
 def test_view_spec_from_config_and_from_an_encoder_record():
@@ -48,7 +48,9 @@ def test_view_spec_from_config_and_from_an_encoder_record():
     assert views.ViewSpec.from_preprocessing(prep) == spec
     old = views.ViewSpec.from_preprocessing({"mode": "cmsmlc"})
     assert old.clocs_leads == tuple(base.get_config().clocs_leads) and old.domain == "time"
-    assert views.ViewSpec.from_preprocessing({}) == views.ViewSpec()
+    assert views.ViewSpec.from_preprocessing({}) == views.ViewSpec(
+        "simclr", "time", views.DEFAULT_CLOCS_LEADS
+    )
 
 
 @pytest.mark.parametrize(
