@@ -849,7 +849,7 @@ def _progress(units: list) -> monitor.EvalProgress:
     epochs = 0
     for v, seed in units:
         if not v.done(seed):
-            config = v.prepared.config
+            config = v.plan.config
             methods = 1 + len([b for b in config.baselines if b in BASELINES])
             epochs += methods * int(config.finetune.num_epochs)
     return monitor.EvalProgress(
@@ -875,19 +875,19 @@ def open_data(config, dataset=None):
     return ds
 
 
-class Prepared(typing.NamedTuple):
+class EvalPlan(typing.NamedTuple):
+    """An evaluation checked before any training (`plan_evaluation`): what its repeats run on."""
+
     config: Any  # with its split fractions resolved
-    exported: Any  # the loaded encoder, or None
-    seeds: list
-    ds: Any
+    exported: Any  # the loaded encoder, or None (pretrain per repeat)
+    seeds: list  # one per repeat
+    ds: Any  # the opened dataset
     splits: dict  # seed -> splits.Split
-    task: tuple = (
-        None,
-        [],
-    )  # task_labels: ((N, C) float32 labels or None for one column, class names)
+    # task_labels: ((N, C) float32 labels or None for one column, class names)
+    task: tuple = (None, [])
 
 
-def prepare_run(config, dataset=None) -> Prepared:
+def plan_evaluation(config, dataset=None) -> EvalPlan:
     """Every check of an evaluation that needs no training, before any. Each seed's split is made and checked here
     too, so that a one-class validation split of the last seed stops the run now, not after the other repeats'
     pretraining; `run` then uses these splits."""
@@ -907,7 +907,7 @@ def prepare_run(config, dataset=None) -> Prepared:
     # a fine-tuning cosine's length depends on the training split's size
     for split in split_of.values():
         finetune.finetune_recipe(config.finetune, len(split.finetune))
-    return Prepared(config, exported, seeds, ds, split_of, task)
+    return EvalPlan(config, exported, seeds, ds, split_of, task)
 
 
 def parse_shard(shard) -> tuple[int, int] | None:
@@ -975,7 +975,7 @@ class _Variant:
     """One evaluation (a sweep point, or the whole of a plain run) and its units (one per seed)."""
 
     workdir: str
-    prepared: Prepared
+    plan: EvalPlan
     pretrain_root: str | None = None
     value: Any = None  # the sweep value; None in a plain run
     identity: dict | None = None  # eval_config.json's dataset entry, once opened
@@ -987,13 +987,13 @@ class _Variant:
         return os.path.exists(self.record_path(seed))
 
     def complete(self) -> bool:
-        return all(self.done(s) for s in self.prepared.seeds)
+        return all(self.done(s) for s in self.plan.seeds)
 
 
 def _open_variant(v: _Variant) -> None:
     """Creates the workdir and checks (or writes) its eval_config.json, under a short lock shared by every
     process of the evaluation (so that two shards starting together write it once)."""
-    config, ds = v.prepared.config, v.prepared.ds
+    config, ds = v.plan.config, v.plan.ds
     os.makedirs(v.workdir, exist_ok=True)
     cfg_path = os.path.join(v.workdir, "eval_config.json")
     current = {
@@ -1031,7 +1031,7 @@ def _run_unit(
 ) -> bool:
     """Runs one unit (v, seed) whose lock the caller holds; False if its pretraining was interrupted.
     progress: reports each fine-tuning epoch, named by `label` (e.g. 'repeat 2/3')."""
-    p = v.prepared
+    p = v.plan
     rep_dir = os.path.join(v.workdir, f"repeat_{seed}")
     os.makedirs(rep_dir, exist_ok=True)
     pdir = (
@@ -1057,7 +1057,7 @@ def _run_unit(
 def _finish_variant(v: _Variant, status: str) -> dict:
     """results.json, splits.json and the reports of `v` from its finished repeat records (a pure function of
     them, so that any process may write them); {"status", "repeats": []} when none has finished."""
-    p = v.prepared
+    p = v.plan
     records = []
     for seed in p.seeds:
         if v.done(seed):
@@ -1108,14 +1108,14 @@ def _run_units(variants: list[_Variant], shard, stop: preemption.StopRequest) ->
     two processes run one unit; the lock dies with its process, so a killed unit runs again in the next command.
     Without a shard, units another live process holds are waited for at the end (and run if it died).
     Returns "done" or "preempted"."""
-    units = [(v, s) for v in variants for s in v.prepared.seeds]
+    units = [(v, s) for v in variants for s in v.plan.seeds]
     mine = [u for k, u in enumerate(units) if shard is None or k % shard[1] == shard[0]]
-    total = {id(v): len(v.prepared.seeds) for v in variants}
+    total = {id(v): len(v.plan.seeds) for v in variants}
     deferred = []
     progress = _progress(mine)
 
     def label(v, seed) -> str:
-        return f"repeat {v.prepared.seeds.index(seed) + 1}/{total[id(v)]}"
+        return f"repeat {v.plan.seeds.index(seed) + 1}/{total[id(v)]}"
 
     def attempt(v, seed, blocking) -> str:
         if v.done(seed):
@@ -1133,7 +1133,7 @@ def _run_units(variants: list[_Variant], shard, stop: preemption.StopRequest) ->
     try:
         with stop.interrupting(), contextlib.closing(progress):
             for v, seed in mine:
-                i = v.prepared.seeds.index(seed)
+                i = v.plan.seeds.index(seed)
                 where = f" ({os.path.basename(v.workdir)})" if v.value is not None else ""
                 if v.done(seed):
                     _log(f"repeat {i + 1}/{total[id(v)]} (seed {seed}){where}: already done, kept")
@@ -1165,7 +1165,7 @@ def run(
     workdir: str,
     dataset=None,
     pretrain_root: str | None = None,
-    prepared: Prepared | None = None,
+    plan: EvalPlan | None = None,
     shard=None,
     stop: preemption.StopRequest | None = None,
 ) -> dict:
@@ -1177,7 +1177,8 @@ def run(
     (repeats, or variant x repeat in a sweep) in a workdir shared with the other shards; the reports are
     written by the last shard to find every unit finished, or by a run without a shard. A shard that leaves
     units to others returns {"status": "incomplete", "units_done", "units"}. stop: the entry point's stop
-    request (SIGTERM/SIGINT: finished repeats are kept, a pretraining checkpoints; default: none).
+    request (SIGTERM/SIGINT: finished repeats are kept, a pretraining checkpoints; default: none). plan: this
+    config's `plan_evaluation`, when already made (default: made here).
     """
     shard = parse_shard(shard)
     stop = stop if stop is not None else preemption.StopRequest()
@@ -1185,11 +1186,11 @@ def run(
         return run_sweep(config, workdir, dataset, shard=shard, stop=stop)
     if not workdir:
         raise UserError("--workdir: required")
-    prepared = prepared if prepared is not None else prepare_run(config, dataset)
+    plan = plan if plan is not None else plan_evaluation(config, dataset)
     os.makedirs(workdir, exist_ok=True)
     # shared: the shards of this evaluation work side by side (each unit has its own lock)
     with rundir.WorkdirLock(workdir, shared=True):
-        v = _Variant(workdir, prepared, pretrain_root)
+        v = _Variant(workdir, plan, pretrain_root)
         _open_variant(v)
         status = _run_units([v], shard, stop)
         if shard is not None and not v.complete():
@@ -1199,8 +1200,8 @@ def run(
 
 
 def _incomplete(variants: list[_Variant], shard) -> dict:
-    done = sum(v.done(s) for v in variants for s in v.prepared.seeds)
-    total = sum(len(v.prepared.seeds) for v in variants)
+    done = sum(v.done(s) for v in variants for s in v.plan.seeds)
+    total = sum(len(v.plan.seeds) for v in variants)
     _log(
         f"shard {shard[0]}/{shard[1]}: its units are finished or taken; {done}/{total} units done in all. "
         "The last shard to finish, or the same command without --shard, writes the reports"
@@ -1348,7 +1349,7 @@ def _run_sweep_locked(
         # a swept data.path opens its own dataset
         same_data = str(variant.data.path) == str(config.data.path)
         try:
-            prepared = prepare_run(variant, ds if same_data else None)
+            plan = plan_evaluation(variant, ds if same_data else None)
         except UserError as e:
             raise UserError(f"sweep {field} = {value!r}: {e}") from None
         # a task's summaries are the multi-label ones (the one-label set only when it has one class)
@@ -1357,16 +1358,14 @@ def _run_sweep_locked(
                 f"config.sweep.metric: {metric!r} is a one-label metric, but {field} = {value!r} evaluates "
                 f"the task {variant.data.task!r}: use one of {', '.join(metrics.MULTI_METRICS)}"
             )
-        variants.append(_Variant(os.path.join(workdir, name), prepared, pretrain_root, value))
+        variants.append(_Variant(os.path.join(workdir, name), plan, pretrain_root, value))
         configs.append(variant)
     results: dict[int, dict] = {}
     done_values = []
     if shard is None:  # variant after variant, each a whole evaluation
         for v, vconfig in zip(variants, configs):
             _log(f"sweep {field} = {v.value!r} -> {v.workdir}")
-            res = run(
-                vconfig, v.workdir, pretrain_root=v.pretrain_root, prepared=v.prepared, stop=stop
-            )
+            res = run(vconfig, v.workdir, pretrain_root=v.pretrain_root, plan=v.plan, stop=stop)
             if res.get("status") != "done":
                 _log(
                     f"sweep interrupted at {field} = {v.value!r}; run the same command to continue"
