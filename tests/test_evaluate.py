@@ -405,7 +405,7 @@ def _done_result():
 def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, monkeypatch):
     seen = []
 
-    def fake_run(variant, workdir, dataset=None, pretrain_root=None, plan=None):
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None, plan=None, stop=None):
         sp = evaluate.resolve_split(variant).split
         seen.append((variant.pretrain.mode, {k: sp[k] for k in ("train", "val", "test")}))
         return _done_result()
@@ -423,7 +423,7 @@ def test_sweep_over_the_data_path_opens_each_variants_data(
     # every variant used to get the base config's opened dataset, so a swept data.path was never read
     seen = []
 
-    def fake_run(variant, workdir, dataset=None, pretrain_root=None, plan=None):
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None, plan=None, stop=None):
         seen.append((variant.data.path, variant.pretrain.data.path, plan.ds))
         return _done_result()
 
@@ -465,7 +465,7 @@ def test_sweep_checks_every_variant_before_running_any(tmp_path, ds, clean_encod
     monkeypatch.setattr(
         evaluate,
         "run",
-        lambda variant, workdir, dataset=None, pretrain_root=None, plan=None: (
+        lambda variant, workdir, dataset=None, pretrain_root=None, plan=None, stop=None: (
             ran.append(workdir) or _done_result()
         ),
     )
