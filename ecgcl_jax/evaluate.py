@@ -466,14 +466,9 @@ class MethodRunner:
         )
 
     def end_to_end(self, method: str, variables: dict, key: jax.Array) -> dict:
+        """`variables` (from `classifier`) trained whole; key: the dropout key."""
         d = self.data
-        return self._scored(
-            method,
-            self.trainer,
-            variables,
-            (d.train, d.val, d.test),
-            key,
-        )
+        return self._scored(method, self.trainer, variables, (d.train, d.val, d.test), key)
 
     def linear_probe(self, method: str, encoder_variables: dict, key: jax.Array) -> dict:
         """The head's init key is fold_in(key, 0), its dropout key fold_in(key, 1)."""
