@@ -28,6 +28,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ import math
 import os
 import time
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -394,6 +396,201 @@ def repeat_split(config, ds, seed: int, task=None) -> splits.Split:
     return split
 
 
+class RepeatData(typing.NamedTuple):
+    """One repeat's fine-tuning data, normalised by `max_amp` (mV, fitted on the training split)."""
+
+    train: finetune.RawSource  # the split's fine-tuning rows (the label fraction of train)
+    val: finetune.RawSource
+    test: finetune.RawSource
+    classes: list[str]  # task_labels' class names (one label column: [the column])
+    num_classes: int | None  # None: one label column (logits (B,)); else C (logits (B, C))
+    max_amp: float
+    test_patients: np.ndarray  # (n_test,) patient key of each test ECG (the bootstrap's groups)
+
+
+def repeat_data(config, ds, split: splits.Split) -> RepeatData:
+    """The sources, classes and normaliser of the repeat with this `split`."""
+    max_amp = input_pipeline.fit_max_amp(ds, split.train)
+    task, classes = task_labels(config, ds)
+    train, val, test = (
+        finetune.RawSource(ds, rows, max_amp, task)
+        for rows in (split.finetune, split.val, split.test)
+    )
+    keys = splits.patient_keys(ds.patient_ids, ds.records)
+    num_classes = None if task is None else len(classes)
+    return RepeatData(train, val, test, classes, num_classes, max_amp, keys[test.rows])
+
+
+def _encoder_variables(classifier_variables: dict) -> dict:
+    """The encoder module's {'params', 'batch_stats'} inside a classifier's variables."""
+    return {
+        "params": classifier_variables["params"]["encoder"],
+        "batch_stats": classifier_variables.get("batch_stats", {}).get("encoder", {}),
+    }
+
+
+@dataclasses.dataclass
+class MethodRunner:
+    """Trains one repeat's methods on its data, each `config.finetune.num_epochs` epochs with the best
+    validation epoch kept, and logs each one's test score. `end_to_end`: a classifier's variables trained
+    whole on raw ECGs (finetune, random_init; one compiled trainer); `linear_probe`: a Dense(C) head on a
+    frozen encoder's embeddings (linear_probe, random_init_linear_probe). Each returns
+    `finetune.run_finetune`'s output."""
+
+    ft: Any  # config.finetune
+    enc: checkpoint.ExportedEncoder
+    ds: Any
+    data: RepeatData
+    seed: int
+    # monitor.EvalProgress.on_epoch with the repeat and seed bound (None: no progress), and its workdir
+    watch: Callable[..., Callable] | None = None
+    workdir: str | None = None
+
+    def __post_init__(self):
+        self.spec = views.ViewSpec.from_preprocessing(self.enc.preprocessing)
+        self.epochs = int(self.ft.num_epochs)
+        self.trainer = finetune.classifier_trainer(
+            self.enc.model_config,
+            self.spec,
+            self.ft,
+            train_size=len(self.data.train),
+            num_classes=self.data.num_classes,
+        )
+
+    def classifier(self, key: jax.Array, encoder_variables: dict | None) -> dict:
+        """Initial classifier variables: the head from `key`, the encoder `encoder_variables` (None: from
+        `key` too, a random init)."""
+        length, leads = int(self.ds.raw.shape[1]), int(self.ds.raw.shape[2])
+        return finetune.classifier_variables(
+            self.trainer.model, self.spec, key, encoder_variables, length, leads
+        )
+
+    def end_to_end(self, method: str, variables: dict, key: jax.Array) -> dict:
+        """`variables` (from `classifier`) trained whole; key: the dropout key."""
+        d = self.data
+        return self._scored(method, self.trainer, variables, (d.train, d.val, d.test), key)
+
+    def linear_probe(self, method: str, encoder_variables: dict, key: jax.Array) -> dict:
+        """The head's init key is fold_in(key, 0), its dropout key fold_in(key, 1)."""
+        d = self.data
+        sources = (d.train, d.val, d.test)
+        feats = [
+            finetune.embed_rows(
+                self.enc.model_config,
+                self.spec,
+                encoder_variables,
+                self.ds,
+                src.rows,
+                d.max_amp,
+                batch_size=int(self.ft.batch_size),
+            )
+            for src in sources
+        ]
+        probe = finetune.probe_trainer(
+            int(self.enc.model_config.emb_dim),
+            self.spec,
+            self.ft,
+            train_size=len(d.train),
+            num_classes=d.num_classes,
+        )
+        head = dict(probe.init_head(jax.random.fold_in(key, 0), feats[0]))
+        fs = tuple(finetune.FeatureSource(f, s.labels) for f, s in zip(feats, sources))
+        return self._scored(method, probe, head, fs, jax.random.fold_in(key, 1))
+
+    def _scored(self, method, trainer, variables, sources, key) -> dict:
+        on_epoch = None if self.watch is None else self.watch(method, self.epochs, self.workdir)
+        train, val, test = sources
+        out = finetune.run_finetune(
+            trainer,
+            variables,
+            train,
+            val,
+            test,
+            self.epochs,
+            key,
+            self.seed,
+            self.data.classes,
+            on_epoch,
+        )
+        t = out["test"]
+        _log(
+            f"seed {self.seed}: {method:<25s} test macro-AUROC {t['macro_auroc']:.4f}  macro-AUPRC "
+            f"{t['macro_auprc']:.4f}  ({t['classes_used']}/{len(self.data.classes)} classes; best epoch "
+            f"{out['best_epoch']}/{self.epochs})"
+        )
+        return out
+
+
+def write_predictions(path: str, ds, data: RepeatData, probs: dict) -> None:
+    """test_predictions.csv: one row per test ECG, its record, patient and label(s), and each method's
+    probability (`probs`: method -> (n_test,) or (n_test, C)); C > 1: one label and one p column per class."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    test = data.test
+    if data.num_classes is None:
+        w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
+        for i, row in enumerate(test.rows):
+            w.writerow(
+                [ds.records[row], data.test_patients[i], int(test.labels[i])]
+                + [repr(float(probs[m][i])) for m in probs]
+            )
+    else:
+        w.writerow(
+            ["record", "patient"]
+            + [f"label:{c}" for c in data.classes]
+            + [f"p_{m}:{c}" for m in probs for c in data.classes]
+        )
+        for i, row in enumerate(test.rows):
+            w.writerow(
+                [ds.records[row], data.test_patients[i]]
+                + ["" if np.isnan(v) else str(int(v)) for v in test.labels[i]]
+                + [repr(float(probs[m][i, j])) for m in probs for j in range(data.num_classes)]
+            )
+    atomic_write(path, buf.getvalue().encode())
+
+
+def score_methods(config, seed: int, data: RepeatData, outs: dict) -> tuple[dict, dict]:
+    """({method: its record, with its test bootstrap interval}, {"a - b": the paired difference of test
+    macro-AUROC, with its interval}) from `outs` (method -> `finetune.run_finetune` output)."""
+    results = {m: _method_record(seed, out) for m, out in outs.items()}
+    probs = {m: out["test_probs"] for m, out in outs.items()}
+    boot, paired_boot = _bootstrap_repeat(config, seed, data.test.labels, probs, data.test_patients)
+    for m, b in boot.items():
+        results[m]["bootstrap"] = b
+    paired = {}
+    for a, b in PAIRS:
+        if a in results and b in results:
+            name = f"{a} - {b}"
+            paired[name] = {
+                "metric": metrics.PRIMARY,
+                "difference": results[a]["test"][metrics.PRIMARY]
+                - results[b]["test"][metrics.PRIMARY],
+                **({"bootstrap": paired_boot[name]} if name in paired_boot else {}),
+            }
+    return results, paired
+
+
+def repeat_record(
+    seed: int, results: dict, paired: dict, data: RepeatData, split, ds, encoder: dict, seconds
+) -> dict:
+    """repeat.json: the finetune record (with the split's sizes, max_amp and the `encoder` info), the
+    baselines' records, the classes, the paired differences and the split (`score_methods` made `results` and
+    `paired`)."""
+    names = ("train", "finetune", "val", "test", "pretrain")
+    n = {k: int(len(getattr(split, k))) for k in names}
+    n["patients"] = {k: len(getattr(split, f"{k}_patients")) for k in names}
+    main = dict(results["finetune"], n=n, max_amp=float(data.max_amp), encoder=encoder)
+    return {
+        "seed": int(seed),
+        "finetune": main,
+        "baselines": {m: r for m, r in results.items() if m != "finetune"},
+        "classes": data.classes,
+        "paired": paired,
+        "split": split.to_json(ds.records),
+        "seconds": seconds,
+    }
+
+
 def run_repeat(
     config,
     ds,
@@ -410,190 +607,39 @@ def run_repeat(
     seed's `repeat_split`, when already made; progress: reports each fine-tuning epoch (`repeat` names it);
     stop: the evaluation's stop request, passed to the pretraining."""
     t0 = time.time()
+    workdir = os.path.dirname(rep_dir)
     split = split if split is not None else repeat_split(config, ds, seed)
     with pretraining_lock(None if exported is not None else pretrain_dir):
         enc, info = _pretrained_encoder(
-            config, ds, split, seed, pretrain_dir, exported, os.path.dirname(rep_dir), stop
+            config, ds, split, seed, pretrain_dir, exported, workdir, stop
         )
     if enc is None:
         return None
     embed.check_compatible(enc, ds, where=f"encoder of seed {seed}")
-    spec = views.ViewSpec.from_preprocessing(enc.preprocessing)
-    ft = config.finetune
-    max_amp = input_pipeline.fit_max_amp(ds, split.train)
-    task, classes = task_labels(config, ds)
-    num_classes = None if task is None else len(classes)
-    train = finetune.RawSource(ds, split.finetune, max_amp, task)
-    val = finetune.RawSource(ds, split.val, max_amp, task)
-    test = finetune.RawSource(ds, split.test, max_amp, task)
-    key = jax.random.PRNGKey(seed)
-    length, leads = int(ds.raw.shape[1]), int(ds.raw.shape[2])
-    trainer = finetune.classifier_trainer(
-        enc.model_config, spec, ft, train_size=len(train), num_classes=num_classes
-    )
-    emb_dim = int(enc.model_config.emb_dim)
-    epochs = int(ft.num_epochs)
-    results: dict[str, dict] = {}
-    probs: dict[str, np.ndarray] = {}
+    data = repeat_data(config, ds, split)
+    watch = None if progress is None else functools.partial(progress.on_epoch, repeat, seed)
+    fit = MethodRunner(config.finetune, enc, ds, data, seed, watch, workdir)
 
-    def watch(method):
-        if progress is None:
-            return None
-        return progress.on_epoch(repeat, seed, method, epochs, os.path.dirname(rep_dir))
-
-    def record(method, out):
-        results[method] = _method_record(seed, out)
-        probs[method] = out["test_probs"]
-        t = out["test"]
-        _log(
-            f"seed {seed}: {method:<25s} test macro-AUROC {t['macro_auroc']:.4f}  macro-AUPRC "
-            f"{t['macro_auprc']:.4f}  ({t['classes_used']}/{len(classes)} classes; best epoch "
-            f"{out['best_epoch']}/{epochs})"
-        )
-
-    def linear_probe(method, enc_vars, k):
-        feats = {
-            name: finetune.embed_rows(
-                enc.model_config,
-                spec,
-                enc_vars,
-                ds,
-                src.rows,
-                max_amp,
-                batch_size=int(ft.batch_size),
+    # k[i] = fold_in(PRNGKey(seed), i): each initialisation and each method has its fixed index i
+    k = [jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(7)]
+    outs = {"finetune": fit.end_to_end("finetune", fit.classifier(k[1], enc.variables), k[2])}
+    baselines = config.baselines
+    if "linear_probe" in baselines:
+        outs["linear_probe"] = fit.linear_probe("linear_probe", enc.variables, k[3])
+    if "random_init" in baselines or "random_init_linear_probe" in baselines:
+        rand = fit.classifier(k[4], None)
+        if "random_init" in baselines:
+            outs["random_init"] = fit.end_to_end("random_init", rand, k[5])
+        if "random_init_linear_probe" in baselines:
+            rand_enc = _encoder_variables(rand)
+            outs["random_init_linear_probe"] = fit.linear_probe(
+                "random_init_linear_probe", rand_enc, k[6]
             )
-            for name, src in (("train", train), ("val", val), ("test", test))
-        }
-        probe = finetune.probe_trainer(
-            emb_dim, spec, ft, train_size=len(train), num_classes=num_classes
-        )
-        head_vars = probe.init_head(jax.random.fold_in(k, 0), feats["train"])
-        fs = {
-            n: finetune.FeatureSource(feats[n], s.labels)
-            for n, s in (("train", train), ("val", val), ("test", test))
-        }
-        record(
-            method,
-            finetune.run_finetune(
-                probe,
-                dict(head_vars),
-                fs["train"],
-                fs["val"],
-                fs["test"],
-                epochs,
-                jax.random.fold_in(k, 1),
-                seed,
-                classes,
-                watch(method),
-            ),
-        )
 
-    pre_vars = finetune.classifier_variables(
-        trainer.model, spec, jax.random.fold_in(key, 1), enc.variables, length, leads
-    )
-    record(
-        "finetune",
-        finetune.run_finetune(
-            trainer,
-            pre_vars,
-            train,
-            val,
-            test,
-            epochs,
-            jax.random.fold_in(key, 2),
-            seed,
-            classes,
-            watch("finetune"),
-        ),
-    )
-    if "linear_probe" in config.baselines:
-        linear_probe("linear_probe", enc.variables, jax.random.fold_in(key, 3))
-    if "random_init" in config.baselines or "random_init_linear_probe" in config.baselines:
-        rand_vars = finetune.classifier_variables(
-            trainer.model, spec, jax.random.fold_in(key, 4), None, length, leads
-        )
-        if "random_init" in config.baselines:
-            record(
-                "random_init",
-                finetune.run_finetune(
-                    trainer,
-                    rand_vars,
-                    train,
-                    val,
-                    test,
-                    epochs,
-                    jax.random.fold_in(key, 5),
-                    seed,
-                    classes,
-                    watch("random_init"),
-                ),
-            )
-        if "random_init_linear_probe" in config.baselines:
-            rand_enc = {
-                "params": rand_vars["params"]["encoder"],
-                "batch_stats": rand_vars.get("batch_stats", {}).get("encoder", {}),
-            }
-            linear_probe("random_init_linear_probe", rand_enc, jax.random.fold_in(key, 6))
-
-    # Test predictions of every method, one row per test ECG (C > 1: one label and one p column per class).
-    pred_path = os.path.join(rep_dir, "test_predictions.csv")
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    keys = splits.patient_keys(ds.patient_ids, ds.records)
-    if num_classes is None:
-        w.writerow(["record", "patient", "label"] + [f"p_{m}" for m in probs])
-        for i, row in enumerate(test.rows):
-            w.writerow(
-                [ds.records[row], keys[row], int(test.labels[i])]
-                + [repr(float(probs[m][i])) for m in probs]
-            )
-    else:
-        w.writerow(
-            ["record", "patient"]
-            + [f"label:{c}" for c in classes]
-            + [f"p_{m}:{c}" for m in probs for c in classes]
-        )
-        for i, row in enumerate(test.rows):
-            w.writerow(
-                [ds.records[row], keys[row]]
-                + ["" if np.isnan(v) else str(int(v)) for v in test.labels[i]]
-                + [repr(float(probs[m][i, j])) for m in probs for j in range(num_classes)]
-            )
-    atomic_write(pred_path, buf.getvalue().encode())
-
-    boot, paired_boot = _bootstrap_repeat(config, seed, test.labels, probs, keys[test.rows])
-    for m, b in boot.items():
-        results[m]["bootstrap"] = b
-    paired = {}
-    for a, b in PAIRS:
-        if a in results and b in results:
-            name = f"{a} - {b}"
-            paired[name] = {
-                "metric": metrics.PRIMARY,
-                "difference": results[a]["test"][metrics.PRIMARY]
-                - results[b]["test"][metrics.PRIMARY],
-                **({"bootstrap": paired_boot[name]} if name in paired_boot else {}),
-            }
-
-    main = results.pop("finetune")
-    main["n"] = {
-        k: int(len(getattr(split, k))) for k in ("train", "finetune", "val", "test", "pretrain")
-    }
-    main["n"]["patients"] = {
-        k: len(getattr(split, f"{k}_patients"))
-        for k in ("train", "finetune", "val", "test", "pretrain")
-    }
-    main["max_amp"] = float(max_amp)
-    main["encoder"] = info
-    rec = {
-        "seed": int(seed),
-        "finetune": main,
-        "baselines": results,
-        "classes": classes,
-        "paired": paired,
-        "split": split.to_json(ds.records),
-        "seconds": round(time.time() - t0, 1),
-    }
+    probs = {m: out["test_probs"] for m, out in outs.items()}
+    write_predictions(os.path.join(rep_dir, "test_predictions.csv"), ds, data, probs)
+    results, paired = score_methods(config, seed, data, outs)
+    rec = repeat_record(seed, results, paired, data, split, ds, info, round(time.time() - t0, 1))
     write_json(os.path.join(rep_dir, "repeat.json"), rec)
     return rec
 
@@ -798,7 +844,7 @@ def _progress(units: list) -> monitor.EvalProgress:
     epochs = 0
     for v, seed in units:
         if not v.done(seed):
-            config = v.prepared.config
+            config = v.plan.config
             methods = 1 + len([b for b in config.baselines if b in BASELINES])
             epochs += methods * int(config.finetune.num_epochs)
     return monitor.EvalProgress(
@@ -824,19 +870,19 @@ def open_data(config, dataset=None):
     return ds
 
 
-class Prepared(typing.NamedTuple):
+class EvalPlan(typing.NamedTuple):
+    """An evaluation checked before any training (`plan_evaluation`): what its repeats run on."""
+
     config: Any  # with its split fractions resolved
-    exported: Any  # the loaded encoder, or None
-    seeds: list
-    ds: Any
+    exported: Any  # the loaded encoder, or None (pretrain per repeat)
+    seeds: list  # one per repeat
+    ds: Any  # the opened dataset
     splits: dict  # seed -> splits.Split
-    task: tuple = (
-        None,
-        [],
-    )  # task_labels: ((N, C) float32 labels or None for one column, class names)
+    # task_labels: ((N, C) float32 labels or None for one column, class names)
+    task: tuple = (None, [])
 
 
-def prepare_run(config, dataset=None) -> Prepared:
+def plan_evaluation(config, dataset=None) -> EvalPlan:
     """Every check of an evaluation that needs no training, before any. Each seed's split is made and checked here
     too, so that a one-class validation split of the last seed stops the run now, not after the other repeats'
     pretraining; `run` then uses these splits."""
@@ -856,7 +902,7 @@ def prepare_run(config, dataset=None) -> Prepared:
     # a fine-tuning cosine's length depends on the training split's size
     for split in split_of.values():
         finetune.finetune_recipe(config.finetune, len(split.finetune))
-    return Prepared(config, exported, seeds, ds, split_of, task)
+    return EvalPlan(config, exported, seeds, ds, split_of, task)
 
 
 def parse_shard(shard) -> tuple[int, int] | None:
@@ -924,7 +970,7 @@ class _Variant:
     """One evaluation (a sweep point, or the whole of a plain run) and its units (one per seed)."""
 
     workdir: str
-    prepared: Prepared
+    plan: EvalPlan
     pretrain_root: str | None = None
     value: Any = None  # the sweep value; None in a plain run
     identity: dict | None = None  # eval_config.json's dataset entry, once opened
@@ -936,13 +982,13 @@ class _Variant:
         return os.path.exists(self.record_path(seed))
 
     def complete(self) -> bool:
-        return all(self.done(s) for s in self.prepared.seeds)
+        return all(self.done(s) for s in self.plan.seeds)
 
 
 def _open_variant(v: _Variant) -> None:
     """Creates the workdir and checks (or writes) its eval_config.json, under a short lock shared by every
     process of the evaluation (so that two shards starting together write it once)."""
-    config, ds = v.prepared.config, v.prepared.ds
+    config, ds = v.plan.config, v.plan.ds
     os.makedirs(v.workdir, exist_ok=True)
     cfg_path = os.path.join(v.workdir, "eval_config.json")
     current = {
@@ -980,7 +1026,7 @@ def _run_unit(
 ) -> bool:
     """Runs one unit (v, seed) whose lock the caller holds; False if its pretraining was interrupted.
     progress: reports each fine-tuning epoch, named by `label` (e.g. 'repeat 2/3')."""
-    p = v.prepared
+    p = v.plan
     rep_dir = os.path.join(v.workdir, f"repeat_{seed}")
     os.makedirs(rep_dir, exist_ok=True)
     pdir = (
@@ -1006,7 +1052,7 @@ def _run_unit(
 def _finish_variant(v: _Variant, status: str) -> dict:
     """results.json, splits.json and the reports of `v` from its finished repeat records (a pure function of
     them, so that any process may write them); {"status", "repeats": []} when none has finished."""
-    p = v.prepared
+    p = v.plan
     records = []
     for seed in p.seeds:
         if v.done(seed):
@@ -1057,14 +1103,14 @@ def _run_units(variants: list[_Variant], shard, stop: preemption.StopRequest) ->
     two processes run one unit; the lock dies with its process, so a killed unit runs again in the next command.
     Without a shard, units another live process holds are waited for at the end (and run if it died).
     Returns "done" or "preempted"."""
-    units = [(v, s) for v in variants for s in v.prepared.seeds]
+    units = [(v, s) for v in variants for s in v.plan.seeds]
     mine = [u for k, u in enumerate(units) if shard is None or k % shard[1] == shard[0]]
-    total = {id(v): len(v.prepared.seeds) for v in variants}
+    total = {id(v): len(v.plan.seeds) for v in variants}
     deferred = []
     progress = _progress(mine)
 
     def label(v, seed) -> str:
-        return f"repeat {v.prepared.seeds.index(seed) + 1}/{total[id(v)]}"
+        return f"repeat {v.plan.seeds.index(seed) + 1}/{total[id(v)]}"
 
     def attempt(v, seed, blocking) -> str:
         if v.done(seed):
@@ -1082,7 +1128,7 @@ def _run_units(variants: list[_Variant], shard, stop: preemption.StopRequest) ->
     try:
         with stop.interrupting(), contextlib.closing(progress):
             for v, seed in mine:
-                i = v.prepared.seeds.index(seed)
+                i = v.plan.seeds.index(seed)
                 where = f" ({os.path.basename(v.workdir)})" if v.value is not None else ""
                 if v.done(seed):
                     _log(f"repeat {i + 1}/{total[id(v)]} (seed {seed}){where}: already done, kept")
@@ -1114,7 +1160,7 @@ def run(
     workdir: str,
     dataset=None,
     pretrain_root: str | None = None,
-    prepared: Prepared | None = None,
+    plan: EvalPlan | None = None,
     shard=None,
     stop: preemption.StopRequest | None = None,
 ) -> dict:
@@ -1126,7 +1172,8 @@ def run(
     (repeats, or variant x repeat in a sweep) in a workdir shared with the other shards; the reports are
     written by the last shard to find every unit finished, or by a run without a shard. A shard that leaves
     units to others returns {"status": "incomplete", "units_done", "units"}. stop: the entry point's stop
-    request (SIGTERM/SIGINT: finished repeats are kept, a pretraining checkpoints; default: none).
+    request (SIGTERM/SIGINT: finished repeats are kept, a pretraining checkpoints; default: none). plan: this
+    config's `plan_evaluation`, when already made (default: made here).
     """
     shard = parse_shard(shard)
     stop = stop if stop is not None else preemption.StopRequest()
@@ -1134,11 +1181,11 @@ def run(
         return run_sweep(config, workdir, dataset, shard=shard, stop=stop)
     if not workdir:
         raise UserError("--workdir: required")
-    prepared = prepared if prepared is not None else prepare_run(config, dataset)
+    plan = plan if plan is not None else plan_evaluation(config, dataset)
     os.makedirs(workdir, exist_ok=True)
     # shared: the shards of this evaluation work side by side (each unit has its own lock)
     with rundir.WorkdirLock(workdir, shared=True):
-        v = _Variant(workdir, prepared, pretrain_root)
+        v = _Variant(workdir, plan, pretrain_root)
         _open_variant(v)
         status = _run_units([v], shard, stop)
         if shard is not None and not v.complete():
@@ -1148,8 +1195,8 @@ def run(
 
 
 def _incomplete(variants: list[_Variant], shard) -> dict:
-    done = sum(v.done(s) for v in variants for s in v.prepared.seeds)
-    total = sum(len(v.prepared.seeds) for v in variants)
+    done = sum(v.done(s) for v in variants for s in v.plan.seeds)
+    total = sum(len(v.plan.seeds) for v in variants)
     _log(
         f"shard {shard[0]}/{shard[1]}: its units are finished or taken; {done}/{total} units done in all. "
         "The last shard to finish, or the same command without --shard, writes the reports"
@@ -1297,7 +1344,7 @@ def _run_sweep_locked(
         # a swept data.path opens its own dataset
         same_data = str(variant.data.path) == str(config.data.path)
         try:
-            prepared = prepare_run(variant, ds if same_data else None)
+            plan = plan_evaluation(variant, ds if same_data else None)
         except UserError as e:
             raise UserError(f"sweep {field} = {value!r}: {e}") from None
         # a task's summaries are the multi-label ones (the one-label set only when it has one class)
@@ -1306,16 +1353,14 @@ def _run_sweep_locked(
                 f"config.sweep.metric: {metric!r} is a one-label metric, but {field} = {value!r} evaluates "
                 f"the task {variant.data.task!r}: use one of {', '.join(metrics.MULTI_METRICS)}"
             )
-        variants.append(_Variant(os.path.join(workdir, name), prepared, pretrain_root, value))
+        variants.append(_Variant(os.path.join(workdir, name), plan, pretrain_root, value))
         configs.append(variant)
     results: dict[int, dict] = {}
     done_values = []
     if shard is None:  # variant after variant, each a whole evaluation
         for v, vconfig in zip(variants, configs):
             _log(f"sweep {field} = {v.value!r} -> {v.workdir}")
-            res = run(
-                vconfig, v.workdir, pretrain_root=v.pretrain_root, prepared=v.prepared, stop=stop
-            )
+            res = run(vconfig, v.workdir, pretrain_root=v.pretrain_root, plan=v.plan, stop=stop)
             if res.get("status") != "done":
                 _log(
                     f"sweep interrupted at {field} = {v.value!r}; run the same command to continue"

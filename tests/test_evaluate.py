@@ -405,7 +405,7 @@ def _done_result():
 def test_sweep_over_the_mode_scores_every_variant_on_one_split(tmp_path, ds, monkeypatch):
     seen = []
 
-    def fake_run(variant, workdir, dataset=None, pretrain_root=None, prepared=None):
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None, plan=None, stop=None):
         sp = evaluate.resolve_split(variant).split
         seen.append((variant.pretrain.mode, {k: sp[k] for k in ("train", "val", "test")}))
         return _done_result()
@@ -423,8 +423,8 @@ def test_sweep_over_the_data_path_opens_each_variants_data(
     # every variant used to get the base config's opened dataset, so a swept data.path was never read
     seen = []
 
-    def fake_run(variant, workdir, dataset=None, pretrain_root=None, prepared=None):
-        seen.append((variant.data.path, variant.pretrain.data.path, prepared.ds))
+    def fake_run(variant, workdir, dataset=None, pretrain_root=None, plan=None, stop=None):
+        seen.append((variant.data.path, variant.pretrain.data.path, plan.ds))
         return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
@@ -446,7 +446,7 @@ def test_sweep_over_the_data_path_opens_each_variants_data(
 
 
 def test_each_seeds_split_is_made_once(tmp_path, ds, clean_encoder, monkeypatch):
-    # checked up front by prepare_run, then used by the repeats (it was made again per repeat)
+    # checked up front by plan_evaluation, then used by the repeats (it was made again per repeat)
     made = []
     real = splits.split_dataset
     monkeypatch.setattr(
@@ -465,7 +465,7 @@ def test_sweep_checks_every_variant_before_running_any(tmp_path, ds, clean_encod
     monkeypatch.setattr(
         evaluate,
         "run",
-        lambda variant, workdir, dataset=None, pretrain_root=None, prepared=None: (
+        lambda variant, workdir, dataset=None, pretrain_root=None, plan=None, stop=None: (
             ran.append(workdir) or _done_result()
         ),
     )
@@ -488,7 +488,7 @@ def test_sweep_checks_every_variant_before_running_any(tmp_path, ds, clean_encod
     long_a = "x" * 150
     names = [evaluate.variant_name("finetune.aggregate", v) for v in (long_a, long_a + "y")]
     assert all(len(n) <= 100 for n in names) and names[0] != names[1]
-    monkeypatch.setattr(evaluate, "prepare_run", lambda variant, dataset=None: None)
+    monkeypatch.setattr(evaluate, "plan_evaluation", lambda variant, dataset=None: None)
     evaluate.run_sweep(
         eval_config(
             clean_encoder, **{"sweep.field": "finetune.aggregate", "sweep.choices": ("a/b", "a_b")}
@@ -768,7 +768,7 @@ FOLDS = {
 def test_fold_rule_in_the_evaluation(tmp_path, clean_encoder):
     fds = FoldDataset()
     cfg = eval_config(clean_encoder, **FOLDS)
-    p = evaluate.prepare_run(cfg, fds)
+    p = evaluate.plan_evaluation(cfg, fds)
     fold = fds.meta["strat_fold"].to_numpy()
     known = ~np.isnan(fds.labels)
     sets = {"train": set("123678"), "val": {"9", "4"}, "test": {"10", "5"}}
@@ -778,9 +778,9 @@ def test_fold_rule_in_the_evaluation(tmp_path, clean_encoder):
             assert getattr(p.splits[seed], name).tolist() == want, name
         assert p.splits[seed].to_json()["folds"]["records_without_fold"] == 2
     with pytest.raises(UserError, match="config.split.fold_column: no column 'fold'"):
-        evaluate.prepare_run(override(cfg, **{"split.fold_column": "fold"}), fds)
+        evaluate.plan_evaluation(override(cfg, **{"split.fold_column": "fold"}), fds)
     with pytest.raises(UserError, match="config.split.rule: 'kfold'"):
-        evaluate.prepare_run(override(cfg, **{"split.rule": "kfold"}), fds)
+        evaluate.plan_evaluation(override(cfg, **{"split.rule": "kfold"}), fds)
     # a loaded encoder that saw a test-fold patient is refused, as with random splits
     leaky = export_tiny_encoder(tmp_path / "leaky", [p.splits[321].test_patients[0]])
     with pytest.raises(splits.LeakageError, match="allow_leakage"):

@@ -272,7 +272,7 @@ def test_a_bad_finetune_field_is_one_line_naming_it():
     with pytest.raises(
         UserError, match=r"^config\.finetune\.decay_steps: the cosine needs more steps"
     ):
-        evaluate.prepare_run(c)
+        evaluate.plan_evaluation(c)
 
 
 def test_finetune_history_records_the_learning_rate_of_each_epoch():
