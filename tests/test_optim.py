@@ -308,7 +308,7 @@ def test_resume_mid_warmup_and_mid_decay_equals_uninterrupted(tmp_path):
     import shutil
 
     from ecgcl_jax import pretrain
-    from tests.test_pretrain import read_metrics, small_config
+    from tests.conftest import read_metrics, small_config
 
     recipe = {
         "optim.optimizer": "adamw",
