@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
+import wfdb
 
 STD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 UPPER_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
@@ -35,7 +37,6 @@ def write_record(
     signal=None,
 ) -> str:
     """Write `folder/name.hea` + `.dat` with wfdb.wrsamp; returns the header path."""
-    import wfdb
 
     os.makedirs(folder, exist_ok=True)
     n = int(round(seconds * fs))
@@ -55,7 +56,6 @@ def write_record(
 
 def read_reference(hea: str) -> tuple[np.ndarray, list[str], float]:
     """wfdb's own reading: (p_signal (n, c) mV, lead names, fs)."""
-    import wfdb
 
     r = wfdb.rdrecord(hea[:-4])
     return r.p_signal, list(r.sig_name), float(r.fs)
@@ -63,7 +63,6 @@ def read_reference(hea: str) -> tuple[np.ndarray, list[str], float]:
 
 def copy_record(src_hea: str, folder: str) -> str:
     """Copy a header and the signal files it names into folder; returns the new header path."""
-    import shutil
 
     os.makedirs(folder, exist_ok=True)
     d = os.path.dirname(src_hea)

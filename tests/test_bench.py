@@ -10,10 +10,12 @@ import glob
 import json
 import os
 import statistics
+import subprocess
 import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -21,6 +23,10 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_augment  # noqa: E402
 import bench_pretrain  # noqa: E402
+import bench_read_rows  # noqa: E402
+
+# after jax: profile_step adds an XLA flag on import only when jax is not imported yet
+import profile_step  # noqa: E402
 
 from ecgcl_jax import augment  # noqa: E402
 
@@ -202,8 +208,6 @@ def test_bench_augment_alternatives_compute_the_library_results():
 
 
 def test_bench_read_rows_runs(tmp_path):
-    import bench_read_rows
-
     out = tmp_path / "rr.jsonl"
     assert (
         bench_read_rows.main(
@@ -235,8 +239,6 @@ def test_bench_read_rows_runs(tmp_path):
 
 
 def test_profile_step_scopes_by_hand():
-    import profile_step
-
     assert (
         profile_step.scope_of(
             "jit(step)/transpose(jvp(CNNEncoder))/trunk/layer_0/conv/conv_general_dilated"
@@ -276,8 +278,6 @@ def test_profile_step_scopes_by_hand():
 
 def test_profile_step_runs_and_counts_no_enclosing_op(tmp_path):
     # its own process: XLA:CPU's per-op events need a flag before jax starts
-    import subprocess
-
     out = tmp_path / "prof.jsonl"
     r = subprocess.run(
         [
@@ -315,9 +315,6 @@ def test_profile_step_runs_and_counts_no_enclosing_op(tmp_path):
 def test_profile_step_outlines_a_trace_without_op_events(tmp_path):
     # a trace whose events name none of the step's HLO ops (as a GPU trace would if its layout were not the one
     # op_events reads) counts nothing, and the outline says what the trace holds instead
-    import jax.numpy as jnp
-    import profile_step
-
     f = jax.jit(lambda x: jnp.sin(x) * 2)
     f(jnp.ones(8)).block_until_ready()
     with jax.profiler.trace(str(tmp_path)):

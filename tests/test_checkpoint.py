@@ -1,11 +1,16 @@
 """Checkpoints: restore the newest good one, quarantine corrupt ones, one-line errors, no compiles on save."""
 
+import gc
 import os
+import shutil
 import sys
 
+import jax.monitoring
 import numpy as np
 import pytest
 
+from ecgcl_jax import checkpoint, parallel, pretrain
+from ecgcl_jax.errors import UserError
 from tests.conftest import read_metrics, small_config
 
 
@@ -17,9 +22,6 @@ def _garble(directory):
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys, monkeypatch):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.errors import UserError
-
     ref, wd = str(tmp_path / "ref"), str(tmp_path / "wd")
     pretrain.run(small_config(num_steps=9, checkpoint_every=3), ref)
     pretrain.run(small_config(num_steps=6, checkpoint_every=3), wd)
@@ -70,9 +72,6 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys, monkeypatch):
 def test_newest_step_folder_emptied_falls_back(tmp_path, capsys):
     # a step folder without its item (a partial copy, a deletion): orbax decided from it that the checkpoints hold
     # several items, and every older step then failed to restore, and every later save failed, too
-    import shutil
-
-    from ecgcl_jax import pretrain
 
     pretrain.run(small_config(num_steps=12, checkpoint_every=3), str(tmp_path / "a"))
     wd = str(tmp_path / "w")
@@ -100,9 +99,6 @@ def test_newest_step_folder_emptied_falls_back(tmp_path, capsys):
 
 def test_checkpoint_of_a_replicated_state_compiles_nothing_and_restores_exactly(tmp_path):
     """orbax's replica-parallel writes would compile a slice program per array shape and device at the first save."""
-    import jax.monitoring
-
-    from ecgcl_jax import checkpoint, parallel
 
     mesh = parallel.make_mesh(8)
     rng = np.random.default_rng(0)
@@ -136,9 +132,6 @@ def test_checkpoint_of_a_replicated_state_compiles_nothing_and_restores_exactly(
 
 def test_unreadable_array_data_is_one_line_not_orbax_tracebacks(tmp_path, capsys):
     # truncated array chunks: each abandoned read printed a traceback of ~60 lines when collected (1000 lines)
-    import gc
-
-    from ecgcl_jax import pretrain
 
     wd = str(tmp_path / "w")
     hook = sys.unraisablehook

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from ecgcl_jax import cli
 from tests.conftest import PY, ROOT, run_cli
 
 CONFIG_FILE_ERRORS = {  # config file text (None: no file) and extra args -> what the one line must say
@@ -122,7 +123,6 @@ def test_uncreatable_workdir_is_one_line(tmp_path):
 def test_stop_signal_before_the_run_started_reaches_its_handler():
     # run_pretrain.py / run_eval.py hold SIGTERM from their first lines (it killed them while JAX loaded); the run's
     # handler gets it when installed, so the run stops the way it does for a later signal
-    from ecgcl_jax import cli
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -165,7 +165,6 @@ def test_stop_signal_before_the_run_started_reaches_its_handler():
 
 def test_a_full_disk_inside_orbax_is_one_line(capsys):
     # orbax reports ENOSPC as ValueError: RESOURCE_EXHAUSTED; it ended the run with a traceback and exit code 1
-    from ecgcl_jax import cli
 
     def save():
         raise ValueError(

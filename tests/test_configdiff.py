@@ -1,9 +1,9 @@
 """Config differences: the changed fields a resume names."""
 
+from ecgcl_jax import configdiff
+
 
 def test_changed_fields_names_every_field():
-    from ecgcl_jax import configdiff
-
     old = {f"f{i:02d}": i for i in range(11)}
     new = {k: v + 1 for k, v in old.items()}
     text = configdiff.changed_fields(old, new, allowed=("f00",))

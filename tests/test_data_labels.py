@@ -1,5 +1,6 @@
 """Issue 9: a user label table attached to the shipped PTB-XL sample."""
 
+import io
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from data_fixtures import write_record
 
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
 from ecgcl_jax.data.labels import parse_binary
@@ -290,7 +292,6 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
 
 def test_two_rows_naming_one_record_by_the_same_kind_of_key_are_refused(tmp_path):
     # ids 841 and 00841 are one PTB-XL ecg_id: the table is ambiguous for record 00841_hr
-    from data_fixtures import write_record
 
     write_record(str(tmp_path / "src"), "00841_hr", seed=1)
     table = tmp_path / "t.csv"
@@ -306,8 +307,6 @@ def test_two_rows_naming_one_record_by_the_same_kind_of_key_are_refused(tmp_path
 
 
 def test_a_row_labelling_several_records_is_reported(tmp_path):
-    from data_fixtures import write_record
-
     for folder, seed in (("a", 1), ("b", 2)):
         write_record(str(tmp_path / "src" / folder), "same", seed=seed)
     write_record(str(tmp_path / "src" / "a"), "other", seed=3)
@@ -326,8 +325,6 @@ def test_a_row_labelling_several_records_is_reported(tmp_path):
 
 
 def test_bad_value_in_a_label_column_of_a_table_found_in_src_stops_before_any_work(tmp_path):
-    from data_fixtures import write_record
-
     src = tmp_path / "src"
     write_record(str(src), "r1", seed=1)
     write_record(str(src), "r2", seed=2)
@@ -349,10 +346,6 @@ def test_bad_value_in_a_label_column_of_a_table_found_in_src_stops_before_any_wo
 
 
 def test_tables_not_applied_and_missing_patient_ids_are_said(tmp_path):
-    import io
-
-    from data_fixtures import write_record
-
     sub = tmp_path / "src" / "sub"
     write_record(str(sub), "r1", seed=1)
     write_record(str(sub), "r2", seed=2)
@@ -392,7 +385,6 @@ def test_a_text_label_column_in_a_table_found_in_src_is_not_an_error_when_anothe
     tmp_path,
 ):
     # records.csv with a diagnosis text in `label` and a 0/1 column: the 0/1 column is the label, `label` a note
-    from data_fixtures import write_record
 
     src = tmp_path / "src"
     write_record(str(src), "r1", seed=1)

@@ -1,15 +1,15 @@
 """Whole-file writes: a failed write names the file and leaves the old one."""
 
+import errno
 import os
 
 import pytest
 
+from ecgcl_jax import fileio
+
 
 def test_a_failed_whole_file_write_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
     # a full disk showed "No space left on device" without a path, and left an empty results.md behind
-    import errno
-
-    from ecgcl_jax import fileio
 
     path = tmp_path / "results.md"
     path.write_text("old")

@@ -1,14 +1,26 @@
 """Input pipeline: batch order, batch size, normaliser, patient codes, resident or streamed batches, reader threads."""
 
+import concurrent.futures
+import threading
+from types import SimpleNamespace
+
 import numpy as np
 
-from ecgcl_jax import input_pipeline
+from ecgcl_jax import data, input_pipeline, parallel, pretrain
+from ecgcl_jax.input_pipeline import (
+    RESIDENT_AUTO_LIMIT,
+    BatchOrder,
+    choose_resident,
+    effective_batch_size,
+    normalize,
+    patient_codes,
+    read_rows,
+    resident_limit,
+)
 from tests.conftest import read_metrics, small_config
 
 
 def test_batch_order_is_pure_and_never_repeats_in_a_batch():
-    from ecgcl_jax.input_pipeline import BatchOrder
-
     a, b = BatchOrder(52, 8, seed=3), BatchOrder(52, 8, seed=3)
     for step in [0, 5, 6, 7, 40, 13]:  # out of order: a pure function of (seed, step)
         np.testing.assert_array_equal(a(step), b(step))
@@ -20,16 +32,12 @@ def test_batch_order_is_pure_and_never_repeats_in_a_batch():
 
 
 def test_effective_batch_size_shrinks_with_note():
-    from ecgcl_jax.input_pipeline import effective_batch_size
-
     assert effective_batch_size(8, 52, 8) == (8, "")
     b, note = effective_batch_size(128, 52, 8)
     assert b == 48 and "52 records" in note
 
 
 def test_normalize_matches_numpy():
-    from ecgcl_jax.input_pipeline import normalize
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 100, 12)) + 2.0
     y = normalize(x, 4.0)
@@ -41,7 +49,6 @@ def test_normalize_matches_numpy():
 def test_streamed_equals_resident(tmp_path):
     """The two input paths (rows gathered on the device from the resident pool, or int16 batches read from the
     memmap by the prefetch thread) feed the step the same batches: the same losses."""
-    from ecgcl_jax import pretrain
 
     losses = {}
     for resident in ("yes", "no"):
@@ -54,10 +61,6 @@ def test_streamed_equals_resident(tmp_path):
 
 
 def test_resident_auto_follows_the_devices_memory():
-    from types import SimpleNamespace
-
-    from ecgcl_jax import input_pipeline as ip
-
     class Dev:
         def __init__(self, stats):
             self.stats = stats
@@ -68,31 +71,28 @@ def test_resident_auto_follows_the_devices_memory():
             return self.stats
 
     gpu80, gpu16 = Dev({"bytes_limit": 80 << 30}), Dev({"bytes_limit": 16 << 30})
-    assert ip.resident_limit([gpu80]) == 20 << 30
+    assert resident_limit([gpu80]) == 20 << 30
     # the pool is replicated: the smallest device decides
-    assert ip.resident_limit([gpu80, gpu16]) == 4 << 30
+    assert resident_limit([gpu80, gpu16]) == 4 << 30
     # CPU reports no memory statistics
-    assert ip.resident_limit([Dev(None)]) == ip.RESIDENT_AUTO_LIMIT
-    assert ip.resident_limit([Dev(RuntimeError("unsupported"))]) == ip.RESIDENT_AUTO_LIMIT
+    assert resident_limit([Dev(None)]) == RESIDENT_AUTO_LIMIT
+    assert resident_limit([Dev(RuntimeError("unsupported"))]) == RESIDENT_AUTO_LIMIT
     ds = SimpleNamespace(raw=np.zeros((0, 5000, 12), np.int16))  # 120,000 bytes a record
     pool = np.arange(100_000)  # 12 GB of int16
-    assert ip.choose_resident("auto", ds, pool, [gpu80]) and not ip.choose_resident(
+    assert choose_resident("auto", ds, pool, [gpu80]) and not choose_resident(
         "auto", ds, pool, [gpu16]
     )
-    assert not ip.choose_resident("auto", ds, pool, [Dev(None)])
-    assert ip.choose_resident("yes", ds, pool, [gpu16]) and not ip.choose_resident(
+    assert not choose_resident("auto", ds, pool, [Dev(None)])
+    assert choose_resident("yes", ds, pool, [gpu16]) and not choose_resident(
         "no", ds, pool[:1], [gpu80]
     )
 
 
 def test_read_rows_equals_fancy_indexing(tmp_path):
-    from ecgcl_jax.input_pipeline import read_rows
-
     a = np.lib.format.open_memmap(str(tmp_path / "a.npy"), "w+", np.int16, (20, 7, 3))
     a[:] = np.arange(20 * 7 * 3).reshape(20, 7, 3)
     a.flush()
     mm = np.load(str(tmp_path / "a.npy"), mmap_mode="r")
-    import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(3) as ex:
         for rows in ([5, 1, 19, 0, 7], [3], [4, 4, 2], list(range(19, -1, -1)) + [6, 6]):
@@ -107,10 +107,6 @@ def test_read_rows_equals_fancy_indexing(tmp_path):
 
 
 def test_streamed_batches_are_the_same_with_several_reader_threads(monkeypatch):
-    import threading
-
-    from ecgcl_jax import data, parallel
-
     ds = data.open_dataset("")
     mesh = parallel.make_mesh()
     pool = np.arange(3, len(ds))
@@ -146,8 +142,6 @@ def test_streamed_batches_are_the_same_with_several_reader_threads(monkeypatch):
 
 
 def test_patient_codes_follow_patient_keys():
-    from ecgcl_jax.input_pipeline import patient_codes
-
     codes = patient_codes(["p1", "", " p1 ", "p2", ""], ["a", "b", "c", "d", "e"])
     # same patient (whitespace ignored, as splits.patient_keys) -> same code; each missing id is its own patient
     assert codes[0] == codes[2] and len({codes[0], codes[1], codes[3], codes[4]}) == 4

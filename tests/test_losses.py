@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from sklearn.metrics import log_loss
 
-from ecgcl_jax import losses
+from ecgcl_jax import losses, parallel
 
 TEMPS = [0.01, 0.03, 0.07, 0.2, 0.5, 1.0]
 
@@ -160,9 +162,6 @@ def test_multi_view_nt_xent_is_sum_over_pairs(use_ids):
 
 
 def test_nt_xent_sharded_over_8_devices_with_ids():
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     devs = np.array(jax.devices()[:8])
     if len(devs) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
@@ -199,13 +198,6 @@ def test_bce_with_logits_against_sklearn():
 
 
 def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from ecgcl_jax import losses, parallel
-
     rng = np.random.default_rng(0)
     zs = [rng.normal(size=(16, 8)).astype(np.float32) for _ in range(4)]
     # three ECGs of patient 0

@@ -2,13 +2,16 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from ecgcl_jax.rundir import WorkdirLock
 from tests.conftest import ROOT
 
 ARGS = [
@@ -158,7 +161,6 @@ def _two_processes_failing(wd, extra=((), ())):
 def test_refusal_on_process_zero_stops_every_process(tmp_path):
     """Process 0 alone checks the workdir; when it refuses (here: a live run holds the lock), the other
     process stops with a one-line error too instead of hanging in its next collective."""
-    from ecgcl_jax.rundir import WorkdirLock
 
     wd = str(tmp_path / "busy")
     os.makedirs(wd)
@@ -188,8 +190,6 @@ def test_processes_with_different_configs_stop_with_one_line(tmp_path):
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     """A checkpoint is a collective: when only one host is told to stop, all agree on the step, save it once
     and exit 0."""
-    import signal
-    import time
 
     wd = str(tmp_path / "pre")
     port = _free_port()

@@ -3,15 +3,19 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from ecgcl_jax import checkpoint, input_pipeline, models, parallel, pretrain, views
+from ecgcl_jax.data import open_dataset
+from ecgcl_jax.errors import UserError
 from tests.conftest import read_metrics, run_cli, small_config
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from ecgcl_jax import pretrain
-
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     pretrain.run(small_config(num_steps=12), full)
     r = pretrain.run(small_config(num_steps=6), part)
@@ -24,7 +28,6 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(np.isfinite(m["loss"]) and m["ecg_per_s"] > 0 for m in a)
     # loss goes down on the embedded data with a large learning rate
     assert np.mean([m["loss"] for m in a[-3:]]) < np.mean([m["loss"] for m in a[:3]])
-    from ecgcl_jax import checkpoint
 
     enc = checkpoint.load_encoder(os.path.join(full, "encoder"))
     assert enc.preprocessing["input_length"] == 5000 and enc.preprocessing["max_amp"] > 0
@@ -33,10 +36,6 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("mode", ["simclr", "cmsc"])
 def test_one_device_equals_eight(tmp_path, mode):
-    import jax
-
-    from ecgcl_jax import parallel, pretrain
-
     assert jax.device_count() == 8
     losses = {}
     for n in (1, 8):
@@ -60,11 +59,6 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
     """The loss test above runs at Adam's lr 1e-5, where a wrong gradient would hardly move the loss; here the
     optimizer is SGD with lr 1, so the parameter change *is* the gradient, compared leaf by leaf, together with
     the BatchNorm running statistics (global-batch statistics on 8 devices as on 1)."""
-    import jax
-    import optax
-
-    from ecgcl_jax import input_pipeline, models, parallel, pretrain
-    from ecgcl_jax.data import open_dataset
 
     cfg = small_config("cnn", mode=mode, patient_positives=(mode == "cmsc"))
     ds = open_dataset("")
@@ -108,8 +102,6 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
     "mode,domain", [("cmlc", "time"), ("cmsmlc", "time"), ("simclr", "frequency")]
 )
 def test_clocs_lead_modes_and_frequency_domain_run(tmp_path, mode, domain):
-    from ecgcl_jax import checkpoint, pretrain
-
     wd = str(tmp_path / mode)
     r = pretrain.run(small_config("cnn", num_steps=2, mode=mode, **{"data.domain": domain}), wd)
     assert r["steps"] == 2 and np.isfinite(r["final_loss"])
@@ -163,8 +155,6 @@ def test_bad_config_is_one_line_error(tmp_path, override, needle):
 
 def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     # `--config.data.path=~/x` reaches the program unexpanded (a shell expands ~ only at the start of a word)
-    from ecgcl_jax import checkpoint, pretrain
-    from ecgcl_jax.errors import UserError
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ds").mkdir()
@@ -201,19 +191,12 @@ def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     ],
 )
 def test_configs_that_would_train_on_nothing_are_refused(over, needle):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.errors import UserError
-
     with pytest.raises(UserError, match=needle):
         pretrain.validate_config(small_config(**over), 1)
     pretrain.validate_config(small_config(**{"augment.view1": "permute:5,1", "batch_size": 2}), 1)
 
 
 def test_patient_positives_with_a_single_patient_is_refused(tmp_path):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.data import open_dataset
-    from ecgcl_jax.errors import UserError
-
     class OnePatient:  # the embedded set, every record given to one patient
         def __init__(self, ds):
             self._ds = ds
@@ -271,9 +254,6 @@ def test_every_config_pretrains_from_cli(tmp_path, cfg):
 
 @pytest.mark.parametrize("mode", ["cmlc", "cmsmlc"])
 def test_vcg_rotate_scale_is_refused_for_single_lead_views(mode):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.errors import UserError
-
     cfg = small_config(mode=mode, **{"augment.view1": "gaussian_noise|vcg_rotate_scale@0.5"})
     with pytest.raises(UserError) as e:
         pretrain.validate_config(cfg, 1)
@@ -286,8 +266,6 @@ def test_vcg_rotate_scale_is_refused_for_single_lead_views(mode):
 
 
 def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp_path):
-    from ecgcl_jax import pretrain
-
     wd = str(tmp_path)
     view1 = "amplitude_scale:0.8,1.2@0.5|gaussian_noise"
     first = pretrain.run(small_config(num_steps=2, **{"augment.view1": view1}), wd)
@@ -331,11 +309,6 @@ def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp
 def test_step_runs_one_encoder_forward_per_view():
     """The step's loss equals the encoder applied to each view on its own (BatchNorm statistics per view, running
     statistics chained) followed by the contrastive loss; one forward over the stacked views would not."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from ecgcl_jax import input_pipeline, models, pretrain, views
 
     cfg = small_config(
         "cnn",

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from ecgcl_jax import input_pipeline
+from ecgcl_jax import checkpoint, evaluate, input_pipeline, pretrain
+from ecgcl_jax.errors import UserError
 from tests.conftest import ROOT, read_metrics, small_config
 
 
@@ -108,9 +109,6 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_at_step):
-    from ecgcl_jax import checkpoint, pretrain
-    from ecgcl_jax.errors import UserError
-
     wd = str(tmp_path / "nan")
     with pytest.raises(
         UserError, match=r"non-finite loss, gradient or update at step 5; stopped.*checkpoints/4"
@@ -156,8 +154,6 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_at_st
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_update_that_overflows_is_a_bad_step(tmp_path):
     # finite loss and gradients, but a learning rate that takes the parameters past float32's range
-    from ecgcl_jax import checkpoint, pretrain
-    from ecgcl_jax.errors import UserError
 
     wd = str(tmp_path / "lr")
     cfg = small_config(
@@ -189,8 +185,6 @@ def test_update_that_overflows_is_a_bad_step(tmp_path):
 def test_evaluation_errors_name_the_fields_it_can_change(tmp_path, nan_at_step):
     # inside run_eval.py the pretraining config is config.pretrain: its errors must name that field, and a resumed
     # evaluation must accept it
-    from ecgcl_jax import evaluate, pretrain
-    from ecgcl_jax.errors import UserError
 
     wd = str(tmp_path / "w")
     pretrain.run(small_config(num_steps=3, checkpoint_every=3), wd)
@@ -222,7 +216,6 @@ def test_evaluation_errors_name_the_fields_it_can_change(tmp_path, nan_at_step):
 def test_a_stop_signal_during_the_export_reaches_the_callers_handler(tmp_path, monkeypatch):
     # run_eval's handler raises to stop the evaluation; a SIGTERM that lands after the loop's last check (here in
     # the export) used to be swallowed, and the evaluation went on
-    from ecgcl_jax import pretrain
 
     class Stop(Exception):
         pass

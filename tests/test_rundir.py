@@ -5,14 +5,13 @@ import os
 import numpy as np
 import pytest
 
+from ecgcl_jax import pretrain, rundir
+from ecgcl_jax.data import open_dataset
+from ecgcl_jax.errors import UserError
 from tests.conftest import small_config
 
 
 def test_damaged_workdir_files_are_one_line_errors(tmp_path):
-    from ecgcl_jax import rundir
-    from ecgcl_jax.data import open_dataset
-    from ecgcl_jax.errors import UserError
-
     ds, c = open_dataset(""), small_config()
     pool = np.arange(len(ds))
     wd = str(tmp_path)
@@ -31,8 +30,6 @@ def test_damaged_workdir_files_are_one_line_errors(tmp_path):
 
 
 def test_stale_lock_file_does_not_block(tmp_path):
-    from ecgcl_jax import pretrain
-
     wd = str(tmp_path / "w")
     os.makedirs(wd)
     with open(os.path.join(wd, ".lock"), "w") as f:
@@ -41,9 +38,6 @@ def test_stale_lock_file_does_not_block(tmp_path):
 
 
 def test_changed_config_on_resume_is_refused(tmp_path):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.errors import UserError
-
     wd = str(tmp_path / "w")
     pretrain.run(small_config(num_steps=2), wd)
     with pytest.raises(UserError, match=r"changed fields: model.encoder: 'cnn' -> 'cnn_lstm'"):
