@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import wfdb
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 UPPER_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
@@ -74,3 +77,15 @@ def copy_record(src_hea: str, folder: str) -> str:
     for fn in files:
         shutil.copy(os.path.join(d, fn), os.path.join(folder, fn))
     return os.path.join(folder, os.path.basename(src_hea))
+
+
+def prepare_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m ecgcl_jax.data prepare ARGS` in a subprocess with the repository on PYTHONPATH; its exit code
+    and text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "ecgcl_jax.data", "prepare", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=timeout,
+    )

@@ -50,11 +50,20 @@ TORCH_STUB = textwrap.dedent("""\
 """)
 
 
+def run_bench(main, tmp_path, args):
+    """Runs a benchmark's ``main(args)`` with its data under tmp_path/data and its JSON lines in
+    tmp_path/bench.jsonl; checks that it returns 0 and returns the records it wrote."""
+    out = tmp_path / "bench.jsonl"
+    assert main([*args, "--workdir", str(tmp_path / "data"), "--json", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
 def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_records(tmp_path):
     stub = tmp_path / "torch_stub.py"
     stub.write_text(TORCH_STUB)
-    out = tmp_path / "bench.jsonl"
-    rc = bench_pretrain.main(
+    recs = run_bench(
+        bench_pretrain.main,
+        tmp_path,
         [
             "--batch",
             "8",
@@ -70,19 +79,13 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
             "0",
             "--records",
             "16",
-            "--workdir",
-            str(tmp_path / "data"),
-            "--json",
-            str(out),
             "--torch-python",
             sys.executable,
             "--torch-ref",
             str(stub),
             "--torch-args=--layout nhwc",
-        ]
+        ],
     )
-    assert rc == 0
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
 
     project = [r for r in recs if r.get("framework") == "ecgcl-jax"]
     assert sorted((r["data"], r["round"]) for r in project) == [
@@ -140,8 +143,9 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
 
 
 def test_bench_pretrain_scaling_mode(tmp_path):
-    out = tmp_path / "scaling.jsonl"
-    rc = bench_pretrain.main(
+    recs = run_bench(
+        bench_pretrain.main,
+        tmp_path,
         [
             "--scaling",
             "--scaling-devices",
@@ -157,14 +161,8 @@ def test_bench_pretrain_scaling_mode(tmp_path):
             "0",
             "--records",
             "16",
-            "--workdir",
-            str(tmp_path / "data"),
-            "--json",
-            str(out),
-        ]
+        ],
     )
-    assert rc == 0
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["num_devices_used"], r["batch"]) for r in recs] == [(1, 2), (4, 8)]
     base = recs[0]["ecg_per_s_median"]
     for r in recs:
@@ -208,29 +206,22 @@ def test_bench_augment_alternatives_compute_the_library_results():
 
 
 def test_bench_read_rows_runs(tmp_path):
-    out = tmp_path / "rr.jsonl"
-    assert (
-        bench_read_rows.main(
-            [
-                "--records",
-                "64",
-                "--batch",
-                "16,32",
-                "--threads",
-                "1,2",
-                "--seconds",
-                "0.1",
-                "--rounds",
-                "1",
-                "--workdir",
-                str(tmp_path),
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
+    recs = run_bench(
+        bench_read_rows.main,
+        tmp_path,
+        [
+            "--records",
+            "64",
+            "--batch",
+            "16,32",
+            "--threads",
+            "1,2",
+            "--seconds",
+            "0.1",
+            "--rounds",
+            "1",
+        ],
     )
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["batch"], r["threads"]) for r in recs] == [(16, 1), (16, 2), (32, 1), (32, 2)]
     for r in recs:
         assert r["ecg_per_s_median"] > 0 and r["gb_per_s"] == pytest.approx(

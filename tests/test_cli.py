@@ -87,37 +87,17 @@ def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
 
 def test_uncreatable_workdir_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
-    p = run_cli(
-        [
-            "--config",
-            "configs/cnn.py",
-            "--workdir",
-            str(tmp_path / "a_file" / "w"),
-            "--config.num_steps=1",
-        ]
-    )
+    wd = tmp_path / "a_file" / "w"
+    args = ["--config", "configs/cnn.py", "--workdir", str(wd), "--config.num_steps=1"]
+    last_line = f"run_pretrain.py: error: {wd}: Not a directory"
+    p = run_cli(args)
     assert p.returncode == 2
-    assert (
-        p.stderr.strip().splitlines()[-1]
-        == f"run_pretrain.py: error: {tmp_path / 'a_file' / 'w'}: Not a directory"
-    )
+    assert p.stderr.strip().splitlines()[-1] == last_line
     assert "Traceback" not in p.stderr
     # ECGCL_JAX_TRACEBACK=1 shows where an OSError came from, before the same last line
-    p = run_cli(
-        [
-            "--config",
-            "configs/cnn.py",
-            "--workdir",
-            str(tmp_path / "a_file" / "w"),
-            "--config.num_steps=1",
-        ],
-        env=dict(os.environ, ECGCL_JAX_TRACEBACK="1"),
-    )
+    p = run_cli(args, env=dict(os.environ, ECGCL_JAX_TRACEBACK="1"))
     assert p.returncode == 2 and "Traceback" in p.stderr and "makedirs" in p.stderr
-    assert (
-        p.stderr.strip().splitlines()[-1]
-        == f"run_pretrain.py: error: {tmp_path / 'a_file' / 'w'}: Not a directory"
-    )
+    assert p.stderr.strip().splitlines()[-1] == last_line
 
 
 def test_stop_signal_before_the_run_started_reaches_its_handler():

@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from data_fixtures import (
+    REPO,
     STD_LEADS,
     UPPER_LEADS,
     copy_record,
     ecg_like,
+    prepare_cli,
     read_reference,
     write_record,
 )
@@ -30,7 +32,6 @@ from ecgcl_jax.errors import UserError
 SAMPLE = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample")
 )
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _sines(fs, seconds, n_leads, seed):
@@ -320,52 +321,17 @@ def test_bad_inputs_are_reported_and_good_ones_kept(tmp_path, capsys):
 
 def test_cli_exit_codes_and_one_line_errors(tmp_path):
     src, good, bad = _corrupt_set(tmp_path)
-    env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run(
-        [sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(src), "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert sum(l.startswith("skip ") for l in r.stderr.splitlines()) == len(bad)
     # nothing preparable -> non-zero exit with a one-line error
     only_bad = tmp_path / "only_bad"
     shutil.copytree(src / "bad", only_bad)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            str(only_bad),
-            "--out",
-            str(tmp_path / "o2"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(only_bad), "--out", str(tmp_path / "o2"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            str(tmp_path / "nope"),
-            "--out",
-            str(tmp_path / "o3"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(tmp_path / "nope"), "--out", str(tmp_path / "o3"))
     assert r.returncode != 0
     assert (
         r.stderr.strip()
@@ -374,21 +340,7 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
 
     # an output folder that cannot be created: the path and the reason, one line
     (tmp_path / "a_file").write_text("")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            str(src / "good"),
-            "--out",
-            str(tmp_path / "a_file" / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(src / "good"), "--out", str(tmp_path / "a_file" / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
 
