@@ -72,7 +72,6 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys, monkeypatch):
 def test_newest_step_folder_emptied_falls_back(tmp_path, capsys):
     # a step folder without its item (a partial copy, a deletion): orbax decided from it that the checkpoints hold
     # several items, and every older step then failed to restore, and every later save failed, too
-
     pretrain.run(small_config(num_steps=12, checkpoint_every=3), str(tmp_path / "a"))
     wd = str(tmp_path / "w")
     pretrain.run(small_config(num_steps=9, checkpoint_every=3), wd)
@@ -132,7 +131,6 @@ def test_checkpoint_of_a_replicated_state_compiles_nothing_and_restores_exactly(
 
 def test_unreadable_array_data_is_one_line_not_orbax_tracebacks(tmp_path, capsys):
     # truncated array chunks: each abandoned read printed a traceback of ~60 lines when collected (1000 lines)
-
     wd = str(tmp_path / "w")
     hook = sys.unraisablehook
     try:

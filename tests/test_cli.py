@@ -103,7 +103,6 @@ def test_uncreatable_workdir_is_one_line(tmp_path):
 def test_stop_signal_before_the_run_started_reaches_its_handler():
     # run_pretrain.py / run_eval.py hold SIGTERM from their first lines (it killed them while JAX loaded); the run's
     # handler gets it when installed, so the run stops the way it does for a later signal
-
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         cli.hold_early_stop_signals()
@@ -145,7 +144,6 @@ def test_stop_signal_before_the_run_started_reaches_its_handler():
 
 def test_a_full_disk_inside_orbax_is_one_line(capsys):
     # orbax reports ENOSPC as ValueError: RESOURCE_EXHAUSTED; it ended the run with a traceback and exit code 1
-
     def save():
         raise ValueError(
             "RESOURCE_EXHAUSTED: Failed to write /w/checkpoints/3/x: No space left on device "

@@ -255,7 +255,6 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
 
 def test_two_rows_naming_one_record_by_the_same_kind_of_key_are_refused(tmp_path):
     # ids 841 and 00841 are one PTB-XL ecg_id: the table is ambiguous for record 00841_hr
-
     write_record(str(tmp_path / "src"), "00841_hr", seed=1)
     table = tmp_path / "t.csv"
     pd.DataFrame({"record": ["841", "00841"], "lvh": ["1", "0"]}).to_csv(table, index=False)
@@ -330,7 +329,6 @@ def test_a_text_label_column_in_a_table_found_in_src_is_not_an_error_when_anothe
     tmp_path,
 ):
     # records.csv with a diagnosis text in `label` and a 0/1 column: the 0/1 column is the label, `label` a note
-
     src = tmp_path / "src"
     _two_records_and_table(src, patient_id=["P1", "P2"], label=["MI", "NORM"], lvh=["1", "0"])
     for kw in ({}, {"label_column": "lvh"}):

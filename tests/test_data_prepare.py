@@ -565,7 +565,6 @@ def test_array_csv_of_another_length_skips_the_file(tmp_path):
 
 def test_array_csv_is_parsed_once_per_file(tmp_path, monkeypatch):
     # a .npy is one input item per row; reading its CSV for every row made prepare quadratic in the rows
-
     np.save(tmp_path / "x.npy", np.zeros((6, 5000, 12)) + 0.1)
     pd.DataFrame({"record": list("abcdef"), "label": ["1", "0"] * 3}).to_csv(
         tmp_path / "x.csv", index=False

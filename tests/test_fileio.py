@@ -10,7 +10,6 @@ from ecgcl_jax import fileio
 
 def test_a_failed_whole_file_write_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
     # a full disk showed "No space left on device" without a path, and left an empty results.md behind
-
     path = tmp_path / "results.md"
     path.write_text("old")
 

@@ -155,7 +155,6 @@ def test_bad_config_is_one_line_error(tmp_path, override, needle):
 
 def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     # `--config.data.path=~/x` reaches the program unexpanded (a shell expands ~ only at the start of a word)
-
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ds").mkdir()
     pretrain.validate_config(small_config(**{"data.path": "~/ds"}), 1)

@@ -154,7 +154,6 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_at_st
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_update_that_overflows_is_a_bad_step(tmp_path):
     # finite loss and gradients, but a learning rate that takes the parameters past float32's range
-
     wd = str(tmp_path / "lr")
     cfg = small_config(
         num_steps=6, checkpoint_every=1, log_every=3, **{"optim.learning_rate": 1e39}
@@ -185,7 +184,6 @@ def test_update_that_overflows_is_a_bad_step(tmp_path):
 def test_evaluation_errors_name_the_fields_it_can_change(tmp_path, nan_at_step):
     # inside run_eval.py the pretraining config is config.pretrain: its errors must name that field, and a resumed
     # evaluation must accept it
-
     wd = str(tmp_path / "w")
     pretrain.run(small_config(num_steps=3, checkpoint_every=3), wd)
     with open(os.path.join(wd, "checkpoints", "3", "default", "_METADATA"), "w") as f:
@@ -216,7 +214,6 @@ def test_evaluation_errors_name_the_fields_it_can_change(tmp_path, nan_at_step):
 def test_a_stop_signal_during_the_export_reaches_the_callers_handler(tmp_path, monkeypatch):
     # run_eval's handler raises to stop the evaluation; a SIGTERM that lands after the loop's last check (here in
     # the export) used to be swallowed, and the evaluation went on
-
     class Stop(Exception):
         pass
 
