@@ -110,8 +110,8 @@ class BatchSource:
         order: BatchOrder,
         mesh,
         resident: bool,
-        prefetch: int = 2,
-        readers: int = 1,
+        prefetch: int,
+        readers: int,
     ):
         self.dataset, self.pool, self.order, self.mesh = dataset, np.asarray(pool), order, mesh
         self.resident, self.prefetch, self.readers = resident, max(1, prefetch), max(1, readers)

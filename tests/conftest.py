@@ -1,8 +1,11 @@
 """Test setup: 8 fake CPU devices (set before jax is imported anywhere), the repo root on sys.path, and a
-persistent XLA compilation cache shared by the test processes (the suite compiles similar steps many times)."""
+persistent XLA compilation cache shared by the test processes (the suite compiles similar steps many times);
+and the helpers several test files share (a small pretraining config, its metrics, the pretraining CLI)."""
 
 import dataclasses
+import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -55,3 +58,43 @@ TINY = dict(
     transformer_heads=2,
     transformer_d_model=8,
 )
+
+
+# the interpreter running the tests, for the command-line tests' subprocesses
+PY = sys.executable
+
+
+def small_config(encoder="cnn", **over):
+    """A pretraining config small enough for a test (emb 32, batch 8, 6 steps) with dotted overrides."""
+    # deferred: configs is importable once ROOT is on sys.path (above), and importing it here keeps
+    # this file's imports ahead of the environment set-up
+    from configs import base
+
+    c = base.get_config()
+    c.model.encoder = encoder
+    c.model.emb_dim = 32
+    c.model.proj_dim = 16
+    c.batch_size = 8
+    c.num_steps = 6
+    c.log_every = 1
+    c.checkpoint_every = 3
+    c.optim.learning_rate = 1e-3
+    return override(c, **over)
+
+
+def read_metrics(workdir):
+    """The records of workdir/metrics.jsonl, one dict a line."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def run_cli(args, timeout=600, **kw):
+    """run_pretrain.py with args in a subprocess from the repository root; the CompletedProcess."""
+    return subprocess.run(
+        [PY, os.path.join(ROOT, "run_pretrain.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )

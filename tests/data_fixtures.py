@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
+import wfdb
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 UPPER_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
@@ -35,7 +40,6 @@ def write_record(
     signal=None,
 ) -> str:
     """Write `folder/name.hea` + `.dat` with wfdb.wrsamp; returns the header path."""
-    import wfdb
 
     os.makedirs(folder, exist_ok=True)
     n = int(round(seconds * fs))
@@ -55,7 +59,6 @@ def write_record(
 
 def read_reference(hea: str) -> tuple[np.ndarray, list[str], float]:
     """wfdb's own reading: (p_signal (n, c) mV, lead names, fs)."""
-    import wfdb
 
     r = wfdb.rdrecord(hea[:-4])
     return r.p_signal, list(r.sig_name), float(r.fs)
@@ -63,7 +66,6 @@ def read_reference(hea: str) -> tuple[np.ndarray, list[str], float]:
 
 def copy_record(src_hea: str, folder: str) -> str:
     """Copy a header and the signal files it names into folder; returns the new header path."""
-    import shutil
 
     os.makedirs(folder, exist_ok=True)
     d = os.path.dirname(src_hea)
@@ -75,3 +77,15 @@ def copy_record(src_hea: str, folder: str) -> str:
     for fn in files:
         shutil.copy(os.path.join(d, fn), os.path.join(folder, fn))
     return os.path.join(folder, os.path.basename(src_hea))
+
+
+def prepare_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m ecgcl_jax.data prepare ARGS` in a subprocess with the repository on PYTHONPATH; its exit code
+    and text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "ecgcl_jax.data", "prepare", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=timeout,
+    )

@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import ecgcl_jax
 from ecgcl_jax import augment as A
 from ecgcl_jax.errors import UserError
 
@@ -518,9 +521,6 @@ SHARDED_PAIRS = [
 
 @pytest.mark.parametrize("aug1,aug2", SHARDED_PAIRS)
 def test_two_views_sharded_equals_single_device(xs, aug1, aug2):
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     devs = np.array(jax.devices()[:8])
     if len(devs) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
@@ -618,8 +618,6 @@ def np_rotation(ax, ay, az):
 
 
 def np_vcg_rotate_scale(key, x, angle, max_scale):
-    import ecgcl_jax
-
     angles, scales = (np.asarray(v, np.float64) for v in A._vcg_draw(key, angle, max_scale))
     idx = [ecgcl_jax.LEADS.index(n) for n in ("V1", "V2", "V3", "V4", "V5", "V6", "I", "II")]
     v = A.INVERSE_DOWER @ x[:, idx].T  # (3, L)

@@ -10,10 +10,12 @@ import glob
 import json
 import os
 import statistics
+import subprocess
 import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -21,6 +23,10 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_augment  # noqa: E402
 import bench_pretrain  # noqa: E402
+import bench_read_rows  # noqa: E402
+
+# after jax: profile_step adds an XLA flag on import only when jax is not imported yet
+import profile_step  # noqa: E402
 
 from ecgcl_jax import augment  # noqa: E402
 
@@ -44,11 +50,20 @@ TORCH_STUB = textwrap.dedent("""\
 """)
 
 
+def run_bench(main, tmp_path, args):
+    """Runs a benchmark's ``main(args)`` with its data under tmp_path/data and its JSON lines in
+    tmp_path/bench.jsonl; checks that it returns 0 and returns the records it wrote."""
+    out = tmp_path / "bench.jsonl"
+    assert main([*args, "--workdir", str(tmp_path / "data"), "--json", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
 def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_records(tmp_path):
     stub = tmp_path / "torch_stub.py"
     stub.write_text(TORCH_STUB)
-    out = tmp_path / "bench.jsonl"
-    rc = bench_pretrain.main(
+    recs = run_bench(
+        bench_pretrain.main,
+        tmp_path,
         [
             "--batch",
             "8",
@@ -64,19 +79,13 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
             "0",
             "--records",
             "16",
-            "--workdir",
-            str(tmp_path / "data"),
-            "--json",
-            str(out),
             "--torch-python",
             sys.executable,
             "--torch-ref",
             str(stub),
             "--torch-args=--layout nhwc",
-        ]
+        ],
     )
-    assert rc == 0
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
 
     project = [r for r in recs if r.get("framework") == "ecgcl-jax"]
     assert sorted((r["data"], r["round"]) for r in project) == [
@@ -134,8 +143,9 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
 
 
 def test_bench_pretrain_scaling_mode(tmp_path):
-    out = tmp_path / "scaling.jsonl"
-    rc = bench_pretrain.main(
+    recs = run_bench(
+        bench_pretrain.main,
+        tmp_path,
         [
             "--scaling",
             "--scaling-devices",
@@ -151,14 +161,8 @@ def test_bench_pretrain_scaling_mode(tmp_path):
             "0",
             "--records",
             "16",
-            "--workdir",
-            str(tmp_path / "data"),
-            "--json",
-            str(out),
-        ]
+        ],
     )
-    assert rc == 0
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["num_devices_used"], r["batch"]) for r in recs] == [(1, 2), (4, 8)]
     base = recs[0]["ecg_per_s_median"]
     for r in recs:
@@ -202,31 +206,22 @@ def test_bench_augment_alternatives_compute_the_library_results():
 
 
 def test_bench_read_rows_runs(tmp_path):
-    import bench_read_rows
-
-    out = tmp_path / "rr.jsonl"
-    assert (
-        bench_read_rows.main(
-            [
-                "--records",
-                "64",
-                "--batch",
-                "16,32",
-                "--threads",
-                "1,2",
-                "--seconds",
-                "0.1",
-                "--rounds",
-                "1",
-                "--workdir",
-                str(tmp_path),
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
+    recs = run_bench(
+        bench_read_rows.main,
+        tmp_path,
+        [
+            "--records",
+            "64",
+            "--batch",
+            "16,32",
+            "--threads",
+            "1,2",
+            "--seconds",
+            "0.1",
+            "--rounds",
+            "1",
+        ],
     )
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["batch"], r["threads"]) for r in recs] == [(16, 1), (16, 2), (32, 1), (32, 2)]
     for r in recs:
         assert r["ecg_per_s_median"] > 0 and r["gb_per_s"] == pytest.approx(
@@ -235,8 +230,6 @@ def test_bench_read_rows_runs(tmp_path):
 
 
 def test_profile_step_scopes_by_hand():
-    import profile_step
-
     assert (
         profile_step.scope_of(
             "jit(step)/transpose(jvp(CNNEncoder))/trunk/layer_0/conv/conv_general_dilated"
@@ -276,8 +269,6 @@ def test_profile_step_scopes_by_hand():
 
 def test_profile_step_runs_and_counts_no_enclosing_op(tmp_path):
     # its own process: XLA:CPU's per-op events need a flag before jax starts
-    import subprocess
-
     out = tmp_path / "prof.jsonl"
     r = subprocess.run(
         [
@@ -315,9 +306,6 @@ def test_profile_step_runs_and_counts_no_enclosing_op(tmp_path):
 def test_profile_step_outlines_a_trace_without_op_events(tmp_path):
     # a trace whose events name none of the step's HLO ops (as a GPU trace would if its layout were not the one
     # op_events reads) counts nothing, and the outline says what the trace holds instead
-    import jax.numpy as jnp
-    import profile_step
-
     f = jax.jit(lambda x: jnp.sin(x) * 2)
     f(jnp.ones(8)).block_until_ready()
     with jax.profiler.trace(str(tmp_path)):

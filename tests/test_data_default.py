@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import wfdb
 
 from ecgcl_jax import LEADS
 from ecgcl_jax.data import open_dataset
@@ -43,8 +44,6 @@ def test_default_dataset_shape_and_contract():
 
 
 def test_default_dataset_matches_wfdb_and_records_csv():
-    import wfdb
-
     ds = open_dataset("")
     table = pd.read_csv(os.path.join(SAMPLE, "records.csv"), dtype=str, keep_default_na=False)
     table["name"] = table["record"].str.rsplit("/", n=1).str[-1]

@@ -1,12 +1,12 @@
 """Issue 9: a user label table attached to the shipped PTB-XL sample."""
 
+import io
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from data_fixtures import prepare_cli, write_record
 
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
 from ecgcl_jax.data.labels import parse_binary
@@ -15,7 +15,6 @@ from ecgcl_jax.errors import UserError
 SAMPLE = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample")
 )
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 HR = "sara-es__PhysionetChallenge2024/tiny_testset/hr_gt"
 
 # record key -> (how it should match, lvh, other, patient_id)
@@ -64,17 +63,24 @@ def _table(path, rows=ROWS, extra=None):
     return str(path)
 
 
+def _prepare_quietly(srcs, out, options):
+    """prepare() with one worker, its console output discarded; its summary."""
+    return prepare(srcs, out, options, workers=1, stream=io.StringIO())
+
+
+def _two_records_and_table(folder, **columns):
+    """Writes records r1 and r2 into folder and, beside them, records.csv with a record column and the given
+    columns (name -> the two values)."""
+    write_record(str(folder), "r1", seed=1)
+    write_record(str(folder), "r2", seed=2)
+    pd.DataFrame({"record": ["r1", "r2"], **columns}).to_csv(folder / "records.csv", index=False)
+
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     d = tmp_path_factory.mktemp("labels")
     table = _table(d / "labels.csv")
-    s = prepare(
-        [SAMPLE],
-        str(d / "out"),
-        PrepareOptions(labels=table, label_column="lvh"),
-        workers=1,
-        stream=open(os.devnull, "w"),
-    )
+    s = _prepare_quietly([SAMPLE], str(d / "out"), PrepareOptions(labels=table, label_column="lvh"))
     return open_dataset(str(d / "out")), s
 
 
@@ -209,47 +215,12 @@ def test_accepted_values():
 
 def test_cli_with_label_table(tmp_path):
     table = _table(tmp_path / "labels.csv")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            SAMPLE,
-            "--out",
-            str(tmp_path / "o"),
-            "--labels",
-            table,
-            "--label-column",
-            "lvh",
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=REPO),
-        timeout=120,
-    )
+    args = (SAMPLE, "--out", str(tmp_path / "o"), "--labels", table, "--label-column", "lvh")
+    r = prepare_cli(*args)
     assert r.returncode == 0, r.stderr
     assert "9 records matched" in r.stderr and "2 of 12 table rows matched nothing" in r.stderr
     assert "no_such_record" in r.stderr and "conflicting labels: 1" in r.stderr
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            SAMPLE,
-            "--out",
-            str(tmp_path / "o"),
-            "--labels",
-            table,
-            "--label-column",
-            "lvh",
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=REPO),
-        timeout=120,
-    )
+    r = prepare_cli(*args)  # the same command again: nothing to redo
     assert r.returncode == 0 and "up to date" in r.stderr
 
 
@@ -274,13 +245,7 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
     assert s["patients"] == hr.loc[hr["patient_id"] != "", "patient_id"].nunique() == 29
     assert s["labels"] == {"positive": pos, "negative": len(hr) - pos, "unknown": 0} and pos == 30
     assert np.isfinite(np.asarray(ds.signals)).all()
-    prepare(
-        [SAMPLE],
-        str(tmp_path / "plain"),
-        PrepareOptions(auto_labels=False),
-        workers=1,
-        stream=open(os.devnull, "w"),
-    )
+    _prepare_quietly([SAMPLE], str(tmp_path / "plain"), PrepareOptions(auto_labels=False))
     plain = open_dataset(str(tmp_path / "plain"))
     assert (plain.patient_ids == "").all()  # the headers carry no patient ids
     by = dict(zip(plain.names, plain.labels))
@@ -290,35 +255,27 @@ def test_shipped_sample_prepares_completely_with_records_csv(tmp_path):
 
 def test_two_rows_naming_one_record_by_the_same_kind_of_key_are_refused(tmp_path):
     # ids 841 and 00841 are one PTB-XL ecg_id: the table is ambiguous for record 00841_hr
-    from data_fixtures import write_record
-
     write_record(str(tmp_path / "src"), "00841_hr", seed=1)
     table = tmp_path / "t.csv"
     pd.DataFrame({"record": ["841", "00841"], "lvh": ["1", "0"]}).to_csv(table, index=False)
     with pytest.raises(UserError, match=r"rows '841' and '00841' both name record .*00841_hr"):
-        prepare(
+        _prepare_quietly(
             [str(tmp_path / "src")],
             str(tmp_path / "out"),
             PrepareOptions(labels=str(table), label_column="lvh"),
-            workers=1,
-            stream=open(os.devnull, "w"),
         )
 
 
 def test_a_row_labelling_several_records_is_reported(tmp_path):
-    from data_fixtures import write_record
-
     for folder, seed in (("a", 1), ("b", 2)):
         write_record(str(tmp_path / "src" / folder), "same", seed=seed)
     write_record(str(tmp_path / "src" / "a"), "other", seed=3)
     table = tmp_path / "t.csv"
     pd.DataFrame({"record": ["same", "other"], "lvh": ["1", "0"]}).to_csv(table, index=False)
-    s = prepare(
+    s = _prepare_quietly(
         [str(tmp_path / "src")],
         str(tmp_path / "out"),
         PrepareOptions(labels=str(table), label_column="lvh"),
-        workers=1,
-        stream=open(os.devnull, "w"),
     )
     t = s["label_table"]
     assert t["records_matched"] == 3 and t["table_rows_matching_several_records"] == 1
@@ -326,39 +283,19 @@ def test_a_row_labelling_several_records_is_reported(tmp_path):
 
 
 def test_bad_value_in_a_label_column_of_a_table_found_in_src_stops_before_any_work(tmp_path):
-    from data_fixtures import write_record
-
     src = tmp_path / "src"
-    write_record(str(src), "r1", seed=1)
-    write_record(str(src), "r2", seed=2)
-    pd.DataFrame({"record": ["r1", "r2"], "normal": ["1", "2"]}).to_csv(
-        src / "records.csv", index=False
-    )
+    _two_records_and_table(src, normal=["1", "2"])
     with pytest.raises(
         UserError,
         match=r"records.csv: column 'normal' .*row 2 \(record 'r2'\): invalid label value '2'",
     ):
-        prepare(
-            [str(src)],
-            str(tmp_path / "out"),
-            PrepareOptions(),
-            workers=1,
-            stream=open(os.devnull, "w"),
-        )
+        _prepare_quietly([str(src)], str(tmp_path / "out"), PrepareOptions())
     assert not (tmp_path / "out" / "meta.csv").exists()
 
 
 def test_tables_not_applied_and_missing_patient_ids_are_said(tmp_path):
-    import io
-
-    from data_fixtures import write_record
-
     sub = tmp_path / "src" / "sub"
-    write_record(str(sub), "r1", seed=1)
-    write_record(str(sub), "r2", seed=2)
-    pd.DataFrame({"record": ["r1", "r2"], "patient_id": ["P1", "P1"], "lvh": ["1", "0"]}).to_csv(
-        sub / "records.csv", index=False
-    )
+    _two_records_and_table(sub, patient_id=["P1", "P1"], lvh=["1", "0"])
 
     def prep(src, out, **kw):
         text = io.StringIO()
@@ -392,25 +329,8 @@ def test_a_text_label_column_in_a_table_found_in_src_is_not_an_error_when_anothe
     tmp_path,
 ):
     # records.csv with a diagnosis text in `label` and a 0/1 column: the 0/1 column is the label, `label` a note
-    from data_fixtures import write_record
-
     src = tmp_path / "src"
-    write_record(str(src), "r1", seed=1)
-    write_record(str(src), "r2", seed=2)
-    pd.DataFrame(
-        {
-            "record": ["r1", "r2"],
-            "patient_id": ["P1", "P2"],
-            "label": ["MI", "NORM"],
-            "lvh": ["1", "0"],
-        }
-    ).to_csv(src / "records.csv", index=False)
+    _two_records_and_table(src, patient_id=["P1", "P2"], label=["MI", "NORM"], lvh=["1", "0"])
     for kw in ({}, {"label_column": "lvh"}):
-        s = prepare(
-            [str(src)],
-            str(tmp_path / f"out{len(kw)}"),
-            PrepareOptions(**kw),
-            workers=1,
-            stream=open(os.devnull, "w"),
-        )
+        s = _prepare_quietly([str(src)], str(tmp_path / f"out{len(kw)}"), PrepareOptions(**kw))
         assert s["label_column"] == "lvh" and s["patients"] == 2 and s["labels"]["positive"] == 1

@@ -3,29 +3,35 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from data_fixtures import (
+    REPO,
     STD_LEADS,
     UPPER_LEADS,
     copy_record,
     ecg_like,
+    prepare_cli,
     read_reference,
     write_record,
 )
 
+import ecgcl_jax.data.arrays as A
+import ecgcl_jax.data.build as B
 from ecgcl_jax import LEADS
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
+from ecgcl_jax.data.leads import parse_lead
 from ecgcl_jax.errors import UserError
 
 SAMPLE = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptbxl_sample")
 )
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _sines(fs, seconds, n_leads, seed):
@@ -177,8 +183,6 @@ def test_python_api_expands_the_home_folder(tmp_path, monkeypatch):
 
 
 def test_lead_names_and_inverted_leads_by_hand():
-    from ecgcl_jax.data.leads import parse_lead
-
     cases = {
         "II": ("II", False),
         "AVR": ("aVR", False),
@@ -317,52 +321,17 @@ def test_bad_inputs_are_reported_and_good_ones_kept(tmp_path, capsys):
 
 def test_cli_exit_codes_and_one_line_errors(tmp_path):
     src, good, bad = _corrupt_set(tmp_path)
-    env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run(
-        [sys.executable, "-m", "ecgcl_jax.data", "prepare", str(src), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(src), "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert sum(l.startswith("skip ") for l in r.stderr.splitlines()) == len(bad)
     # nothing preparable -> non-zero exit with a one-line error
     only_bad = tmp_path / "only_bad"
     shutil.copytree(src / "bad", only_bad)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            str(only_bad),
-            "--out",
-            str(tmp_path / "o2"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(only_bad), "--out", str(tmp_path / "o2"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            str(tmp_path / "nope"),
-            "--out",
-            str(tmp_path / "o3"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(tmp_path / "nope"), "--out", str(tmp_path / "o3"))
     assert r.returncode != 0
     assert (
         r.stderr.strip()
@@ -371,21 +340,7 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
 
     # an output folder that cannot be created: the path and the reason, one line
     (tmp_path / "a_file").write_text("")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ecgcl_jax.data",
-            "prepare",
-            str(src / "good"),
-            "--out",
-            str(tmp_path / "a_file" / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = prepare_cli(str(src / "good"), "--out", str(tmp_path / "a_file" / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("python -m ecgcl_jax.data prepare: error: ")
 
@@ -446,13 +401,11 @@ def test_rerun_is_noop_changed_options_rebuild(tmp_path, capsys):
 
 
 def test_interrupted_run_continues(tmp_path, monkeypatch):
-    import ecgcl_jax.data.build as P
-
     src = tmp_path / "src"
     for i in range(10):
         write_record(str(src), f"r{i:02d}", fs=500, seconds=10, seed=i)
     out = tmp_path / "out"
-    real = P._process_chunk
+    real = B._process_chunk
     calls = []
 
     def dying(job):
@@ -461,7 +414,7 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
         calls.append(job[0])
         return real(job)
 
-    monkeypatch.setattr(P, "_process_chunk", dying)
+    monkeypatch.setattr(B, "_process_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
         _prep(src, out)
     assert json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
@@ -469,7 +422,7 @@ def test_interrupted_run_continues(tmp_path, monkeypatch):
         open_dataset(str(out))
     done_before = list(calls)
     calls.clear()
-    monkeypatch.setattr(P, "_process_chunk", lambda job: (calls.append(job[0]), real(job))[1])
+    monkeypatch.setattr(B, "_process_chunk", lambda job: (calls.append(job[0]), real(job))[1])
     _prep(src, out)
     assert not set(calls) & set(done_before) and calls  # only the missing chunks ran
     ds = open_dataset(str(out))
@@ -497,9 +450,6 @@ def _processes_with(marker: str) -> list[int]:
     not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's"
 )
 def test_sigterm_leaves_no_worker_behind_and_the_run_continues(tmp_path):
-    import signal
-    import time
-
     src = tmp_path / "src"
     for i in range(240):
         write_record(str(src), f"r{i:03d}", fs=257, seconds=10, seed=i)
@@ -615,8 +565,6 @@ def test_array_csv_of_another_length_skips_the_file(tmp_path):
 
 def test_array_csv_is_parsed_once_per_file(tmp_path, monkeypatch):
     # a .npy is one input item per row; reading its CSV for every row made prepare quadratic in the rows
-    import ecgcl_jax.data.arrays as A
-
     np.save(tmp_path / "x.npy", np.zeros((6, 5000, 12)) + 0.1)
     pd.DataFrame({"record": list("abcdef"), "label": ["1", "0"] * 3}).to_csv(
         tmp_path / "x.csv", index=False
@@ -640,8 +588,6 @@ def test_array_of_wrong_lead_count_is_counted_as_such(tmp_path):
 
 
 def test_parquet_without_pyarrow_is_one_line_error(tmp_path, monkeypatch):
-    import ecgcl_jax.data.arrays as A
-
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     monkeypatch.setattr(A, "have_pyarrow", lambda: False)
     with pytest.raises(UserError) as e:
@@ -652,7 +598,7 @@ def test_parquet_without_pyarrow_is_one_line_error(tmp_path, monkeypatch):
 
 def test_parquet_reference_schema(tmp_path):
     pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: pyarrow is optional (skipped above when absent)
 
     rng = np.random.default_rng(1)
     x = rng.normal(0, 0.3, (3, 5000, 12))
@@ -702,8 +648,6 @@ def _ptbxl_pair(src, rows):
 
 
 def test_ptbxl_database_csv_problems(tmp_path, monkeypatch):
-    import ecgcl_jax.data.build as B
-
     # a scp_codes cell that is not a dict of numbers leaves `normal` unknown for that record only
     src = tmp_path / "a"
     _ptbxl_pair(src, [(1, 11, "{'NORM': None}"), (2, 12, "{'NORM': 100.0}")])

@@ -11,6 +11,7 @@ import pytest
 from data_fixtures import write_record
 
 from ecgcl_jax.data import PrepareOptions, open_dataset, prepare
+from ecgcl_jax.data.__main__ import main
 from ecgcl_jax.data.tasks import (
     derive_tasks,
     load_scp_statements,
@@ -193,7 +194,6 @@ def test_prepare_writes_tasks_and_data_info_lists_them(tmp_path, capsys):
         man = json.load(f)
     assert man["tasks"]["ptbxl_form"]["columns"] == ["form:LVOLT", "form:NDT"]
     assert man["summary"]["tasks"]["tasks"]["dx"]["positives"] == {"1": 1, "164934002": 1}
-    from ecgcl_jax.data.__main__ import main
 
     assert main(["info", out]) == 0
     text = capsys.readouterr().out

@@ -1,9 +1,11 @@
 """The evaluation protocol: seeds, leakage refusal, reproducibility, resume after a kill, sweeps, and one
 end-to-end `run_eval.py` run (with pretraining) on the embedded data."""
 
+import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +15,17 @@ import types
 import jax
 import ml_collections
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, evaluate, models, preemption, splits
+from configs import eval as eval_cfg
+from configs import eval_ptbxl
+from ecgcl_jax import checkpoint, data, embed, evaluate, models, preemption, pretrain, splits
+from ecgcl_jax.data.dataset import default_data_path
 from ecgcl_jax.errors import UserError
+from ecgcl_jax.rundir import WorkdirLock
 from tests.conftest import ROOT, TINY, override
 
 METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
@@ -82,8 +90,6 @@ def export_tiny_encoder(path, patients, records=(), max_amp: float = 1.0, seed: 
 
 
 def eval_config(encoder_dir="", **kw):
-    from configs import eval as eval_cfg
-
     c = eval_cfg.get_config()
     c.encoder_checkpoint = encoder_dir
     c.repeats = 2
@@ -277,7 +283,6 @@ def test_sigterm_during_a_repeats_pretraining_resumes_it_to_identical_results(
     """A SIGTERM that lands inside a repeat's pretraining (not between repeats): the pretraining checkpoints and
     stops, the evaluation reports itself preempted, and the same command resumes that pretraining from its
     checkpoint and ends with the results.json of an uninterrupted run."""
-    from ecgcl_jax import pretrain
 
     over = {
         "repeats": 1,
@@ -358,8 +363,6 @@ def test_damaged_exported_encoder_is_one_line_error(tmp_path):
 
 
 def test_split_fractions_follow_the_mode_however_it_is_set():
-    from configs import eval as eval_cfg
-
     simclr, clocs = splits.FRACTIONS, splits.CLOCS_FRACTIONS
     # the reference's 70/30 and the CLOCS 60/20/20
     assert (simclr, clocs) == (
@@ -428,9 +431,6 @@ def test_sweep_over_the_data_path_opens_each_variants_data(
         return _done_result()
 
     monkeypatch.setattr(evaluate, "run", fake_run)
-    import shutil
-
-    from ecgcl_jax.data.dataset import default_data_path
 
     # a real dataset: every variant is checked first
     shutil.copytree(default_data_path(), tmp_path / "other")
@@ -591,9 +591,6 @@ def test_run_eval_cli_end_to_end(tmp_path):
         and res["protocol"]["dataset"]["label"] == "normal"
     )
     # every test ECG has a prediction, and the reported test AUROC is that of the saved predictions
-    import csv
-
-    from sklearn.metrics import roc_auc_score
 
     for i, seed in enumerate(seeds):
         with open(wd / f"repeat_{seed}" / "test_predictions.csv") as f:
@@ -619,8 +616,6 @@ def test_run_eval_cli_end_to_end(tmp_path):
 
 
 def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
-    from ecgcl_jax import embed
-
     # the WORKDIR that holds encoder/ works too
     enc = embed.load_encoder(os.path.dirname(clean_encoder))
     rows = np.array([5, 0, 3])
@@ -636,7 +631,6 @@ def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
     # the command on the embedded dataset: one row per record, with a records table
     out = tmp_path / "emb.npy"
     assert embed.main(["--encoder", clean_encoder, "--out", str(out)]) == 0
-    from ecgcl_jax import data
 
     n = len(data.open_dataset(""))
     assert np.load(out).shape == (n, TINY["emb_dim"])
@@ -684,8 +678,6 @@ def test_sweep_over_field_pairs(tmp_path, ds, clean_encoder):
 
 
 def test_one_writer_per_workdir(tmp_path, ds, clean_encoder):
-    from ecgcl_jax.rundir import WorkdirLock
-
     with WorkdirLock(str(tmp_path)):
         with pytest.raises(UserError, match="in use"):
             evaluate.run(eval_config(clean_encoder), str(tmp_path), dataset=ds)
@@ -748,7 +740,6 @@ class FoldDataset(FakeDataset):
 
     def __init__(self):
         super().__init__()
-        import pandas as pd
 
         keys = splits.patient_keys(self.patient_ids, self.records)
         fold = [str(1 + sum(map(ord, k)) % 10) for k in keys]
@@ -789,8 +780,6 @@ def test_fold_rule_in_the_evaluation(tmp_path, clean_encoder):
 
 def test_eval_ptbxl_smoke_on_the_embedded_set(tmp_path, clean_encoder):
     """configs/eval_ptbxl.py at a smoke size on the embedded set (its superdiagnostic task and strat_fold)."""
-    from configs import eval_ptbxl
-    from ecgcl_jax import data
 
     emb = data.open_dataset("")
     # 29 of the 52 embedded ECGs have a fold; fold 10 alone is all NORM, so the smoke size regroups the folds

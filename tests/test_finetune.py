@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 import ecgcl_jax
+from configs import eval as eval_config
 from ecgcl_jax import finetune, models
 from ecgcl_jax.errors import UserError
 from tests.conftest import TINY, view_spec
 
 
 def ft_config(**kw):
-    from configs import eval as eval_config
-
     c = ml_collections.ConfigDict(eval_config.get_config().finetune.to_dict())  # every recipe field
     c.update(
         dict(

@@ -111,6 +111,7 @@ def test_installed_commands_from_another_directory(installed):
     log = (work / "pre" / "log.txt").read_text()
     assert "ecgcl-pretrain" in log and "done: 2 steps" in log
     if importlib.util.find_spec("tensorboard") is not None:  # the extra: curves TensorBoard reads
+        # deferred: tensorboard is an optional extra
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         acc = EventAccumulator(str(work / "pre" / "tensorboard"))

@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from sklearn.metrics import log_loss
 
-from ecgcl_jax import losses
+from ecgcl_jax import losses, parallel
 
 TEMPS = [0.01, 0.03, 0.07, 0.2, 0.5, 1.0]
 
@@ -160,9 +162,6 @@ def test_multi_view_nt_xent_is_sum_over_pairs(use_ids):
 
 
 def test_nt_xent_sharded_over_8_devices_with_ids():
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     devs = np.array(jax.devices()[:8])
     if len(devs) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
@@ -196,3 +195,18 @@ def test_bce_with_logits_against_sklearn():
     y = np.array([0.0, 1.0, 1.0], np.float32)
     np.testing.assert_allclose(float(f(big, y)), (100 + 100 + 0) / 3, rtol=1e-6)
     assert float(f(big, y, np.zeros(3))) == 0.0
+
+
+def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
+    rng = np.random.default_rng(0)
+    zs = [rng.normal(size=(16, 8)).astype(np.float32) for _ in range(4)]
+    # three ECGs of patient 0
+    ids = np.array([0, 0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11], np.int32)
+    f = jax.jit(lambda a, b, c, d, i: losses.clocs_cmsc(a, b, c, d, temperature=0.1, ids=i))
+    one = float(f(*zs, ids))
+    mesh = parallel.make_mesh(8)
+    sh = NamedSharding(mesh, P("data"))
+    eight = float(f(*[jax.device_put(z, sh) for z in zs], jax.device_put(ids, sh)))
+    np.testing.assert_allclose(eight, one, rtol=1e-5)
+    # ids that differ change the loss (the positives are really used)
+    assert abs(float(f(*zs, jnp.arange(16, dtype=jnp.int32))) - one) > 1e-3

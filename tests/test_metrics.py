@@ -3,7 +3,9 @@
 import csv
 import math
 
+import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ecgcl_jax import metrics
 
@@ -100,9 +102,6 @@ def test_plots(tmp_path):
 
 
 def test_multilabel_scores_against_sklearn_a_one_valued_class_is_left_out_and_counted():
-    import numpy as np
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     nan = float("nan")
     # class a: all known, both values; class b: two unknowns, both values among the known;
     # class c: only 0 among its known labels -> no AUROC, left out of the macro means
@@ -151,8 +150,6 @@ def test_multilabel_scores_against_sklearn_a_one_valued_class_is_left_out_and_co
 
 def _percentile_bootstrap(y, probs, groups, resamples, seed, pairs):
     """Independent re-implementation: resample patients, score with scikit-learn, 2.5/97.5 percentiles."""
-    import numpy as np
-    from sklearn.metrics import roc_auc_score
 
     patients = list(dict.fromkeys(groups))
     rows_of = {g: [i for i, x in enumerate(groups) if x == g] for g in patients}
@@ -181,8 +178,6 @@ def _percentile_bootstrap(y, probs, groups, resamples, seed, pairs):
 
 
 def test_bootstrap_against_a_numpy_percentile_bootstrap():
-    import numpy as np
-
     rng = np.random.default_rng(5)
     n = 30
     groups = [f"p{i // 2}" if i < 10 else f"q{i}" for i in range(n)]  # 5 patients with 2 ECGs each

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ecgcl_jax import hashing, models
 from ecgcl_jax.errors import UserError
@@ -870,9 +872,6 @@ def test_transformer_layer_drops_attention_weights_per_weight(monkeypatch):
 
 
 def test_hash_bits_do_not_depend_on_sharding():
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     devices = jax.devices()
     assert len(devices) >= 2, "tests/conftest.py sets 8 fake CPU devices"
     mesh = Mesh(np.array(devices), ("data",))

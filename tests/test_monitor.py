@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ def _tb_reader():
         "tensorboard",
         reason="the optional tensorboard extra is not installed (pip install 'ecgcl-jax[tensorboard]')",
     )
+    # deferred: tensorboard is an optional extra (skipped above when absent)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def read(logdir):
@@ -30,8 +32,6 @@ def _tb_reader():
 
 
 def _png_pixels(path):
-    import matplotlib.image
-
     data = path.read_bytes()
     assert data[:8] == PNG
     return matplotlib.image.imread(io.BytesIO(data), format="png")

@@ -2,13 +2,16 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from ecgcl_jax.rundir import WorkdirLock
 from tests.conftest import ROOT
 
 ARGS = [
@@ -36,6 +39,31 @@ def _env(devices):
     return e
 
 
+def _start_two_processes(wd, env, args=ARGS, extra=((), ())):
+    """Starts the two processes of a pretraining in ``wd`` through a coordinator on a free local port (process i
+    with extra[i] flags, both with ``env``); returns their Popen objects, stdout and stderr piped as text."""
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "run_pretrain.py"),
+        *args,
+        "--workdir",
+        wd,
+        f"--coordinator=127.0.0.1:{_free_port()}",
+        "--num_processes=2",
+    ]
+    return [
+        subprocess.Popen(
+            cmd + [f"--process_id={i}", *extra[i]],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+
+
 def _losses(wd):
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         return [json.loads(l)["loss"] for l in f if l.strip()]
@@ -61,16 +89,6 @@ if os.environ.get("ECGCL_TEST_ROWS_LOG"):
 def test_two_processes_equal_one(tmp_path, resident):
     mh, sp = str(tmp_path / "mh"), str(tmp_path / "sp")
     args = [*ARGS, f"--config.data.resident={resident}"]
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "run_pretrain.py"),
-        *args,
-        "--workdir",
-        mh,
-        f"--coordinator=127.0.0.1:{port}",
-        "--num_processes=2",
-    ]
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(ROWS_HOOK)
@@ -79,17 +97,7 @@ def test_two_processes_equal_one(tmp_path, resident):
         ECGCL_TEST_ROWS_LOG=str(tmp_path / "rows"),
         PYTHONPATH=os.pathsep.join([str(hook)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
     )
-    procs = [
-        subprocess.Popen(
-            cmd + [f"--process_id={i}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in (0, 1)
-    ]
+    procs = _start_two_processes(mh, env, args)
     outs = [p.communicate(timeout=600) for p in procs]
     for i, (p, (_o, e)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, (
@@ -125,26 +133,7 @@ def test_two_processes_equal_one(tmp_path, resident):
 def _two_processes_failing(wd, extra=((), ())):
     """Runs the two processes of a pretraining in ``wd`` (process i with extra[i] flags) and checks that both end
     with exit code 2, no traceback and exactly one of our error lines each; returns those two lines."""
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "run_pretrain.py"),
-        *ARGS,
-        "--workdir",
-        wd,
-        f"--coordinator=127.0.0.1:{_free_port()}",
-        "--num_processes=2",
-    ]
-    procs = [
-        subprocess.Popen(
-            cmd + [f"--process_id={i}", *extra[i]],
-            cwd=ROOT,
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in (0, 1)
-    ]
+    procs = _start_two_processes(wd, _env(1), extra=extra)
     outs = [p.communicate(timeout=300) for p in procs]
     # our one-line errors; the runtime's own shutdown logging (C++, e.g. from the coordination service) may add
     # lines that are not ours, so only a traceback counts against the rule
@@ -158,7 +147,6 @@ def _two_processes_failing(wd, extra=((), ())):
 def test_refusal_on_process_zero_stops_every_process(tmp_path):
     """Process 0 alone checks the workdir; when it refuses (here: a live run holds the lock), the other
     process stops with a one-line error too instead of hanging in its next collective."""
-    from ecgcl_jax.rundir import WorkdirLock
 
     wd = str(tmp_path / "busy")
     os.makedirs(wd)
@@ -188,32 +176,10 @@ def test_processes_with_different_configs_stop_with_one_line(tmp_path):
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     """A checkpoint is a collective: when only one host is told to stop, all agree on the step, save it once
     and exit 0."""
-    import signal
-    import time
 
     wd = str(tmp_path / "pre")
-    port = _free_port()
     args = [a for a in ARGS if not a.startswith("--config.num_steps")] + ["--config.num_steps=500"]
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "run_pretrain.py"),
-        *args,
-        "--workdir",
-        wd,
-        f"--coordinator=127.0.0.1:{port}",
-        "--num_processes=2",
-    ]
-    procs = [
-        subprocess.Popen(
-            cmd + [f"--process_id={i}"],
-            cwd=ROOT,
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in (0, 1)
-    ]
+    procs = _start_two_processes(wd, _env(1), args)
     metrics = os.path.join(wd, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):

@@ -2,7 +2,10 @@
 float64 NumPy updates, the default against the literal Adam + L2 chain, one-line field errors, and pretraining
 resumed mid-warmup and mid-decay against an uninterrupted run (learning_rate in metrics.jsonl)."""
 
+import json
 import math
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +14,16 @@ import numpy as np
 import optax
 import pytest
 
-from ecgcl_jax import optim
+from configs import base, cnn, simclr_recipe
+from configs import eval as eval_config
+from ecgcl_jax import augment, evaluate, finetune, optim, pretrain, rundir
 from ecgcl_jax.errors import UserError
+from tests.conftest import read_metrics, small_config, view_spec
+from tests.test_finetune import _features, ft_config
 
 
 def section(**kw):
     """config.optim of configs/base.py with fields replaced."""
-    from configs import base
 
     c = ml_collections.ConfigDict(base.get_config().optim.to_dict())
     c.update(kw)
@@ -105,8 +111,6 @@ def test_cosine_length_defaults_to_the_run():
 def test_default_recipe_is_the_literal_adam_plus_l2_chain(where):
     """The defaults build exactly the chain that pretraining and fine-tuning used before recipes existed:
     same updates bit for bit, same optimizer-state structure (so existing checkpoints restore)."""
-    from configs import base
-    from configs import eval as eval_config
 
     if where == "optim":
         sec, field = base.get_config().optim, "config.optim"
@@ -242,9 +246,6 @@ BAD_FIELDS = [
 
 @pytest.mark.parametrize("fields,needle", BAD_FIELDS)
 def test_a_bad_field_is_one_line_naming_it(fields, needle):
-    from configs import cnn
-    from ecgcl_jax import pretrain
-
     c = cnn.get_config()
     c.optim.update(fields)
     with pytest.raises(UserError) as e:
@@ -257,9 +258,6 @@ def test_a_bad_field_is_one_line_naming_it(fields, needle):
 
 
 def test_a_bad_finetune_field_is_one_line_naming_it():
-    from configs import eval as eval_config
-    from ecgcl_jax import evaluate
-
     c = eval_config.get_config()
     c.finetune.schedule = "warmup_linear"
     with pytest.raises(
@@ -277,9 +275,6 @@ def test_a_bad_finetune_field_is_one_line_naming_it():
 
 def test_finetune_history_records_the_learning_rate_of_each_epoch():
     """Cosine over all epochs' steps: 3 epochs x ceil(10 / 4) = 9 steps; epoch e ends with count 3e - 1."""
-    from ecgcl_jax import finetune
-    from tests.conftest import view_spec
-    from tests.test_finetune import _features, ft_config
 
     cfg = ft_config(
         num_epochs=3,
@@ -305,11 +300,6 @@ def test_resume_mid_warmup_and_mid_decay_equals_uninterrupted(tmp_path):
     step 5 (cosine) resume from there: the losses and the logged learning rates are those of the
     uninterrupted run (the schedule's count is restored with the optimizer state), and each logged rate is
     the closed form of its update."""
-    import os
-    import shutil
-
-    from ecgcl_jax import pretrain
-    from tests.test_pretrain import read_metrics, small_config
 
     recipe = {
         "optim.optimizer": "adamw",
@@ -349,8 +339,6 @@ def test_resume_mid_warmup_and_mid_decay_equals_uninterrupted(tmp_path):
 def test_recipe_config_is_a_composed_pipeline_with_warmup_cosine_adamw():
     """configs/simclr_recipe.py: its composed views parse into pipelines of three ops, the config validates as
     it stands, and its recipe is AdamW with warmup + cosine over num_steps."""
-    from configs import simclr_recipe
-    from ecgcl_jax import augment, pretrain
 
     c = simclr_recipe.get_config()
     for view in (c.augment.view1, c.augment.view2):
@@ -365,11 +353,6 @@ def test_recipe_config_is_a_composed_pipeline_with_warmup_cosine_adamw():
 def test_workdirs_saved_before_the_recipe_fields_still_resume():
     """A saved config without the recipe fields ran constant-rate Adam + L2: the default config resumes it, a
     config with another recipe is refused, naming the field."""
-    import json
-
-    from configs import cnn
-    from configs import eval as eval_config
-    from ecgcl_jax import evaluate, rundir
 
     def without_recipe(cfg, *sections):
         d = json.loads(cfg.to_json())

@@ -1,84 +1,21 @@
-"""Pretraining loop: CLI runs per encoder, exact resume, 1 vs 8 devices, bad configs, batch order."""
+"""Pretraining: CLI runs per encoder, exact resume, 1 vs 8 devices, config validation, the step."""
 
 import json
 import os
-import subprocess
-import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from tests.conftest import ROOT, override
-
-PY = sys.executable
-
-
-def small_config(encoder="cnn", **over):
-    from configs import base
-
-    c = base.get_config()
-    c.model.encoder = encoder
-    c.model.emb_dim = 32
-    c.model.proj_dim = 16
-    c.batch_size = 8
-    c.num_steps = 6
-    c.log_every = 1
-    c.checkpoint_every = 3
-    c.optim.learning_rate = 1e-3
-    return override(c, **over)
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(l) for l in f if l.strip()]
-
-
-def run_cli(args, timeout=600, **kw):
-    return subprocess.run(
-        [PY, os.path.join(ROOT, "run_pretrain.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
-
-
-def test_batch_order_is_pure_and_never_repeats_in_a_batch():
-    from ecgcl_jax.input_pipeline import BatchOrder
-
-    a, b = BatchOrder(52, 8, seed=3), BatchOrder(52, 8, seed=3)
-    for step in [0, 5, 6, 7, 40, 13]:  # out of order: a pure function of (seed, step)
-        np.testing.assert_array_equal(a(step), b(step))
-        assert len(set(a(step).tolist())) == 8
-    # within an epoch the 6 batches are disjoint
-    seen = np.concatenate([a(s) for s in range(6)])
-    assert len(set(seen.tolist())) == 48
-    assert not np.array_equal(a(0), a(6))  # fresh permutation next epoch
-
-
-def test_effective_batch_size_shrinks_with_note():
-    from ecgcl_jax.input_pipeline import effective_batch_size
-
-    assert effective_batch_size(8, 52, 8) == (8, "")
-    b, note = effective_batch_size(128, 52, 8)
-    assert b == 48 and "52 records" in note
-
-
-def test_normalize_matches_numpy():
-    from ecgcl_jax.input_pipeline import normalize
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(3, 100, 12)) + 2.0
-    y = normalize(x, 4.0)
-    ref = x / 4.0 - (x / 4.0).mean(axis=1, keepdims=True)
-    np.testing.assert_allclose(y, ref, rtol=1e-12)
-    np.testing.assert_allclose(y.mean(axis=1), 0, atol=1e-12)
+from ecgcl_jax import checkpoint, input_pipeline, models, parallel, pretrain, views
+from ecgcl_jax.data import open_dataset
+from ecgcl_jax.errors import UserError
+from tests.conftest import read_metrics, run_cli, small_config
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from ecgcl_jax import pretrain
-
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     pretrain.run(small_config(num_steps=12), full)
     r = pretrain.run(small_config(num_steps=6), part)
@@ -91,126 +28,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(np.isfinite(m["loss"]) and m["ecg_per_s"] > 0 for m in a)
     # loss goes down on the embedded data with a large learning rate
     assert np.mean([m["loss"] for m in a[-3:]]) < np.mean([m["loss"] for m in a[:3]])
-    from ecgcl_jax import checkpoint
 
     enc = checkpoint.load_encoder(os.path.join(full, "encoder"))
     assert enc.preprocessing["input_length"] == 5000 and enc.preprocessing["max_amp"] > 0
     assert "params" in enc.variables and "batch_stats" in enc.variables
 
 
-def test_streamed_equals_resident(tmp_path):
-    """The two input paths (rows gathered on the device from the resident pool, or int16 batches read from the
-    memmap by the prefetch thread) feed the step the same batches: the same losses."""
-    from ecgcl_jax import pretrain
-
-    losses = {}
-    for resident in ("yes", "no"):
-        pretrain.run(
-            small_config(num_steps=4, **{"data.resident": resident}), str(tmp_path / resident)
-        )
-        losses[resident] = [m["loss"] for m in read_metrics(str(tmp_path / resident))]
-    assert len(losses["yes"]) == 4
-    np.testing.assert_allclose(losses["no"], losses["yes"], rtol=1e-5)
-
-
-def test_resident_auto_follows_the_devices_memory():
-    from types import SimpleNamespace
-
-    from ecgcl_jax import input_pipeline as ip
-
-    class Dev:
-        def __init__(self, stats):
-            self.stats = stats
-
-        def memory_stats(self):
-            if isinstance(self.stats, Exception):
-                raise self.stats
-            return self.stats
-
-    gpu80, gpu16 = Dev({"bytes_limit": 80 << 30}), Dev({"bytes_limit": 16 << 30})
-    assert ip.resident_limit([gpu80]) == 20 << 30
-    # the pool is replicated: the smallest device decides
-    assert ip.resident_limit([gpu80, gpu16]) == 4 << 30
-    # CPU reports no memory statistics
-    assert ip.resident_limit([Dev(None)]) == ip.RESIDENT_AUTO_LIMIT
-    assert ip.resident_limit([Dev(RuntimeError("unsupported"))]) == ip.RESIDENT_AUTO_LIMIT
-    ds = SimpleNamespace(raw=np.zeros((0, 5000, 12), np.int16))  # 120,000 bytes a record
-    pool = np.arange(100_000)  # 12 GB of int16
-    assert ip.choose_resident("auto", ds, pool, [gpu80]) and not ip.choose_resident(
-        "auto", ds, pool, [gpu16]
-    )
-    assert not ip.choose_resident("auto", ds, pool, [Dev(None)])
-    assert ip.choose_resident("yes", ds, pool, [gpu16]) and not ip.choose_resident(
-        "no", ds, pool[:1], [gpu80]
-    )
-
-
-def test_read_rows_equals_fancy_indexing(tmp_path):
-    from ecgcl_jax.input_pipeline import read_rows
-
-    a = np.lib.format.open_memmap(str(tmp_path / "a.npy"), "w+", np.int16, (20, 7, 3))
-    a[:] = np.arange(20 * 7 * 3).reshape(20, 7, 3)
-    a.flush()
-    mm = np.load(str(tmp_path / "a.npy"), mmap_mode="r")
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(3) as ex:
-        for rows in ([5, 1, 19, 0, 7], [3], [4, 4, 2], list(range(19, -1, -1)) + [6, 6]):
-            # one reader, or three copying file-ordered runs in parallel
-            for executor, workers in (
-                (None, 1),
-                (ex, 3),
-            ):
-                got = read_rows(mm, np.asarray(rows), executor, workers)
-                assert got.dtype == np.int16 and got.shape == (len(rows), 7, 3)
-                np.testing.assert_array_equal(got, np.asarray(a)[rows])
-
-
-def test_streamed_batches_are_the_same_with_several_reader_threads(monkeypatch):
-    import threading
-
-    from ecgcl_jax import data, input_pipeline, parallel
-
-    ds = data.open_dataset("")
-    mesh = parallel.make_mesh()
-    pool = np.arange(3, len(ds))
-    used, real = [], input_pipeline.read_rows
-    monkeypatch.setattr(
-        input_pipeline,
-        "read_rows",
-        lambda raw, rows, ex=None, w=1: used.append((ex is not None, w)) or real(raw, rows, ex, w),
-    )
-    readers_alive = lambda: [t for t in threading.enumerate() if t.name.startswith("ecgcl-read")]  # noqa: E731
-    batches = {}
-    for readers in (1, 3):
-        source = input_pipeline.BatchSource(
-            ds, pool, input_pipeline.BatchOrder(len(pool), 16, 7), mesh, False, 2, readers
-        )
-        batches[readers] = [np.asarray(b["raw"]) for _, b in source.iterate(0, 4)]
-        assert not readers_alive()  # the reader threads end with the iteration
-    assert set(used[:4]) == {(False, 1)} and set(used[4:]) == {
-        (True, 3)
-    }  # the second source read in parallel
-    for a, b in zip(batches[1], batches[3]):
-        np.testing.assert_array_equal(a, b)
-    # an iteration abandoned after one batch also ends its reader threads
-    it = input_pipeline.BatchSource(
-        ds, pool, input_pipeline.BatchOrder(len(pool), 16, 7), mesh, False, 2, 3
-    ).iterate(0, 100)
-    next(it)
-    assert readers_alive()
-    it.close()
-    assert not readers_alive()
-    # auto on CPU: 1
-    assert input_pipeline.reader_threads(0) == 1 and input_pipeline.reader_threads(5) == 5
-
-
 @pytest.mark.parametrize("mode", ["simclr", "cmsc"])
 def test_one_device_equals_eight(tmp_path, mode):
-    import jax
-
-    from ecgcl_jax import parallel, pretrain
-
     assert jax.device_count() == 8
     losses = {}
     for n in (1, 8):
@@ -234,11 +59,6 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
     """The loss test above runs at Adam's lr 1e-5, where a wrong gradient would hardly move the loss; here the
     optimizer is SGD with lr 1, so the parameter change *is* the gradient, compared leaf by leaf, together with
     the BatchNorm running statistics (global-batch statistics on 8 devices as on 1)."""
-    import jax
-    import optax
-
-    from ecgcl_jax import input_pipeline, models, parallel, pretrain
-    from ecgcl_jax.data import open_dataset
 
     cfg = small_config("cnn", mode=mode, patient_positives=(mode == "cmsc"))
     ds = open_dataset("")
@@ -252,7 +72,7 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
             jax.random.PRNGKey(0)
         )
         src = input_pipeline.BatchSource(
-            ds, pool, input_pipeline.BatchOrder(len(pool), 16, 0), mesh, True
+            ds, pool, input_pipeline.BatchOrder(len(pool), 16, 0), mesh, True, 2, 1
         )
         batch = dict(
             src.device_batch(0),
@@ -282,8 +102,6 @@ def test_one_step_gradient_and_bn_stats_same_on_one_and_eight_devices(mode):
     "mode,domain", [("cmlc", "time"), ("cmsmlc", "time"), ("simclr", "frequency")]
 )
 def test_clocs_lead_modes_and_frequency_domain_run(tmp_path, mode, domain):
-    from ecgcl_jax import checkpoint, pretrain
-
     wd = str(tmp_path / mode)
     r = pretrain.run(small_config("cnn", num_steps=2, mode=mode, **{"data.domain": domain}), wd)
     assert r["steps"] == 2 and np.isfinite(r["final_loss"])
@@ -335,85 +153,8 @@ def test_bad_config_is_one_line_error(tmp_path, override, needle):
     assert lines and needle in lines[-1], p.stderr[-2000:]
 
 
-CONFIG_FILE_ERRORS = {  # config file text (None: no file) and extra args -> what the one line must say
-    "missing": (None, [], "No such file or directory"),
-    "syntax": ("def get_config(:\n", [], ":1: SyntaxError"),
-    "raises": (
-        "import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict().nope\n",
-        [],
-        ":3: AttributeError",
-    ),
-    "raises ValueError": (
-        "def get_config():\n  raise ValueError('no such encoder here')\n",
-        [],
-        ":2: ValueError: no such encoder here",
-    ),
-    "unknown override": (
-        "from configs.cnn import get_config\n",
-        ["--config.model.chanels=3"],
-        "no field 'chanels'; did you mean \"channels\"",
-    ),
-    "bad override value": (
-        "from configs.cnn import get_config\n",
-        ["--config.batch_size=abc"],
-        "batch_size=abc: invalid literal",
-    ),
-    # a config written for an older version, without a field added since
-    "field missing": (
-        "from configs.cnn import get_config as full\n\ndef get_config():\n  c = full()\n"
-        "  c.unlock()\n  del c.data['reader_threads']\n  return c\n",
-        [],
-        "lacks field(s) data.reader_threads",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(CONFIG_FILE_ERRORS))
-@pytest.mark.parametrize("entry", ["run_pretrain.py", "run_eval.py"])
-def test_config_file_and_flag_errors_are_one_line(tmp_path, case, entry):
-    text, extra, needle = CONFIG_FILE_ERRORS[case]
-    cfg = tmp_path / "my_config.py"
-    if text is not None:
-        cfg.write_text(text)
-    if entry == "run_eval.py" and case in ("unknown override", "bad override value"):
-        cfg.write_text("from configs.eval import get_config\n")
-        extra = [a.replace("--config.", "--config.pretrain.") for a in extra]
-    if entry == "run_eval.py" and case == "field missing":
-        cfg.write_text(
-            text.replace("configs.cnn", "configs.eval").replace("c.data[", "c.pretrain.data[")
-        )
-        # config.data is config.pretrain.data: named under both
-        needle = "pretrain.data.reader_threads"
-    p = subprocess.run(
-        [
-            PY,
-            os.path.join(ROOT, entry),
-            "--config",
-            str(cfg),
-            "--workdir",
-            str(tmp_path / "w"),
-            *extra,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"{entry}: error: ") and needle in lines[0], (
-        p.stderr[-2000:]
-    )
-    if case in ("missing", "syntax", "raises", "raises ValueError", "field missing"):
-        assert "my_config.py" in lines[0]
-    assert not (tmp_path / "w").exists()  # nothing was started
-
-
 def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     # `--config.data.path=~/x` reaches the program unexpanded (a shell expands ~ only at the start of a word)
-    from ecgcl_jax import checkpoint, pretrain
-    from ecgcl_jax.errors import UserError
-
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ds").mkdir()
     pretrain.validate_config(small_config(**{"data.path": "~/ds"}), 1)
@@ -449,19 +190,12 @@ def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     ],
 )
 def test_configs_that_would_train_on_nothing_are_refused(over, needle):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.errors import UserError
-
     with pytest.raises(UserError, match=needle):
         pretrain.validate_config(small_config(**over), 1)
     pretrain.validate_config(small_config(**{"augment.view1": "permute:5,1", "batch_size": 2}), 1)
 
 
 def test_patient_positives_with_a_single_patient_is_refused(tmp_path):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.data import open_dataset
-    from ecgcl_jax.errors import UserError
-
     class OnePatient:  # the embedded set, every record given to one patient
         def __init__(self, ds):
             self._ds = ds
@@ -481,41 +215,6 @@ def test_patient_positives_with_a_single_patient_is_refused(tmp_path):
     ):
         pretrain.run(small_config(patient_positives=True), str(tmp_path / "w"), dataset=ds)
     assert not (tmp_path / "w").exists()
-
-
-def test_uncreatable_workdir_is_one_line(tmp_path):
-    (tmp_path / "a_file").write_text("")
-    p = run_cli(
-        [
-            "--config",
-            "configs/cnn.py",
-            "--workdir",
-            str(tmp_path / "a_file" / "w"),
-            "--config.num_steps=1",
-        ]
-    )
-    assert p.returncode == 2
-    assert (
-        p.stderr.strip().splitlines()[-1]
-        == f"run_pretrain.py: error: {tmp_path / 'a_file' / 'w'}: Not a directory"
-    )
-    assert "Traceback" not in p.stderr
-    # ECGCL_JAX_TRACEBACK=1 shows where an OSError came from, before the same last line
-    p = run_cli(
-        [
-            "--config",
-            "configs/cnn.py",
-            "--workdir",
-            str(tmp_path / "a_file" / "w"),
-            "--config.num_steps=1",
-        ],
-        env=dict(os.environ, ECGCL_JAX_TRACEBACK="1"),
-    )
-    assert p.returncode == 2 and "Traceback" in p.stderr and "makedirs" in p.stderr
-    assert (
-        p.stderr.strip().splitlines()[-1]
-        == f"run_pretrain.py: error: {tmp_path / 'a_file' / 'w'}: Not a directory"
-    )
 
 
 @pytest.mark.parametrize(
@@ -552,33 +251,8 @@ def test_every_config_pretrains_from_cli(tmp_path, cfg):
     assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
 
 
-def test_clocs_loss_with_patient_ids_same_on_one_and_eight_devices():
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from ecgcl_jax import losses, parallel
-
-    rng = np.random.default_rng(0)
-    zs = [rng.normal(size=(16, 8)).astype(np.float32) for _ in range(4)]
-    # three ECGs of patient 0
-    ids = np.array([0, 0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 9, 10, 11], np.int32)
-    f = jax.jit(lambda a, b, c, d, i: losses.clocs_cmsc(a, b, c, d, temperature=0.1, ids=i))
-    one = float(f(*zs, ids))
-    mesh = parallel.make_mesh(8)
-    sh = NamedSharding(mesh, P("data"))
-    eight = float(f(*[jax.device_put(z, sh) for z in zs], jax.device_put(ids, sh)))
-    np.testing.assert_allclose(eight, one, rtol=1e-5)
-    # ids that differ change the loss (the positives are really used)
-    assert abs(float(f(*zs, jnp.arange(16, dtype=jnp.int32))) - one) > 1e-3
-
-
 @pytest.mark.parametrize("mode", ["cmlc", "cmsmlc"])
 def test_vcg_rotate_scale_is_refused_for_single_lead_views(mode):
-    from ecgcl_jax import pretrain
-    from ecgcl_jax.errors import UserError
-
     cfg = small_config(mode=mode, **{"augment.view1": "gaussian_noise|vcg_rotate_scale@0.5"})
     with pytest.raises(UserError) as e:
         pretrain.validate_config(cfg, 1)
@@ -590,39 +264,7 @@ def test_vcg_rotate_scale_is_refused_for_single_lead_views(mode):
     pretrain.validate_config(small_config(**{"augment.view1": "vcg_rotate_scale@0.5"}), 1)
 
 
-def test_patient_codes_follow_patient_keys():
-    from ecgcl_jax.input_pipeline import patient_codes
-
-    codes = patient_codes(["p1", "", " p1 ", "p2", ""], ["a", "b", "c", "d", "e"])
-    # same patient (whitespace ignored, as splits.patient_keys) -> same code; each missing id is its own patient
-    assert codes[0] == codes[2] and len({codes[0], codes[1], codes[3], codes[4]}) == 4
-
-
-def test_damaged_workdir_files_are_one_line_errors(tmp_path):
-    from ecgcl_jax import rundir
-    from ecgcl_jax.data import open_dataset
-    from ecgcl_jax.errors import UserError
-
-    ds, c = open_dataset(""), small_config()
-    pool = np.arange(len(ds))
-    wd = str(tmp_path)
-    max_amp = rundir.admit_max_amp(c, wd, ds, pool, 8)  # a new workdir: recorded
-    # resumed: the recorded value
-    assert max_amp > 0 and rundir.admit_max_amp(c, wd, ds, pool, 8) == max_amp
-    with open(os.path.join(wd, "run.json"), "w") as f:
-        f.write('{"pool_records": []}')
-    with pytest.raises(UserError, match="no max_amp recorded"):
-        rundir.admit_max_amp(c, wd, ds, pool, 8)
-    with open(os.path.join(wd, "config.json"), "w") as f:
-        f.write('{"seed": 0, "mod')  # cut short, as by a crash mid-write before writes were atomic
-    with pytest.raises(UserError, match="config.json: unreadable") as e:
-        rundir.admit_max_amp(c, wd, ds, pool, 8)
-    assert "\n" not in str(e.value)
-
-
 def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp_path):
-    from ecgcl_jax import pretrain
-
     wd = str(tmp_path)
     view1 = "amplitude_scale:0.8,1.2@0.5|gaussian_noise"
     first = pretrain.run(small_config(num_steps=2, **{"augment.view1": view1}), wd)
@@ -666,11 +308,6 @@ def test_rerun_of_a_finished_run_returns_without_training_or_exporting_again(tmp
 def test_step_runs_one_encoder_forward_per_view():
     """The step's loss equals the encoder applied to each view on its own (BatchNorm statistics per view, running
     statistics chained) followed by the contrastive loss; one forward over the stacked views would not."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from ecgcl_jax import input_pipeline, models, pretrain, views
 
     cfg = small_config(
         "cnn",
