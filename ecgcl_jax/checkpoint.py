@@ -31,7 +31,7 @@ from flax import serialization
 
 from ecgcl_jax import parallel
 from ecgcl_jax.errors import UserError
-from ecgcl_jax.fileio import atomic_write
+from ecgcl_jax.fileio import atomic_write, write_json
 
 
 def _one_writer_per_array() -> None:
@@ -254,7 +254,7 @@ def export_encoder(
         "pretrain_records": list(pretrain_records),
         "extra": extra or {},
     }
-    atomic_write(os.path.join(directory, "encoder.json"), json.dumps(meta, indent=1).encode())
+    write_json(os.path.join(directory, "encoder.json"), meta)
 
 
 def load_encoder(directory: str) -> ExportedEncoder:

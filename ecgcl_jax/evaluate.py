@@ -58,7 +58,7 @@ from ecgcl_jax import (
     views,
 )
 from ecgcl_jax.errors import UserError
-from ecgcl_jax.fileio import atomic_write
+from ecgcl_jax.fileio import atomic_write, nan_for_null, write_json
 
 METHODS = ("finetune", "linear_probe", "random_init", "random_init_linear_probe")
 BASELINES = METHODS[1:]
@@ -116,36 +116,6 @@ def resolve_seeds(config) -> list[int]:
         if s not in seeds:
             seeds.append(s)
     return seeds
-
-
-def _jsonable(x):
-    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists (strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
-def _unjson(x):
-    """Inverse of `_jsonable` for metric dicts: None -> NaN."""
-    if isinstance(x, dict):
-        return {k: _unjson(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_unjson(v) for v in x]
-    return math.nan if x is None else x
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic, strict JSON (no NaN)."""
-    atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False).encode())
 
 
 def _config_json(config) -> dict:
@@ -647,7 +617,7 @@ def run_repeat(
 # ------------------------------------------------------------------------------------------- aggregation
 def assemble(config, records: list[dict], seeds: list[int]) -> dict:
     """results.json from the finished repeat records (a pure function of them and the config)."""
-    records = [_unjson(r) for r in records]
+    records = [nan_for_null(r) for r in records]
     main = [r["finetune"] for r in records]
     classes = records[0].get("classes") if records else None
     out = {
@@ -922,47 +892,10 @@ def parse_shard(shard) -> tuple[int, int] | None:
     return int(i), int(n)
 
 
-class _Flock:
-    """An flock on `path` (created), released by the OS when the process dies. `acquire(blocking)` -> bool."""
-
-    def __init__(self, path: str):
-        self.path, self.fd = path, None
-
-    def acquire(self, blocking: bool) -> bool:
-        import fcntl  # noqa: PLC0415
-
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BaseException as e:  # busy, or a stop signal while waiting
-            os.close(self.fd)
-            self.fd = None
-            if isinstance(e, OSError) and not blocking:
-                return False
-            raise
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            import fcntl  # noqa: PLC0415
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        self.acquire(blocking=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 def pretraining_lock(pretrain_dir: str | None):
     """Held while a unit pretrains or loads its repeat's encoder: units of a sweep that share one pretraining
     (WORKDIR/pretrain/repeat_<seed>) wait for each other instead of running it twice. None: no lock."""
-    return _Flock(f"{pretrain_dir}.lock") if pretrain_dir else contextlib.nullcontext()
+    return rundir.FileLock(f"{pretrain_dir}.lock") if pretrain_dir else contextlib.nullcontext()
 
 
 @dataclasses.dataclass
@@ -996,7 +929,7 @@ def _open_variant(v: _Variant) -> None:
         "dataset": _dataset_identity(ds),
         "split_rule": splits.RULE,
     }
-    with _Flock(os.path.join(v.workdir, ".config.lock")):
+    with rundir.FileLock(os.path.join(v.workdir, ".config.lock")):
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
                 saved = json.load(f)
@@ -1068,7 +1001,7 @@ def _finish_variant(v: _Variant, status: str) -> dict:
     # "preempted": fewer repeats than asked; the same command continues
     results["status"] = status
     # one writer of the reports at a time (a shard finishing while the run without --shard writes them)
-    with _Flock(os.path.join(v.workdir, ".reports.lock")):
+    with rundir.FileLock(os.path.join(v.workdir, ".reports.lock")):
         write_json(os.path.join(v.workdir, "results.json"), results)
         write_json(
             os.path.join(v.workdir, "splits.json"), {str(r["seed"]): r["split"] for r in records}
@@ -1115,7 +1048,7 @@ def _run_units(variants: list[_Variant], shard, stop: preemption.StopRequest) ->
     def attempt(v, seed, blocking) -> str:
         if v.done(seed):
             return "done"
-        lock = _Flock(os.path.join(v.workdir, f"repeat_{seed}", "unit.lock"))
+        lock = rundir.FileLock(os.path.join(v.workdir, f"repeat_{seed}", "unit.lock"))
         if not lock.acquire(blocking):
             return "busy"
         try:
@@ -1420,7 +1353,7 @@ def _write_sweep_reports(workdir, field, fields, done_values, rows, metric) -> N
             series.setdefault(r["method"], ([], []))
             series[r["method"]][0].append(_nan(r["mean"]))
             series[r["method"]][1].append(_nan(r["ci95"]))
-    with _Flock(os.path.join(workdir, ".reports.lock")):
+    with rundir.FileLock(os.path.join(workdir, ".reports.lock")):
         metrics.write_csv(rows, os.path.join(workdir, "sweep.csv"))
         atomic_write(
             os.path.join(workdir, "sweep.md"), _sweep_markdown(field, rows, metric).encode()

@@ -1,8 +1,12 @@
-"""Whole-file writes that never leave half a file, and name the file when they fail."""
+"""Whole-file writes that never leave half a file and name the file when they fail; strict JSON (no NaN)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+
+import numpy as np
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -25,3 +29,33 @@ def atomic_write(path: str, data: bytes) -> None:
         raise OSError(
             e.errno, e.strerror or str(e), path
         ) from None  # the file asked for, not the temporary one
+
+
+def strict_json(x):
+    """`x` as strict JSON holds it: NaN/inf -> None, numpy scalars -> Python, tuples -> lists, keys -> str."""
+    if isinstance(x, dict):
+        return {str(k): strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def nan_for_null(x):
+    """The inverse of `strict_json` for numbers: None -> NaN, through dicts and lists."""
+    if isinstance(x, dict):
+        return {k: nan_for_null(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [nan_for_null(v) for v in x]
+    return math.nan if x is None else x
+
+
+def write_json(path: str, obj, indent: int | None = 1) -> None:
+    """`obj` as strict JSON (`strict_json`), written atomically (`atomic_write`)."""
+    atomic_write(path, json.dumps(strict_json(obj), indent=indent, allow_nan=False).encode())

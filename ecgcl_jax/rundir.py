@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 import ecgcl_jax
 from ecgcl_jax import configdiff, input_pipeline, optim, views
 from ecgcl_jax.errors import UserError
-from ecgcl_jax.fileio import atomic_write
+from ecgcl_jax.fileio import atomic_write, strict_json, write_json
 
 CONFIG_JSON, RUN_JSON, METRICS_JSONL = "config.json", "run.json", "metrics.jsonl"
 # config.json's (and encoder.json's "extra") record of the parsed view pipelines: {'view1': {'spec', 'ops'}, ...}
@@ -52,39 +51,71 @@ ADDED_FIELDS = {"data.task": "", **optim.fields_before_recipes("optim.")}
 
 
 # ----------------------------------------------------------------------------------------------- lock
+class FileLock:
+    """An flock on `path` (created, with its folder), released by the OS when the process dies. shared: a
+    shared flock instead of an exclusive one. A context manager that waits for it, or `acquire(blocking)`."""
+
+    def __init__(self, path: str, shared: bool = False):
+        self.path, self.shared, self.fd = path, shared, None
+
+    def acquire(self, blocking: bool) -> bool:
+        """Whether the lock was taken (always, when blocking)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        kind = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(self.fd, kind | (0 if blocking else fcntl.LOCK_NB))
+        except BaseException as e:  # busy, or a stop signal while waiting
+            os.close(self.fd)
+            self.fd = None
+            if isinstance(e, OSError) and not blocking:
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire(blocking=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class WorkdirLock:
-    """One writer per workdir: an flock on WORKDIR/.lock, released by the OS when the process dies.
+    """One writer per workdir: a FileLock on WORKDIR/.lock that refuses at once (UserError naming the holder)
+    when another live process holds it; the lock file says who holds it.
 
     shared=True: a shared flock, held together by cooperating processes (the shards of one evaluation, which
     claim their units with locks of their own) and refused while an exclusive holder runs, and vice versa."""
 
     def __init__(self, workdir: str, shared: bool = False):
-        self.path = os.path.join(workdir, ".lock")
-        self.fd = None
-        self.shared = shared
+        self.lock = FileLock(os.path.join(workdir, ".lock"), shared)
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
+        lock = self.lock
+        if not lock.acquire(blocking=False):
             try:
-                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+                with open(lock.path, "rb") as f:
+                    holder = f.read(200).decode(errors="replace").strip()
             except OSError:
                 holder = "?"
-            os.close(self.fd)
             raise UserError(
-                f"{os.path.dirname(self.path)}: in use by another live run ({holder or 'unknown pid'}); "
+                f"{os.path.dirname(lock.path)}: in use by another live run ({holder or 'unknown pid'}); "
                 "wait for it or choose another --workdir"
-            ) from None
+            )
         holder = f"pid {os.getpid()} on {os.uname().nodename}"
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, (f"shared, e.g. {holder}" if self.shared else holder).encode(), 0)
+        os.ftruncate(lock.fd, 0)
+        os.pwrite(lock.fd, (f"shared, e.g. {holder}" if lock.shared else holder).encode(), 0)
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+        self.lock.release()
 
 
 # ------------------------------------------------------------------------------ config.json, run.json
@@ -121,7 +152,7 @@ def admit_max_amp(config, workdir: str, ds, pool, batch: int) -> float:
         check_resume_config(saved, current_cfg, cfg_path)
     else:
         record = dict(current_cfg, **{AUGMENT_RECORD: views.pipeline_records(config)})
-        atomic_write(cfg_path, json.dumps(record, indent=1).encode())
+        write_json(cfg_path, record)
     if os.path.exists(run_path):
         run_info = read_json(run_path)
         if not isinstance(run_info.get("max_amp"), (int, float)):
@@ -139,7 +170,7 @@ def admit_max_amp(config, workdir: str, ds, pool, batch: int) -> float:
         "data_path": config.data.path,
         "version": ecgcl_jax.__version__,
     }
-    atomic_write(run_path, json.dumps(run_info).encode())
+    write_json(run_path, run_info, indent=None)
     return max_amp
 
 
@@ -196,10 +227,7 @@ class MetricsFile:
         """One line, flushed; a non-finite float is written as null (strict JSON)."""
         if self._file is None:
             return
-        strict = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()
-        }
-        self._file.write(json.dumps(strict) + "\n")
+        self._file.write(json.dumps(strict_json(rec)) + "\n")
         self._file.flush()
 
     def __enter__(self):
