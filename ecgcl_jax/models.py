@@ -830,8 +830,3 @@ def plug_encoder(classifier_variables: Mapping, encoder_variables: Mapping) -> d
             lambda a, ref: jnp.asarray(a, ref.dtype), new, old
         )
     return out
-
-
-def count_params(tree) -> int:
-    """Total number of array elements in a pytree."""
-    return int(sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(tree)))

@@ -29,7 +29,8 @@ def shapes_of(module, x, train=False):
 
 
 def n(tree):
-    return models.count_params(tree)
+    """Total number of array elements in a pytree of arrays or shapes."""
+    return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(tree)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
