@@ -175,21 +175,7 @@ def validate(config) -> None:
         )
     if not 0.0 < float(config.label_fraction) <= 1.0:
         raise UserError(f"config.label_fraction: must be in (0, 1] (got {config.label_fraction})")
-    ft = config.finetune
-    for field in ("num_epochs", "batch_size"):
-        if int(ft[field]) < 1:
-            raise UserError(
-                f"config.finetune.{field}: must be a positive integer (got {ft[field]})"
-            )
-    finetune.finetune_recipe(ft, None)
-    if not 0.0 <= float(ft.head_dropout) < 1.0:
-        raise UserError(f"config.finetune.head_dropout: must be in [0, 1) (got {ft.head_dropout})")
-    from ecgcl_jax import models  # noqa: PLC0415
-
-    if ft.aggregate not in models.AGGREGATES:
-        raise UserError(
-            f"config.finetune.aggregate: {ft.aggregate!r} is not one of {', '.join(models.AGGREGATES)}"
-        )
+    finetune.validate_config(config.finetune)
     if int(config.bootstrap.resamples) < 0:
         raise UserError(
             f"config.bootstrap.resamples: must be >= 0 (0 = no bootstrap; got {config.bootstrap.resamples})"

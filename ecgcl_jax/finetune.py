@@ -297,15 +297,28 @@ class Trainer:
         return state, float(jax.device_get(loss_sum)) / max(n, 1)
 
 
-def _aggregate(spec: views.ViewSpec, ft_config) -> str | None:
-    if not spec.multi_view:
-        return None
-    agg = str(ft_config.aggregate)
-    if agg not in models.AGGREGATES:
+def validate_config(ft_config) -> None:
+    """Every check of the `config.finetune` fields that needs no data; UserError naming the field."""
+    for field in ("num_epochs", "batch_size"):
+        if int(ft_config[field]) < 1:
+            raise UserError(
+                f"config.finetune.{field}: must be a positive integer (got {ft_config[field]})"
+            )
+    finetune_recipe(ft_config, None)
+    if not 0.0 <= float(ft_config.head_dropout) < 1.0:
         raise UserError(
-            f"config.finetune.aggregate: {agg!r} is not one of {', '.join(models.AGGREGATES)}"
+            f"config.finetune.head_dropout: must be in [0, 1) (got {ft_config.head_dropout})"
         )
-    return agg
+    if ft_config.aggregate not in models.AGGREGATES:
+        raise UserError(
+            f"config.finetune.aggregate: {ft_config.aggregate!r} is not one of "
+            f"{', '.join(models.AGGREGATES)}"
+        )
+
+
+def _aggregate(spec: views.ViewSpec, ft_config) -> str | None:
+    """How the classifier combines its views: None for one view, else config.finetune.aggregate."""
+    return str(ft_config.aggregate) if spec.multi_view else None
 
 
 def total_steps(ft_config, train_size: int) -> int:

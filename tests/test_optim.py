@@ -271,6 +271,15 @@ def test_a_bad_finetune_field_is_one_line_naming_it():
         UserError, match=r"^config\.finetune\.decay_steps: the cosine needs more steps"
     ):
         evaluate.plan_evaluation(c)
+    for field, value, needle in (
+        ("aggregate", "max", r"^config\.finetune\.aggregate: 'max' is not one of concat, sum"),
+        ("head_dropout", 1.0, r"^config\.finetune\.head_dropout: must be in \[0, 1\) \(got 1\.0\)"),
+        ("num_epochs", 0, r"^config\.finetune\.num_epochs: must be a positive integer \(got 0\)"),
+    ):
+        c = eval_config.get_config()
+        c.finetune[field] = value
+        with pytest.raises(UserError, match=needle):
+            finetune.validate_config(c.finetune)
 
 
 def test_finetune_history_records_the_learning_rate_of_each_epoch():
