@@ -174,11 +174,45 @@ def data_main(argv: list[str] | None = None) -> int:
     return data_cli.main(argv, prog="ecgcl-data")
 
 
-def embed_main(argv: list[str] | None = None) -> int:
-    """`ecgcl-embed --encoder WORKDIR --data DIR --out emb.npy`."""
-    from ecgcl_jax import embed  # noqa: PLC0415
+def embed_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`ecgcl-embed --encoder WORKDIR --data DIR --out emb.npy` (and `python -m ecgcl_jax.embed`): the
+    embeddings of a prepared dataset by an exported encoder (`embed.write_embeddings`)."""
+    import argparse  # noqa: PLC0415
 
-    return embed.main(argv, prog="ecgcl-embed")
+    from ecgcl_jax import embed as embed_lib  # noqa: PLC0415
+
+    prog = prog or _prog("ecgcl-embed")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Embeddings of a prepared dataset by an exported encoder."
+    )
+    p.add_argument(
+        "--encoder", required=True, help="exported encoder: pretraining WORKDIR or WORKDIR/encoder"
+    )
+    p.add_argument(
+        "--data", default="", help='prepared dataset folder ("" = the embedded PTB-XL sample)'
+    )
+    p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument(
+        "--views",
+        default="mean",
+        choices=embed_lib.VIEWS,
+        help="CLOCS view embeddings: mean | concat | none",
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    args = p.parse_args(argv)
+    try:
+        from ecgcl_jax import data  # noqa: PLC0415
+
+        enc = embed_lib.load_encoder(args.encoder)
+        ds = data.open_dataset(args.data)
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size: must be positive (got {args.batch_size})")
+        z = embed_lib.embed_dataset(enc, ds, batch_size=args.batch_size, views=args.views)
+        out, side = embed_lib.write_embeddings(args.out, z, ds)
+    except (UserError, OSError) as e:
+        return cli.fail(prog, e)
+    print(f"wrote {out} {tuple(z.shape)} float32 and {side}")
+    return 0
 
 
 def _script(fn):

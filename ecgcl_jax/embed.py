@@ -1,8 +1,8 @@
 """Embeddings of a prepared dataset by an exported encoder.
 
-Command line:
+Command line (`commands.embed_main`):
 
-    python -m ecgcl_jax.embed --encoder runs/pre/encoder --data DIR --out emb.npy [--views mean] [--batch-size 256]
+    ecgcl-embed --encoder runs/pre/encoder --data DIR --out emb.npy [--views mean] [--batch-size 256]
 
 writes `emb.npy` ((N, emb_dim) float32, one row per dataset row, in dataset order) and `emb.records.csv`
 (row, record, patient_id, label). `--data ""` (the default) embeds the embedded PTB-XL sample.
@@ -26,7 +26,6 @@ domain), and the V view embeddings are averaged (`views="mean"`), concatenated (
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -35,7 +34,7 @@ import sys
 import numpy as np
 
 import ecgcl_jax
-from ecgcl_jax import checkpoint, cli
+from ecgcl_jax import checkpoint
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.fileio import atomic_write
 from ecgcl_jax.views import CONTRAST_MODES, ViewSpec
@@ -192,47 +191,26 @@ def embed_arrays(
     return embed_dataset(encoder, _PreparedRows(raw, scales), batch_size=batch_size, views=views)
 
 
-def main(argv=None, prog: str = "python -m ecgcl_jax.embed") -> int:
-    """The command (also installed as `ecgcl-embed`); returns the exit code."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--encoder", required=True, help="exported encoder: pretraining WORKDIR or WORKDIR/encoder"
-    )
-    p.add_argument(
-        "--data", default="", help='prepared dataset folder ("" = the embedded PTB-XL sample)'
-    )
-    p.add_argument("--out", required=True, help="output .npy file")
-    p.add_argument(
-        "--views", default="mean", choices=VIEWS, help="CLOCS view embeddings: mean | concat | none"
-    )
-    p.add_argument("--batch-size", type=int, default=256)
-    args = p.parse_args(argv)
-    try:
-        from ecgcl_jax import data  # noqa: PLC0415
-
-        enc = load_encoder(args.encoder)
-        ds = data.open_dataset(args.data)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size: must be positive (got {args.batch_size})")
-        z = embed_dataset(enc, ds, batch_size=args.batch_size, views=args.views)
-        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        npy = io.BytesIO()
-        np.save(npy, z)
-        atomic_write(out, npy.getvalue())
-        side = out[:-4] + ".records.csv"
-        buf = io.StringIO(newline="")
-        w = csv.writer(buf)
-        w.writerow(["row", "record", "patient_id", "label"])
-        for i in range(len(ds)):
-            y = float(ds.labels[i])
-            w.writerow([i, ds.records[i], ds.patient_ids[i], "" if y != y else int(y)])
-        atomic_write(side, buf.getvalue().encode())
-    except (UserError, OSError) as e:
-        return cli.fail(prog, e)
-    print(f"wrote {out} {tuple(z.shape)} float32 and {side}")
-    return 0
+def write_embeddings(out: str, z: np.ndarray, ds) -> tuple[str, str]:
+    """Writes `z` (one row per row of `ds`) to `out` (.npy added when missing) and its side table
+    `<out>.records.csv` (row, record, patient_id, label), each atomically; returns both paths."""
+    out = out if out.endswith(".npy") else out + ".npy"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    npy = io.BytesIO()
+    np.save(npy, z)
+    atomic_write(out, npy.getvalue())
+    side = out[:-4] + ".records.csv"
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["row", "record", "patient_id", "label"])
+    for i in range(len(ds)):
+        y = float(ds.labels[i])
+        w.writerow([i, ds.records[i], ds.patient_ids[i], "" if y != y else int(y)])
+    atomic_write(side, buf.getvalue().encode())
+    return out, side
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m ecgcl_jax.embed` is the embedding command
+    from ecgcl_jax import commands
+
+    sys.exit(commands.embed_main(prog="python -m ecgcl_jax.embed"))

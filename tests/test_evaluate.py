@@ -22,7 +22,17 @@ from sklearn.metrics import roc_auc_score
 import ecgcl_jax
 from configs import eval as eval_cfg
 from configs import eval_ptbxl
-from ecgcl_jax import checkpoint, data, embed, evaluate, models, preemption, pretrain, splits
+from ecgcl_jax import (
+    checkpoint,
+    commands,
+    data,
+    embed,
+    evaluate,
+    models,
+    preemption,
+    pretrain,
+    splits,
+)
 from ecgcl_jax.data.dataset import default_data_path
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.rundir import WorkdirLock
@@ -30,6 +40,8 @@ from tests.conftest import ROOT, TINY, override
 
 METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
 SUMMARY_KEYS = {"mean", "ci95", "min", "max"}
+# the program name the embedding command reports its errors under
+EMBED_PROG = "python -m ecgcl_jax.embed"
 
 
 class FakeDataset:
@@ -630,7 +642,7 @@ def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
     assert z.shape == (3, TINY["emb_dim"])
     # the command on the embedded dataset: one row per record, with a records table
     out = tmp_path / "emb.npy"
-    assert embed.main(["--encoder", clean_encoder, "--out", str(out)]) == 0
+    assert commands.embed_main(["--encoder", clean_encoder, "--out", str(out)], EMBED_PROG) == 0
 
     n = len(data.open_dataset(""))
     assert np.load(out).shape == (n, TINY["emb_dim"])
@@ -638,13 +650,13 @@ def test_embed_matches_encoder_and_cli(tmp_path, ds, clean_encoder, capsys):
     # an output path that cannot be written: one line with the path and the reason, exit code 2
     (tmp_path / "a_file").write_text("")
     assert (
-        embed.main(["--encoder", clean_encoder, "--out", str(tmp_path / "a_file" / "e.npy")]) == 2
+        commands.embed_main(
+            ["--encoder", clean_encoder, "--out", str(tmp_path / "a_file" / "e.npy")], EMBED_PROG
+        )
+        == 2
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        len(err) == 1
-        and err[0] == f"python -m ecgcl_jax.embed: error: {tmp_path / 'a_file'}: File exists"
-    )
+    assert len(err) == 1 and err[0] == f"{EMBED_PROG}: error: {tmp_path / 'a_file'}: File exists"
     # a dataset in another format is refused with one line
     short = FakeDataset()
     short.raw = short.raw[:, :2500]
