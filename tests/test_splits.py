@@ -337,19 +337,23 @@ def test_fold_split_is_the_fold_column():
     folds = np.array([str(pfold[k]) for k in keys], dtype=object)
     folds[5] = ""  # a record without a fold: in no labeled split, counted
     folds[6] = np.nan
-    for seed in (1, 2):
-        s = splits.make_fold_split(
+
+    def fold_split(seed, fraction=1.0, folds=folds, val=(9,), test=(10,)):
+        return splits.make_fold_split(
             pids,
             labels,
             records,
             folds,
             seed,
             range(1, 9),
-            (9,),
-            ("10",),
-            label_fraction=1.0,
+            val,
+            test,
+            fraction,
             column="strat_fold",
         )
+
+    for seed in (1, 2):
+        s = fold_split(seed, test=("10",))
         for name, fs in (("train", set(range(1, 9))), ("val", {9}), ("test", {10})):
             want = [
                 i
@@ -361,67 +365,17 @@ def test_fold_split_is_the_fold_column():
         held = {k for k in keys if pfold[k] in (9, 10)}
         assert set(s.pretrain_patients) == set(keys.tolist()) - held
     # fixed: another seed, the same split
-    a = splits.make_fold_split(
-        pids,
-        labels,
-        records,
-        folds,
-        1,
-        range(1, 9),
-        (9,),
-        (10,),
-        label_fraction=1.0,
-        column="strat_fold",
-    )
-    b = splits.make_fold_split(
-        pids,
-        labels,
-        records,
-        folds,
-        2,
-        range(1, 9),
-        (9,),
-        (10,),
-        label_fraction=1.0,
-        column="strat_fold",
-    )
+    a, b = fold_split(1), fold_split(2)
     assert a.train_patients == b.train_patients and a.test.tolist() == b.test.tolist()
     # ...but the label-fraction subset varies with the seed
-    a = splits.make_fold_split(
-        pids, labels, records, folds, 1, range(1, 9), (9,), (10,), 0.3, column="strat_fold"
-    )
-    b = splits.make_fold_split(
-        pids, labels, records, folds, 2, range(1, 9), (9,), (10,), 0.3, column="strat_fold"
-    )
+    a, b = fold_split(1, 0.3), fold_split(2, 0.3)
     assert a.finetune_patients != b.finetune_patients
     # a patient in two folds is refused, in one line
     bad = folds.copy()
     i, j = np.flatnonzero(keys == "P1")  # P1 has two ECGs
     bad[j] = "4"
     with pytest.raises(splits.LeakageError, match=r"patient P1 has records in folds 2, 4") as e:
-        splits.make_fold_split(
-            pids,
-            labels,
-            records,
-            bad,
-            1,
-            range(1, 9),
-            (9,),
-            (10,),
-            label_fraction=1.0,
-            column="strat_fold",
-        )
+        fold_split(1, folds=bad)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"config.split.test_folds: fold\(s\) 9 also in"):
-        splits.make_fold_split(
-            pids,
-            labels,
-            records,
-            folds,
-            1,
-            range(1, 9),
-            (9,),
-            (9,),
-            label_fraction=1.0,
-            column="strat_fold",
-        )
+        fold_split(1, test=(9,))
