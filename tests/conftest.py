@@ -44,6 +44,15 @@ def view_spec(**fields) -> views.ViewSpec:
     return dataclasses.replace(views.ViewSpec.from_pretrain_config(base.get_config()), **fields)
 
 
+# run_eval.py's flags for a tiny pretraining per repeat (a 16-wide CNN, 2 steps of 8 ECGs)
+TINY_PRETRAIN_FLAGS = [
+    "--config.pretrain.num_steps=2",
+    "--config.pretrain.batch_size=8",
+    "--config.pretrain.model.encoder=cnn",
+    "--config.pretrain.model.emb_dim=16",
+    "--config.pretrain.model.channels=(4,4,4,4,4)",
+]
+
 # a tiny CNN encoder config for fine-tuning and evaluation tests (model.* fields)
 TINY = dict(
     encoder="cnn",

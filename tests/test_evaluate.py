@@ -36,7 +36,7 @@ from ecgcl_jax import (
 from ecgcl_jax.data.dataset import default_data_path
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.rundir import WorkdirLock
-from tests.conftest import ROOT, TINY, override
+from tests.conftest import ROOT, TINY, TINY_PRETRAIN_FLAGS, override
 
 METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
 SUMMARY_KEYS = {"mean", "ci95", "min", "max"}
@@ -549,13 +549,9 @@ def test_run_eval_cli_end_to_end(tmp_path):
         os.path.join(ROOT, "configs", "eval.py"),
         f"--workdir={wd}",
         "--config.repeats=2",
-        "--config.pretrain.num_steps=2",
-        "--config.pretrain.batch_size=8",
+        *TINY_PRETRAIN_FLAGS,
         "--config.finetune.num_epochs=2",
         "--config.finetune.batch_size=16",
-        "--config.pretrain.model.encoder=cnn",
-        "--config.pretrain.model.emb_dim=16",
-        "--config.pretrain.model.channels=(4,4,4,4,4)",
         "--config.pretrain.augment.view1=none",
         "--config.pretrain.augment.view2=none",
         "--config.data.label=normal",

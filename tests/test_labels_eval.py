@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ecgcl_jax.data import open_dataset
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_PRETRAIN_FLAGS
 
 SAMPLE = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "ptbxl_sample"))
 
@@ -63,13 +63,9 @@ def test_run_eval_on_prepared_dataset_with_label_table(tmp_path):
         f"--config.data.path={out}",
         "--config.data.label=other",
         "--config.repeats=1",
-        "--config.pretrain.num_steps=2",
-        "--config.pretrain.batch_size=8",
+        *TINY_PRETRAIN_FLAGS,
         "--config.finetune.num_epochs=1",
         "--config.finetune.batch_size=16",
-        "--config.pretrain.model.encoder=cnn",
-        "--config.pretrain.model.emb_dim=16",
-        "--config.pretrain.model.channels=(4,4,4,4,4)",
     ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
