@@ -75,10 +75,6 @@ PY = sys.executable
 
 def small_config(encoder="cnn", **over):
     """A pretraining config small enough for a test (emb 32, batch 8, 6 steps) with dotted overrides."""
-    # deferred: configs is importable once ROOT is on sys.path (above), and importing it here keeps
-    # this file's imports ahead of the environment set-up
-    from configs import base
-
     c = base.get_config()
     c.model.encoder = encoder
     c.model.emb_dim = 32
