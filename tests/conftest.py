@@ -103,3 +103,25 @@ def run_cli(args, timeout=600, **kw):
         timeout=timeout,
         **kw,
     )
+
+
+def run_eval_cli(workdir, *flags, timeout=600):
+    """run_eval.py --config configs/eval.py --workdir=WORKDIR FLAGS in a subprocess on one CPU device, from the
+    repository root; the CompletedProcess."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
+    )
+    cmd = [
+        PY,
+        os.path.join(ROOT, "run_eval.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "eval.py"),
+    ]
+    return subprocess.run(
+        [*cmd, f"--workdir={workdir}", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -30,6 +30,9 @@ import profile_step  # noqa: E402
 
 from ecgcl_jax import augment  # noqa: E402
 
+# short timing windows, no warm-up, a 16-record dataset: enough to exercise a benchmark's paths
+QUICK_TIMING = ["--windows", "3", "--warmup", "0", "--records", "16"]
+
 TORCH_STUB = textwrap.dedent("""\
     import argparse, json, os, sys
     ap = argparse.ArgumentParser()
@@ -73,12 +76,7 @@ def test_bench_pretrain_times_both_data_paths_and_reports_ratios_from_the_record
             "2",
             "--seconds",
             "0.3",
-            "--windows",
-            "3",
-            "--warmup",
-            "0",
-            "--records",
-            "16",
+            *QUICK_TIMING,
             "--torch-python",
             sys.executable,
             "--torch-ref",
@@ -155,12 +153,7 @@ def test_bench_pretrain_scaling_mode(tmp_path):
             "2",
             "--seconds",
             "0.2",
-            "--windows",
-            "3",
-            "--warmup",
-            "0",
-            "--records",
-            "16",
+            *QUICK_TIMING,
         ],
     )
     assert [(r["num_devices_used"], r["batch"]) for r in recs] == [(1, 2), (4, 8)]

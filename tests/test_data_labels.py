@@ -1,4 +1,4 @@
-"""Issue 9: a user label table attached to the shipped PTB-XL sample."""
+"""A user label table attached to the shipped PTB-XL sample."""
 
 import io
 import os

@@ -36,7 +36,7 @@ from ecgcl_jax import (
 from ecgcl_jax.data.dataset import default_data_path
 from ecgcl_jax.errors import UserError
 from ecgcl_jax.rundir import WorkdirLock
-from tests.conftest import ROOT, TINY, TINY_PRETRAIN_FLAGS, override
+from tests.conftest import ROOT, TINY, TINY_PRETRAIN_FLAGS, override, run_eval_cli
 
 METRIC_KEYS = {"auroc", "auprc", "f1", "accuracy", "precision", "recall"}
 SUMMARY_KEYS = {"mean", "ci95", "min", "max"}
@@ -539,15 +539,8 @@ def _check_method(block, seeds):
 def test_run_eval_cli_end_to_end(tmp_path):
     """run_eval.py with pretraining per repeat on the embedded PTB-XL sample, tiny settings."""
     wd = tmp_path / "eval"
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
-    )
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "run_eval.py"),
-        "--config",
-        os.path.join(ROOT, "configs", "eval.py"),
-        f"--workdir={wd}",
+    p = run_eval_cli(
+        wd,
         "--config.repeats=2",
         *TINY_PRETRAIN_FLAGS,
         "--config.finetune.num_epochs=2",
@@ -555,8 +548,7 @@ def test_run_eval_cli_end_to_end(tmp_path):
         "--config.pretrain.augment.view1=none",
         "--config.pretrain.augment.view2=none",
         "--config.data.label=normal",
-    ]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     for name in (
         "results.json",
@@ -612,14 +604,7 @@ def test_run_eval_cli_end_to_end(tmp_path):
             roc_auc_score(y, [float(r["p_random_init"]) for r in rows]), abs=1e-12
         )
     # a config error is one line on stderr, exit status 2
-    p = subprocess.run(
-        cmd[:5] + ["--config.split.train=0.9"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = run_eval_cli(wd, "--config.split.train=0.9", timeout=300)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "config.split" in p.stderr
 
 

@@ -1,4 +1,4 @@
-"""Issue 9 end to end: a user label table on the shipped PTB-XL sample, evaluated with run_eval.py,
+"""End to end: a user label table on the shipped PTB-XL sample, evaluated with run_eval.py,
 switching the label column at evaluation time."""
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ecgcl_jax.data import open_dataset
-from tests.conftest import ROOT, TINY_PRETRAIN_FLAGS
+from tests.conftest import ROOT, TINY_PRETRAIN_FLAGS, run_eval_cli
 
 SAMPLE = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "ptbxl_sample"))
 
@@ -54,20 +54,15 @@ def test_run_eval_on_prepared_dataset_with_label_table(tmp_path):
     assert len(unknown_other) == 6
 
     wd = tmp_path / "eval"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "run_eval.py"),
-        "--config",
-        os.path.join(ROOT, "configs", "eval.py"),
-        f"--workdir={wd}",
+    p = run_eval_cli(
+        wd,
         f"--config.data.path={out}",
         "--config.data.label=other",
         "--config.repeats=1",
         *TINY_PRETRAIN_FLAGS,
         "--config.finetune.num_epochs=1",
         "--config.finetune.batch_size=16",
-    ]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
     assert set(res["repeats"][0]["test"]) >= {

@@ -28,7 +28,7 @@ def np_nt_xent_spec(a, b, t):
 
 
 def np_nt_xent_ids(a, b, t, ids):
-    """Issue 6: loss_i = -(1/|P(i)|) sum_{p in P(i)} log(exp(s_ip) / sum_{k != i} exp(s_ik)), mean over 2N."""
+    """Patient positives: loss_i = -(1/|P(i)|) sum_{p in P(i)} log(exp(s_ip) / sum_{k != i} exp(s_ik)), mean over 2N."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     z = np.concatenate([a, b])
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
