@@ -162,29 +162,25 @@ def scalar_writer(logdir: str, log: Callable[[str], None]) -> ScalarWriter | Non
 # ------------------------------------------------------------------------------------- pretraining
 class PretrainMonitor:
     """TensorBoard scalars and WORKDIR/loss.png for a pretraining run (a no-op where `enabled` is False: the
-    processes other than 0). `learning_rate`: the constant rate to log when the step reports none."""
+    processes other than 0)."""
 
-    def __init__(
-        self, workdir: str, log: Callable[[str], None], enabled: bool = True, learning_rate=None
-    ):
+    def __init__(self, workdir: str, log: Callable[[str], None], enabled: bool = True):
         self.workdir, self.enabled = workdir, enabled
-        self.learning_rate = learning_rate
         self.writer = scalar_writer(os.path.join(workdir, "tensorboard"), log) if enabled else None
         self._unplotted = True  # records since loss.png was last written
 
-    def record(self, rec: Mapping, learning_rate: float | None = None) -> None:
-        """A metrics.jsonl record (step, loss, loss_mean, ecg_per_s, ...) into TensorBoard."""
+    def record(self, rec: Mapping) -> None:
+        """A metrics.jsonl record (step, loss, loss_mean, ecg_per_s, learning_rate) into TensorBoard."""
         self._unplotted = True
         if self.writer is None:
             return
-        lr = self.learning_rate if learning_rate is None else learning_rate
         self.writer.scalars(
             rec["step"],
             {
                 "loss": rec.get("loss"),
                 "loss_mean": rec.get("loss_mean"),
                 "ecg_per_s": rec.get("ecg_per_s"),
-                "learning_rate": lr,
+                "learning_rate": rec.get("learning_rate"),
             },
         )
         self.writer.flush()

@@ -342,21 +342,16 @@ class _MetricsWriter:
     def __init__(self, run: _Run, recipe, file: rundir.MetricsFile, start: int, last_loss: float):
         self.run, self.recipe, self.file = run, recipe, file
         self.last_loss = last_loss  # the loss of the last logged step (NaN before one)
-        lr = run.config.optim.get("learning_rate")
-        self.board = monitor.PretrainMonitor(
-            run.workdir, run.log, run.main, lr if isinstance(lr, float) else None
-        )
+        self.board = monitor.PretrainMonitor(run.workdir, run.log, run.main)
         self.pending: list = []  # the losses (device scalars) of the steps since the last log step
         self.t_last, self.n_last = time.perf_counter(), start
-        self.t0, self.steps_timed = (
-            None,
-            0,
-        )  # the first interval includes compilation; ETA uses later ones
+        # the first interval includes compilation; the ETA uses the later ones
+        self.t0, self.steps_timed = None, 0
 
     def add(self, loss: jax.Array) -> None:
         self.pending.append(loss)
 
-    def write(self, done: int, state: TrainState, m: dict) -> tuple[int, int]:
+    def write(self, done: int, state: TrainState) -> tuple[int, int]:
         """Log step `done` (steps done); returns (non-finite steps so far, the previous log step)."""
         num_steps = int(self.run.config.num_steps)
         ls, nonfinite = parallel.to_host((self.pending, state.nonfinite))
@@ -384,7 +379,7 @@ class _MetricsWriter:
             "time": round(time.time(), 3),
         }
         self.file.write(rec)
-        self.board.record(rec, _step_learning_rate(m))
+        self.board.record(rec)
         self.run.log(
             f"step {done}/{num_steps}  loss {self.last_loss:.4f}  {ecg_s:,.1f} ECG/s  "
             + (f"ETA {monitor.fmt_duration(eta)}" if timed else "(includes compilation)")
@@ -448,7 +443,7 @@ def train_loop(
         done = i + 1
         log_step = done % config.log_every == 0 or done == num_steps
         if log_step:
-            nonfinite, since = hooks.metrics.write(done, state, m)
+            nonfinite, since = hooks.metrics.write(done, state)
             hooks.guard.check(state, nonfinite, since, done)
         if done % config.checkpoint_every == 0 or done == num_steps:
             if hooks.guard.tainted(state):
@@ -635,11 +630,6 @@ def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) ->
         },
     )
     return out
-
-
-def _step_learning_rate(m: dict) -> float | None:
-    """The learning rate a step reports (metric `learning_rate`), when its optimizer reports one."""
-    return float(parallel.to_host(m["learning_rate"])) if "learning_rate" in m else None
 
 
 if __name__ == "__main__":  # `python -m ecgcl_jax.pretrain` is the pretraining command

@@ -346,7 +346,7 @@ def iterative_stratification(
     want = ratios * n  # patients each subset still wants
     want_c = (
         ratios[:, None] * pos.sum(0)[None, :]
-    )  # (k, C) positives of each class each subset still wants
+    )  # (k, C) positives of each class each subset wants
     assign = np.full(n, -1, dtype=np.int64)
     free = np.ones(n, dtype=bool)
     while True:

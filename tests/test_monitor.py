@@ -88,12 +88,19 @@ def test_loss_png_written_and_readable(tmp_path):
 def test_pretrain_tensorboard_scalars_read_back(tmp_path):
     read = _tb_reader()
     lines = []
+    # the learning rate each record logged (a schedule's: warmup, then decay)
     recs = [
-        {"step": 10, "loss": 4.5, "loss_mean": 4.75, "ecg_per_s": 12.5},
-        {"step": 20, "loss": 3.25, "loss_mean": 3.5, "ecg_per_s": 250.0},
-        {"step": 30, "loss": None, "loss_mean": math.nan, "ecg_per_s": 240.0},
+        {"step": 10, "loss": 4.5, "loss_mean": 4.75, "ecg_per_s": 12.5, "learning_rate": 1e-3},
+        {"step": 20, "loss": 3.25, "loss_mean": 3.5, "ecg_per_s": 250.0, "learning_rate": 5e-4},
+        {
+            "step": 30,
+            "loss": None,
+            "loss_mean": math.nan,
+            "ecg_per_s": 240.0,
+            "learning_rate": 2.5e-4,
+        },
     ]
-    with monitor.PretrainMonitor(str(tmp_path), lines.append, learning_rate=1e-3) as board:
+    with monitor.PretrainMonitor(str(tmp_path), lines.append) as board:
         for r in recs:
             board.record(r)
     assert lines == []  # tensorboard present: no hint
@@ -103,6 +110,7 @@ def test_pretrain_tensorboard_scalars_read_back(tmp_path):
     assert got["ecg_per_s"] == [(10, 12.5), (20, 250.0), (30, 240.0)]
     assert [s for s, _ in got["learning_rate"]] == [10, 20, 30]
     assert got["learning_rate"][0][1] == pytest.approx(1e-3, rel=1e-7)  # stored as float32
+    assert [v for _, v in got["learning_rate"]] == pytest.approx([1e-3, 5e-4, 2.5e-4], rel=1e-7)
 
 
 def test_missing_tensorboard_is_one_line(tmp_path, monkeypatch):
