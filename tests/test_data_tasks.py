@@ -200,6 +200,9 @@ def test_prepare_writes_tasks_and_data_info_lists_them(tmp_path, capsys):
     assert "task ptbxl_superdiagnostic: 3 classes, 3 of 5 records known" in text
     assert "positives: MI 2, NORM 1, STTC 1" in text
     assert "task dx: 2 classes, 1 of 5 records known; positives: 1 1, 164934002 1" in text
+    # each task once: the recorded summary's per-task lines are the same facts
+    assert text.count("task ptbxl_superdiagnostic: 3 classes") == 1
+    assert text.count("task dx: 2 classes") == 1
 
 
 def test_dx_min_count_option(tmp_path):

@@ -93,7 +93,7 @@ def installed(tmp_path_factory):
 def test_installed_commands_from_another_directory(installed):
     bindir, work, env = installed
     info = _run([bindir / "ecgcl-data", "info"], work, env).stdout
-    assert "52" in info  # the embedded PTB-XL sample's records
+    assert "n=52" in info  # the embedded PTB-XL sample's records
 
     # a user's own config file, built on a shipped one as the shipped variants are
     (work / "mine.py").write_text(

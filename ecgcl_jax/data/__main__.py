@@ -129,7 +129,7 @@ def main(argv=None, prog: str = "python -m ecgcl_jax.data") -> int:
                 print(line)
             if "summary" in ds.manifest:
                 print("its prepare run's summary, as recorded then:")
-                print(format_summary(ds.manifest["summary"], ds.path))
+                print(format_summary(ds.manifest["summary"], ds.path, per_task=False))
     except (UserError, OSError) as e:  # OSError: e.g. DIR not writable, disk full
         return cli.fail(f"{prog} {args.cmd}", e)
     except KeyboardInterrupt:

@@ -935,7 +935,9 @@ def _assemble(
     return summary
 
 
-def format_summary(s: dict, out: str) -> str:
+def format_summary(s: dict, out: str, per_task: bool = True) -> str:
+    """prepare's summary `s` of the dataset in `out` as lines; per_task=False leaves out the per-task lines
+    (`data info` prints the dataset's tasks as they are now)."""
     lab = s["labels"]
     lines = [
         f"prepared {s['rows']} rows from {s['records']} records into {out} "
@@ -982,7 +984,7 @@ def format_summary(s: dict, out: str) -> str:
                 f"{t['table_rows_matching_several_records']} (e.g. {', '.join(t['several_examples'])}); "
                 "a path in the record column picks one"
             )
-    lines.extend(format_tasks(s.get("tasks") or {}))
+    lines.extend(format_tasks(s.get("tasks") or {}, per_task))
     for t in s.get("label_tables_not_used", []):
         lines.append(f"note: label table {t['table']} was not used ({t['why']})")
     if s["rows"] and s["patients"] == 0:
@@ -993,10 +995,11 @@ def format_summary(s: dict, out: str) -> str:
     return "\n".join(lines)
 
 
-def format_tasks(t: dict) -> list[str]:
-    """The summary's lines on the tasks prepare derived: per task its known records and per-class positives."""
+def format_tasks(t: dict, per_task: bool = True) -> list[str]:
+    """The summary's lines on the tasks prepare derived: per task its known records and per-class positives
+    (unless not per_task), then its notes."""
     lines = []
-    for name, d in (t.get("tasks") or {}).items():
+    for name, d in (t.get("tasks") or {}).items() if per_task else ():
         counts = ", ".join(f"{c} {n}" for c, n in d["positives"].items())
         lines.append(
             f"task {name}: {len(d['positives'])} classes, {d['known']} records known; positives: {counts}"
