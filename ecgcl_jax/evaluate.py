@@ -758,9 +758,7 @@ def write_reports(workdir: str, config, results: dict, records: list[dict]) -> N
     test_auroc = {}
     for m, r in methods.items():
         hist[m] = {
-            rep["seed"]: [
-                _nan(h["val"].get(metrics.PRIMARY, h["val"].get("auroc"))) for h in rep["history"]
-            ]
+            rep["seed"]: [monitor.val_metric(h["val"], metrics.PRIMARY) for h in rep["history"]]
             for rep in r["repeats"]
         }
         test_auroc[m] = {rep["seed"]: rep["test"].get("auroc") for rep in r["repeats"]}
@@ -1106,10 +1104,9 @@ def run(
     with rundir.WorkdirLock(workdir, shared=True):
         v = _Variant(workdir, plan, pretrain_root)
         _open_variant(v)
-        status = _run_units([v], shard, stop)
+        _run_units([v], shard, stop)  # complete or not is what the files say
         if shard is not None and not v.complete():
             return _incomplete([v], shard)
-        del status  # complete or not is what the files say
         return _finish_variant(v, "done" if v.complete() else "preempted")
 
 
@@ -1371,12 +1368,7 @@ def plot_label_efficiency(
     """Test `metric` vs label fraction, one line per method, with its Student-t 95% interval over the repeats
     as a band (clipped to the metric's range [0, 1]). series: {method: (means, ci95 half-widths)}, one value per
     fraction (NaN half-width: no band at that point)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    fig = Figure(figsize=(6.0, 4.5))
+    fig = monitor.figure(6.0, 4.5)
     ax = fig.subplots()
     x = np.asarray(fractions, dtype=np.float64) * 100
     order = np.argsort(x)

@@ -12,7 +12,7 @@ Labels: one binary column (labels (n,), logits (B,): C = 1, every label known), 
 (labels (n, C) float32 with NaN = unknown, logits (B, C)): C sigmoid outputs trained with binary cross-entropy
 averaged over the known entries of the batch; unknown entries are masked out of the loss.
 
-Two training methods (`TRAINING_METHODS`):
+Two training methods:
   finetune      the whole classifier is trained end to end (the reference protocol).
   linear_probe  the encoder is frozen in eval mode (running BatchNorm statistics, no dropout); its embeddings
                 of every record are computed once (`embed_rows`) and only a Dense(C) head (after the view
@@ -40,9 +40,6 @@ import optax
 import ecgcl_jax
 from ecgcl_jax import input_pipeline, losses, metrics, models, optim, views
 from ecgcl_jax.errors import UserError
-
-# how a classifier is trained on an encoder (see the module docstring)
-TRAINING_METHODS = ("finetune", "linear_probe")
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.stats
 from sklearn import metrics as skm
 
+from ecgcl_jax import monitor
 from ecgcl_jax.fileio import atomic_write
 
 METRICS = ("auroc", "auprc", "f1", "accuracy", "precision", "recall")
@@ -238,7 +239,7 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     se = sd / math.sqrt(k) if k > 1 else math.nan
     return {
         "mean": float(np.mean(v)),
-        "ci95": float(scipy.stats.t.ppf(0.975, k - 1) * se) if k > 1 else math.nan,
+        "ci95": t_quantile(k) * se if k > 1 else math.nan,
         "ci95_normal": float(1.96 * se) if k > 1 else math.nan,
         "sd": sd,
         "min": float(np.min(v)),
@@ -519,16 +520,6 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
     atomic_write(path, buf.getvalue().encode())
 
 
-def _figure(width=6.0, height=4.5):
-    """A matplotlib Figure on the Agg canvas (no display, no global pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_val_curves(
     histories: Mapping[str, Mapping[int, Sequence[float]]],
     path: str,
@@ -540,10 +531,10 @@ def plot_val_curves(
 
     histories: {method: {seed: [value at epoch 1, 2, ...]}}.
     """
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - matplotlib only when plotting, as _figure
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - matplotlib only when plotting, as monitor.figure
 
     methods = list(histories)
-    fig = _figure(4.0 * max(1, len(methods)), 3.5)
+    fig = monitor.figure(4.0 * max(1, len(methods)), 3.5)
     # one y-scale: the methods' panels are compared
     axes = fig.subplots(1, max(1, len(methods)), squeeze=False, sharey=True)[0]
     for ax, method in zip(axes, methods):
@@ -564,7 +555,7 @@ def plot_val_curves(
 def plot_roc(curves: Mapping[str, Mapping[int, tuple]], path: str) -> None:
     """ROC curves on test, one panel per method. curves: {method: {seed: (fpr, tpr, auroc)}}."""
     methods = list(curves)
-    fig = _figure(4.0 * max(1, len(methods)), 4.0)
+    fig = monitor.figure(4.0 * max(1, len(methods)), 4.0)
     axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]
     for ax, method in zip(axes, methods):
         for seed, (fpr, tpr, auc) in curves[method].items():
@@ -588,7 +579,7 @@ def plot_sweep(
     log_x: bool = False,
 ) -> None:
     """Metric vs a swept value with 95% (Student t) error bars. series: {method: (means, ci95s)}."""
-    fig = _figure(6.0, 4.5)
+    fig = monitor.figure(6.0, 4.5)
     ax = fig.subplots()
     numeric = all(isinstance(x, (int, float)) for x in xs)
     pos = np.asarray(xs, dtype=np.float64) if numeric else np.arange(len(xs))

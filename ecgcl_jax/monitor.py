@@ -205,7 +205,7 @@ class PretrainMonitor:
         return False
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no display, no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
@@ -240,7 +240,7 @@ def plot_loss(metrics_path: str, png_path: str) -> bool:
         return False
     if not steps:
         return False
-    fig = _figure(6.0, 4.0)
+    fig = figure(6.0, 4.0)
     ax = fig.subplots()
     ax.plot(steps, mean, label="loss_mean (interval mean)", lw=1.5)
     ax.plot(steps, loss, label="loss (logged step)", lw=0.8, alpha=0.6, marker=".", ms=3)
@@ -347,7 +347,7 @@ def plot_eval_curves(
     """
     methods = list(histories)
     rows = max(1, len(methods))
-    fig = _figure(9.0, 2.6 * rows + 0.6)
+    fig = figure(9.0, 2.6 * rows + 0.6)
     axes = fig.subplots(rows, 2, squeeze=False, sharex=True, sharey="col")
     names = method_titles or {}
     for (ax_loss, ax_val), method in zip(axes, methods):

@@ -190,7 +190,7 @@ def make_pretrain_step(config, model, tx):
                 (state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite
             ),
         )
-        return new_state, {"loss": loss, "finite": finite}
+        return new_state, {"loss": loss}
 
     return step
 

@@ -193,7 +193,7 @@ def test_lars_against_numpy():
 
 
 def test_clipping_rescales_the_gradient_before_l2_and_adam():
-    """Step 1's gradient (norm > clip) is scaled to norm clip_norm, step 2's (norm < clip) is kept; the L2 term
+    """Both steps' gradients (norms > clip) are scaled to norm clip_norm, by different factors; the L2 term
     is added after clipping. Adam's second step depends on the ratio of the two, so clipping shows."""
     lr, wd, clip = 0.01, 0.05, 0.5
     r = optim.recipe(

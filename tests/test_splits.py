@@ -294,9 +294,8 @@ def test_multilabel_split_keeps_each_class_ratio():
             assert (
                 max(rates) - min(rates) <= 0.03
             )  # the stated tolerance: 3 points of positive rate
-            assert (
-                st["max_abs_diff"][c] >= max(rates) - min(rates) - 1e-6
-            )  # finetune == train at 1.0
+            # finetune == train at 1.0, so the three splits' spread is the reported one
+            assert st["max_abs_diff"][c] == pytest.approx(max(rates) - min(rates), abs=1e-6)
         # val/test: one ECG per patient; the pool leaves them out
         assert len(set(keys[s.val])) == len(s.val) and not set(s.pretrain_patients) & (va | te)
         # label fraction: nested prefixes, each class's rate kept within the tolerance too

@@ -51,6 +51,8 @@ def test_view_spec_from_config_and_from_an_encoder_record():
     assert views.ViewSpec.from_preprocessing({}) == views.ViewSpec(
         "simclr", "time", views.DEFAULT_CLOCS_LEADS
     )
+    # what encoders exported without a leads record were pretrained with, written out: not a default to change
+    assert old.clocs_leads == ("II", "V2", "aVL", "aVR")
 
 
 @pytest.mark.parametrize(
