@@ -6,7 +6,7 @@ Override any field on the command line: `--config.batch_size=64 --config.model.e
 
 import ml_collections
 
-from ecgcl_jax import views
+import ecgcl_jax  # constants only: loading a config imports no JAX
 
 
 def add_recipe_fields(section, learning_rate: float, weight_decay: float) -> None:
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.patient_positives = False
     # leads used by cmlc / cmsmlc (each a single-lead input); default II, V2, aVL, aVR (the constant is also
     # the leads of an exported encoder that does not record them)
-    c.clocs_leads = views.DEFAULT_CLOCS_LEADS
+    c.clocs_leads = ecgcl_jax.DEFAULT_CLOCS_LEADS
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # prepared dataset folder; "" = the embedded PTB-XL sample

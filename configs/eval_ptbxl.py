@@ -20,12 +20,7 @@ from configs import eval as eval_config
 def get_config(pretrain_config: str = "cnn_attn_lstm"):
     c = eval_config.get_config(pretrain_config)
     c.data.task = "ptbxl_superdiagnostic"
-    c.split.rule = "folds"
-    c.split.fold_column = "strat_fold"
-    c.split.train_folds = (1, 2, 3, 4, 5, 6, 7, 8)
-    c.split.val_folds = (9,)
-    c.split.test_folds = (10,)
+    c.split.rule = "folds"  # eval.py's fold fields are PTB-XL's: strat_fold 1-8 / 9 / 10
     c.repeats = 5
-    c.baselines = ("linear_probe", "random_init", "random_init_linear_probe")
     c.sweep.metric = "macro_auroc"  # what a label-fraction sweep plots
     return c

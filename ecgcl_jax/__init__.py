@@ -7,6 +7,9 @@ LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V
 
 SAMPLE_RATE = 500  # Hz
 NUM_SAMPLES = 5000  # 10 s at 500 Hz
+# the leads of cmlc/cmsmlc: the default of config.clocs_leads (configs/base.py), and what an exported encoder
+# that does not record its leads was pretrained with
+DEFAULT_CLOCS_LEADS = ("II", "V2", "aVL", "aVR")
 
 
 def available_cpus() -> int:

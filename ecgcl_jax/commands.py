@@ -179,8 +179,6 @@ def embed_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     embeddings of a prepared dataset by an exported encoder (`embed.write_embeddings`)."""
     import argparse  # noqa: PLC0415
 
-    from ecgcl_jax import embed as embed_lib  # noqa: PLC0415
-
     prog = prog or _prog("ecgcl-embed")
     p = argparse.ArgumentParser(
         prog=prog, description="Embeddings of a prepared dataset by an exported encoder."
@@ -195,18 +193,18 @@ def embed_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument(
         "--views",
         default="mean",
-        choices=embed_lib.VIEWS,
         help="CLOCS view embeddings: mean | concat | none",
     )
     p.add_argument("--batch-size", type=int, default=256)
     args = p.parse_args(argv)
     try:
-        from ecgcl_jax import data  # noqa: PLC0415
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size: must be positive (got {args.batch_size})")
+        from ecgcl_jax import data  # noqa: PLC0415 - JAX loads after the arguments are checked
+        from ecgcl_jax import embed as embed_lib  # noqa: PLC0415
 
         enc = embed_lib.load_encoder(args.encoder)
         ds = data.open_dataset(args.data)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size: must be positive (got {args.batch_size})")
         z = embed_lib.embed_dataset(enc, ds, batch_size=args.batch_size, views=args.views)
         out, side = embed_lib.write_embeddings(args.out, z, ds)
     except (UserError, OSError) as e:

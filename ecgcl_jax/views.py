@@ -32,14 +32,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ecgcl_jax import LEADS, NUM_SAMPLES, augment
+from ecgcl_jax import DEFAULT_CLOCS_LEADS, LEADS, NUM_SAMPLES, augment
 
 CONTRAST_MODES = ("simclr", "cmsc", "cmlc", "cmsmlc")
 HALF_MODES = ("cmsc", "cmsmlc")  # views cut from the two 5 s halves
 LEAD_MODES = ("cmlc", "cmsmlc")  # one single-lead view per clocs lead
-# the leads of cmlc/cmsmlc: the default of config.clocs_leads (configs/base.py), and what an exported encoder
-# that does not record its leads was pretrained with
-DEFAULT_CLOCS_LEADS = ("II", "V2", "aVL", "aVR")
 
 
 def segments(x, mode: str) -> list:
