@@ -226,14 +226,14 @@ def make_split(
     """
     arr = np.asarray(labels, dtype=np.float64)
     if arr.ndim == 2 and arr.shape[1] > 1:
-        split = _make_multilabel_split(patient_ids, arr, records, seed, fractions, label_fraction)
+        split, plabels = _make_multilabel_split(
+            patient_ids, arr, records, seed, fractions, label_fraction
+        )
     else:
         arr = arr.reshape(-1) if arr.ndim == 2 else arr
         split = _make_single_label_split(patient_ids, arr, records, seed, fractions, label_fraction)
-    keys = patient_keys(patient_ids, records)
-    return dataclasses.replace(
-        split, info={**split.info, "stratification": stratification(split, keys, arr)}
-    )
+        plabels = None
+    return _with_stratification(split, patient_keys(patient_ids, records), arr, plabels)
 
 
 def _make_single_label_split(
@@ -264,45 +264,8 @@ def _make_single_label_split(
     train_p, val_p, test_p = _stratified_partition(by_class, rng, val_fraction, test_fraction)
     finetune_p = label_fraction_subset(train_p, plabels, label_fraction, seed)
 
-    known = ~np.isnan(labels)
-    rows_of: dict[str, list[int]] = {}
-    for i in np.flatnonzero(known):
-        rows_of.setdefault(keys[i], []).append(int(i))
-    pick_rng = np.random.default_rng([int(seed), 2])
-
-    def one_per_patient(pats):
-        return np.sort(
-            np.array(
-                [rows_of[p][pick_rng.integers(len(rows_of[p]))] for p in sorted(pats)],
-                dtype=np.int64,
-            )
-        )
-
-    str_keys = keys.astype(str)
-
-    def all_rows(pats):
-        return np.flatnonzero(known & np.isin(str_keys, list(pats))).astype(np.int64)
-
-    val_rows, test_rows = one_per_patient(val_p), one_per_patient(test_p)
-    held_out = set(val_p) | set(test_p)
-    pool_rows = np.flatnonzero(~np.isin(str_keys, list(held_out))).astype(np.int64)
-    split = Split(
-        seed=int(seed),
-        train=all_rows(train_p),
-        finetune=all_rows(finetune_p),
-        val=val_rows,
-        test=test_rows,
-        pretrain=pool_rows,
-        train_patients=sorted(train_p),
-        finetune_patients=finetune_p,
-        val_patients=sorted(val_p),
-        test_patients=sorted(test_p),
-        pretrain_patients=sorted(set(keys[pool_rows].tolist())),
-        label_fraction=float(label_fraction),
-        rule="random",
-    )
-    check_split(split, keys)
-    return split
+    parts = {"train": train_p, "val": val_p, "test": test_p, "finetune": finetune_p}
+    return _assemble_split(keys, ~np.isnan(labels), seed, parts, label_fraction, "random")
 
 
 # ------------------------------------------------------------------------------------------ multi-label
@@ -341,7 +304,7 @@ def iterative_stratification(
     """(n,) subset index in [0, len(ratios)) per row of y (n, C) 0/1/NaN (NaN counts as not positive), by the
     iterative stratification of Sechidis et al. (2011); see the module docstring."""
     pos = np.nan_to_num(np.asarray(y, dtype=np.float64)) > 0.5
-    n, n_classes = pos.shape
+    n = pos.shape[0]
     ratios = np.asarray(ratios, dtype=np.float64)
     want = ratios * n  # patients each subset still wants
     want_c = (
@@ -486,8 +449,11 @@ def _assemble_split(
     return split
 
 
-def _make_multilabel_split(patient_ids, labels, records, seed, fractions, label_fraction) -> Split:
-    """The multi-label rules of the module docstring (iterative stratification over patients)."""
+def _make_multilabel_split(
+    patient_ids, labels, records, seed, fractions, label_fraction
+) -> tuple[Split, dict]:
+    """The multi-label rules of the module docstring (iterative stratification over patients); also returns
+    the patient label vectors it stratified (`patient_label_matrix`)."""
     fractions = check_fractions(fractions)
     keys = patient_keys(patient_ids, records)
     if labels.shape[0] != keys.shape[0]:
@@ -512,15 +478,23 @@ def _make_multilabel_split(patient_ids, labels, records, seed, fractions, label_
         for j, name in enumerate(("train", "val", "test"))
     }
     parts["finetune"] = multilabel_fraction_subset(parts["train"], plabels, label_fraction, seed)
-    return _assemble_split(keys, known, seed, parts, label_fraction, "random")
+    return _assemble_split(keys, known, seed, parts, label_fraction, "random"), plabels
 
 
-def stratification(split: Split, keys: np.ndarray, labels) -> dict:
+def _with_stratification(split: Split, keys: np.ndarray, labels, plabels=None) -> Split:
+    """`split` with info['stratification'] (see `stratification`)."""
+    info = {**split.info, "stratification": stratification(split, keys, labels, plabels)}
+    return dataclasses.replace(split, info=info)
+
+
+def stratification(split: Split, keys: np.ndarray, labels, plabels: dict | None = None) -> dict:
     """How close the split kept each class's ratio: per class the patient-level positive rate in train, finetune,
     val and test (patients with a known value of that class), and `max_abs_diff`, the largest absolute
-    difference between two of those rates (per class, and `max` over classes)."""
+    difference between two of those rates (per class, and `max` over classes). plabels: the patients'
+    `patient_label_matrix(keys, labels)` when already computed."""
     labels = np.asarray(labels, dtype=np.float64)
-    plabels = patient_label_matrix(np.asarray(keys, dtype=object), labels)
+    if plabels is None:
+        plabels = patient_label_matrix(np.asarray(keys, dtype=object), labels)
     n_classes = 1 if labels.ndim == 1 else labels.shape[1]
     rates = {}
     for name in ("train", "finetune", "val", "test"):
@@ -640,9 +614,7 @@ def make_fold_split(
     split = _assemble_split(
         keys, in_split["train"], seed, parts, label_fraction, "folds", eval_rows, held, info
     )
-    return dataclasses.replace(
-        split, info={**split.info, "stratification": stratification(split, keys, lab2)}
-    )
+    return _with_stratification(split, keys, lab2, plabels_all if lab2.shape[1] > 1 else None)
 
 
 def check_pool(pool_patients, val_patients, test_patients, where: str = "pretraining pool") -> None:
