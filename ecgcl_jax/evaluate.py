@@ -364,10 +364,11 @@ class RepeatData(typing.NamedTuple):
     test_patients: np.ndarray  # (n_test,) patient key of each test ECG (the bootstrap's groups)
 
 
-def repeat_data(config, ds, split: splits.Split) -> RepeatData:
-    """The sources, classes and normaliser of the repeat with this `split`."""
+def repeat_data(config, ds, split: splits.Split, task=None) -> RepeatData:
+    """The sources, classes and normaliser of the repeat with this `split`. task: `task_labels(config, ds)`,
+    when already made."""
     max_amp = input_pipeline.fit_max_amp(ds, split.train)
-    task, classes = task_labels(config, ds)
+    task, classes = task if task is not None else task_labels(config, ds)
     train, val, test = (
         finetune.RawSource(ds, rows, max_amp, task)
         for rows in (split.finetune, split.val, split.test)
@@ -558,13 +559,15 @@ def run_repeat(
     progress: monitor.EvalProgress | None = None,
     repeat: str = "",
     stop: preemption.StopRequest | None = None,
+    task=None,
 ) -> dict | None:
     """One repeat of the protocol (see the module docstring); None if pretraining was interrupted. split: this
-    seed's `repeat_split`, when already made; progress: reports each fine-tuning epoch (`repeat` names it);
-    stop: the evaluation's stop request, passed to the pretraining."""
+    seed's `repeat_split` and task: `task_labels`, when already made (an `EvalPlan` holds both); progress:
+    reports each fine-tuning epoch (`repeat` names it); stop: the evaluation's stop request, passed to the
+    pretraining."""
     t0 = time.time()
     workdir = os.path.dirname(rep_dir)
-    split = split if split is not None else repeat_split(config, ds, seed)
+    split = split if split is not None else repeat_split(config, ds, seed, task)
     with pretraining_lock(None if exported is not None else pretrain_dir):
         enc, info = _pretrained_encoder(
             config, ds, split, seed, pretrain_dir, exported, workdir, stop
@@ -572,7 +575,7 @@ def run_repeat(
     if enc is None:
         return None
     embed.check_compatible(enc, ds, where=f"encoder of seed {seed}")
-    data = repeat_data(config, ds, split)
+    data = repeat_data(config, ds, split, task)
     watch = None if progress is None else functools.partial(progress.on_epoch, repeat, seed)
     fit = MethodRunner(config.finetune, enc, ds, data, seed, watch, workdir)
 
@@ -962,6 +965,7 @@ def _run_unit(
         progress=progress,
         repeat=label,
         stop=stop,
+        task=p.task,
     )
     return rec is not None
 
