@@ -220,8 +220,8 @@ class ProjectCase:
             input_pipeline.reader_threads(c.data.reader_threads),
         )
         # as pretrain.run feeds it
-        self.max_amp = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))
-        self._it = self.source.iterate(0, 1 << 40)
+        max_amp = parallel.replicate_from_host(mesh, np.asarray(max_amp, np.float32))
+        self._it = pretrain.Feed(self.source, max_amp).batches(0, 1 << 40)
         self.conv = models.conv_formulation()
         self.compiler_options = compiler_options(args)
         step = jax.jit(
@@ -259,11 +259,7 @@ class ProjectCase:
         self.rounds_done = 0
 
     def _next(self):
-        _, b = next(self._it)
-        if self.source.resident:
-            b["resident_raw"] = self.source.resident_raw
-        b["max_amp"] = self.max_amp
-        return b
+        return next(self._it)[1]
 
     def _run(self, n: int):
         m = None

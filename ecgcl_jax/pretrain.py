@@ -133,7 +133,8 @@ def contrastive_loss(config, zs: list[jax.Array], ids) -> jax.Array:
 
 
 def make_pretrain_step(config, model, tx):
-    """Returns ``step(state, batch, key) -> (state, metrics)`` (pure; jit it with the state donated).
+    """Returns ``step(state, batch, key) -> (state, metrics)`` (pure; jit it with the state donated); metrics:
+    'loss' () float32 and 'finite' () bool, whether the step's update was applied.
 
     batch: {'raw': (B, L, C) int16} or {'rows': (B,) int32, 'resident_raw': (N, L, C) int16 (the pool's rows
     on the device)}, plus 'scale': (B,) float32 mV per count, 'ids': (B,) int32 patient codes and 'max_amp':
@@ -190,7 +191,7 @@ def make_pretrain_step(config, model, tx):
                 (state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite
             ),
         )
-        return new_state, {"loss": loss}
+        return new_state, {"loss": loss, "finite": finite}
 
     return step
 
@@ -404,17 +405,17 @@ class _MetricsWriter:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Feed:
-    """Global device batches for the step: the batch source's, plus the resident pool and max_amp."""
+class Feed:
+    """Global device batches for the step: the batch source's, plus the resident pool and max_amp (what
+    `make_pretrain_step`'s batch holds; the benchmark feeds its step the same way)."""
 
     source: input_pipeline.BatchSource
-    resident: bool
     max_amp: jax.Array  # () float32, replicated
 
     def batches(self, start: int, num_steps: int):
         """(step, batch) for step = start .. num_steps - 1."""
         for step, b in self.source.iterate(start, num_steps):
-            if self.resident:
+            if self.source.resident:
                 b["resident_raw"] = self.source.resident_raw
             b["max_amp"] = self.max_amp
             yield step, b
@@ -431,7 +432,7 @@ class LoopHooks:
 
 
 def train_loop(
-    config, state: TrainState, step, feed: _Feed, hooks: LoopHooks, start: int
+    config, state: TrainState, step, feed: Feed, hooks: LoopHooks, start: int
 ) -> tuple[TrainState, str]:
     """Steps `start` .. num_steps - 1 of ``step(state, batch) -> (state, metrics)``; returns the last state and
     "done", or "preempted" when a stop was requested (after its checkpoint). Every process takes the same
@@ -567,7 +568,7 @@ def _train_and_export(run: _Run, ds, pool, mesh, stop: preemption.StopRequest) -
     return rundir.summary(status, steps, last_loss, run.batch, run.max_amp, workdir, encoder_dir)
 
 
-def _make_feed(run: _Run, ds, pool, mesh) -> _Feed:
+def _make_feed(run: _Run, ds, pool, mesh) -> Feed:
     """The batch source (resident on every device if the pool fits everywhere, else streamed) and its log lines."""
     config, batch = run.config, run.batch
     # every process must take the same path (the two feed the step differently): resident only if it fits everywhere
@@ -595,7 +596,7 @@ def _make_feed(run: _Run, ds, pool, mesh) -> _Feed:
         ds, pool, order, mesh, resident, config.data.prefetch, readers
     )
     max_amp = parallel.replicate_from_host(mesh, np.asarray(run.max_amp, np.float32))
-    return _Feed(source, resident, max_amp)
+    return Feed(source, max_amp)
 
 
 def export(config, workdir: str, state: TrainState, ds, pool, max_amp: float) -> str:
