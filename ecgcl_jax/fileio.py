@@ -6,8 +6,6 @@ import json
 import math
 import os
 
-import numpy as np
-
 
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one.
@@ -37,13 +35,12 @@ def strict_json(x):
         return {str(k): strict_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [strict_json(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
+    if type(x).__module__ == "numpy" and getattr(x, "ndim", None) == 0:
+        x = (
+            x.item()
+        )  # a numpy scalar (found without importing numpy: the commands import this early)
+    if isinstance(x, float):
         return x if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
     return x
 
 
